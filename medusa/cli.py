@@ -1,0 +1,44 @@
+"""`medusa generate|chat|distill|train|eval|tree|bench|serve`.
+
+Errors caused by the user's input (MedusaError) print one line and exit with code 2."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from medusa.errors import MedusaError
+
+# subcommand modules under medusa.commands; a missing one is skipped (added by later issues)
+COMMANDS = ("generate", "chat", "distill", "train", "eval", "tree", "bench", "serve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="medusa", description="Speculative decoding with Medusa / Hydra draft heads.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        try:
+            mod = importlib.import_module(f"medusa.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"medusa.commands.{name}":
+                continue
+            raise
+        mod.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MedusaError as e:
+        print(f"medusa {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

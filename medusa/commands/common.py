@@ -1,0 +1,53 @@
+"""Arguments and prompt reading shared by subcommands."""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from medusa.errors import RequestError
+
+
+def add_model_args(p: argparse.ArgumentParser, heads: bool = True) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="HF checkpoint directory or GGUF file (default: the embedded SmolLM2-135M-Instruct)")
+    if heads:
+        g.add_argument("--heads", default="default", help="default | medusa | hydra | none | PATH to a heads folder")
+        g.add_argument("--tree", help="tree name (ar, chain, tree16, tree32, tree64) or JSON file (default: the heads' own)")
+    g.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (float32 on CPU, bfloat16 on GPU)")
+    g.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    text: str
+
+
+def read_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
+    """JSONL rows {"id", "prompt"} or MT-Bench rows {"question_id", "turns"} (first turn)."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RequestError(f"cannot read prompt file {path}: {e}") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RequestError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if isinstance(row, dict) and isinstance(row.get("prompt"), str):
+            out.append(Prompt(str(row.get("id", n)), row["prompt"]))
+        elif isinstance(row, dict) and isinstance(row.get("turns"), list) and row["turns"] and isinstance(row["turns"][0], str):
+            out.append(Prompt(str(row.get("question_id", n)), row["turns"][0]))
+        else:
+            raise RequestError(f'{path}:{n}: expected {{"id", "prompt"}} or {{"question_id", "turns"}}')
+        if limit and len(out) >= limit:
+            break
+    if not out:
+        raise RequestError(f"{path} holds no prompts")
+    return out

@@ -1,0 +1,92 @@
+"""`medusa generate`: decode prompts with the base model alone (--mode ar) or with draft heads
+and tree verification (--mode spec), streaming text or printing one JSON object per prompt."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from medusa.commands.common import Prompt, add_model_args, read_prompts
+from medusa.decoding.generate import Stats, generate
+from medusa.decoding.sampling import SamplingParams
+from medusa.errors import RequestError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate text (speculatively by default)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("prompt", nargs="?", help="the prompt (or use --prompt-file)")
+    p.add_argument("--prompt-file", help='JSONL of {"id", "prompt"} or MT-Bench {"question_id", "turns"} rows')
+    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts of --prompt-file")
+    add_model_args(p)
+    p.add_argument("--mode", choices=("ar", "spec"), default="spec", help="plain autoregressive or speculative")
+    p.add_argument("--rule", choices=("greedy", "typical", "sample"), default=None,
+                   help="acceptance rule (default: greedy at temperature 0, else sample)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: 0, or 1.0 with --rule sample/typical)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--posterior-threshold", type=float, default=0.09, help="typical acceptance epsilon")
+    p.add_argument("--posterior-alpha", type=float, default=0.3, help="typical acceptance alpha")
+    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
+    p.set_defaults(func=run)
+
+
+def sampling_from_args(args) -> SamplingParams:
+    rule = args.rule or ("greedy" if not args.temperature else "sample")
+    temperature = args.temperature if args.temperature is not None else (0.0 if rule == "greedy" else 1.0)
+    return SamplingParams(temperature=temperature, top_p=args.top_p, top_k=args.top_k, rule=rule,
+                          posterior_threshold=args.posterior_threshold, posterior_alpha=args.posterior_alpha, seed=args.seed)
+
+
+def prompts_from_args(args) -> list[Prompt]:
+    if args.prompt is not None and args.prompt_file:
+        raise RequestError("give a PROMPT or --prompt-file, not both")
+    if args.prompt_file:
+        return read_prompts(args.prompt_file, args.limit)
+    if args.prompt is None:
+        if sys.stdin.isatty():
+            raise RequestError("no prompt: pass PROMPT, --prompt-file FILE, or pipe text on stdin")
+        return [Prompt("stdin", sys.stdin.read())]
+    return [Prompt("0", args.prompt)]
+
+
+def run(args) -> int:
+    from medusa.runtime import load_stack
+
+    params = sampling_from_args(args)
+    if args.max_new_tokens < 1:
+        raise RequestError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    prompts = prompts_from_args(args)
+    heads = "none" if args.mode == "ar" else args.heads
+    if args.mode == "ar" and args.tree not in (None, "ar"):
+        raise RequestError("--tree needs --mode spec")
+    stack = load_stack(args.model, heads=heads, tree=args.tree, dtype=args.dtype, device=args.device, progress=not args.json)
+    eos = tuple(sorted(set(stack.model.cfg.eos_token_ids) | set(stack.tokenizer.eos_token_ids)))
+    for pr in prompts:
+        ids = stack.tokenizer.encode_prompt(pr.text, chat=not args.no_chat)
+        stats = Stats()
+        chunks = generate(stack.model, ids, heads=stack.heads, tree=stack.tree, params=params,
+                          max_new_tokens=args.max_new_tokens, stop_token_ids=eos, stats=stats)
+        out: list[int] = []
+        if args.json:
+            for c in chunks:
+                out.extend(c.tokens)
+            print(json.dumps({
+                "id": pr.id, "prompt_token_ids": ids, "token_ids": out, "text": stack.tokenizer.decode(out),
+                "new_tokens": stats.new_tokens, "steps": stats.steps, "mean_accepted": round(stats.mean_accepted, 4),
+                "seconds": round(stats.seconds, 4), "tokens_per_s": round(stats.tokens_per_s, 2),
+            }), flush=True)
+            continue
+        stream = stack.tokenizer.stream()
+        for c in chunks:
+            sys.stdout.write(stream.push(c.tokens))
+            sys.stdout.flush()
+        sys.stdout.write(stream.flush() + "\n")
+        print(f"[{pr.id}] {stats.new_tokens} new tokens, {stats.steps} steps, "
+              f"{stats.mean_accepted:.2f} tokens/step accepted, {stats.tokens_per_s:.1f} tokens/s "
+              f"(heads: {stack.heads_name}, tree: {stack.tree.name} with {stack.tree.num_nodes} nodes, "
+              f"finish: {stats.finish_reason})", file=sys.stderr)
+    return 0

@@ -1,0 +1,129 @@
+"""Decode one request: prefill, then speculative steps, streaming tokens as they are accepted
+and stopping on EOS, stop sequences or max_new_tokens. Built on medusa.decoding.step.
+
+Knows token ids only (never text) and nothing of batching policy or transport."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from medusa.decoding.sampling import BatchSampling, SamplingParams, draw_uniforms
+from medusa.decoding.step import prefill, speculate
+from medusa.decoding.tree import Tree, load_tree
+from medusa.errors import RequestError
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Tokens emitted by one forward pass (the prefill, or one verification step)."""
+
+    tokens: list[int]
+    accepted: int  # tokens this step produced (accepted candidates + bonus); 1 for the prefill
+    finish_reason: str | None = None  # "eos" | "stop" | "length" on the last chunk
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    steps: int = 0  # verification forwards (the prefill excluded)
+    step_tokens: list[int] = field(default_factory=list)  # tokens produced by each step
+    seconds: float = 0.0
+    ttft: float = 0.0  # seconds to the first token
+    finish_reason: str | None = None
+
+    @property
+    def mean_accepted(self) -> float:
+        """Mean tokens produced per verification step (1.0 for plain decoding)."""
+        return sum(self.step_tokens) / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def _stop_cut(ids: list[int], new_from: int, eos: set[int], stops: list[list[int]]) -> tuple[int, str] | None:
+    """Where to cut `ids` (exclusive) and why, looking only at tokens from index new_from on."""
+    for i in range(new_from, len(ids)):
+        if ids[i] in eos:
+            return i + 1, "eos"
+        for s in stops:
+            if s and i + 1 >= len(s) and ids[i + 1 - len(s): i + 1] == s:
+                return i + 1, "stop"
+    return None
+
+
+def generate(
+    model,
+    prompt_ids: list[int],
+    *,
+    heads=None,
+    tree: Tree | str | None = None,
+    params: SamplingParams = SamplingParams(),
+    max_new_tokens: int = 256,
+    stop_token_ids: tuple[int, ...] | None = None,
+    stop_sequences: list[list[int]] = (),
+    stats: Stats | None = None,
+) -> Iterator[Chunk]:
+    """Stream the chunks of one request. With heads=None (or the 'ar' tree) this is plain
+    autoregressive decoding through the very same step."""
+    cfg = model.cfg
+    if not prompt_ids:
+        raise RequestError("the prompt is empty")
+    if max_new_tokens < 1:
+        raise RequestError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    tree = load_tree("ar") if heads is None else (tree if isinstance(tree, Tree) else load_tree(tree))
+    if heads is not None and tree.max_depth > heads.config.num_heads:
+        raise RequestError(f"tree {tree.name} is {tree.max_depth} deep but the heads guess only {heads.config.num_heads} tokens ahead")
+    total = len(prompt_ids) + max_new_tokens
+    if total > cfg.max_position_embeddings:
+        raise RequestError(
+            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
+            f"exceeds the model's context of {cfg.max_position_embeddings} tokens"
+        )
+    if max(prompt_ids) >= cfg.vocab_size or min(prompt_ids) < 0:
+        raise RequestError("prompt holds token ids outside the vocabulary")
+    eos = set(cfg.eos_token_ids if stop_token_ids is None else stop_token_ids)
+    stats = stats if stats is not None else Stats()
+    stats.prompt_tokens = len(prompt_ids)
+    dev = model.device
+    gen = None
+    if not params.greedy:
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+    sampling = BatchSampling.stack([params], dev)
+    uniforms = (lambda n: draw_uniforms([gen], n, dev)) if gen is not None else (lambda n: None)
+
+    max_len = min(cfg.max_position_embeddings, total) + tree.num_nodes + 1
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        cache = model.new_cache(1, max_len)
+        tokens = torch.tensor([prompt_ids], dtype=torch.long, device=dev)
+        state = prefill(model, heads, cache, tokens, torch.zeros(1, dtype=torch.long, device=dev), sampling, uniforms(1))
+        out: list[int] = [int(state.root[0])]
+        stats.ttft = time.perf_counter() - t0
+        chunk_tokens, produced = out[:], 1
+        while True:
+            cut = _stop_cut(out, len(out) - len(chunk_tokens), eos, stop_sequences)
+            if cut is None and len(out) >= max_new_tokens:
+                cut = (max_new_tokens, "length")
+            if cut is not None:
+                keep = cut[0] - (len(out) - len(chunk_tokens))
+                stats.new_tokens = cut[0]
+                stats.finish_reason = cut[1]
+                stats.seconds = time.perf_counter() - t0
+                yield Chunk(chunk_tokens[:keep], produced, cut[1])
+                return
+            yield Chunk(chunk_tokens, produced)
+            acc = speculate(model, heads, tree, state, sampling, uniforms(tree.num_nodes))
+            n = int(acc.length[0]) + 1
+            chunk_tokens = acc.tokens[0, :n].tolist()
+            produced = n
+            out.extend(chunk_tokens)
+            stats.steps += 1
+            stats.step_tokens.append(n)
+            stats.new_tokens = len(out)
+            stats.seconds = time.perf_counter() - t0

@@ -1,0 +1,115 @@
+"""The decode step, one function for every caller (CLI, benchmarks, engine, services):
+
+    candidates = heads.propose(...)                      # [B, N] token per tree node
+    out        = model(candidates, start + tree.depth, mask=tree mask over the cache)
+    accepted   = verify(out.logits, candidates, tree, sampling)
+    cache.commit_path(accepted path -> slots start .. start + length)
+
+Plain autoregressive decoding is the same step with the one-node tree and no heads.
+State lives in an explicit DecodeState passed in, never on a module. This module does not
+know about requests, stopping, text, or scheduling."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from medusa.decoding.sampling import BatchSampling, base_probs, sample_from
+from medusa.decoding.tree import Tree
+from medusa.decoding.verify import Acceptance, verify
+from medusa.model.kv_cache import KVCache
+
+KV_BUCKET = 64  # attend over the cache up to a multiple of this many slots
+
+
+@dataclass
+class DecodeState:
+    """Decode state of B rows sharing one KV cache."""
+
+    cache: KVCache
+    start: torch.Tensor  # [B] long: tokens committed to the cache (= RoPE position of root)
+    root: torch.Tensor  # [B] long: next token, already chosen (emitted), not yet in the cache
+    last_hidden: torch.Tensor  # [B, D]: hidden state of the last committed token
+    head_state: Any = None
+
+
+def attention_mask(start: torch.Tensor, local: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """[B, N, S] bool: query n of row b sees the committed slots s < start[b], plus the new
+    slots start[b] + j for which local[n, j] (causal for prefill, ancestors for a tree)."""
+    B, N = start.shape[0], local.shape[-1]
+    s = torch.arange(kv_len, device=start.device)
+    mask = (s[None, None, :] < start[:, None, None]).expand(B, N, kv_len).clone()
+    cols = (start[:, None] + torch.arange(N, device=start.device))[:, None, :].expand(B, N, N)
+    mask.scatter_(2, cols, local.to(start.device).expand(B, N, N))
+    return mask
+
+
+def _kv_len(start: torch.Tensor, n: int, max_len: int) -> int:
+    need = int(start.max()) + n
+    return min(max_len, -(-need // KV_BUCKET) * KV_BUCKET)
+
+
+def prefill(
+    model,
+    heads,
+    cache: KVCache,
+    tokens: torch.Tensor,  # [B, T] new tokens of each row (same T)
+    start: torch.Tensor,  # [B] tokens already in the cache (0, or a reused session prefix)
+    sampling: BatchSampling,
+    uniforms: torch.Tensor | None,  # [B, 1] or None when every row is greedy
+    head_state: Any = None,
+) -> DecodeState:
+    """Run the prompt, choose each row's first new token (the root)."""
+    B, T = tokens.shape
+    dev = tokens.device
+    offsets = torch.arange(T, device=dev)
+    positions = start[:, None] + offsets  # [B, T]
+    mask = attention_mask(start, torch.ones(T, T, dtype=torch.bool, device=dev).tril(), _kv_len(start, T, cache.max_len))
+    last = torch.full((B, 1), T - 1, device=dev, dtype=torch.long)
+    out = model(tokens, positions, cache, positions, mask, logits_for=last)  # logits [B, 1, V]
+    if uniforms is None or not sampling.any_random:
+        root = out.logits[:, 0].argmax(-1)
+    else:
+        root = sample_from(base_probs(out.logits, sampling), uniforms)[:, 0]
+    if heads is not None:
+        if head_state is None:
+            head_state = heads.new_state(B, cache.max_len, model)
+        heads.observe(head_state, out.hidden, positions, torch.full((B,), T, device=dev))
+    return DecodeState(cache, start + T, root, out.hidden[:, -1], head_state)
+
+
+def speculate(
+    model,
+    heads,
+    tree: Tree,
+    state: DecodeState,
+    sampling: BatchSampling,
+    uniforms: torch.Tensor | None,  # [B, N] or None when every row is greedy
+) -> Acceptance:
+    """One verification forward over every tree node; commits the accepted path and advances
+    `state` in place. Returns what each row accepted."""
+    B, N = state.root.shape[0], tree.num_nodes
+    dev = state.root.device
+    if heads is None or N == 1:
+        cand = state.root[:, None]  # [B, 1]
+    else:
+        cand = heads.propose(state.head_state, state.last_hidden, state.root, tree, model)  # [B, N]
+    depth = tree.depth.to(dev)
+    positions = state.start[:, None] + depth  # [B, N] RoPE positions
+    slots = state.start[:, None] + torch.arange(N, device=dev)  # [B, N] one cache slot per node
+    mask = attention_mask(state.start, tree.mask, _kv_len(state.start, N, state.cache.max_len))
+    out = model(cand, positions, state.cache, slots, mask, logits_for="all")  # logits [B, N, V]
+    acc = verify(out.logits, cand, tree, sampling, uniforms)
+    # move the accepted path's K/V to slots start .. start + length (padding copies are harmless:
+    # they land at or beyond the new start, which later steps overwrite)
+    path = acc.path.clamp_min(0)  # [B, D+1]
+    dst = state.start[:, None] + torch.arange(path.shape[1], device=dev)
+    state.cache.commit_path(state.start[:, None] + path, dst.clamp_max(state.cache.max_len - 1))
+    if heads is not None:
+        hid = out.hidden.gather(1, path[..., None].expand(-1, -1, out.hidden.shape[-1]))  # [B, D+1, Dm]
+        heads.observe(state.head_state, hid, state.start[:, None] + depth[path], acc.length + 1)
+    state.last_hidden = out.hidden[torch.arange(B, device=dev), acc.last_node]  # [B, Dm]
+    state.start = state.start + acc.length + 1
+    state.root = acc.tokens.gather(1, acc.length[:, None]).squeeze(1)  # the bonus token
+    return acc

@@ -1,0 +1,184 @@
+"""Sparse candidate trees, in the Medusa paper's format: a list of top-k index paths, e.g.
+`(0,)` = head 0's best guess, `(1, 0)` = head 0's second guess followed by head 1's best.
+Node 0 is the root (the token the base model already chose); node i > 0 is `paths[i-1]`.
+
+Pure functions build immutable buffers (ancestor mask, depths, top-k indices, retrieval
+paths) and search the tree with the largest expected accepted length for a node budget.
+This module knows nothing of models, heads or acceptance rules."""
+from __future__ import annotations
+
+import heapq
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from medusa.errors import TreeError
+
+Path_ = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Tree:
+    paths: tuple[Path_, ...]  # sorted by (depth, indices); node i+1 is paths[i]
+    mask: torch.Tensor  # [N, N] bool: node i may attend to node j (j is i or an ancestor)
+    depth: torch.Tensor  # [N] long: position offset from the root (root 0)
+    parent: torch.Tensor  # [N] long: parent node (root: 0)
+    head: torch.Tensor  # [N] long: draft head that guesses the node (depth - 1; root: -1)
+    rank: torch.Tensor  # [N] long: index of the node's token in its head's top-k (root: 0)
+    retrieve: torch.Tensor  # [P, D+1] long: node ids of each root-to-leaf path, padded with -1
+    name: str = "custom"
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.paths) + 1
+
+    @property
+    def max_depth(self) -> int:
+        return max((len(p) for p in self.paths), default=0)
+
+    @property
+    def topk(self) -> int:
+        return 1 + max((max(p) for p in self.paths), default=0)
+
+    def to(self, device) -> "Tree":
+        kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return Tree(**kw)
+
+    def to_json(self) -> str:
+        return json.dumps({"name": self.name, "paths": [list(p) for p in self.paths]})
+
+
+def build_tree(paths, name: str = "custom") -> Tree:
+    """Validate top-k index paths and compute the tree's buffers."""
+    try:
+        ps = sorted({tuple(int(i) for i in p) for p in paths}, key=lambda p: (len(p), p))
+    except (TypeError, ValueError):
+        raise TreeError("a tree is a list of paths, each a list of non-negative integers") from None
+    if len(ps) != len(list(paths)):
+        raise TreeError("the tree lists a path twice")
+    index = {(): 0}
+    for i, p in enumerate(ps):
+        if not p or min(p) < 0:
+            raise TreeError(f"bad path {list(p)}: paths are non-empty lists of indices >= 0")
+        if p[:-1] not in index:
+            raise TreeError(f"path {list(p)} has no parent {list(p[:-1])} in the tree")
+        index[p] = i + 1
+    n = len(ps) + 1
+    mask = torch.eye(n, dtype=torch.bool)
+    depth = torch.zeros(n, dtype=torch.long)
+    parent = torch.zeros(n, dtype=torch.long)
+    head = torch.full((n,), -1, dtype=torch.long)
+    rank = torch.zeros(n, dtype=torch.long)
+    mask[:, 0] = True
+    for p, i in index.items():
+        if not p:
+            continue
+        depth[i], parent[i], head[i], rank[i] = len(p), index[p[:-1]], len(p) - 1, p[-1]
+        for k in range(1, len(p)):
+            mask[i, index[p[:k]]] = True
+    leaves = [p for p in index if not any(len(q) == len(p) + 1 and q[:-1] == p for q in index)]
+    max_d = max(len(p) for p in index)
+    retrieve = torch.full((len(leaves), max_d + 1), -1, dtype=torch.long)
+    for r, leaf in enumerate(sorted(leaves, key=lambda p: (len(p), p))):
+        for k in range(len(leaf) + 1):
+            retrieve[r, k] = index[leaf[:k]]
+    return Tree(tuple(ps), mask, depth, parent, head, rank, retrieve, name)
+
+
+def chain(depth: int) -> list[Path_]:
+    """Top-1 of each of `depth` heads: the plain speculative chain."""
+    return [(0,) * d for d in range(1, depth + 1)]
+
+
+# ------------------------------------------------------------------ tree search
+
+def expected_accept_length(paths, acc) -> float:
+    """Expected accepted tokens per step (the root counts 1) when head d's top-k guess at rank r
+    is right with probability acc[d][r], independently: 1 + sum over nodes of the product of
+    the accuracies along the node's path (the Medusa paper's estimate)."""
+    total = 1.0
+    for p in paths:
+        prob = 1.0
+        for d, r in enumerate(p):
+            prob *= acc[d][r]
+        total += prob
+    return total
+
+
+def search_tree(acc, num_nodes: int) -> list[Path_]:
+    """The tree of `num_nodes` nodes (root included) that maximises expected_accept_length.
+
+    acc: [heads][topk] accuracies (rank r of head d right, given the path so far was right).
+    Path probabilities never grow along a path, so taking the most probable frontier node
+    each time (best-first) is optimal for this objective."""
+    if num_nodes < 1:
+        raise TreeError("a tree needs at least the root node")
+    K = len(acc)
+    chosen: list[Path_] = []
+    frontier = [(-acc[0][r], (r,)) for r in range(len(acc[0]))] if K else []
+    heapq.heapify(frontier)
+    while frontier and len(chosen) < num_nodes - 1:
+        neg_p, p = heapq.heappop(frontier)
+        chosen.append(p)
+        if len(p) < K:
+            for r in range(len(acc[len(p)])):
+                heapq.heappush(frontier, (neg_p * acc[len(p)][r], p + (r,)))
+    return sorted(chosen, key=lambda p: (len(p), p))
+
+
+# ------------------------------------------------------------------ named trees and files
+
+NAMED_TREES = ("ar", "chain", "tree16", "tree32", "tree64")
+
+
+def load_tree(spec: str | Path | None) -> Tree:
+    """A named tree (see NAMED_TREES) or a JSON file `{"paths": [[0], [0, 0], ...]}` or `[[0], ...]`."""
+    spec = str(spec or "tree32")
+    if spec == "ar":
+        return build_tree([], name="ar")
+    if spec in NAMED_TREES:
+        text = resources.files("medusa.decoding").joinpath("trees", f"{spec}.json").read_text()
+        return _tree_from_json(text, spec)
+    p = Path(spec)
+    if not p.is_file():
+        raise TreeError(f"unknown tree {spec!r}: use one of {', '.join(NAMED_TREES)} or a JSON file")
+    try:
+        return _tree_from_json(p.read_text(), p.stem)
+    except OSError as e:
+        raise TreeError(f"cannot read tree file {p}: {e}") from None
+
+
+def _tree_from_json(text: str, name: str) -> Tree:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TreeError(f"tree JSON is malformed: {e}") from None
+    if isinstance(data, dict):
+        name = data.get("name", name)
+        data = data.get("paths")
+    if not isinstance(data, list) or not all(isinstance(p, list) for p in data):
+        raise TreeError('tree JSON must be a list of paths or {"paths": [[0], [0, 0], ...]}')
+    return build_tree(data, name=name)
+
+
+def prior_accuracies(num_heads: int = 4, topk: int = 10) -> list[list[float]]:
+    """A generic accuracy profile for heads not yet measured (top-1 accuracy falling with the
+    head's distance, each next rank about a third as likely). The shipped named trees are
+    search_tree(prior_accuracies(), n); trained heads ship trees searched on measured accuracies."""
+    top1 = [0.6, 0.45, 0.35, 0.28, 0.22, 0.18, 0.15, 0.12]
+    return [[top1[min(d, 7)] * 0.35**r for r in range(topk)] for d in range(num_heads)]
+
+
+def write_named_trees(folder: Path) -> None:
+    """Regenerate the named tree files (run `python -m medusa.decoding.tree`)."""
+    acc = prior_accuracies()
+    trees = {"chain": chain(4), "tree16": search_tree(acc, 16), "tree32": search_tree(acc, 32), "tree64": search_tree(acc, 64)}
+    for name, paths in trees.items():
+        (folder / f"{name}.json").write_text(build_tree(paths, name).to_json() + "\n")
+
+
+if __name__ == "__main__":
+    write_named_trees(Path(__file__).parent / "trees")

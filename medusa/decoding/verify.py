@@ -1,0 +1,88 @@
+"""Acceptance rules: which tree candidates the base model accepts, and the bonus token.
+
+Every rule reduces to one question per tree node, "is this candidate compatible with the
+base model at its parent?"; the accepted path is the deepest chain of compatible nodes.
+- greedy: the candidate is the base model's argmax at its parent. Output equals plain greedy.
+- sample: draw x ~ p(. | parent) (temperature, top-k, top-p); the candidate is compatible if it
+  equals x. Candidates are deterministic top-k guesses, so this is rejection sampling with a
+  point-mass draft: each emitted token is an exact draw from the base distribution, lossless.
+- typical: p(candidate | parent) > min(epsilon, alpha * exp(-entropy(parent))) (Medusa's
+  typical acceptance; faster, not distribution-preserving).
+The bonus token at the last accepted node is the target token there (argmax or a draw).
+
+Pure functions over tensors; knows nothing of models, caches or heads."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from medusa.decoding.sampling import BatchSampling, base_probs, sample_from
+from medusa.decoding.tree import Tree
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    path: torch.Tensor  # [B, D+1] node ids of the chosen root-to-leaf path (-1 padded)
+    length: torch.Tensor  # [B] accepted candidates beyond the root (0..D)
+    tokens: torch.Tensor  # [B, D+1] emitted tokens: accepted candidates then the bonus token, padded
+    last_node: torch.Tensor  # [B] node id of the last accepted node (its hidden state feeds the heads)
+
+    @property
+    def emitted(self) -> torch.Tensor:  # [B] tokens this step emits (accepted + bonus)
+        return self.length + 1
+
+
+def _targets(logits: torch.Tensor, s: BatchSampling, uniforms: torch.Tensor | None):
+    """Per-node target token [B, N] and, when needed, the probabilities [B, N, V]."""
+    if uniforms is None or not s.any_random:
+        return logits.argmax(-1), None
+    probs = base_probs(logits, s)
+    return sample_from(probs, uniforms), probs
+
+
+def _typical_ok(logits, cand, tree: Tree, s: BatchSampling) -> torch.Tensor:
+    """[B, N] bool: candidate's posterior at its parent clears the typical threshold."""
+    temp = s.temperature.clamp_min(1e-6)[:, None, None]
+    logp = torch.log_softmax(logits.float() / temp, dim=-1)  # [B, N, V]
+    entropy = -(logp.exp() * logp).sum(-1)  # [B, N]
+    parent = tree.parent.to(cand.device)
+    p_cand = logp[:, parent].gather(-1, cand[..., None]).squeeze(-1).exp()  # [B, N] at the parent
+    thresh = torch.minimum(s.threshold[:, None], s.alpha[:, None] * torch.exp(-entropy[:, parent]))
+    return p_cand > thresh
+
+
+def verify(
+    logits: torch.Tensor,  # [B, N, V] base logits at every tree node
+    cand: torch.Tensor,  # [B, N] candidate token of every node (root = already chosen token)
+    tree: Tree,
+    s: BatchSampling,
+    uniforms: torch.Tensor | None = None,  # [B, N] draws for sampled rows (None: all greedy)
+) -> Acceptance:
+    B, N = cand.shape
+    dev = cand.device
+    target, _ = _targets(logits, s, uniforms)  # [B, N]
+    parent = tree.parent.to(dev)
+    ok = cand == target[:, parent]  # [B, N]: node matches its parent's target
+    if bool(s.typical.any()):
+        typical_rows = s.typical & (s.temperature > 0)
+        ok = torch.where(typical_rows[:, None], _typical_ok(logits, cand, tree, s), ok)
+    ok[:, 0] = True
+    retrieve = tree.retrieve.to(dev)  # [P, D+1]
+    valid = retrieve >= 0
+    safe = retrieve.clamp_min(0)
+    path_ok = ok[:, safe] & valid  # [B, P, D+1]
+    run = path_ok[..., 1:].long().cumprod(-1)  # [B, P, D]: still accepting at depth d+1
+    lengths = run.sum(-1)  # [B, P]
+    best = lengths.argmax(-1)  # [B] first longest path
+    length = lengths.gather(1, best[:, None]).squeeze(1)  # [B]
+    path = retrieve[best]  # [B, D+1]
+    last_node = path.gather(1, length[:, None]).squeeze(1)  # [B]
+    path_tokens = cand.gather(1, path.clamp_min(0))  # [B, D+1]
+    bonus = target.gather(1, last_node[:, None]).squeeze(1)  # [B]
+    # emitted: candidates at depths 1..length, then the bonus
+    D1 = path.shape[1]
+    idx = torch.arange(D1, device=dev)[None]  # [1, D+1]
+    shifted = torch.cat([path_tokens[:, 1:], path_tokens[:, :1]], dim=1)  # depth d+1 at index d
+    tokens = torch.where(idx < length[:, None], shifted, torch.where(idx == length[:, None], bonus[:, None], -1))
+    return Acceptance(path, length, tokens, last_node)

@@ -1,0 +1,86 @@
+"""Save and load draft heads: `heads.safetensors` + `heads.json` (HeadsConfig) in a folder.
+Heads record a fingerprint of the base weights they were trained on; loading them for another
+base model is refused with a clear message."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from medusa.errors import HeadsMismatchError
+from medusa.heads.base import DraftHeads, HeadsConfig
+
+WEIGHTS, CONFIG = "heads.safetensors", "heads.json"
+
+
+def fingerprint(base) -> str:
+    """16 hex digits identifying the base weights, stable across float32/bfloat16 loads:
+    the shapes plus the first embedding rows and the final norm, rounded to bfloat16."""
+    h = hashlib.sha256()
+    cfg = base.cfg
+    h.update(f"{cfg.arch}:{cfg.vocab_size}:{cfg.hidden_size}:{cfg.num_layers}".encode())
+    for t in (base.embed_tokens.weight[:64], base.norm.weight, base.layers[-1].mlp.down_proj.weight[:8]):
+        h.update(t.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _family(head_type: str):
+    from medusa.heads.medusa import MedusaHeads
+
+    families = {"medusa": MedusaHeads}
+    try:
+        from medusa.heads.hydra import HydraHeads  # noqa: F401  (added with the heads issue)
+
+        families.update({"hydra": HydraHeads, "hydra++": HydraHeads})
+    except ImportError:
+        pass
+    if head_type not in families:
+        raise HeadsMismatchError(f"unknown head type {head_type!r}: known {', '.join(families)}")
+    return families[head_type]
+
+
+def build_heads(config: HeadsConfig, base) -> DraftHeads:
+    cls = _family(config.head_type)
+    return cls(config, base.lm_head.weight.detach())
+
+
+def save_heads(heads: DraftHeads, folder: str | Path) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS))
+    (folder / CONFIG).write_text(json.dumps(heads.config.to_dict(), indent=1))
+    return folder
+
+
+def load_heads(folder: str | Path, base) -> DraftHeads:
+    folder = Path(folder)
+    if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
+        raise HeadsMismatchError(f"{folder} is not a heads folder ({CONFIG} and {WEIGHTS} expected)")
+    try:
+        config = HeadsConfig.from_dict(json.loads((folder / CONFIG).read_text()))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise HeadsMismatchError(f"{folder / CONFIG} is malformed: {e}") from None
+    fp = fingerprint(base)
+    if (config.hidden_size, config.vocab_size) != (base.cfg.hidden_size, base.cfg.vocab_size) or config.base_fingerprint != fp:
+        raise HeadsMismatchError(
+            f"heads in {folder} were trained for another base model "
+            f"({config.base_name or 'unnamed'}, fingerprint {config.base_fingerprint}, hidden {config.hidden_size}, "
+            f"vocab {config.vocab_size}); this model has fingerprint {fp}, hidden {base.cfg.hidden_size}, "
+            f"vocab {base.cfg.vocab_size}"
+        )
+    heads = build_heads(config, base)
+    try:
+        heads.load_state_dict(load_file(str(folder / WEIGHTS)))
+    except RuntimeError as e:
+        raise HeadsMismatchError(f"{folder / WEIGHTS} does not match {CONFIG}: {e}") from None
+    return heads.to(device=base.device, dtype=base.dtype).eval().requires_grad_(False)
+
+
+def untrained_heads(base, num_heads: int = 4, num_layers: int = 1, name: str = "") -> DraftHeads:
+    """Fresh Medusa heads (zero-initialised blocks) for `base`: correct but rarely accepted."""
+    cfg = HeadsConfig("medusa", num_heads, num_layers, base.cfg.hidden_size, base.cfg.vocab_size, fingerprint(base), name)
+    return build_heads(cfg, base).to(device=base.device, dtype=base.dtype).eval().requires_grad_(False)

@@ -1,0 +1,58 @@
+"""Medusa-1 heads: K independent heads, each L residual blocks `x + SiLU(W x)` (W zero-
+initialised, so an untrained head starts as the base LM head) followed by an LM head (the base
+model's, shared and frozen, by default). Head i reads h_t and guesses token t+2+i."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from medusa.heads.base import DraftHeads, HeadsConfig
+
+
+class ResBlock(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, dim)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x):
+        return x + nn.functional.silu(self.linear(x))
+
+
+class MedusaHeads(DraftHeads):
+    def __init__(self, config: HeadsConfig, base_lm_head: torch.Tensor | None = None):
+        super().__init__()
+        self.config = config
+        D, V = config.hidden_size, config.vocab_size
+        self.blocks = nn.ModuleList(nn.Sequential(*[ResBlock(D) for _ in range(config.num_layers)]) for _ in range(config.num_heads))
+        if config.own_lm_head:
+            self.lm_heads = nn.ModuleList(nn.Linear(D, V, bias=False) for _ in range(config.num_heads))
+            if base_lm_head is not None:
+                for h in self.lm_heads:
+                    h.weight.data.copy_(base_lm_head)
+        else:
+            self.lm_heads = None
+
+    def head_logits(self, hidden: torch.Tensor, base) -> torch.Tensor:
+        """hidden [..., D] -> [..., K, V]."""
+        out = []
+        for i, block in enumerate(self.blocks):
+            h = block(hidden)
+            out.append(self.lm_heads[i](h) if self.lm_heads is not None else base.lm_head(h))
+        return torch.stack(out, dim=-2)
+
+    def propose(self, state, last_hidden, root, tree, base) -> torch.Tensor:
+        B = root.shape[0]
+        if tree.num_nodes == 1:
+            return root[:, None]
+        K = tree.max_depth
+        logits = self.head_logits(last_hidden, base)[:, :K]  # [B, K, V]
+        top = logits.topk(tree.topk, dim=-1).indices  # [B, K, topk]
+        head, rank = tree.head.to(root.device), tree.rank.to(root.device)
+        cand = top[:, head.clamp_min(0), rank]  # [B, N]
+        cand[:, 0] = root
+        return cand
+
+    def forward(self, hidden, base):
+        return self.head_logits(hidden, base)

@@ -1,0 +1,146 @@
+"""A compact Llama-family decoder (llama, mistral, qwen2 shapes): RMSNorm, RoPE, grouped-query
+attention over a static KV cache, SwiGLU MLP, tied or untied embeddings, optional q/k/v bias.
+
+`forward` runs N new tokens per row at explicit positions, writes their K/V at explicit cache
+slots and lets each token see exactly the cache slots its mask allows, which is all a tree
+verification pass needs. The model does not know about trees, heads, batching policy,
+parallelism or compilation; those are applied from outside."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medusa.model.config import ModelConfig
+from medusa.model.kv_cache import KVCache
+from medusa.model.rope import apply_rope, rope_table
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        d, bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+
+    def forward(self, x, cos, sin, layer: int, cache: KVCache, slots, mask, kv_len: int):
+        B, N, _ = x.shape
+        q = self.q_proj(x).view(B, N, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, N, Dh]
+        k = self.k_proj(x).view(B, N, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, N, Dh]
+        v = self.v_proj(x).view(B, N, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cache.write(layer, slots, k, v)
+        keys = cache.k[layer][:, :, :kv_len]  # [B, Hkv, S, Dh]
+        values = cache.v[layer][:, :, :kv_len]
+        if self.n_kv != self.n_heads:  # grouped-query attention: share each kv head
+            rep = self.n_heads // self.n_kv
+            keys = keys[:, :, None].expand(B, self.n_kv, rep, kv_len, self.head_dim).reshape(B, self.n_heads, kv_len, self.head_dim)
+            values = values[:, :, None].expand(B, self.n_kv, rep, kv_len, self.head_dim).reshape(B, self.n_heads, kv_len, self.head_dim)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B, H, N, Dh]
+        return self.o_proj(out.transpose(1, 2).reshape(B, N, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(d, f, bias=False)
+        self.up_proj = nn.Linear(d, f, bias=False)
+        self.down_proj = nn.Linear(f, d, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, layer, cache, slots, mask, kv_len):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, slots, mask, kv_len)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass(frozen=True)
+class ForwardOut:
+    hidden: torch.Tensor  # [B, N, D] final-norm hidden states (what the LM head and draft heads read)
+    logits: torch.Tensor | None  # [B, N or len(logits_for), V] or None
+
+
+class Transformer(nn.Module):
+    """Parameter names follow HF (`model.layers.0.self_attn.q_proj.weight`, ...) minus the
+    `model.` prefix, so checkpoints load by name."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        cos, sin = rope_table(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.register_buffer("rope_cos", cos, persistent=False)  # [P, Dh]
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def tie_weights(self) -> None:
+        """Share the LM head with the embedding when the config ties them (call again after
+        anything that may re-create parameters, such as `to_empty`)."""
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache.allocate(self.cfg, batch, max_len, self.dtype, self.device)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # [B, N] token ids
+        positions: torch.Tensor,  # [B, N] RoPE positions
+        cache: KVCache,
+        slots: torch.Tensor,  # [B, N] cache slots where the new K/V go
+        mask: torch.Tensor,  # [B, N, S] bool: may query n see cache slot s (S = kv_len)
+        logits_for: torch.Tensor | None | str = "all",  # "all" | None (no logits) | [B, M] indices into N
+    ) -> ForwardOut:
+        kv_len = mask.shape[-1]
+        x = self.embed_tokens(tokens)  # [B, N, D]
+        cos = self.rope_cos[positions][:, None].to(x.dtype)  # [B, 1, N, Dh]
+        sin = self.rope_sin[positions][:, None].to(x.dtype)
+        attn_mask = mask[:, None]  # [B, 1, N, S]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, i, cache, slots, attn_mask, kv_len)
+        h = self.norm(x)  # [B, N, D]
+        if logits_for is None:
+            return ForwardOut(h, None)
+        if isinstance(logits_for, str):
+            return ForwardOut(h, self.lm_head(h))
+        picked = torch.gather(h, 1, logits_for[..., None].expand(-1, -1, h.shape[-1]))  # [B, M, D]
+        return ForwardOut(h, self.lm_head(picked))

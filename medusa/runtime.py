@@ -1,0 +1,82 @@
+"""Assemble what a caller decodes with: base model, tokenizer, draft heads and tree, from the
+user's --model / --heads / --tree / --dtype choices. Shared by the CLI, the benchmarks and the
+services so that every one of them loads things the same way."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from medusa.decoding.tree import Tree, build_tree, load_tree
+from medusa.errors import HeadsMismatchError, ModelLoadError
+from medusa.heads.io import load_heads, untrained_heads
+from medusa.model.loading import ModelSource, load_model
+from medusa.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SHIPPED_HEADS = ("hydra", "medusa")  # preference order for the default
+DEFAULT_TREE = "tree16"
+
+
+def shipped_heads_dir(name: str) -> Path | None:
+    """Folder of heads shipped in the package for the default model, if present."""
+    p = Path(str(resources.files("medusa").joinpath("assets", "heads", name)))
+    return p if (p / "heads.json").is_file() else None
+
+
+def parse_dtype(name: str | None, device: torch.device) -> torch.dtype | None:
+    if name in (None, "auto"):
+        return None
+    if name not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {name!r}: {', '.join(DTYPES)} or auto")
+    if device.type == "cpu" and name == "float16":
+        raise ModelLoadError("float16 is not supported on CPU: use float32 or bfloat16")
+    return DTYPES[name]
+
+
+@dataclass
+class Stack:
+    model: torch.nn.Module
+    tokenizer: Tokenizer
+    source: ModelSource
+    heads: torch.nn.Module | None
+    heads_name: str
+    tree: Tree
+
+
+def resolve_heads(spec: str | None, model, source: ModelSource):
+    """--heads: default | medusa | hydra | none | PATH. Returns (heads or None, label)."""
+    spec = spec or "default"
+    if spec == "none":
+        return None, "none"
+    if spec in ("default", *SHIPPED_HEADS):
+        names = SHIPPED_HEADS if spec == "default" else (spec,)
+        for name in names:
+            d = shipped_heads_dir(name)
+            if d is not None:
+                try:
+                    return load_heads(d, model), name
+                except HeadsMismatchError:
+                    if spec != "default" or source.gguf is None:
+                        raise
+        if spec != "default":
+            raise HeadsMismatchError(f"no shipped {spec} heads in this installation")
+        return untrained_heads(model), "untrained"
+    return load_heads(spec, model), str(spec)
+
+
+def load_stack(model: str | None = None, heads: str | None = "default", tree: str | None = None,
+               dtype: str | None = None, device: str | None = None, progress: bool = True) -> Stack:
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    m, src = load_model(model, dtype=parse_dtype(dtype, dev), device=dev, progress=progress)
+    tok = Tokenizer.load(src)
+    h, label = resolve_heads(heads, m, src)
+    if tree is not None:
+        t = load_tree(tree)
+    elif h is not None and h.config.tree:
+        t = build_tree(h.config.tree, name=f"{label}-tree")
+    else:
+        t = load_tree(DEFAULT_TREE if h is not None else "ar")
+    return Stack(m, tok, src, h, label, t)
