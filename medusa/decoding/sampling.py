@@ -53,6 +53,8 @@ class BatchSampling:
     typical: torch.Tensor  # [B] bool
     threshold: torch.Tensor  # [B] float
     alpha: torch.Tensor  # [B] float
+    any_random: bool = False  # host-side flags, so a step needs no device sync to branch
+    any_typical: bool = False
 
     @classmethod
     def stack(cls, params: list[SamplingParams], device) -> "BatchSampling":
@@ -64,11 +66,9 @@ class BatchSampling:
             f([p.rule == "typical" for p in params], torch.bool),
             f([p.posterior_threshold for p in params]),
             f([p.posterior_alpha for p in params]),
+            any(not p.greedy for p in params),
+            any(p.rule == "typical" for p in params),
         )
-
-    @property
-    def any_random(self) -> bool:
-        return bool((self.temperature > 0).any())
 
 
 def base_probs(logits: torch.Tensor, s: BatchSampling) -> torch.Tensor:

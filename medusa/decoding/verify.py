@@ -64,7 +64,7 @@ def verify(
     target, _ = _targets(logits, s, uniforms)  # [B, N]
     parent = tree.parent.to(dev)
     ok = cand == target[:, parent]  # [B, N]: node matches its parent's target
-    if bool(s.typical.any()):
+    if s.any_typical:
         typical_rows = s.typical & (s.temperature > 0)
         ok = torch.where(typical_rows[:, None], _typical_ok(logits, cand, tree, s), ok)
     ok[:, 0] = True
