@@ -1,0 +1,108 @@
+"""What the SDK hands back (deltas, usage, stats, results) and the pure translation between
+them and the wire messages: building a GenerateRequest, folding a response stream.
+
+No I/O here; the async client drives it, the sync client reuses the async one."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from medusa.proto.v1 import medusa_pb2 as pb
+
+SPECULATION = {"auto": pb.SPECULATION_AUTO, "on": pb.SPECULATION_ON, "off": pb.SPECULATION_OFF}
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+    token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reused_prompt_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class SpecStats:
+    steps: int = 0
+    mean_accepted: float = 0.0
+    tree: str = ""
+    ttft_s: float = 0.0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: Usage
+    stats: SpecStats
+    request_id: str = ""
+    replica_id: str = ""
+
+
+def build_request(
+    prompt: str | None = None,
+    *,
+    messages: Sequence[dict[str, str]] | None = None,
+    session_id: str = "",
+    max_new_tokens: int = 0,
+    temperature: float = 0.0,
+    top_p: float = 0.0,
+    top_k: int = 0,
+    rule: str = "",
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    speculation: str = "auto",
+    model: str = "",
+) -> pb.GenerateRequest:
+    """A GenerateRequest from keyword arguments: exactly one of `prompt` (raw text) or
+    `messages` (chat, [{"role", "content"}]). Values are checked by the server."""
+    if (prompt is None) == (messages is None):
+        raise ValueError("give exactly one of prompt= (raw text) or messages= (chat)")
+    if speculation not in SPECULATION:
+        raise ValueError(f"speculation must be one of {', '.join(SPECULATION)}, got {speculation!r}")
+    sampling = pb.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, rule=rule)
+    if seed is not None:
+        sampling.seed = seed
+    req = pb.GenerateRequest(session_id=session_id, sampling=sampling, max_new_tokens=max_new_tokens,
+                             stop=list(stop), speculation=SPECULATION[speculation], model=model)
+    if prompt is not None:
+        req.prompt = prompt
+    else:
+        req.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
+    return req
+
+
+@dataclass
+class StreamFold:
+    """Folds GenerateResponse messages into deltas and, at the end, one GenerateResult."""
+
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    final: GenerateResult | None = None
+
+    @property
+    def started(self) -> bool:
+        """Whether any token arrived (after which a call is never retried)."""
+        return bool(self.token_ids) or self.final is not None
+
+    def push(self, resp: pb.GenerateResponse) -> Delta | None:
+        kind = resp.WhichOneof("event")
+        if kind == "delta":
+            d = Delta(resp.delta.text, list(resp.delta.token_ids))
+            self.text.append(d.text)
+            self.token_ids.extend(d.token_ids)
+            return d
+        if kind == "final":
+            f = resp.final
+            self.final = GenerateResult(
+                text="".join(self.text), token_ids=list(self.token_ids), finish_reason=f.finish_reason,
+                usage=Usage(f.usage.prompt_tokens, f.usage.completion_tokens, f.usage.reused_prompt_tokens),
+                stats=SpecStats(f.stats.steps, f.stats.mean_accepted, f.stats.tree, f.stats.ttft_s, f.stats.seconds),
+                request_id=f.request_id, replica_id=f.replica_id)
+        return None
