@@ -1,0 +1,82 @@
+"""Settings of the serving application, from the serve config's `args` (a plain dict), with
+the defaults `medusa serve` uses on a laptop. Knows nothing of Ray or of how settings are used."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from medusa.errors import MedusaError
+
+
+class ConfigError(MedusaError):
+    """A malformed serve configuration."""
+
+
+@dataclass(frozen=True)
+class TenantLimits:
+    max_concurrent: int | None = None     # requests in flight at once; None = unlimited
+    tokens_per_minute: int | None = None  # prompt + completion tokens; None = unlimited
+
+    @classmethod
+    def parse(cls, d: dict | None) -> "TenantLimits":
+        d = d or {}
+        unknown = set(d) - {"max_concurrent", "tokens_per_minute"}
+        if unknown:
+            raise ConfigError(f"unknown tenant limit(s): {', '.join(sorted(unknown))}")
+        for k, v in d.items():
+            if v is not None and (not isinstance(v, int) or v < 0):
+                raise ConfigError(f"tenant limit {k} must be a non-negative integer, got {v!r}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str | None = None              # None: the embedded default model
+    heads: str = "default"
+    tree: str | None = None
+    dtype: str | None = None
+    device: str = "cpu"
+    max_batch: int = 8
+    torch_threads: int | None = None      # per engine replica; None: torch's default
+    engine_replicas: int = 1
+    engine_num_cpus: float = 1.0
+    engine_num_gpus: float = 0.0
+    autoscaling: dict | None = None       # Serve autoscaling_config for the engine (overrides engine_replicas)
+    redis_url: str | None = None          # None: no Redis (no affinity, local quotas off)
+    session_ttl_s: int = 1800
+    default_max_new_tokens: int = 256
+    max_new_tokens_limit: int = 2048
+    max_stop_sequences: int = 8
+    api_keys: tuple = ()                  # ({"tenant": t, "key_sha256": h} | {"tenant": t, "key": k}, ...)
+    require_auth: bool = True
+    default_limits: TenantLimits = TenantLimits()
+    tenant_limits: dict = field(default_factory=dict)  # tenant -> TenantLimits
+    tracing: str | None = None            # otlp | console | none | memory; None: from OTEL_* env
+    model_id: str = ""                    # name reported by ListModels (default: the model's)
+
+    @classmethod
+    def parse(cls, d: dict | None) -> "Settings":
+        d = dict(d or {})
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"unknown serve setting(s): {', '.join(sorted(unknown))}")
+        if "default_limits" in d:
+            d["default_limits"] = TenantLimits.parse(d["default_limits"])
+        if "tenant_limits" in d:
+            d["tenant_limits"] = {str(t): TenantLimits.parse(v) for t, v in (d["tenant_limits"] or {}).items()}
+        if "api_keys" in d:
+            keys = d["api_keys"] or []
+            for k in keys:
+                if not isinstance(k, dict) or "tenant" not in k or not ({"key", "key_sha256"} & set(k)):
+                    raise ConfigError('api_keys entries need "tenant" and "key_sha256" (or "key" for development)')
+            d["api_keys"] = tuple(dict(k) for k in keys)
+        s = cls(**d)
+        for name in ("max_batch", "engine_replicas", "session_ttl_s", "default_max_new_tokens", "max_new_tokens_limit"):
+            if not isinstance(getattr(s, name), int) or getattr(s, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(s, name)!r}")
+        if s.default_max_new_tokens > s.max_new_tokens_limit:
+            raise ConfigError("default_max_new_tokens exceeds max_new_tokens_limit")
+        return s
+
+    def limits_for(self, tenant: str) -> TenantLimits:
+        return self.tenant_limits.get(tenant, self.default_limits)

@@ -1,0 +1,112 @@
+"""One engine replica's logic: owns a batched medusa.decoding.engine.Engine, turns a request
+payload (plain dict from the ingress) into an engine Request, and streams plain-dict events
+back: {"tokens", "replica"} first, then {"tokens"}, and a last one with "finish_reason" and
+"stats". Bad input comes back as one {"error": "invalid_argument", "message"} event.
+
+Spans: engine.prefill (submit -> first token) and engine.decode (first token -> end), children
+of the caller's trace. Knows token ids only; nothing of text, tenants or Redis."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import AsyncIterator
+
+from opentelemetry import trace
+
+from medusa.errors import MedusaError
+from services import telemetry
+from services.metrics import Metrics
+
+
+def engine_request(payload: dict, eos: tuple[int, ...]):
+    """Payload dict -> engine Request (raises RequestError on bad values)."""
+    from medusa.decoding.engine import Request
+    from medusa.decoding.sampling import SamplingParams
+
+    return Request(
+        prompt_ids=list(payload["prompt_ids"]),
+        max_new_tokens=int(payload["max_new_tokens"]),
+        sampling=SamplingParams(**payload.get("sampling", {})),
+        stop_token_ids=tuple(payload["stop_token_ids"]) if payload.get("stop_token_ids") else (eos or None),
+        stop_sequences=tuple(tuple(s) for s in payload.get("stop_sequences") or ()),
+        speculation=payload.get("speculation", "auto"),
+        session_id=payload.get("session"),
+        **({"request_id": payload["request_id"]} if payload.get("request_id") else {}),
+    )
+
+
+class EngineReplica:
+    def __init__(self, engine, *, replica_id: str, eos: tuple[int, ...] = (), info: dict | None = None,
+                 tracing: str | None = None, metrics: Metrics | None = None):
+        self.engine = engine
+        self.replica_id = replica_id
+        self.eos = tuple(eos)
+        self._info = dict(info or {})
+        self.tracer = telemetry.setup("engine", tracing)
+        self.metrics = metrics or Metrics(enabled=False)
+
+    async def generate(self, payload: dict) -> AsyncIterator[dict]:
+        ctx = telemetry.extract(payload.get("trace"))
+        try:
+            handle = self.engine.submit(engine_request(payload, self.eos))
+        except (MedusaError, TypeError, ValueError) as e:
+            yield {"error": "invalid_argument", "message": str(e), "replica": self.replica_id}
+            return
+        self.metrics.queue_depth(self.engine.load())
+        attrs = {"medusa.replica": self.replica_id, "medusa.tenant": payload.get("tenant", ""),
+                 "medusa.prompt_tokens": len(payload["prompt_ids"])}
+        prefill = self.tracer.start_span("engine.prefill", context=ctx, attributes=attrs)
+        decode = None
+        done = False
+        first = True
+        last = time.perf_counter()
+        try:
+            async for ev in handle:
+                now = time.perf_counter()
+                out: dict = {"tokens": list(ev.tokens)}
+                if first:
+                    out["replica"] = self.replica_id
+                    prefill.end()
+                    decode = self.tracer.start_span("engine.decode", context=trace.set_span_in_context(prefill, ctx), attributes=attrs)
+                    first = False
+                elif ev.tokens:
+                    self.metrics.inter_token((now - last) / len(ev.tokens))
+                last = now
+                if ev.finish_reason is not None:
+                    done = True
+                    out["finish_reason"] = ev.finish_reason
+                    if ev.stats is not None:
+                        out["stats"] = asdict(ev.stats)
+                        self._annotate(decode or prefill, ev.stats)
+                yield out
+        finally:
+            if not done:
+                handle.cancel()  # the caller went away: free the KV slot now
+            if first:
+                prefill.end()
+            if decode is not None:
+                decode.end()
+            self.metrics.queue_depth(self.engine.load())
+
+    def _annotate(self, span, stats) -> None:
+        span.set_attribute("medusa.completion_tokens", stats.new_tokens)
+        span.set_attribute("medusa.reused_tokens", stats.reused_tokens)
+        span.set_attribute("medusa.steps", stats.steps)
+        span.set_attribute("medusa.mean_accepted", float(stats.mean_accepted))
+        span.set_attribute("medusa.tree", stats.tree)
+        self.metrics.accepted_length(float(stats.mean_accepted))
+
+    def info(self) -> dict:
+        return dict(self._info, replica=self.replica_id)
+
+    def load(self) -> int:
+        return self.engine.load()
+
+    def stats(self) -> dict:
+        return dict(self.engine.stats(), replica=self.replica_id)
+
+    def spans(self) -> list[dict]:
+        return telemetry.finished_spans()
+
+    def health(self) -> str:
+        return "ok"

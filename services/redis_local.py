@@ -1,0 +1,61 @@
+"""A private redis-server child process (for `medusa serve` without --redis-url, and tests):
+binds 127.0.0.1 on a free port, keeps nothing on disk, dies with stop().
+
+Knows the redis-server command line; nothing of what is stored."""
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+
+from medusa.errors import MedusaError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LocalRedis:
+    proc: subprocess.Popen
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_redis(port: int | None = None, timeout_s: float = 10.0) -> LocalRedis:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise MedusaError("redis-server is not installed: install it or pass --redis-url / REDIS_URL")
+    port = port or free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--protected-mode", "yes", "--loglevel", "warning"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise MedusaError(f"redis-server exited: {proc.stderr.read().decode(errors='replace').strip()[:300]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return LocalRedis(proc, port)
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise MedusaError(f"redis-server did not start on port {port} within {timeout_s}s")

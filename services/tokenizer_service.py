@@ -1,0 +1,56 @@
+"""The tokenizer deployment's logic: chat template and text -> ids for a request (with its stop
+sequences), and incremental detokenisation for streaming that is stateless on the server (the
+caller keeps the offsets), so any tokenizer replica can serve any chunk.
+
+Knows medusa.tokenizer; nothing of engines, tenants or the wire."""
+from __future__ import annotations
+
+from medusa.errors import RequestError
+from medusa.tokenizer import Tokenizer
+from services import telemetry
+
+
+def decode_delta(tok: Tokenizer, ids: list[int], prefix_offset: int, read_offset: int,
+                 final: bool = False) -> tuple[str, int, int]:
+    """New text for ids[read_offset:], decoding from prefix_offset so that tokens which change
+    how earlier ones render (leading spaces, multi-byte characters) come out right. Returns
+    (text, new prefix_offset, new read_offset); text is "" while a character is incomplete
+    (unless final, which flushes whatever is left)."""
+    prefix = tok.decode(ids[prefix_offset:read_offset])
+    full = tok.decode(ids[prefix_offset:])
+    if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
+        return full[len(prefix):], read_offset, len(ids)
+    return "", prefix_offset, read_offset
+
+
+class TokenizerService:
+    def __init__(self, tokenizer: Tokenizer, tracing: str | None = None):
+        self.tok = tokenizer
+        self.tracer = telemetry.setup("tokenizer", tracing)
+
+    def encode(self, req: dict) -> dict:
+        """{"messages" | "prompt", "stop": [str], "trace"} -> {"prompt_ids", "stop_sequences"}."""
+        with self.tracer.start_as_current_span("tokenizer.encode", context=telemetry.extract(req.get("trace"))) as span:
+            if req.get("messages") is not None:
+                ids = self.tok.encode_chat(req["messages"])
+            elif req.get("prompt"):
+                ids = self.tok.encode(req["prompt"])
+            else:
+                raise RequestError("the prompt is empty")
+            if not ids:
+                raise RequestError("the prompt encodes to no tokens")
+            stops = [self.tok.encode(s) for s in req.get("stop") or ()]
+            span.set_attribute("medusa.prompt_tokens", len(ids))
+            return {"prompt_ids": ids, "stop_sequences": [s for s in stops if s]}
+
+    def detokenize(self, ids: list[int], prefix_offset: int, read_offset: int, final: bool = False) -> tuple[str, int, int]:
+        return decode_delta(self.tok, ids, prefix_offset, read_offset, final)
+
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.tok.eos_token_ids
+
+    def spans(self) -> list[dict]:
+        return telemetry.finished_spans()
+
+    def health(self) -> str:
+        return "ok"

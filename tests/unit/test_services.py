@@ -1,0 +1,352 @@
+"""Plain service classes without Ray: the routing policy, settings, tenancy and quotas against a
+private redis-server, session affinity entries with their TTL, incremental detokenisation, and
+the whole request path (Ingress -> TokenizerService -> EngineReplica) behind a real grpc.aio
+server driven by the client SDK. The engine here is a scripted stand-in; the real Engine runs in
+tests/integration."""
+import asyncio
+import dataclasses
+import threading
+
+import grpc
+import pytest
+
+pytest.importorskip("redis")
+
+from medusa.client import (AuthenticationError, InvalidRequestError, MedusaClient, QuotaExceededError,  # noqa: E402
+                           RetryPolicy)
+from medusa.errors import RequestError  # noqa: E402
+from services import telemetry  # noqa: E402
+from services.config import ConfigError, Settings, TenantLimits  # noqa: E402
+from services.engine_replica import EngineReplica  # noqa: E402
+from services.ingress import Ingress  # noqa: E402
+from services.local import LocalHandle, start_server  # noqa: E402
+from services.redis_guard import RedisGuard  # noqa: E402
+from services.redis_local import free_port, start_redis  # noqa: E402
+from services.routing import SessionStore, route, session_key  # noqa: E402
+from services.tenancy import AuthError, KeyStore, Quota, QuotaError, bearer_key, hash_key, parse_env_keys  # noqa: E402
+from services.tokenizer_service import TokenizerService, decode_delta  # noqa: E402
+
+# ---------------------------------------------------------------- fixtures and stand-ins
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    r = start_redis()
+    yield r.url
+    r.stop()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+class CharTokenizer:
+    """medusa.tokenizer.Tokenizer's surface over characters (id = code point + 10)."""
+
+    eos_token_ids = (3,)
+    has_chat_template = True
+
+    def encode(self, text):
+        return [ord(c) + 10 for c in text]
+
+    def encode_chat(self, messages):
+        if any(m.get("role") not in ("system", "user", "assistant") for m in messages):
+            raise RequestError("chat messages need a role (system, user, assistant) and text content")
+        return self.encode("".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>")
+
+    def decode(self, ids):
+        return "".join(chr(i - 10) for i in ids if i >= 10)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    prompt_tokens: int
+    new_tokens: int
+    steps: int
+    mean_accepted: float
+    reused_tokens: int
+    ttft_s: float
+    seconds: float
+    tree: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    request_id: str
+    tokens: list
+    finish_reason: str | None = None
+    stats: Stats | None = None
+
+
+class ScriptedEngine:
+    """Engine API stand-in: echoes the prompt's last tokens, two per step, keeps session
+    prefixes so a later turn reports reused tokens."""
+
+    def __init__(self):
+        self.sessions = {}
+        self.submitted = []
+        self.cancelled = []
+
+    def submit(self, req):
+        if req.max_new_tokens < 1:
+            raise RequestError("max_new_tokens must be >= 1")
+        self.submitted.append(req)
+        reused = 0
+        if req.session_id in self.sessions:
+            kept = self.sessions[req.session_id]
+            while reused < min(len(kept), len(req.prompt_ids)) and kept[reused] == req.prompt_ids[reused]:
+                reused += 1
+        out = [t for t in reversed(req.prompt_ids)][: req.max_new_tokens]
+        if req.session_id:
+            self.sessions[req.session_id] = list(req.prompt_ids) + out
+        engine = self
+
+        class Handle:
+            async def __aiter__(self):
+                for i in range(0, len(out), 2):
+                    yield Event(req.request_id, out[i:i + 2])
+                    await asyncio.sleep(0)
+                st = Stats(len(req.prompt_ids), len(out), (len(out) + 1) // 2, 2.0, reused, 0.01, 0.02, "tree16")
+                yield Event(req.request_id, [], "length", st)
+
+            def cancel(self):
+                engine.cancelled.append(req.request_id)
+
+        return Handle()
+
+    def load(self):
+        return 0
+
+    def stats(self):
+        return {"running": 0}
+
+
+# ---------------------------------------------------------------- routing policy
+
+
+def test_route_prefers_the_session_replica_then_least_loaded():
+    d = route("b", {"a": 0, "b": 5, "c": 1})
+    assert d.reason == "affinity" and d.ranks == (("b",), ("a", "c"))
+    d = route(None, {"a": 3, "b": 0, "c": 0})
+    assert d.reason == "new" and d.ranks == (("b", "c"), ("a",))
+    d = route("gone", {"a": 2, "b": 1})
+    assert d.reason == "reassigned" and d.ranks[0] == ("b",)
+    assert route(None, {"a": None, "b": 4}).ranks[0] == ("a",)  # unprobed load counts as 0
+    assert route(None, {"a": 1}, has_session=False).reason == "none"
+    assert route("a", {}).ranks == ()
+
+
+# ---------------------------------------------------------------- settings and tenancy
+
+
+def test_settings_parse_and_reject_unknown_fields():
+    s = Settings.parse({"tenant_limits": {"t": {"tokens_per_minute": 100}}, "api_keys": [{"tenant": "t", "key": "k"}]})
+    assert s.limits_for("t") == TenantLimits(None, 100) and s.limits_for("other") == TenantLimits()
+    for bad in ({"nope": 1}, {"max_batch": 0}, {"tenant_limits": {"t": {"rpm": 1}}}, {"api_keys": [{"tenant": "t"}]}):
+        with pytest.raises(ConfigError):
+            Settings.parse(bad)
+
+
+def test_keys_are_hashed_and_bearer_parsed(redis_url):
+    assert bearer_key([("authorization", "Bearer abc ")]) == "abc"
+    assert bearer_key([("Authorization", "basic abc")]) is None and bearer_key([]) is None
+    assert parse_env_keys("a:k1, b:k2") == {hash_key("k1"): "a", hash_key("k2"): "b"}
+    with pytest.raises(ValueError):
+        parse_env_keys("nokey")
+    s = Settings.parse({"api_keys": [{"tenant": "cfg", "key_sha256": hash_key("secret")}]})
+    guard = RedisGuard(redis_url)
+    ks = KeyStore.from_settings(s, guard, env="envt:k-env")
+    assert "secret" not in repr(ks.hashed) and "k-env" not in repr(ks.hashed)
+
+    async def go():
+        await guard.client().hset("medusa:apikeys", hash_key("from-redis"), "redist")
+        got = [await ks.tenant("secret"), await ks.tenant("k-env"), await ks.tenant("from-redis")]
+        for bad in (None, "wrong"):
+            with pytest.raises(AuthError):
+                await ks.tenant(bad)
+        return got
+
+    assert run(go()) == ["cfg", "envt", "redist"]
+
+
+def test_quota_concurrency_and_token_bucket(redis_url):
+    s = Settings.parse({"tenant_limits": {"q": {"max_concurrent": 1, "tokens_per_minute": 100}}})
+
+    async def go():
+        quota = Quota(s, RedisGuard(redis_url))
+        lease = await quota.acquire("q", 60)
+        with pytest.raises(QuotaError, match="in flight"):
+            await quota.acquire("q", 10)
+        await quota.release(lease, 30)  # 30 of the 60 reserved were used: 30 come back
+        lease = await quota.acquire("q", 60)  # 100 - 30 = 70 left (plus a little refill)
+        await quota.release(lease, 60)
+        with pytest.raises(QuotaError, match="tokens per minute"):
+            await quota.acquire("q", 60)
+        with pytest.raises(QuotaError, match="limit is 100"):
+            await quota.acquire("q", 101)
+        lease = await quota.acquire("other", 10**6)  # no limits for other tenants
+        return lease.reserved_tokens == 0 and not lease.holds_slot
+
+    assert run(go())
+
+
+class Recorder:
+    def __init__(self):
+        self.redis = []
+
+    def redis_unavailable(self, component):
+        self.redis.append(component)
+
+
+def test_redis_down_means_no_affinity_and_open_quotas(caplog):
+    rec = Recorder()
+    guard = RedisGuard(f"redis://127.0.0.1:{free_port()}/0", rec, timeout_s=0.2)
+    s = Settings.parse({"tenant_limits": {"q": {"max_concurrent": 1, "tokens_per_minute": 100}}})
+
+    async def go():
+        store = SessionStore(guard, 60)
+        assert await store.get("t", "s") is None
+        await store.put("t", "s", "r1")  # skipped while Redis is down
+        lease = await Quota(s, guard).acquire("q", 50)
+        await Quota(s, guard).acquire("q", 50)  # limits not enforced without Redis
+        return lease
+
+    with caplog.at_level("WARNING"):
+        lease = run(go())
+    assert not lease.holds_slot and rec.redis == ["sessions"]  # later calls skip Redis during the cooldown
+    assert sum("unreachable" in r.message for r in caplog.records) == 1
+
+
+def test_session_entry_has_a_ttl(redis_url):
+    guard = RedisGuard(redis_url)
+
+    async def go():
+        store = SessionStore(guard, 120)
+        await store.put("t1", "s1", "replica-a")
+        c = guard.client()
+        return await store.get("t1", "s1"), await store.get("t2", "s1"), await c.ttl(session_key("t1", "s1"))
+
+    got, other_tenant, ttl = run(go())
+    assert got == "replica-a" and other_tenant is None and 0 < ttl <= 120
+
+
+def test_decode_delta_holds_back_incomplete_characters():
+    class Bytes:
+        def decode(self, ids):  # ids are UTF-8 bytes
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    ids = list("héllo".encode())
+    text, p, r = "", 0, 0
+    pieces = []
+    for i in range(1, len(ids) + 1):
+        t, p2, r2 = decode_delta(Bytes(), ids[:i], p, r)
+        pieces.append(t)
+        if t:
+            p, r = p2, r2
+        text += t
+    assert text == "héllo" and "" in pieces  # the half of "é" waited for its second byte
+
+
+# ---------------------------------------------------------------- the request path over gRPC
+
+
+@pytest.fixture(scope="module")
+def stack(redis_url):
+    """Ingress + tokenizer + engine replica (scripted engine) on a grpc.aio server in a thread."""
+    settings = Settings.parse({
+        "redis_url": redis_url, "tracing": "memory", "default_max_new_tokens": 6, "max_new_tokens_limit": 64,
+        "api_keys": [{"tenant": "acme", "key": "k-acme"}, {"tenant": "zeta", "key": "k-zeta"},
+                     {"tenant": "tiny", "key": "k-tiny"}],
+        "tenant_limits": {"tiny": {"tokens_per_minute": 30}},
+    })
+    engine = ScriptedEngine()
+    tok = TokenizerService(CharTokenizer(), tracing="memory")
+    replica = EngineReplica(engine, replica_id="replica-1", eos=(3,), info={"id": "char", "heads": "medusa"}, tracing="memory")
+    ingress = Ingress(LocalHandle(tok), LocalHandle(replica), settings)
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    server, port = asyncio.run_coroutine_threadsafe(start_server(ingress), loop).result()
+    yield {"target": f"127.0.0.1:{port}", "engine": engine, "ingress": ingress, "redis_url": redis_url}
+    asyncio.run_coroutine_threadsafe(server.stop(None), loop).result()
+    loop.call_soon_threadsafe(loop.stop)
+
+
+def client(stack, key="k-acme"):
+    return MedusaClient(stack["target"], api_key=key, retry=RetryPolicy(max_attempts=1), timeout=10)
+
+
+def test_stream_returns_engine_tokens_as_text(stack):
+    with client(stack) as c:
+        r = c.generate(prompt="abcd", max_new_tokens=3, stop=["zz"])
+        assert r.text == "dcb" and r.token_ids == [ord(x) + 10 for x in "dcb"]
+        assert r.finish_reason == "length" and r.usage.prompt_tokens == 4 and r.usage.completion_tokens == 3
+        assert r.stats.mean_accepted == 2.0 and r.stats.tree == "tree16" and r.replica_id == "replica-1"
+        assert "".join(d.text for d in c.stream(prompt="xyz", max_new_tokens=3)) == "zyx"
+        assert c.tokenize("ab") == [107, 108]
+        assert c.list_models()[0]["heads"] == "medusa"
+        status, details = c.health()
+        assert status == "SERVING" and details["redis"] == "ok"
+    req = stack["engine"].submitted[0]
+    assert req.stop_sequences == ((ord("z") + 10,) * 2,) and req.sampling.greedy
+
+
+def test_sessions_are_namespaced_and_recorded(stack):
+    import redis
+
+    with client(stack) as a, client(stack, "k-zeta") as z:
+        msgs = [{"role": "user", "content": "hi"}]
+        first = a.generate(messages=msgs, session_id="conv-1", max_new_tokens=4)
+        second = a.generate(messages=msgs + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "more"}],
+                            session_id="conv-1", max_new_tokens=4)
+        other = z.generate(messages=msgs, session_id="conv-1", max_new_tokens=4)
+    assert first.usage.reused_prompt_tokens == 0 and second.usage.reused_prompt_tokens > 0
+    assert other.usage.reused_prompt_tokens == 0  # same session name, other tenant: no shared KV
+    ids = {r.session_id for r in stack["engine"].submitted}
+    assert {"acme/conv-1", "zeta/conv-1"} <= ids
+    r = redis.Redis.from_url(stack["redis_url"])
+    assert r.get(session_key("acme", "conv-1")) == b"replica-1" and 0 < r.ttl(session_key("acme", "conv-1")) <= 1800
+
+
+@pytest.mark.parametrize("kwargs,reason", [
+    (dict(prompt=""), "prompt is empty"),
+    (dict(prompt="a", temperature=-1.0), "temperature"),
+    (dict(prompt="a", rule="sample"), "temperature > 0"),
+    (dict(prompt="a", max_new_tokens=100), "limit of 64"),
+    (dict(prompt="a", session_id="../other"), "session_id"),
+    (dict(messages=[{"role": "robot", "content": "x"}]), "role"),
+    (dict(prompt="a", stop=[""] ), "stop sequences"),
+])
+def test_malformed_requests_are_invalid_argument(stack, kwargs, reason):
+    with client(stack) as c:
+        with pytest.raises(InvalidRequestError, match=reason) as ei:
+            c.generate(**kwargs)
+        assert "Traceback" not in ei.value.details
+        assert c.generate(prompt="ok", max_new_tokens=2).text == "ko"  # still healthy
+
+
+def test_auth_and_quota_codes(stack):
+    with client(stack, key=None) as c:
+        with pytest.raises(AuthenticationError, match="missing API key"):
+            c.generate(prompt="a")
+    with client(stack, key="wrong") as c:
+        with pytest.raises(AuthenticationError, match="unknown API key"):
+            c.tokenize("a")
+    with client(stack, key="k-tiny") as c:
+        c.generate(prompt="abcdefghij", max_new_tokens=10)  # 20 of 30 tokens this minute
+        with pytest.raises(QuotaExceededError, match="tokens per minute") as ei:
+            c.generate(prompt="abcdefghij", max_new_tokens=10)
+        assert ei.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with client(stack) as c:
+        assert c.health()[0] == "SERVING"
+
+
+def test_one_trace_spans_every_component(stack):
+    with client(stack) as c:
+        r = c.generate(prompt="trace me", max_new_tokens=2)
+    spans = telemetry.finished_spans()
+    ing = [s for s in spans if s["name"] == "ingress.Generate" and s["attributes"].get("medusa.request_id") == r.request_id]
+    assert len(ing) == 1
+    names = {s["name"] for s in spans if s["trace_id"] == ing[0]["trace_id"]}
+    assert {"ingress.Generate", "router", "tokenizer.encode", "engine.prefill", "engine.decode"} <= names
+    decode = next(s for s in spans if s["trace_id"] == ing[0]["trace_id"] and s["name"] == "engine.decode")
+    assert decode["attributes"]["medusa.completion_tokens"] == 2 and decode["attributes"]["medusa.tenant"] == "acme"
