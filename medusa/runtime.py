@@ -67,10 +67,28 @@ def resolve_heads(spec: str | None, model, source: ModelSource):
     return load_heads(spec, model), str(spec)
 
 
+def tqdm_progress():
+    """A loading.Progress callback drawing a tqdm bar on stderr."""
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(done: int, total: int, what: str) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=what, unit="tensor", leave=False)
+        bar.n = done + 1
+        bar.refresh()
+        if done + 1 >= total:
+            bar.close()
+
+    return update
+
+
 def load_stack(model: str | None = None, heads: str | None = "default", tree: str | None = None,
                dtype: str | None = None, device: str | None = None, progress: bool = True) -> Stack:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    m, src = load_model(model, dtype=parse_dtype(dtype, dev), device=dev, progress=progress)
+    m, src = load_model(model, dtype=parse_dtype(dtype, dev), device=dev, progress=tqdm_progress() if progress else None)
     tok = Tokenizer.load(src)
     h, label = resolve_heads(heads, m, src)
     if tree is not None:

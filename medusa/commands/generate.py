@@ -9,6 +9,7 @@ import sys
 from medusa.commands.common import Prompt, add_model_args, read_prompts
 from medusa.decoding.generate import Stats, generate
 from medusa.decoding.sampling import SamplingParams
+from medusa.decoding.tree import load_tree
 from medusa.errors import RequestError
 
 
@@ -63,6 +64,8 @@ def run(args) -> int:
     heads = "none" if args.mode == "ar" else args.heads
     if args.mode == "ar" and args.tree not in (None, "ar"):
         raise RequestError("--tree needs --mode spec")
+    if args.tree:
+        load_tree(args.tree)  # validate before the (slower) model load
     stack = load_stack(args.model, heads=heads, tree=args.tree, dtype=args.dtype, device=args.device, progress=not args.json)
     eos = tuple(sorted(set(stack.model.cfg.eos_token_ids) | set(stack.tokenizer.eos_token_ids)))
     for pr in prompts:

@@ -12,6 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -59,7 +60,10 @@ class ModelSource:
         return (self.gguf or self.hf_dir).name
 
 
-def resolve(path: str | os.PathLike | None, progress: bool = True) -> ModelSource:
+Progress = Callable[[int, int, str], None]  # (done, total, what): the caller draws a bar
+
+
+def resolve(path: str | os.PathLike | None, progress: Progress | None = None) -> ModelSource:
     """Turn a user's --model value into a loadable HF directory (converting a GGUF once)."""
     p = Path(path) if path else default_model_path()
     if not p.exists():
@@ -95,7 +99,7 @@ def load_model(
     path: str | os.PathLike | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
-    progress: bool = True,
+    progress: Progress | None = None,
 ) -> tuple[Transformer, ModelSource]:
     """Build the model and load its weights. dtype defaults to float32 on CPU, bfloat16 on GPU."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -217,7 +221,7 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def convert_gguf(path: Path, progress: bool = True) -> Path:
+def convert_gguf(path: Path, progress: Progress | None = None) -> Path:
     """Dequantise `path` into `cache_root()/<stem>-<digest>/` once; return that directory."""
     try:
         out = cache_root() / f"{path.stem}-{_file_digest(path)}"
@@ -227,7 +231,6 @@ def convert_gguf(path: Path, progress: bool = True) -> Path:
         return out
     import gguf
     from gguf.quants import dequantize
-    from tqdm import tqdm
 
     try:
         reader = gguf.GGUFReader(str(path))
@@ -235,7 +238,9 @@ def convert_gguf(path: Path, progress: bool = True) -> Path:
         raise ModelLoadError(f"{path} is not a readable GGUF file: {e}") from None
     cfg = gguf_config(reader)
     tensors: dict[str, torch.Tensor] = {}
-    for t in tqdm(reader.tensors, desc=f"converting {path.name}", unit="tensor", disable=not progress, leave=False):
+    for i, t in enumerate(reader.tensors):
+        if progress:
+            progress(i, len(reader.tensors), f"converting {path.name} (once)")
         name = _hf_name(t.name)
         if name is None:
             continue  # e.g. rope_freqs: recomputed from the config

@@ -33,3 +33,14 @@ def test_service_has_the_four_methods():
     assert set(methods) == {"Generate", "Tokenize", "ListModels", "Health"}
     assert methods["Generate"].server_streaming and not methods["Generate"].client_streaming
     assert not any(methods[n].server_streaming for n in ("Tokenize", "ListModels", "Health"))
+
+
+def test_messages_pickle_under_their_package():
+    """Ray Serve pickles request messages between processes: the class module must import."""
+    import pickle
+
+    from medusa.proto.v1 import medusa_pb2
+
+    msg = medusa_pb2.GenerateRequest(prompt="hi", max_new_tokens=3)
+    assert type(msg).__module__ == "medusa.proto.v1.medusa_pb2"
+    assert pickle.loads(pickle.dumps(msg)) == msg

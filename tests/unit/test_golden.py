@@ -1,0 +1,98 @@
+"""The golden test: speculative greedy output equals plain greedy output, token for token.
+
+1. The default heads on 10 MT-Bench prompts x 64 new tokens, for every shipped tree.
+2. Oracle heads that know the greedy continuation (rank 0 right, or only rank 1 right at some
+   depths), so that long and non-first paths are accepted and the KV commit is exercised."""
+import pytest
+import torch
+
+from medusa.decoding.generate import Stats, generate
+from medusa.decoding.tree import load_tree
+from medusa.heads.base import DraftHeads
+
+TREES = ["chain", "tree16", "tree32", "tree64"]
+NEW = 64
+
+
+def run(model, ids, heads=None, tree=None, n=NEW):
+    st = Stats()
+    out = [t for c in generate(model, ids, heads=heads, tree=tree, max_new_tokens=n, stats=st) for t in c.tokens]
+    return out, st
+
+
+@pytest.fixture(scope="module")
+def ar_outputs(stack, mt_prompts):
+    return [run(stack.model, ids)[0] for ids in mt_prompts]
+
+
+@pytest.mark.parametrize("tree", TREES)
+def test_spec_greedy_equals_ar_greedy(stack, mt_prompts, ar_outputs, tree):
+    heads = stack.heads
+    assert heads is not None
+    for ids, ref in zip(mt_prompts, ar_outputs):
+        out, st = run(stack.model, ids, heads, tree)
+        assert out == ref
+        assert st.steps <= len(out)
+
+
+def test_heads_own_tree_equals_ar(stack, mt_prompts, ar_outputs):
+    for ids, ref in zip(mt_prompts[:3], ar_outputs[:3]):
+        assert run(stack.model, ids, stack.heads, stack.tree)[0] == ref
+
+
+class OracleHeads(DraftHeads):
+    """Proposes the known greedy continuation at rank `right_rank[d]` of depth d, and a wrong
+    token (the true one + 1) at every other rank."""
+
+    def __init__(self, truth: list[int], prompt_len: int, right_rank: list[int]):
+        super().__init__()
+        self.truth, self.prompt_len, self.right_rank = truth, prompt_len, right_rank
+
+    def propose(self, state, last_hidden, root, tree, base):
+        committed = int(state)  # tokens of the output already in the cache
+        cand = torch.empty(1, tree.num_nodes, dtype=torch.long)
+        cand[0, 0] = root[0]
+        for i in range(1, tree.num_nodes):
+            d, r = int(tree.depth[i]), int(tree.rank[i])
+            j = committed + d  # output index the node guesses
+            true = self.truth[j] if j < len(self.truth) else 0
+            cand[0, i] = true if r == self.right_rank[d - 1] else (true + 1) % base.cfg.vocab_size
+        return cand
+
+    def new_state(self, batch, max_len, base):
+        return 0
+
+    def observe(self, state, hidden, positions, count):
+        pass
+
+
+class CountingOracle(OracleHeads):
+    """Tracks how many output tokens are committed by watching `observe` (state is a 1-list)."""
+
+    def new_state(self, batch, max_len, base):
+        return [-1]  # the prefill's observe adds the prompt; the root is output index 0
+
+    def observe(self, state, hidden, positions, count):
+        state[0] += int(count[0]) if state[0] >= 0 else 1
+
+    def propose(self, state, last_hidden, root, tree, base):
+        return super().propose(state[0], last_hidden, root, tree, base)
+
+
+@pytest.fixture(scope="module")
+def truth(stack, mt_prompts):
+    return run(stack.model, mt_prompts[0], n=48)[0]
+
+
+@pytest.mark.parametrize("right_rank,tree", [([0, 0, 0, 0], "tree64"), ([0, 0, 0, 0], "chain"),
+                                             ([1, 0, 1, 0], "tree64"), ([1, 1, 1, 1], "tree32")])
+def test_oracle_heads_accept_long_paths_and_stay_exact(stack, mt_prompts, truth, right_rank, tree):
+    ids = mt_prompts[0]
+    heads = CountingOracle(truth, len(ids), right_rank)
+    heads.config = stack.heads.config
+    out, st = run(stack.model, ids, heads, tree, n=48)
+    assert out == truth
+    t = load_tree(tree)
+    reachable = all(any(p[:d + 1] == tuple(right_rank[:d + 1]) for p in t.paths) for d in range(t.max_depth))
+    if reachable:  # every step accepts the full depth (+1 bonus) until the end
+        assert st.mean_accepted > t.max_depth

@@ -1,0 +1,89 @@
+"""Tree buffers on hand-drawn trees, named trees, JSON files and the tree search."""
+import json
+
+import pytest
+import torch
+
+from medusa.decoding.tree import (NAMED_TREES, build_tree, expected_accept_length, load_tree,
+                                  search_tree)
+from medusa.errors import TreeError
+
+# root(0) -> a=(0,) [1], b=(1,) [2];  a -> c=(0,0) [3], d=(0,1) [4];  b -> e=(1,0) [5];  c -> f=(0,0,0) [6]
+HAND = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
+
+
+def test_hand_drawn_tree_buffers():
+    t = build_tree(HAND)
+    assert t.num_nodes == 7 and t.max_depth == 3 and t.topk == 2
+    assert t.depth.tolist() == [0, 1, 1, 2, 2, 2, 3]
+    assert t.parent.tolist() == [0, 0, 0, 1, 1, 2, 3]
+    assert t.head.tolist() == [-1, 0, 0, 1, 1, 1, 2]
+    assert t.rank.tolist() == [0, 0, 1, 0, 1, 0, 0]
+    expected_mask = torch.tensor([
+        [1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0],
+        [1, 0, 1, 0, 0, 0, 0],
+        [1, 1, 0, 1, 0, 0, 0],
+        [1, 1, 0, 0, 1, 0, 0],
+        [1, 0, 1, 0, 0, 1, 0],
+        [1, 1, 0, 1, 0, 0, 1],
+    ], dtype=torch.bool)
+    assert torch.equal(t.mask, expected_mask)
+    # leaves: d=(0,1), e=(1,0), f=(0,0,0); paths padded with -1
+    assert t.retrieve.tolist() == [[0, 1, 4, -1], [0, 2, 5, -1], [0, 1, 3, 6]]
+
+
+def test_order_of_input_paths_does_not_matter():
+    a, b = build_tree(HAND), build_tree(list(reversed(HAND)))
+    assert a.paths == b.paths and torch.equal(a.mask, b.mask) and torch.equal(a.retrieve, b.retrieve)
+
+
+def test_ar_tree_is_the_root_alone():
+    t = load_tree("ar")
+    assert t.num_nodes == 1 and t.retrieve.tolist() == [[0]] and t.mask.tolist() == [[True]]
+
+
+@pytest.mark.parametrize("name", [n for n in NAMED_TREES if n != "ar"])
+def test_named_trees_are_valid(name):
+    t = load_tree(name)
+    size = {"chain": 5, "tree16": 16, "tree32": 32, "tree64": 64}[name]
+    assert t.num_nodes == size
+    # every node's mask row is exactly its ancestors and itself
+    for i in range(t.num_nodes):
+        anc, j = {i}, i
+        while j:
+            j = int(t.parent[j])
+            anc.add(j)
+        assert set(torch.nonzero(t.mask[i]).flatten().tolist()) == anc
+
+
+@pytest.mark.parametrize("bad", [[[0], [0, 0, 0]], [[0], [-1]], [[]], "x", [[0], [0]]])
+def test_malformed_trees_are_refused(bad):
+    with pytest.raises(TreeError):
+        build_tree(bad)
+
+
+def test_tree_json_file(tmp_path):
+    f = tmp_path / "t.json"
+    f.write_text(json.dumps({"paths": HAND}))
+    assert load_tree(f).num_nodes == 7
+    f.write_text("[[0], [0, 0")
+    with pytest.raises(TreeError, match="malformed"):
+        load_tree(f)
+    with pytest.raises(TreeError, match="unknown tree"):
+        load_tree(tmp_path / "missing.json")
+
+
+def test_tree_search_matches_hand_calculation():
+    acc = [[0.6, 0.2, 0.1], [0.5, 0.3, 0.1]]
+    # candidates by path probability: (0)=.6, (1)=.2, (0,0)=.3, (0,1)=.18, (2)=.1, (1,0)=.1, (0,2)=.06
+    assert search_tree(acc, 1) == []
+    assert search_tree(acc, 2) == [(0,)]
+    assert search_tree(acc, 4) == [(0,), (1,), (0, 0)]
+    assert search_tree(acc, 5) == [(0,), (1,), (0, 0), (0, 1)]
+    paths = search_tree(acc, 5)
+    assert expected_accept_length(paths, acc) == pytest.approx(1 + 0.6 + 0.2 + 0.3 + 0.18)
+    # more nodes never lower the expected length, and the search beats a chain of equal size
+    lens = [expected_accept_length(search_tree(acc, n), acc) for n in range(1, 8)]
+    assert lens == sorted(lens)
+    assert expected_accept_length(search_tree(acc, 3), acc) >= expected_accept_length([(0,), (0, 0)], acc)
