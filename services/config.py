@@ -36,6 +36,7 @@ class Settings:
     dtype: str | None = None
     device: str = "cpu"
     max_batch: int = 8
+    max_seq_len: int | None = None        # per request, prompt + completion (None: the engine's default)
     torch_threads: int | None = None      # per engine replica; None: torch's default
     engine_replicas: int = 1
     engine_num_cpus: float = 1.0

@@ -1,6 +1,7 @@
 """OpenTelemetry for the services: one tracer provider per process, its exporter chosen by
 the standard variables (OTEL_TRACES_EXPORTER=otlp|console|none, OTEL_EXPORTER_OTLP_*), or by
-the serve setting `tracing` (which also accepts `memory`, kept in-process for tests), and W3C
+the serve setting `tracing` (which also accepts `memory`, kept in-process for tests, and
+`file:PATH`, JSON lines appended by every process, to read one trace across replicas), and W3C
 trace-context carriers (plain dicts) that travel inside deployment calls so one request is one
 trace across ingress, router, tokenizer and engine.
 
@@ -46,6 +47,8 @@ def setup(component: str, exporter: str | None = None) -> trace.Tracer:
                 provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
             elif name == "console":
                 provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
+            elif name.startswith("file:"):
+                provider.add_span_processor(SimpleSpanProcessor(JsonLinesExporter(name[5:])))
             elif name == "memory":
                 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -56,6 +59,50 @@ def setup(component: str, exporter: str | None = None) -> trace.Tracer:
             trace.set_tracer_provider(provider)
             _configured = name
     return trace.get_tracer(f"medusa.services.{component}")
+
+
+def span_dict(s) -> dict:
+    return {"name": s.name, "trace_id": format(s.context.trace_id, "032x"),
+            "span_id": format(s.context.span_id, "016x"),
+            "parent_id": format(s.parent.span_id, "016x") if s.parent else None,
+            "attributes": dict(s.attributes or {}), "pid": os.getpid()}
+
+
+class JsonLinesExporter:
+    """A SpanExporter appending one JSON object per span to a file (one write per span, so
+    processes sharing the file do not interleave lines)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def export(self, spans):
+        import json
+
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        data = "".join(json.dumps(span_dict(s), default=str) + "\n" for s in spans)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, data.encode())
+        finally:
+            os.close(fd)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self):
+        pass
+
+    def force_flush(self, timeout_millis: int = 30000):
+        return True
+
+
+def read_spans(path: str) -> list[dict]:
+    import json
+
+    try:
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
 
 
 def inject() -> dict[str, str]:
@@ -73,10 +120,4 @@ def finished_spans() -> list[dict]:
     """Spans kept by the `memory` exporter in this process, as plain dicts."""
     if _memory is None:
         return []
-    out = []
-    for s in _memory.get_finished_spans():
-        out.append({"name": s.name, "trace_id": format(s.context.trace_id, "032x"),
-                    "span_id": format(s.context.span_id, "016x"),
-                    "parent_id": format(s.parent.span_id, "016x") if s.parent else None,
-                    "attributes": dict(s.attributes or {})})
-    return out
+    return [span_dict(s) for s in _memory.get_finished_spans()]

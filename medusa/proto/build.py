@@ -27,7 +27,10 @@ def proto_files(root: Path = PROTO_ROOT) -> list[Path]:
 
 
 def _fix_imports(text: str) -> str:
-    return re.sub(r"^from medusa\.v1 import", "from medusa.proto.v1 import", text, flags=re.M)
+    """Generated modules import each other as `medusa.v1.*` and name their message classes'
+    module so (which pickling needs to import): point both at medusa.proto.v1."""
+    text = re.sub(r"^from medusa\.v1 import", "from medusa.proto.v1 import", text, flags=re.M)
+    return text.replace("'medusa.v1.medusa_pb2'", "'medusa.proto.v1.medusa_pb2'")
 
 
 def build(out_dir: Path = PACKAGE_DIR / "v1", root: Path = PROTO_ROOT) -> list[Path]:

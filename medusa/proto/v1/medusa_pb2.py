@@ -29,7 +29,7 @@ DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16medusa/v1/medu
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'medusa.v1.medusa_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'medusa.proto.v1.medusa_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HEALTHRESPONSE_DETAILSENTRY']._loaded_options = None

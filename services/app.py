@@ -1,0 +1,100 @@
+"""The Ray Serve application: Tokenizer, Engine (with the session-affinity request router) and
+the gRPC Ingress, bound by `build_app(args)` (the serve config's import_path target), plus the
+gRPC options the proxy needs. Deployment classes are thin: the logic is in the plain classes.
+
+Knows Ray Serve's API; nothing of decoding or of the wire format beyond the servicer name."""
+from __future__ import annotations
+
+import os
+
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from services.config import Settings
+from services.engine_replica import EngineReplica
+from services.ingress import Ingress
+from services.metrics import Metrics
+from services.tokenizer_service import TokenizerService
+
+APP_NAME = "medusa"
+SERVICER = "medusa.proto.v1.medusa_pb2_grpc.add_MedusaServicer_to_server"
+ROUTER = "services.router:SessionAffinityRouter"
+
+
+@serve.deployment(name="Tokenizer", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+class TokenizerDeployment(TokenizerService):
+    def __init__(self, settings: dict):
+        from medusa.model.loading import resolve
+        from medusa.tokenizer import Tokenizer
+
+        s = Settings.parse(settings)
+        super().__init__(Tokenizer.load(resolve(s.model)), tracing=s.tracing)
+
+
+class EngineDeployment(EngineReplica):
+    """One batched Engine per replica (its scheduler thread decodes; the replica's event loop
+    only moves events)."""
+
+    def __init__(self, settings: dict):
+        import torch
+
+        from medusa.decoding.engine import Engine
+        from medusa.runtime import load_stack
+
+        s = Settings.parse(settings)
+        if s.torch_threads:
+            torch.set_num_threads(s.torch_threads)
+        stack = load_stack(s.model, heads=s.heads, tree=s.tree, dtype=s.dtype, device=s.device, progress=False)
+        engine = Engine(stack.model, stack.heads, stack.tree, max_batch=s.max_batch, max_seq_len=s.max_seq_len)
+        type(engine).start(engine)  # (the class's method: an instance attribute may shadow the name)
+        cfg = stack.model.cfg
+        info = {"id": s.model_id or stack.source.name, "heads": stack.heads_name, "tree": stack.tree.name,
+                "context_length": engine.max_seq_len, "vocab_size": cfg.vocab_size}
+        eos = tuple(sorted(set(cfg.eos_token_ids) | set(stack.tokenizer.eos_token_ids)))
+        rid = serve.get_replica_context().replica_id.unique_id
+        super().__init__(engine, replica_id=rid, eos=eos, info=info, tracing=s.tracing, metrics=Metrics())
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.stop()
+
+
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+class IngressDeployment(Ingress):
+    def __init__(self, tokenizer, engine, settings: dict):
+        super().__init__(tokenizer, engine, Settings.parse(settings), metrics=Metrics())
+
+
+def engine_deployment(s: Settings):
+    opts = dict(
+        name="Engine",
+        ray_actor_options={"num_cpus": s.engine_num_cpus, "num_gpus": s.engine_num_gpus},
+        max_ongoing_requests=2 * s.max_batch,
+        request_router_config=RequestRouterConfig(request_router_class=ROUTER,
+                                                  request_router_kwargs={"tracing": s.tracing}),
+        health_check_period_s=10,
+        health_check_timeout_s=60,
+    )
+    if s.autoscaling:
+        opts["autoscaling_config"] = dict(s.autoscaling)
+    else:
+        opts["num_replicas"] = s.engine_replicas
+    return serve.deployment(EngineDeployment).options(**opts)
+
+
+def build_app(args: dict | None = None):
+    """The application for `serve run` / a serve config (`import_path: services.app:build_app`)."""
+    args = dict(args or {})
+    if "redis_url" not in args and os.environ.get("REDIS_URL"):
+        args["redis_url"] = os.environ["REDIS_URL"]
+    s = Settings.parse(args)  # fail early, in the caller, on a bad config
+    tok = TokenizerDeployment.bind(args)
+    eng = engine_deployment(s).bind(args)
+    return IngressDeployment.bind(tok, eng, args)
+
+
+def grpc_options(port: int):
+    from ray.serve.config import gRPCOptions
+
+    return gRPCOptions(port=port, grpc_servicer_functions=[SERVICER])
