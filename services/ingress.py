@@ -35,8 +35,11 @@ class ServiceAbort(Exception):
     """Raised after the status code and reason are set on the gRPC context."""
 
     def __init__(self, code: grpc.StatusCode, details: str):
-        super().__init__(details)
+        super().__init__(code, details)  # both in args: Ray pickles the exception to the proxy
         self.code, self.details = code, details
+
+    def __str__(self) -> str:
+        return self.details
 
 
 def _cause(e: BaseException) -> BaseException:

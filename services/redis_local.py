@@ -38,6 +38,16 @@ class LocalRedis:
                 self.proc.wait()
 
 
+def _die_with_parent() -> None:  # runs in the child before exec (Linux): no orphaned redis-server
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def start_redis(port: int | None = None, timeout_s: float = 10.0) -> LocalRedis:
     exe = shutil.which("redis-server")
     if exe is None:
@@ -45,7 +55,7 @@ def start_redis(port: int | None = None, timeout_s: float = 10.0) -> LocalRedis:
     port = port or free_port()
     proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                              "--protected-mode", "yes", "--loglevel", "warning"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:

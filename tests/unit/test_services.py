@@ -350,3 +350,13 @@ def test_one_trace_spans_every_component(stack):
     assert {"ingress.Generate", "router", "tokenizer.encode", "engine.prefill", "engine.decode"} <= names
     decode = next(s for s in spans if s["trace_id"] == ing[0]["trace_id"] and s["name"] == "engine.decode")
     assert decode["attributes"]["medusa.completion_tokens"] == 2 and decode["attributes"]["medusa.tenant"] == "acme"
+
+
+def test_service_abort_survives_pickling():
+    """Ray carries the ingress's exception to the proxy by pickling it."""
+    import pickle
+
+    from services.ingress import ServiceAbort
+
+    e = pickle.loads(pickle.dumps(ServiceAbort(grpc.StatusCode.UNAUTHENTICATED, "unknown API key")))
+    assert (e.code, e.details, str(e)) == (grpc.StatusCode.UNAUTHENTICATED, "unknown API key", "unknown API key")

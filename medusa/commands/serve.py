@@ -1,0 +1,84 @@
+"""`medusa serve`: the gRPC serving cluster on this machine. Starts a local Ray cluster, a
+private redis-server (unless --redis-url / REDIS_URL), and the application (tokenizer, engine
+replicas with session affinity, gRPC ingress) on CPU with the default model and shipped heads,
+or as declared by --config (a Ray Serve config file such as deploy/serve_config.yaml).
+Prints the gRPC address and serves until Ctrl-C.
+
+The services live in the top-level `services` package (Ray, Redis, OpenTelemetry); this
+module only turns flags into its settings."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+from medusa.commands.common import add_model_args
+from medusa.errors import MedusaError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve the gRPC cluster (Ray Serve) on this machine")
+    p.add_argument("--config", help="Ray Serve config file (e.g. deploy/serve_config.yaml); flags below override it")
+    p.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default: the config's, else 9000)")
+    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
+                   help="Redis for sessions, quotas and keys (default: REDIS_URL, else a private redis-server)")
+    add_model_args(p)
+    p.add_argument("--replicas", type=int, default=None, help="engine replicas (default 1)")
+    p.add_argument("--max-batch", type=int, default=None, help="requests decoded together per replica")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs the local Ray cluster may use (default: all)")
+    p.add_argument("--tracing", default=None, help="otlp | console | none | file:PATH (default: from OTEL_* variables)")
+    p.set_defaults(func=run)
+
+
+def settings_from_args(args) -> tuple[dict, int]:
+    """(the app's settings, the gRPC port) from --config and the flags."""
+    app_args, grpc = {}, {}
+    if args.config:
+        from services.launch import read_config
+
+        app_args, grpc = read_config(args.config)
+    flags = {"model": args.model, "tree": args.tree, "dtype": None if args.dtype == "auto" else args.dtype,
+             "device": args.device, "engine_replicas": args.replicas, "max_batch": args.max_batch, "tracing": args.tracing}
+    if args.heads != "default" or "heads" not in app_args:
+        flags["heads"] = args.heads
+    app_args.update({k: v for k, v in flags.items() if v is not None})
+    app_args.setdefault("device", "cpu")
+    if args.replicas is not None:
+        app_args.pop("autoscaling", None)
+    port = args.grpc_port or int(grpc.get("port", 9000))
+    if not 0 < port < 65536:
+        raise MedusaError(f"--grpc-port must be a TCP port, got {port}")
+    return app_args, port
+
+
+def _interrupt(*_):
+    raise KeyboardInterrupt
+
+
+def run(args) -> int:
+    try:
+        from services import launch
+    except ImportError as e:
+        raise MedusaError(f"medusa serve needs the serve extras (pip install 'medusa-serve[serve]'): {e}") from None
+    app_args, port = settings_from_args(args)
+    print(f"medusa serve: starting Ray and the application (model: {app_args.get('model') or 'default'}, "
+          f"heads: {app_args.get('heads', 'default')}, device: {app_args['device']}) ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    cluster = launch.start(app_args, grpc_port=port, redis_url=args.redis_url, num_cpus=args.num_cpus)
+    try:
+        redis = cluster.settings["redis_url"] + (" (private redis-server)" if cluster.redis else "")
+        print(f"medusa serve: gRPC medusa.v1.Medusa at {cluster.target}  (ready in {time.perf_counter() - t0:.0f}s; "
+              f"redis {redis})", flush=True)
+        for tenant, key in cluster.dev_keys.items():
+            print(f"medusa serve: development API key for tenant {tenant!r}: {key}  "
+                  f"(set MEDUSA_API_KEYS=\"tenant:key,...\" to choose keys)", flush=True)
+        print("medusa serve: Ctrl-C to stop", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGTERM, _interrupt)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("medusa serve: stopping", file=sys.stderr)
+    finally:
+        cluster.stop()
+    return 0

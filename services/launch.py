@@ -1,0 +1,97 @@
+"""Start and stop the whole application on a local Ray cluster: used by `medusa serve`, the
+integration tests and the gRPC benchmark. Reads a Ray Serve config file (deploy/serve_config.yaml
+format) or takes the app's settings directly; starts a private redis-server when no Redis URL
+is given; hashes MEDUSA_API_KEYS in this process so raw keys never reach the replicas.
+
+Knows Ray and Serve start-up; nothing of request handling."""
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medusa.errors import MedusaError
+from services.app import APP_NAME, build_app, grpc_options
+from services.config import Settings
+from services.redis_local import LocalRedis, start_redis
+from services.tenancy import hash_key, parse_env_keys
+
+
+@dataclass
+class Cluster:
+    grpc_port: int
+    settings: dict
+    redis: LocalRedis | None = None
+    dev_keys: dict = field(default_factory=dict)  # tenant -> key, generated for this run only
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            if ray.is_initialized():
+                serve.shutdown()
+                ray.shutdown()
+        finally:
+            if self.redis is not None:
+                self.redis.stop()
+
+
+def read_config(path: str | Path) -> tuple[dict, dict]:
+    """(the medusa app's args, the grpc_options) of a Serve config file."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise MedusaError(f"cannot read serve config {path}: {e}") from None
+    apps = [a for a in (doc or {}).get("applications") or [] if a.get("import_path", "").startswith("services.app:")]
+    if not apps:
+        raise MedusaError(f"{path}: no application with import_path services.app:build_app")
+    return dict(apps[0].get("args") or {}), dict(doc.get("grpc_options") or {})
+
+
+def with_keys(args: dict, env_keys: str | None) -> tuple[dict, dict]:
+    """args with MEDUSA_API_KEYS folded in as hashes; when no key is configured at all, one
+    development key per run (returned so the caller can print it)."""
+    args = dict(args)
+    keys = list(args.get("api_keys") or [])
+    keys += [{"tenant": t, "key_sha256": h} for h, t in parse_env_keys(env_keys).items()]
+    dev = {}
+    if not keys and args.get("require_auth", True):
+        dev = {"dev": "mk-" + secrets.token_urlsafe(18)}
+        keys = [{"tenant": "dev", "key_sha256": hash_key(dev["dev"])}]
+    args["api_keys"] = keys
+    return args, dev
+
+
+def start(args: dict, *, grpc_port: int = 9000, redis_url: str | None = None, num_cpus: int | None = None,
+          http_port: int | None = None, env_keys: str | None = None) -> Cluster:
+    import ray
+    from ray import serve
+
+    from services.redis_local import free_port
+
+    args, dev = with_keys(args, os.environ.get("MEDUSA_API_KEYS") if env_keys is None else env_keys)
+    redis = None
+    redis_url = redis_url or args.get("redis_url") or os.environ.get("REDIS_URL")
+    if not redis_url:
+        redis = start_redis()
+        redis_url = redis.url
+    args["redis_url"] = redis_url
+    Settings.parse(args)  # a bad config fails here, before Ray starts
+    cluster = Cluster(grpc_port, args, redis, dev)
+    try:
+        if not ray.is_initialized():
+            ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=True, logging_level="WARNING")
+        serve.start(grpc_options=grpc_options(grpc_port), http_options={"host": "127.0.0.1", "port": http_port or free_port()})
+        serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
