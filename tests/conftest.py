@@ -10,7 +10,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MEDUSA_CACHE", str(ROOT / ".cache" / "medusa"))
-MT_BENCH = ROOT.parent / "shared" / "data" / "mt_bench" / "question.jsonl"
+DATA = Path(os.environ.get("MEDUSA_DATA") or ROOT.parent / "shared" / "data")  # MEDUSA_DATA: where shared/data is elsewhere
+MT_BENCH = DATA / "mt_bench" / "question.jsonl"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -31,13 +32,19 @@ def stack():
 
 
 @pytest.fixture(scope="session")
-def mt_prompts(stack):
-    """Chat-templated token ids of the first 10 MT-Bench first turns."""
+def mt_texts():
+    """The first 10 MT-Bench first turns."""
     from medusa.commands.common import read_prompts
 
     if not MT_BENCH.is_file():
         pytest.skip("MT-Bench data (shared/data) not found beside the repository")
-    return [stack.tokenizer.encode_prompt(p.text) for p in read_prompts(MT_BENCH, limit=10)]
+    return [p.text for p in read_prompts(MT_BENCH, limit=10)]
+
+
+@pytest.fixture(scope="session")
+def mt_prompts(stack, mt_texts):
+    """Chat-templated token ids of the first 10 MT-Bench first turns."""
+    return [stack.tokenizer.encode_prompt(t) for t in mt_texts]
 
 
 def tiny_config(vocab: int = 8, **kw):

@@ -12,6 +12,7 @@ import torch
 
 from medusa.decoding.sampling import BatchSampling, SamplingParams, draw_uniforms
 from medusa.decoding.step import prefill, speculate
+from medusa.decoding.stopping import stop_cut as _stop_cut
 from medusa.decoding.tree import Tree, load_tree
 from medusa.errors import RequestError
 
@@ -45,17 +46,6 @@ class Stats:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def _stop_cut(ids: list[int], new_from: int, eos: set[int], stops: list[list[int]]) -> tuple[int, str] | None:
-    """Where to cut `ids` (exclusive) and why, looking only at tokens from index new_from on."""
-    for i in range(new_from, len(ids)):
-        if ids[i] in eos:
-            return i + 1, "eos"
-        for s in stops:
-            if s and i + 1 >= len(s) and ids[i + 1 - len(s): i + 1] == s:
-                return i + 1, "stop"
-    return None
-
-
 def generate(
     model,
     prompt_ids: list[int],
@@ -67,9 +57,11 @@ def generate(
     stop_token_ids: tuple[int, ...] | None = None,
     stop_sequences: list[list[int]] = (),
     stats: Stats | None = None,
+    runner=None,
 ) -> Iterator[Chunk]:
     """Stream the chunks of one request. With heads=None (or the 'ar' tree) this is plain
-    autoregressive decoding through the very same step."""
+    autoregressive decoding through the very same step. `runner` (a graphs.GraphRunner built
+    for the same model and heads, batch 1) replays the step as a CUDA graph."""
     cfg = model.cfg
     if not prompt_ids:
         raise RequestError("the prompt is empty")
@@ -98,16 +90,22 @@ def generate(
     uniforms = (lambda n: draw_uniforms([gen], n, dev)) if gen is not None else (lambda n: None)
 
     max_len = min(cfg.max_position_embeddings, total) + tree.num_nodes + 1
+    graphed = runner is not None and runner.heads is heads and runner.batch == 1 and runner.max_len >= max_len
     t0 = time.perf_counter()
     with torch.inference_mode():
-        cache = model.new_cache(1, max_len)
+        cache = runner.cache if graphed else model.new_cache(1, max_len)
         tokens = torch.tensor([prompt_ids], dtype=torch.long, device=dev)
-        state = prefill(model, heads, cache, tokens, torch.zeros(1, dtype=torch.long, device=dev), sampling, uniforms(1))
+        head_state = runner.head_state if graphed else None
+        state = prefill(model, heads, cache, tokens, torch.zeros(1, dtype=torch.long, device=dev), sampling, uniforms(1),
+                        head_state=head_state)
+        if graphed:
+            runner.load(state, sampling)
         out: list[int] = [int(state.root[0])]
         stats.ttft = time.perf_counter() - t0
         chunk_tokens, produced = out[:], 1
         while True:
-            cut = _stop_cut(out, len(out) - len(chunk_tokens), eos, stop_sequences)
+            head = out[:max_new_tokens]  # a stop past max_new_tokens (speculative overshoot) does not count
+            cut = _stop_cut(head, min(len(out) - len(chunk_tokens), len(head)), eos, stop_sequences)
             if cut is None and len(out) >= max_new_tokens:
                 cut = (max_new_tokens, "length")
             if cut is not None:
@@ -118,7 +116,10 @@ def generate(
                 yield Chunk(chunk_tokens[:keep], produced, cut[1])
                 return
             yield Chunk(chunk_tokens, produced)
-            acc = speculate(model, heads, tree, state, sampling, uniforms(tree.num_nodes))
+            if graphed:  # committed tokens = prompt + emitted - the root (not yet in the cache)
+                acc = runner.step(tree, len(prompt_ids) + len(out) - 1, uniforms(tree.num_nodes))
+            else:
+                acc = speculate(model, heads, tree, state, sampling, uniforms(tree.num_nodes))
             n = int(acc.length[0]) + 1
             chunk_tokens = acc.tokens[0, :n].tolist()
             produced = n

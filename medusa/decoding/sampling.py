@@ -88,7 +88,7 @@ def base_probs(logits: torch.Tensor, s: BatchSampling) -> torch.Tensor:
     sorted_p = sorted_p * keep
     filtered = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
     filtered = filtered / filtered.sum(-1, keepdim=True)
-    greedy = torch.nn.functional.one_hot(logits.argmax(-1), probs.shape[-1]).float()
+    greedy = torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)  # (one_hot syncs on CUDA)
     return torch.where((s.temperature == 0)[:, None, None], greedy, filtered)
 
 

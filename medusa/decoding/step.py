@@ -86,6 +86,8 @@ def speculate(
     state: DecodeState,
     sampling: BatchSampling,
     uniforms: torch.Tensor | None,  # [B, N] or None when every row is greedy
+    max_accept: torch.Tensor | None = None,  # [B] long: cap on accepted candidates (0: this row decodes plainly)
+    kv_len: int | None = None,  # cache slots to attend over (fixed for CUDA graphs; default: bucketed, needs a host sync)
 ) -> Acceptance:
     """One verification forward over every tree node; commits the accepted path and advances
     `state` in place. Returns what each row accepted."""
@@ -98,9 +100,10 @@ def speculate(
     depth = tree.depth.to(dev)
     positions = state.start[:, None] + depth  # [B, N] RoPE positions
     slots = state.start[:, None] + torch.arange(N, device=dev)  # [B, N] one cache slot per node
-    mask = attention_mask(state.start, tree.mask, _kv_len(state.start, N, state.cache.max_len))
+    kv_len = kv_len or _kv_len(state.start, N, state.cache.max_len)
+    mask = attention_mask(state.start, tree.mask, kv_len)
     out = model(cand, positions, state.cache, slots, mask, logits_for="all")  # logits [B, N, V]
-    acc = verify(out.logits, cand, tree, sampling, uniforms)
+    acc = verify(out.logits, cand, tree, sampling, uniforms, max_accept)
     # move the accepted path's K/V to slots start .. start + length (padding copies are harmless:
     # they land at or beyond the new start, which later steps overwrite)
     path = acc.path.clamp_min(0)  # [B, D+1]

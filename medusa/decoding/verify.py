@@ -58,6 +58,7 @@ def verify(
     tree: Tree,
     s: BatchSampling,
     uniforms: torch.Tensor | None = None,  # [B, N] draws for sampled rows (None: all greedy)
+    max_accept: torch.Tensor | None = None,  # [B] long: cap on accepted candidates per row (0 = root only)
 ) -> Acceptance:
     B, N = cand.shape
     dev = cand.device
@@ -74,6 +75,8 @@ def verify(
     path_ok = ok[:, safe] & valid  # [B, P, D+1]
     run = path_ok[..., 1:].long().cumprod(-1)  # [B, P, D]: still accepting at depth d+1
     lengths = run.sum(-1)  # [B, P]
+    if max_accept is not None:  # truncating the path keeps every rule exact (the bonus is the target there)
+        lengths = torch.minimum(lengths, max_accept[:, None])
     best = lengths.argmax(-1)  # [B] first longest path
     length = lengths.gather(1, best[:, None]).squeeze(1)  # [B]
     path = retrieve[best]  # [B, D+1]

@@ -1,0 +1,113 @@
+"""CUDA-graph capture of the decode step, applied from outside: the model, the heads and
+`step.speculate` do not know about it.
+
+A GraphRunner owns one persistent KV cache and static state buffers for a batch of B rows,
+and captures `speculate` once per (tree, KV-length bucket, sampling kind). A replay launches
+the whole verification step (heads, base forward over every tree node, acceptance, KV commit)
+with no host synchronisation; the caller reads the accepted length back once per step.
+Prefill stays eager. Where capture is impossible (no CUDA, or heads that synchronise), the
+runner reports it and callers decode eagerly."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from medusa.decoding.sampling import BatchSampling
+from medusa.decoding.step import DecodeState, speculate
+from medusa.decoding.tree import Tree
+from medusa.decoding.verify import Acceptance
+
+KV_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+
+
+def kv_bucket(needed: int, max_len: int) -> int:
+    """Smallest bucket holding `needed` slots (capped at the cache length)."""
+    for b in KV_BUCKETS:
+        if b >= needed:
+            return min(b, max_len)
+    return max_len
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    acc: Acceptance  # tensors the replay writes
+
+
+class GraphRunner:
+    def __init__(self, model, heads, batch: int = 1, max_len: int = 2048):
+        if model.device.type != "cuda":
+            raise RuntimeError("CUDA graphs need the model on a CUDA device")
+        dev = model.device
+        self.model, self.heads, self.batch = model, heads, batch
+        self.cache = model.new_cache(batch, max_len)
+        z = lambda *shape, dtype=torch.long: torch.zeros(*shape, dtype=dtype, device=dev)  # noqa: E731
+        self.start, self.root = z(batch), z(batch)  # [B]
+        self.last_hidden = z(batch, model.cfg.hidden_size, dtype=model.dtype)  # [B, D]
+        self.head_state = heads.new_state(batch, max_len, model) if heads is not None else None
+        self.sampling = BatchSampling(z(batch, dtype=torch.float32), z(batch, dtype=torch.float32) + 1, z(batch),
+                                      z(batch, dtype=torch.bool), z(batch, dtype=torch.float32), z(batch, dtype=torch.float32))
+        self.uniforms: dict[int, torch.Tensor] = {}  # per tree size: [B, N]
+        self.graphs: dict[tuple, _Captured] = {}
+        self.trees: dict[tuple, Tree] = {}  # device copies the graphs read: they must outlive every replay
+        self.pool = torch.cuda.graph_pool_handle()
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    def state(self) -> DecodeState:
+        return DecodeState(self.cache, self.start, self.root, self.last_hidden, self.head_state)
+
+    def load(self, state: DecodeState, sampling: BatchSampling) -> None:
+        """Copy a (prefilled) state and the rows' sampling parameters into the static buffers."""
+        assert state.cache is self.cache, "prefill into runner.cache"
+        self.start.copy_(state.start)
+        self.root.copy_(state.root)
+        self.last_hidden.copy_(state.last_hidden)
+        for name in ("temperature", "top_p", "top_k", "typical", "threshold", "alpha"):
+            getattr(self.sampling, name).copy_(getattr(sampling, name))
+        self.sampling = BatchSampling(*(getattr(self.sampling, n) for n in
+                                        ("temperature", "top_p", "top_k", "typical", "threshold", "alpha")),
+                                      any_random=sampling.any_random, any_typical=sampling.any_typical)
+
+    def _body(self, tree: Tree, kv_len: int, state: DecodeState, write_back: bool) -> Acceptance:
+        u = self.uniforms[tree.num_nodes] if self.sampling.any_random else None
+        acc = speculate(self.model, self.heads, tree, state, self.sampling, u, kv_len=kv_len)
+        if write_back:
+            self.start.copy_(state.start)
+            self.root.copy_(state.root)
+            self.last_hidden.copy_(state.last_hidden)
+        return acc
+
+    def _capture(self, tree: Tree, kv_len: int) -> _Captured:
+        B, N = self.batch, tree.num_nodes
+        self.uniforms.setdefault(N, torch.zeros(B, N, device=self.start.device))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on copies: writes only cache slots past `start`
+            for _ in range(2):
+                scratch = DecodeState(self.cache, self.start.clone(), self.root.clone(), self.last_hidden.clone(), self.head_state)
+                self._body(tree, kv_len, scratch, write_back=False)
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool):
+            acc = self._body(tree, kv_len, self.state(), write_back=True)
+        return _Captured(g, acc)
+
+    def step(self, tree: Tree, committed_max: int, uniforms: torch.Tensor | None = None) -> Acceptance:
+        """Replay the step for `tree`. committed_max: the largest row `start` (known on the host
+        from the lengths already read back), which picks the KV bucket."""
+        kv_len = kv_bucket(committed_max + tree.num_nodes, self.max_len)
+        tkey = (tree.name, tree.paths)
+        if tkey not in self.trees:
+            self.trees[tkey] = tree.to(self.start.device)
+        key = (tkey, kv_len, self.sampling.any_random, self.sampling.any_typical)
+        cap = self.graphs.get(key)
+        if cap is None:
+            cap = self.graphs[key] = self._capture(self.trees[tkey], kv_len)
+        if uniforms is not None:
+            self.uniforms[tree.num_nodes].copy_(uniforms)
+        cap.graph.replay()
+        return cap.acc
