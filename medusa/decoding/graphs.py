@@ -29,6 +29,22 @@ def kv_bucket(needed: int, max_len: int) -> int:
     return max_len
 
 
+def capture(fn, warmup: int = 2, pool=None):
+    """Capture `fn()` as a CUDA graph and return its replay function. fn must read and write
+    only tensors that outlive the graph (static buffers); it is run `warmup` times eagerly on a
+    side stream first (lazy initialisation stays out of the graph)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, pool=pool):
+        fn()
+    return g.replay
+
+
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
