@@ -33,6 +33,7 @@ def register(sub) -> None:
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
     p.add_argument("--no-graphs", action="store_true", help="on a GPU, run the decode step eagerly (no CUDA graphs; for debugging)")
+    p.add_argument("--compile", action="store_true", help="on a GPU, torch.compile the per-layer pieces before capturing graphs")
     p.set_defaults(func=run)
 
 
@@ -55,11 +56,14 @@ def prompts_from_args(args) -> list[Prompt]:
     return [Prompt("0", args.prompt)]
 
 
-def graph_runner(stack, longest: int, disabled: bool = False):
+def graph_runner(stack, longest: int, disabled: bool = False, compile: bool = False):
     """A CUDA-graph runner for batch 1 when the model is on a GPU (None on CPU or when disabled)."""
     if disabled or stack.model.device.type != "cuda":
         return None
-    from medusa.decoding.graphs import GraphRunner, kv_bucket
+    from medusa.decoding.graphs import GraphRunner, compile_blocks, kv_bucket
+
+    if compile:
+        compile_blocks(stack.model)
 
     need = min(stack.model.cfg.max_position_embeddings, longest) + stack.tree.num_nodes + 1
     return GraphRunner(stack.model, stack.heads, batch=1, max_len=kv_bucket(need, stack.model.cfg.max_position_embeddings + stack.tree.num_nodes + 1))
@@ -80,7 +84,7 @@ def run(args) -> int:
     stack = load_stack(args.model, heads=heads, tree=args.tree, dtype=args.dtype, device=args.device, progress=not args.json)
     eos = tuple(sorted(set(stack.model.cfg.eos_token_ids) | set(stack.tokenizer.eos_token_ids)))
     encoded = [stack.tokenizer.encode_prompt(pr.text, chat=not args.no_chat) for pr in prompts]
-    runner = graph_runner(stack, max(map(len, encoded)) + args.max_new_tokens, disabled=args.no_graphs)
+    runner = graph_runner(stack, max(map(len, encoded)) + args.max_new_tokens, disabled=args.no_graphs, compile=args.compile)
     for pr, ids in zip(prompts, encoded):
         stats = Stats()
         chunks = generate(stack.model, ids, heads=stack.heads, tree=stack.tree, params=params,

@@ -29,6 +29,18 @@ def kv_bucket(needed: int, max_len: int) -> int:
     return max_len
 
 
+def compile_blocks(model, mode: str = "max-autotune-no-cudagraphs"):
+    """torch.compile the pure per-layer pieces (RMSNorm, q/k/v projection with RoPE, SwiGLU MLP)
+    so their elementwise work fuses into fewer kernels; the KV-cache writes and attention stay
+    eager so that captured graphs keep writing the cache in place. Returns the model."""
+    for layer in model.layers:
+        for mod in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
+            mod.forward = torch.compile(mod.forward, mode=mode, dynamic=False)
+        layer.self_attn.project = torch.compile(layer.self_attn.project, mode=mode, dynamic=False)
+    model.norm.forward = torch.compile(model.norm.forward, mode=mode, dynamic=False)
+    return model
+
+
 def capture(fn, warmup: int = 2, pool=None):
     """Capture `fn()` as a CUDA graph and return its replay function. fn must read and write
     only tensors that outlive the graph (static buffers); it is run `warmup` times eagerly on a

@@ -40,12 +40,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
 
-    def forward(self, x, cos, sin, layer: int, cache: KVCache, slots, mask, kv_len: int):
+    def project(self, x, cos, sin):
+        """Pure part: q, k, v with RoPE applied (a unit that compilers may fuse)."""
         B, N, _ = x.shape
         q = self.q_proj(x).view(B, N, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, N, Dh]
         k = self.k_proj(x).view(B, N, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, N, Dh]
         v = self.v_proj(x).view(B, N, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, layer: int, cache: KVCache, slots, mask, kv_len: int):
+        B, N, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
         cache.write(layer, slots, k, v)
         keys = cache.k[layer][:, :, :kv_len]  # [B, Hkv, S, Dh]
         values = cache.v[layer][:, :, :kv_len]
