@@ -144,7 +144,7 @@ class Ingress:
             prefix = read = 0
             replica = ""
             first = True
-            async for ev in stream:
+            async for ev in coalesce(stream):
                 if "error" in ev:
                     raise RequestError(ev["message"])
                 if first:
@@ -234,6 +234,49 @@ class Ingress:
 
     def spans(self) -> list[dict]:
         return telemetry.finished_spans()
+
+
+_DONE = object()
+
+
+async def coalesce(stream):
+    """The engine's events, read ahead in a task so the engine stream never waits on us, and
+    merged (tokens concatenated, the first event's replica and the last one's finish reason and
+    stats kept) when several arrived while we were busy, e.g. awaiting detokenisation. One
+    detokenise call then covers them all."""
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump():
+        try:
+            async for ev in stream:
+                q.put_nowait(ev)
+        except Exception as e:  # noqa: BLE001 - handed to the consumer
+            q.put_nowait(e)
+            return
+        q.put_nowait(_DONE)
+
+    task = asyncio.create_task(pump())
+    try:
+        while True:
+            items = [await q.get()]
+            while not q.empty():
+                items.append(q.get_nowait())
+            merged = None
+            for it in items:
+                if it is _DONE or isinstance(it, Exception):
+                    if merged is not None:
+                        yield merged
+                    if it is _DONE:
+                        return
+                    raise it
+                if merged is None:
+                    merged = dict(it, tokens=list(it.get("tokens", ())))
+                else:
+                    merged["tokens"].extend(it.get("tokens", ()))
+                    merged.update({k: v for k, v in it.items() if k not in ("tokens", "replica")})
+            yield merged
+    finally:
+        task.cancel()
 
 
 async def _awaitable(x):

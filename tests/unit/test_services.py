@@ -360,3 +360,36 @@ def test_service_abort_survives_pickling():
 
     e = pickle.loads(pickle.dumps(ServiceAbort(grpc.StatusCode.UNAUTHENTICATED, "unknown API key")))
     assert (e.code, e.details, str(e)) == (grpc.StatusCode.UNAUTHENTICATED, "unknown API key", "unknown API key")
+
+
+def test_coalesce_merges_events_a_slow_consumer_missed():
+    from services.ingress import coalesce
+
+    async def engine():
+        yield {"tokens": [1], "replica": "r"}
+        for t in range(2, 6):
+            yield {"tokens": [t]}
+        yield {"tokens": [], "finish_reason": "length", "stats": {"steps": 5}}
+
+    async def consume():
+        out = []
+        async for ev in coalesce(engine()):
+            out.append(ev)
+            await asyncio.sleep(0.01)  # busy (detokenising) while the engine runs ahead
+        return out
+
+    out = run(consume())
+    assert [t for ev in out for t in ev["tokens"]] == [1, 2, 3, 4, 5]
+    assert len(out) < 6 and out[0]["replica"] == "r" and out[-1]["finish_reason"] == "length"
+    assert all("replica" not in ev for ev in out[1:])
+
+    async def failing():
+        yield {"tokens": [1]}
+        raise RuntimeError("replica died")
+
+    async def consume_failing():
+        async for _ in coalesce(failing()):
+            pass
+
+    with pytest.raises(RuntimeError, match="replica died"):
+        run(consume_failing())

@@ -1,0 +1,159 @@
+"""`medusa bench --through grpc`: the same prompts streamed through the serving cluster (client
+SDK -> Serve gRPC proxy -> ingress -> tokenizer / engine replica) and through the batched Engine
+driven directly in this process, one request at a time, greedy. Reports per path the median
+time to first token and the median streamed tokens/s, and the cluster/direct ratios the issue's
+targets are stated in (tokens/s >= 0.9x, TTFT overhead < 50 ms at the median).
+
+    python -m services.bench_grpc --limit 8 --max-new-tokens 64 --out benchmarks/grpc_cpu.json
+
+Knows the client SDK, the Engine API and the launcher; nothing of how either decodes."""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def _summary(rows: list[dict]) -> dict:
+    return {"requests": len(rows),
+            "ttft_ms_median": round(statistics.median(r["ttft_s"] for r in rows) * 1000, 2),
+            "tokens_per_s_median": round(statistics.median(r["tokens"] / r["seconds"] for r in rows if r["seconds"] > 0), 2),
+            "tokens": sum(r["tokens"] for r in rows)}
+
+
+class _Direct:
+    """The batched Engine in this process, built from the same settings as a replica."""
+
+    def __init__(self, settings: dict):
+        import torch
+
+        from medusa.decoding.engine import Engine
+        from medusa.runtime import load_stack
+
+        if settings.get("torch_threads"):
+            torch.set_num_threads(settings["torch_threads"])
+        stack = load_stack(settings.get("model"), heads=settings.get("heads", "default"), tree=settings.get("tree"),
+                           dtype=settings.get("dtype"), device=settings.get("device", "cpu"), progress=False)
+        self.tok = stack.tokenizer
+        self.engine = Engine(stack.model, stack.heads, stack.tree, max_batch=settings.get("max_batch", 8),
+                             max_seq_len=settings.get("max_seq_len"))
+        self.eos = tuple(sorted(set(stack.model.cfg.eos_token_ids) | set(stack.tokenizer.eos_token_ids)))
+        Engine.start(self.engine)
+
+    def __call__(self, prompt: str, max_new_tokens: int) -> tuple[dict, list[int]]:
+        from medusa.decoding.engine import Request
+
+        ids = self.tok.encode_chat([{"role": "user", "content": prompt}])
+        t0 = time.perf_counter()
+        toks, ttft = [], None
+        for ev in self.engine.submit(Request(ids, max_new_tokens=max_new_tokens, stop_token_ids=self.eos)):
+            if ev.tokens and ttft is None:
+                ttft = time.perf_counter() - t0
+            toks.extend(ev.tokens)
+        return {"ttft_s": ttft or 0.0, "seconds": time.perf_counter() - t0, "tokens": len(toks)}, toks
+
+    def close(self) -> None:
+        self.engine.stop()
+
+
+class _Through:
+    """The same request streamed through the cluster with the client SDK."""
+
+    def __init__(self, target: str, api_key: str | None):
+        from medusa.client import MedusaClient
+
+        self.client = MedusaClient(target, api_key=api_key, timeout=600)
+
+    def __call__(self, prompt: str, max_new_tokens: int) -> tuple[dict, list[int]]:
+        t0 = time.perf_counter()
+        toks, ttft = [], None
+        for d in self.client.stream(messages=[{"role": "user", "content": prompt}], max_new_tokens=max_new_tokens):
+            if d.token_ids and ttft is None:
+                ttft = time.perf_counter() - t0
+            toks.extend(d.token_ids)
+        return {"ttft_s": ttft or 0.0, "seconds": time.perf_counter() - t0, "tokens": len(toks)}, toks
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def bench_through_grpc(prompts: list[str], *, max_new_tokens: int = 64, settings: dict | None = None,
+                       target: str | None = None, api_key: str | None = None, num_cpus: int | None = None,
+                       warmup: int = 1) -> dict:
+    """Stream `prompts` (chat, greedy, one request at a time) through the cluster and directly
+    through the Engine, alternating the two paths prompt by prompt so that background load
+    drifts hit both alike.
+
+    target=None starts a local cluster (one engine replica, `settings` as in the serve config's
+    args) for the run and stops it after; otherwise `target` (host:port, with api_key) is used
+    and only the direct path is built here from `settings`. Returns a JSON-able dict with
+    "grpc", "engine" (each: requests, ttft_ms_median, tokens_per_s_median, tokens),
+    "tokens_per_s_ratio" (grpc / engine), "ttft_overhead_ms" (grpc - engine) and
+    "same_tokens" (whether both paths produced identical token ids)."""
+    settings = {"device": "cpu", "engine_replicas": 1, **(settings or {})}
+    cluster = None
+    if target is None:
+        from services import launch
+
+        cluster = launch.start(dict(settings), grpc_port=_free_port(), num_cpus=num_cpus, env_keys="bench:bench-key")
+        target, api_key = cluster.target, "bench-key"
+    direct = through = None
+    try:
+        direct, through = _Direct(settings), _Through(target, api_key)
+        for p in prompts[:warmup]:
+            direct(p, max_new_tokens)
+            through(p, max_new_tokens)
+        rows = {"engine": [], "grpc": []}
+        same = True
+        for p in prompts:
+            r1, t1 = direct(p, max_new_tokens)
+            r2, t2 = through(p, max_new_tokens)
+            rows["engine"].append(r1)
+            rows["grpc"].append(r2)
+            same &= t1 == t2
+    finally:
+        for x in (through, direct, cluster):
+            if x is not None:
+                x.close() if hasattr(x, "close") else x.stop()
+    grpc, engine = _summary(rows["grpc"]), _summary(rows["engine"])
+    return {
+        "prompts": len(prompts), "max_new_tokens": max_new_tokens, "settings": settings,
+        "grpc": grpc, "engine": engine,
+        "tokens_per_s_ratio": round(grpc["tokens_per_s_median"] / engine["tokens_per_s_median"], 3),
+        "ttft_overhead_ms": round(grpc["ttft_ms_median"] - engine["ttft_ms_median"], 2),
+        "same_tokens": same,
+    }
+
+
+def _free_port() -> int:
+    from services.redis_local import free_port
+
+    return free_port()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from medusa.commands.common import read_prompts
+
+    p = argparse.ArgumentParser(prog="python -m services.bench_grpc", description=__doc__.splitlines()[0])
+    p.add_argument("--prompt-file", default="../shared/data/mt_bench/question.jsonl")
+    p.add_argument("--limit", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--torch-threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=None)
+    a = p.parse_args(argv)
+    prompts = [x.text for x in read_prompts(a.prompt_file, a.limit)]
+    settings = {"torch_threads": a.torch_threads} if a.torch_threads else {}
+    res = bench_through_grpc(prompts, max_new_tokens=a.max_new_tokens, settings=settings)
+    text = json.dumps(res, indent=2)
+    print(text)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
