@@ -1,0 +1,154 @@
+"""Load-adaptive speculation: which tree the next batched step should verify.
+
+Speculation trades compute for tokens: a tree of N nodes costs a B x N-token forward and yields
+E(tree) tokens per speculating row, where plain decoding costs a B-token forward and yields 1.
+Decoding is memory-bound at small B, so trees are almost free there; at large B (or on a CPU)
+the wide forward is compute-bound and plain decoding wins. Each step picks
+
+    argmax over trees of  (S * E(tree) + (B - S)) / cost(B, N(tree))      [tokens / second]
+
+where S of the B rows speculate. `choose_tree` is that pure function; `AcceptanceMeter` and
+`StepCostModel` supply E and cost from measurements (or from `medusa bench --step-cost`).
+Nothing here knows about models, tensors or requests."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class TreeOption:
+    name: str
+    nodes: int  # N, the root included (1 = plain decoding)
+    expected_tokens: float  # E: tokens per speculating row per step (accepted + bonus, >= 1)
+
+
+@dataclass(frozen=True)
+class Choice:
+    tree: str
+    tokens_per_s: float  # expected, for the whole batch
+    reason: str
+    rates: dict  # tree name -> expected tokens/s (None: cost unknown)
+
+
+def choose_tree(batch: int, speculating: int, options: list[TreeOption],
+                cost: Callable[[int, int], float | None]) -> Choice:
+    """Pick the tree of highest expected throughput for a step over `batch` rows of which
+    `speculating` may accept candidates. cost(B, N) -> seconds, or None when unknown: an option
+    of unknown cost is explored first (smallest tree first), so every option gets measured.
+    Ties go to the smaller tree."""
+    if not options:
+        raise ValueError("no tree to choose from")
+    rates: dict[str, float | None] = {}
+    for o in options:
+        c = cost(batch, o.nodes)
+        gain = speculating * max(o.expected_tokens, 1.0) + (batch - speculating) if o.nodes > 1 else batch
+        rates[o.name] = None if c is None else gain / max(c, 1e-9)
+    unknown = sorted((o for o in options if rates[o.name] is None), key=lambda o: o.nodes)
+    if unknown:
+        o = unknown[0]
+        return Choice(o.name, 0.0, f"exploring: no step cost yet for batch {batch} x {o.nodes} nodes", rates)
+    best = max(options, key=lambda o: (rates[o.name], -o.nodes))
+    plain = next((rates[o.name] for o in options if o.nodes == 1), None)
+    vs = f", {rates[best.name] / plain:.2f}x plain" if plain and best.nodes > 1 else ""
+    reason = (f"batch {batch} ({speculating} speculating): {best.name} expects {best.expected_tokens:.2f} tokens/row-step"
+              f" at {batch}x{best.nodes} tokens/step -> {rates[best.name]:.0f} tokens/s{vs}")
+    return Choice(best.name, rates[best.name], reason, rates)
+
+
+class AcceptanceMeter:
+    """Measured tokens per row-step for each tree (a running mean for the first `warmup` rows, an
+    exponential average after). A tree not yet measured is estimated from its prior expectation,
+    scaled by how the measured trees compare with theirs (untrained heads accept less than the
+    prior says, and every tree learns that from whichever ran)."""
+
+    def __init__(self, priors: dict[str, float], alpha: float = 0.05, warmup: int = 20):
+        self.priors = dict(priors)  # tree name -> prior E (>= 1)
+        self.alpha, self.warmup = alpha, warmup
+        self.mean: dict[str, float] = {}
+        self.count: dict[str, int] = {}
+
+    def record(self, tree: str, tokens_per_row: list[int]) -> None:
+        for x in tokens_per_row:
+            n = self.count.get(tree, 0) + 1
+            m = self.mean.get(tree, float(x))
+            a = 1.0 / n if n <= self.warmup else self.alpha
+            self.mean[tree] = m + a * (x - m)
+            self.count[tree] = n
+
+    def expected(self, tree: str) -> float:
+        if tree in self.mean:
+            return self.mean[tree]
+        prior = self.priors.get(tree, 1.0)
+        ratios = [(self.mean[t] - 1) / (self.priors[t] - 1) for t in self.mean if self.priors.get(t, 1.0) > 1.0]
+        scale = sum(ratios) / len(ratios) if ratios else 1.0
+        return 1.0 + max(scale, 0.0) * (prior - 1.0)
+
+
+def batch_bucket(b: int) -> int:
+    """Batch sizes measured together: 1, 2, 4, 8, ... (the next power of two)."""
+    return 1 << max(0, (b - 1).bit_length())
+
+
+class StepCostModel:
+    """Seconds per step of B rows x N nodes. A given table {(batch, nodes): seconds} (from
+    `medusa bench --step-cost`) is interpolated linearly over batch for each N; the engine's own
+    step times (exponentially averaged per batch bucket and N) take over once measured. Unknown
+    combinations are estimated linearly over N from two trees measured at the same batch size,
+    else None (the policy then measures them)."""
+
+    def __init__(self, table: dict | None = None, alpha: float = 0.1):
+        self.table: dict[int, list[tuple[int, float]]] = {}
+        for (b, n), s in (table or {}).items():
+            self.table.setdefault(int(n), []).append((int(b), float(s)))
+        for pts in self.table.values():
+            pts.sort()
+        self.alpha = alpha
+        self.online: dict[tuple[int, int], float] = {}
+        self.count: dict[tuple[int, int], int] = {}
+
+    def record(self, batch: int, nodes: int, seconds: float) -> None:
+        """A measured step. The first sample of a key is replaced by the second (warm-up), then a
+        running mean up to 5 samples, then an exponential average."""
+        key = (batch_bucket(batch), nodes)
+        n = self.count.get(key, 0) + 1
+        self.count[key] = n
+        old = self.online.get(key, seconds)
+        a = 1.0 if n <= 2 else (1.0 / (n - 1) if n <= 6 else self.alpha)
+        self.online[key] = old + a * (seconds - old)
+
+    def __call__(self, batch: int, nodes: int) -> float | None:
+        bucket = batch_bucket(batch)
+        got = self.online.get((bucket, nodes))
+        if got is not None:
+            return got
+        got = _interpolate(self.table.get(nodes), batch)
+        if got is not None:
+            return got
+        # two trees measured at this batch size: cost grows about linearly with the nodes
+        pts = sorted((n, s) for (b, n), s in self.online.items() if b == bucket)
+        if len(pts) < 2:
+            return None
+        below = [p for p in pts if p[0] < nodes]
+        above = [p for p in pts if p[0] > nodes]
+        if below and above:
+            (n0, s0), (n1, s1) = below[-1], above[0]
+        elif below:
+            (n0, s0), (n1, s1) = below[-2], below[-1]
+        else:
+            (n0, s0), (n1, s1) = above[0], above[1]
+        est = s0 + (s1 - s0) * (nodes - n0) / (n1 - n0)
+        return max(est, 0.5 * min(s0, s1))  # noise must not make a tree look free
+
+
+def _interpolate(points: list[tuple[int, float]] | None, x: int) -> float | None:
+    """Piecewise-linear over sorted (x, y); flat below the first point, proportional above the last."""
+    if not points:
+        return None
+    if x <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    xl, yl = points[-1]
+    return yl * x / xl

@@ -1,0 +1,565 @@
+"""The batched speculative-decoding engine: continuous batching of many requests over one
+preallocated KV pool, each request with its own sampling, stopping and speculation switch.
+
+One scheduler iteration (`Engine.step`):
+  1. apply cancellations (a cancelled request's row is freed at once);
+  2. admit waiting requests while a pool row is free: each runs its own prefill on a view of
+     its cache row (`step.prefill` with start > 0 when a kept session already holds a prefix);
+  3. one batched verification step (`step.speculate`) over all running rows: the running rows
+     are kept in rows 0 .. n-1 of the pool (see kv_pool.py), so the step runs on a zero-copy
+     view of them, never on idle rows. Each row advances by its own accepted length.
+The tree is chosen per step for the whole batch (adaptive.py): "auto" rows follow the load-
+adaptive choice, an "on" row makes the step use the engine's default tree, and "off" rows ride
+along in the same forward with their acceptance capped at the root (plain decoding; their
+extra tree nodes are wasted compute, which the policy counts).
+
+Sampled rows draw from a per-request seeded stream of uniforms indexed by output position
+(token j of a request always uses uniform j), so a sampled request's tokens do not depend on
+its batch-mates, on the tree chosen, or on whether it speculated.
+
+This module knows token ids only (never text), and nothing of transports or tenants: session
+ids arrive already namespaced. All decoding goes through medusa.decoding.step."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import queue
+import secrets
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Iterator
+
+import torch
+
+from medusa.decoding.adaptive import AcceptanceMeter, Choice, StepCostModel, TreeOption, choose_tree
+from medusa.decoding.kv_pool import RowPool, Swap, state_rows, swap_cache_rows, swap_state_rows, write_back
+from medusa.decoding.sampling import BatchSampling, SamplingParams, draw_uniforms
+from medusa.decoding.step import DecodeState, prefill, speculate
+from medusa.decoding.stopping import stop_cut
+from medusa.decoding.tree import NAMED_TREES, Tree, expected_accept_length, load_tree, prior_accuracies
+from medusa.errors import RequestError, TreeError
+from medusa.model.kv_cache import KVCache
+
+SPECULATION = ("auto", "on", "off")
+DEFAULT_TREE = "tree16"
+DEFAULT_MAX_SEQ_LEN = 2048
+
+
+# ------------------------------------------------------------------ public types
+
+@dataclass(frozen=True)
+class Request:
+    prompt_ids: list[int]
+    max_new_tokens: int = 256
+    sampling: SamplingParams = SamplingParams()
+    stop_token_ids: tuple[int, ...] | None = None  # None -> the model's EOS ids
+    stop_sequences: tuple[tuple[int, ...], ...] = ()  # token-id stop sequences
+    speculation: str = "auto"  # "on" | "off" | "auto"
+    session_id: str | None = None  # KV reuse across turns (namespaced by the caller)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass(frozen=True)
+class RequestStats:
+    prompt_tokens: int
+    new_tokens: int
+    steps: int  # verification steps the request took part in (prefill excluded)
+    mean_accepted: float  # tokens per step (accepted candidates + bonus; 1.0 = plain)
+    reused_tokens: int  # prompt tokens served from a kept session KV (0 = full prefill)
+    ttft_s: float  # submit -> first token (queueing included)
+    seconds: float  # submit -> last token
+    tree: str  # last tree used ("ar" when plain)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    request_id: str
+    tokens: list[int]  # new tokens (may be empty on the final event)
+    finish_reason: str | None = None  # "eos" | "stop" | "length" | "cancelled" | "error" on the last event
+    stats: RequestStats | None = None  # on the last event only
+
+
+class RequestHandle:
+    """The stream of one request's TokenEvents. Iterating an engine that has no scheduler thread
+    (no `start()`) drives it synchronously."""
+
+    def __init__(self, engine: "Engine", request_id: str):
+        self.request_id = request_id
+        self._engine = engine
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._async: tuple[asyncio.AbstractEventLoop, asyncio.Queue] | None = None
+
+    def _push(self, ev: TokenEvent) -> None:  # engine side
+        with self._lock:
+            if self._async is not None:
+                loop, aq = self._async
+                loop.call_soon_threadsafe(aq.put_nowait, ev)
+            else:
+                self._q.put(ev)
+
+    def _next(self) -> TokenEvent:
+        while True:
+            try:
+                return self._q.get_nowait()
+            except queue.Empty:
+                pass
+            if self._engine._thread is None:
+                if not self._engine.step() and self._q.empty():
+                    raise RuntimeError(f"request {self.request_id} is not known to the engine")
+            else:
+                try:
+                    return self._q.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        while True:
+            ev = self._next()
+            yield ev
+            if ev.finish_reason is not None:
+                return
+
+    def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        return self._aiter()
+
+    async def _aiter(self) -> AsyncIterator[TokenEvent]:
+        loop = asyncio.get_running_loop()
+        aq: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            while True:
+                try:
+                    aq.put_nowait(self._q.get_nowait())
+                except queue.Empty:
+                    break
+            self._async = (loop, aq)
+        while True:
+            if aq.empty() and self._engine._thread is None:
+                if not await asyncio.to_thread(self._engine.step) and aq.empty():
+                    await asyncio.sleep(0)  # events pushed from the worker thread arrive via the loop
+                    if aq.empty():
+                        raise RuntimeError(f"request {self.request_id} is not known to the engine")
+                continue
+            ev = await aq.get()
+            yield ev
+            if ev.finish_reason is not None:
+                return
+
+    def cancel(self) -> None:
+        self._engine._cancel(self.request_id)
+
+    def result(self) -> tuple[list[int], RequestStats]:
+        tokens: list[int] = []
+        stats = None
+        for ev in self:
+            tokens.extend(ev.tokens)
+            stats = ev.stats
+        return tokens, stats
+
+
+# ------------------------------------------------------------------ per-request bookkeeping
+
+class _Uniforms:
+    """A request's seeded uniforms, indexed by output position."""
+
+    CHUNK = 256
+
+    def __init__(self, seed: int, device):
+        self.device = torch.device(device)
+        self.gen = torch.Generator(device=self.device)
+        self.gen.manual_seed(seed)
+        self.buf = torch.empty(0, device=self.device)
+
+    def at(self, first: int, offsets: torch.Tensor, max_offset: int) -> torch.Tensor:
+        """Uniforms for output positions first + offsets ([N] long, at most max_offset)."""
+        while self.buf.numel() <= first + max_offset:
+            self.buf = torch.cat([self.buf, draw_uniforms([self.gen], self.CHUNK, self.device)[0]])
+        return self.buf[first + offsets]
+
+
+@dataclass(eq=False)
+class _Live:
+    req: Request
+    handle: RequestHandle
+    eos: set
+    t_submit: float
+    uniforms: _Uniforms | None
+    row: int = -1
+    out: list[int] = field(default_factory=list)  # every token produced (may run past the cut)
+    sent: int = 0
+    reused: int = 0
+    steps: int = 0
+    step_tokens: int = 0
+    t_first: float = 0.0
+    tree: str = "ar"
+    cancelled: bool = False
+
+    @property
+    def kv_len(self) -> int:  # committed KV slots (the last produced token is not in the cache yet)
+        return len(self.req.prompt_ids) + len(self.out) - 1
+
+
+# ------------------------------------------------------------------ the engine
+
+class Engine:
+    """Continuous-batching speculative decoder. Thread-safe `submit`/`cancel`; one scheduler
+    (a background thread after `start()`, or the caller through `step()`)."""
+
+    def __init__(self, model, heads=None, tree: Tree | str | None = None, *, max_batch: int = 16,
+                 kv_budget_tokens: int | None = None, max_seq_len: int | None = None,
+                 trees: dict[str, Tree] | None = None, step_cost: dict | None = None):
+        if max_batch < 1:
+            raise RequestError(f"max_batch must be >= 1, got {max_batch}")
+        self.model, self.heads = model, heads
+        cfg = model.cfg
+        self.device = model.device
+        self.eos = tuple(cfg.eos_token_ids)
+        self.vocab = cfg.vocab_size
+        self.max_pos = cfg.max_position_embeddings
+        self.trees, self.default_tree = self._trees(heads, tree, trees)
+        self.max_seq_len = min(max_seq_len or DEFAULT_MAX_SEQ_LEN, self.max_pos)
+        n_max = max(t.num_nodes for t in self.trees.values())
+        self.row_len = self.max_seq_len + n_max + 1  # room for the last step's tree slots
+        rows = max_batch if kv_budget_tokens is None else kv_budget_tokens // self.max_seq_len
+        if rows < 1:
+            raise RequestError(f"kv_budget_tokens={kv_budget_tokens} holds no row of max_seq_len={self.max_seq_len} tokens")
+        self.pool = RowPool(rows, max_batch)
+        with torch.inference_mode():
+            self.cache = model.new_cache(rows, self.row_len)  # [L, rows, Hkv, row_len, Dh]
+            self.head_state = heads.new_state(rows, self.row_len, model) if heads is not None else None
+            self.row_start = torch.zeros(rows, dtype=torch.long, device=self.device)  # [rows]
+            self.row_root = torch.zeros(rows, dtype=torch.long, device=self.device)  # [rows]
+            self.row_hidden = torch.zeros(rows, cfg.hidden_size, dtype=model.dtype, device=self.device)  # [rows, D]
+        self._rows: list[_Live | None] = [None] * rows  # row -> running request
+        priors = {n: expected_accept_length(t.paths, prior_accuracies(max(t.max_depth, 1))) for n, t in self.trees.items()}
+        self.meter = AcceptanceMeter(priors)
+        self.cost = StepCostModel(step_cost)
+        self._sampling_key: tuple = ()
+        self._sampling: BatchSampling | None = None
+        self._choice: dict = {}
+        self._steps = 0
+        # threading: _mu guards the inbox (waiting queue, cancels, ids); _step_lock the decode state
+        self._mu = threading.Lock()
+        self._wake = threading.Condition(self._mu)
+        self._step_lock = threading.RLock()
+        self._waiting: collections.deque[_Live] = collections.deque()
+        self._cancels: set[str] = set()
+        self._live: dict[str, _Live] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    def _trees(self, heads, tree, trees) -> tuple[dict[str, Tree], Tree]:
+        """The trees a step may use ("ar" always) and the default one (speculation="on")."""
+        ar = load_tree("ar")
+        if heads is None:
+            return {"ar": ar.to(self.device)}, ar.to(self.device)
+        depth = heads.config.num_heads
+        base = tree if isinstance(tree, Tree) else load_tree(tree or DEFAULT_TREE)
+        if trees is None:
+            named = (load_tree(n) for n in NAMED_TREES if n != "ar")
+            trees = {t.name: t for t in named if t.max_depth <= depth}
+        out = {"ar": ar, **dict(trees), base.name: base}
+        for t in out.values():
+            if t.max_depth > depth:
+                raise TreeError(f"tree {t.name} is {t.max_depth} deep but the heads guess only {depth} tokens ahead")
+        out = {n: t.to(self.device) for n, t in out.items()}  # tree buffers live on the model's device
+        return out, out[base.name]
+
+    # -------------------------------------------------------------- public API
+    def submit(self, request: Request) -> RequestHandle:
+        self._validate(request)
+        live = _Live(request, RequestHandle(self, request.request_id),
+                     set(self.eos if request.stop_token_ids is None else request.stop_token_ids),
+                     time.perf_counter(), self._uniforms(request.sampling))
+        with self._wake:
+            if request.request_id in self._live:
+                raise RequestError(f"request id {request.request_id!r} is already in flight")
+            self._live[request.request_id] = live
+            self._waiting.append(live)
+            self._wake.notify()
+        return live.handle
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="medusa-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the scheduler thread; requests still in flight end with "cancelled"."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        with self._step_lock, torch.inference_mode():
+            with self._mu:
+                self._cancels.update(self._live)
+            self._apply_cancels()
+
+    def __enter__(self) -> "Engine":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def step(self) -> bool:
+        """One scheduler iteration; False when there was nothing to do."""
+        with self._step_lock, torch.inference_mode():
+            did = self._apply_cancels()
+            did |= self._admit()
+            if self.pool.n_active:
+                self._decode()
+                did = True
+            return did
+
+    def load(self) -> int:
+        with self._mu:
+            return len(self._live)
+
+    def stats(self) -> dict:
+        with self._mu:
+            waiting = len(self._waiting)
+            live = len(self._live)
+        p = self.pool
+        return {
+            "running": p.n_active, "waiting": waiting, "load": live,
+            "max_batch": p.max_active, "max_seq_len": self.max_seq_len,
+            "kv_rows": p.rows, "kv_rows_used": p.n_active, "kv_rows_kept": p.kept, "kv_rows_free": p.free,
+            "sessions_kept": p.kept, "steps": self._steps,
+            "trees": {n: t.num_nodes for n, t in self.trees.items()},
+            "acceptance": {n: round(self.meter.expected(n), 3) for n in self.trees},
+            "speculation": dict(self._choice),
+        }
+
+    # -------------------------------------------------------------- submission helpers
+    def _validate(self, r: Request) -> None:
+        if not isinstance(r, Request):
+            raise RequestError("submit() takes a Request")
+        if not r.prompt_ids:
+            raise RequestError("the prompt is empty")
+        if min(r.prompt_ids) < 0 or max(r.prompt_ids) >= self.vocab:
+            raise RequestError("prompt holds token ids outside the vocabulary")
+        if r.max_new_tokens < 1:
+            raise RequestError(f"max_new_tokens must be >= 1, got {r.max_new_tokens}")
+        total = len(r.prompt_ids) + r.max_new_tokens
+        if total > self.max_seq_len:
+            raise RequestError(f"prompt ({len(r.prompt_ids)} tokens) + max_new_tokens ({r.max_new_tokens}) = {total} "
+                               f"exceeds the engine's max_seq_len of {self.max_seq_len} tokens")
+        if r.speculation not in SPECULATION:
+            raise RequestError(f"speculation must be one of {', '.join(SPECULATION)}, got {r.speculation!r}")
+        if not isinstance(r.sampling, SamplingParams):
+            raise RequestError("sampling must be a SamplingParams")
+        if any(not s for s in r.stop_sequences):
+            raise RequestError("stop sequences must be non-empty")
+
+    def _uniforms(self, p: SamplingParams) -> _Uniforms | None:
+        if p.greedy:
+            return None
+        return _Uniforms(p.seed if p.seed is not None else secrets.randbits(63), self.device)
+
+    def _cancel(self, request_id: str) -> None:
+        with self._wake:
+            if request_id not in self._live:
+                return
+            self._cancels.add(request_id)
+            self._wake.notify()
+        if self._step_lock.acquire(blocking=False):  # free the row now unless a step is running
+            try:
+                with torch.inference_mode():
+                    self._apply_cancels()
+            finally:
+                self._step_lock.release()
+
+    # -------------------------------------------------------------- scheduler
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not (self._waiting or self._cancels or self.pool.n_active):
+                    self._wake.wait(0.5)
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # a bug must not leave clients waiting forever
+                self._fail_all(e)
+
+    def _fail_all(self, exc: Exception) -> None:
+        with self._step_lock, torch.inference_mode():
+            for live in [x for x in self._rows if x is not None]:
+                self._finish(live, "error", keep=False)
+            with self._mu:
+                waiting, self._waiting = list(self._waiting), collections.deque()
+            for live in waiting:
+                self._finish(live, "error", keep=False)
+            for sid in list(self.pool.lru):
+                self.pool.drop_session(sid)
+        self._last_error = repr(exc)
+
+    def _apply_cancels(self) -> bool:
+        with self._mu:
+            ids, self._cancels = self._cancels, set()
+            waiting = [x for x in self._waiting if x.req.request_id in ids]
+            for x in waiting:
+                self._waiting.remove(x)
+        for x in waiting:
+            self._finish(x, "cancelled", keep=False)
+        running = [x for x in self._rows if x is not None and x.req.request_id in ids]
+        for x in running:
+            self._finish(x, "cancelled", keep=False)
+        return bool(waiting or running)
+
+    def _admit(self) -> bool:
+        did = False
+        while self.pool.can_admit():
+            with self._mu:
+                if not self._waiting:
+                    break
+                live = self._waiting.popleft()
+            self._prefill(live)
+            did = True
+        return did
+
+    def _apply_swaps(self, swaps: list[Swap]) -> None:
+        for s in swaps:
+            swap_cache_rows(self.cache, s)
+            swap_state_rows(self.head_state, s.a, s.b, self.pool.rows)
+            for t in (self.row_start, self.row_root, self.row_hidden):
+                t[[s.a, s.b]] = t[[s.b, s.a]]
+            self._rows[s.a], self._rows[s.b] = self._rows[s.b], self._rows[s.a]
+            for r in (s.a, s.b):
+                if self._rows[r] is not None:
+                    self._rows[r].row = r
+
+    def _prefill(self, live: _Live) -> None:
+        req = live.req
+        adm = self.pool.admit(req.request_id, req.prompt_ids, req.session_id)
+        self._apply_swaps(adm.swaps)
+        r = live.row = adm.row
+        self._rows[r] = live
+        live.reused = adm.reused
+        dev = self.device
+        tokens = torch.tensor([req.prompt_ids[adm.reused:]], dtype=torch.long, device=dev)  # [1, T]
+        sampling = BatchSampling.stack([req.sampling], dev)
+        u = None
+        if live.uniforms is not None:
+            u = live.uniforms.at(0, torch.zeros(1, dtype=torch.long, device=dev), 0)[None]  # [1, 1]
+        row_cache = KVCache(self.cache.k[:, r:r + 1], self.cache.v[:, r:r + 1])  # writes land in the pool
+        hs = state_rows(self.head_state, r, r + 1, self.pool.rows)
+        st = prefill(self.model, self.heads, row_cache, tokens, torch.tensor([adm.reused], device=dev), sampling, u, hs)
+        write_back(self.head_state, st.head_state, r, r + 1, self.pool.rows)
+        self.row_start[r], self.row_root[r], self.row_hidden[r] = st.start[0], st.root[0], st.last_hidden[0]
+        live.t_first = time.perf_counter()
+        self._emit(live, [int(st.root[0])])
+
+    def _batch_sampling(self, lives: list[_Live]) -> BatchSampling:
+        key = tuple(id(x) for x in lives)
+        if key != self._sampling_key:
+            self._sampling = BatchSampling.stack([x.req.sampling for x in lives], self.device)
+            self._sampling_key = key
+        return self._sampling
+
+    def _choose(self, lives: list[_Live]) -> Tree:
+        """The tree of this step (one per step for the whole batch), recorded for stats()."""
+        n = len(lives)
+        modes = [x.req.speculation for x in lives]
+        rates = None
+        if self.heads is None:
+            name, reason = "ar", "no draft heads"
+        elif all(m == "off" for m in modes):
+            name, reason = "ar", "every row has speculation off"
+        elif "on" in modes:
+            name, reason = self.default_tree.name, "a row asked for speculation on: the default tree"
+        else:
+            options = [TreeOption(t, tr.num_nodes, self.meter.expected(t)) for t, tr in self.trees.items()]
+            c: Choice = choose_tree(n, modes.count("auto"), options, self.cost)
+            name, reason, rates = c.tree, c.reason, c.rates
+        tree = self.trees[name]
+        if tree.num_nodes > 1 and max(x.kv_len for x in lives) + tree.max_depth >= self.max_pos:
+            tree, reason = self.trees["ar"], "a row is at the end of the model's context: plain decoding"
+        self._choice = {"tree": tree.name, "batch": n, "reason": reason, "step": self._steps}
+        if rates is not None:
+            self._choice["rates_tokens_per_s"] = {k: (round(v, 1) if v is not None else None) for k, v in rates.items()}
+        return tree
+
+    def _decode(self) -> None:
+        n = self.pool.n_active
+        lives = self._rows[:n]
+        tree = self._choose(lives)
+        N, D = tree.num_nodes, tree.max_depth
+        dev = self.device
+        sampling = self._batch_sampling(lives)
+        uniforms = None
+        if sampling.any_random:
+            depth = tree.depth.to(dev)
+            zero = torch.zeros(N, device=dev)
+            uniforms = torch.stack([x.uniforms.at(len(x.out), depth, D) if x.uniforms is not None else zero
+                                    for x in lives])  # [n, N]: node at depth d predicts output len(out) + d
+        off = [x.req.speculation == "off" for x in lives]
+        max_accept = None
+        if N > 1 and any(off):
+            max_accept = torch.tensor([0 if o else D for o in off], dtype=torch.long, device=dev)  # [n]
+        state = DecodeState(KVCache(self.cache.k[:, :n], self.cache.v[:, :n]), self.row_start[:n], self.row_root[:n],
+                            self.row_hidden[:n], state_rows(self.head_state, 0, n, self.pool.rows))
+        t0 = time.perf_counter()
+        acc = speculate(self.model, self.heads, tree, state, sampling, uniforms, max_accept)
+        rows = torch.cat([acc.length[:, None], acc.tokens], 1).tolist()  # one host sync
+        dt = time.perf_counter() - t0
+        self.row_start[:n], self.row_root[:n], self.row_hidden[:n] = state.start, state.root, state.last_hidden
+        write_back(self.head_state, state.head_state, 0, n, self.pool.rows)
+        self._steps += 1
+        self.cost.record(n, N, dt)
+        if N > 1:
+            self.meter.record(tree.name, [row[0] + 1 for row, o in zip(rows, off) if not o])
+        for i, (live, row) in enumerate(zip(lives, rows)):  # before any release swaps rows
+            self.pool.length[i] = live.kv_len + row[0] + 1
+        for live, row in zip(lives, rows):
+            k = row[0] + 1
+            live.steps += 1
+            live.step_tokens += k
+            live.tree = tree.name
+            self._emit(live, row[1:1 + k])
+
+    # -------------------------------------------------------------- output
+    def _emit(self, live: _Live, new: list[int]) -> None:
+        req = live.req
+        before = len(live.out)
+        live.out.extend(new)
+        if live.row >= 0:
+            self.pool.length[live.row] = live.kv_len
+        limit = req.max_new_tokens
+        view = live.out[:limit]
+        cut = stop_cut(view, min(before, len(view)), live.eos, req.stop_sequences)
+        if cut is None and len(live.out) >= limit:
+            cut = (limit, "length")
+        if cut is None:
+            live.handle._push(TokenEvent(req.request_id, live.out[live.sent:]))
+            live.sent = len(live.out)
+            return
+        self._finish(live, cut[1], keep=True, end=cut[0])
+
+    def _finish(self, live: _Live, reason: str, keep: bool, end: int | None = None) -> None:
+        req = live.req
+        end = live.sent if end is None else end
+        if live.row >= 0:
+            r, live.row = live.row, -1
+            keep_tokens = None
+            if keep and req.session_id is not None:
+                keep_tokens = list(req.prompt_ids) + live.out[:-1]  # exactly the committed KV slots
+            self._rows[r] = None
+            self._apply_swaps(self.pool.release(r, req.session_id if keep_tokens else None, keep_tokens))
+        now = time.perf_counter()
+        stats = RequestStats(
+            prompt_tokens=len(req.prompt_ids), new_tokens=end, steps=live.steps,
+            mean_accepted=live.step_tokens / live.steps if live.steps else 0.0,
+            reused_tokens=live.reused, ttft_s=(live.t_first or now) - live.t_submit,
+            seconds=now - live.t_submit, tree=live.tree)
+        with self._mu:
+            self._live.pop(req.request_id, None)
+        live.handle._push(TokenEvent(req.request_id, live.out[live.sent:end], reason, stats))
+        live.sent = end

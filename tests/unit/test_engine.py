@@ -1,0 +1,286 @@
+"""The batched engine: every request of a batch decodes exactly as it would alone (greedy rows
+token for token, seeded sampled rows draw for draw), requests join and leave mid-flight,
+cancellation frees rows, a full pool queues, sessions reuse their KV with identical output."""
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from medusa.decoding.engine import Engine, Request
+from medusa.decoding.generate import generate
+from medusa.decoding.sampling import SamplingParams
+from medusa.decoding.tree import build_tree, chain, load_tree
+from medusa.errors import RequestError
+from medusa.heads.base import HeadsConfig
+from medusa.heads.hydra import prefix_extra
+from medusa.heads.io import build_heads, fingerprint
+from medusa.model.config import ModelConfig
+from medusa.model.llama import Transformer
+
+EOS = 23
+GREEDY = SamplingParams()
+
+
+def tiny_model(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(arch="llama", vocab_size=24, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=8, max_position_embeddings=160, eos_token_ids=(EOS,))
+    m = Transformer(cfg)
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.4)
+    return m.eval().requires_grad_(False)
+
+
+def random_heads(base, head_type: str = "medusa", num_heads: int = 3, seed: int = 1):
+    extra = prefix_extra(base) if head_type == "hydra++" else {}
+    cfg = HeadsConfig(head_type, num_heads, 1, base.cfg.hidden_size, base.cfg.vocab_size, fingerprint(base), extra=extra)
+    heads = build_heads(cfg, base)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in heads.named_parameters():
+            if "layernorm" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return heads.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module", params=["medusa", "hydra++"])
+def tiny_heads(request, tiny):
+    return random_heads(tiny, request.param)
+
+
+TREES = {"chain": build_tree(chain(3), "chain3"), "tree": build_tree([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)], "tree7")}
+
+
+def prompts(n: int, seed: int = 0, lo: int = 3, hi: int = 20) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(EOS) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def alone(model, ids, heads=None, tree=None, n=16, stop=(EOS,)):
+    return [t for c in generate(model, ids, heads=heads, tree=tree, max_new_tokens=n, stop_token_ids=stop) for t in c.tokens]
+
+
+def drain(engine: Engine, handles) -> list[tuple[list[int], object]]:
+    return [h.result() for h in handles]
+
+
+# ------------------------------------------------------------------ batched == alone
+
+@pytest.mark.parametrize("tree", ["chain", "tree"])
+def test_batched_greedy_equals_alone(tiny, tiny_heads, tree):
+    """Mixed prompt lengths, mixed sampling (sampled rows ride along), mixed speculation switches."""
+    t = TREES[tree]
+    eng = Engine(tiny, tiny_heads, t, max_batch=6, max_seq_len=64, trees={t.name: t})
+    ps = prompts(6, seed=1)
+    modes = ["on", "on", "off", "on", "on", "off"]
+    sampled = {1: SamplingParams(temperature=0.8, top_k=5, rule="sample", seed=3),
+               4: SamplingParams(temperature=1.0, top_p=0.9, rule="typical", seed=4)}
+    hs = [eng.submit(Request(p, max_new_tokens=20, sampling=sampled.get(i, GREEDY), speculation=modes[i]))
+          for i, p in enumerate(ps)]
+    res = drain(eng, hs)
+    accepted = 0.0
+    for i, (p, (out, st)) in enumerate(zip(ps, res)):
+        assert st.prompt_tokens == len(p) and st.new_tokens == len(out) <= 20
+        if i in sampled:
+            continue
+        assert out == alone(tiny, p, tiny_heads, t, 20), f"row {i}"
+        if modes[i] == "off":
+            assert st.mean_accepted == (1.0 if st.steps else 0.0)
+        else:
+            accepted = max(accepted, st.mean_accepted)
+    if tiny_heads.config.head_type == "medusa":  # these random Medusa heads are often right: commits are exercised
+        assert accepted > 1.0
+    assert eng.stats()["running"] == 0 and eng.load() == 0
+
+
+def test_sampled_rows_do_not_depend_on_batchmates_or_speculation(tiny, tiny_heads):
+    t = TREES["tree"]
+    ps = prompts(4, seed=2)
+    sp = SamplingParams(temperature=0.9, rule="sample", seed=11)
+
+    def run(batch, mode):
+        eng = Engine(tiny, tiny_heads, t, max_batch=4, max_seq_len=64, trees={t.name: t})
+        others = [eng.submit(Request(p, max_new_tokens=12)) for p in ps[1:batch]]
+        h = eng.submit(Request(ps[0], max_new_tokens=12, sampling=sp, speculation=mode))
+        out = h.result()[0]
+        drain(eng, others)
+        return out
+
+    ref = run(1, "off")
+    assert run(4, "off") == ref
+    assert run(4, "on") == ref  # token j always draws uniform j: speculation changes no sample
+
+
+def test_default_model_batched_equals_alone(stack):
+    """The embedded default model (float32) with its default heads, real chat prompts."""
+    tok, model, heads = stack.tokenizer, stack.model, stack.heads
+    ps = [tok.encode_prompt(x) for x in ("What is 2 + 2?", "Name a color.", "Say hello in French, briefly please.")]
+    tree = load_tree("chain")
+    eos = tuple(model.cfg.eos_token_ids)
+    eng = Engine(model, heads, tree, max_batch=3, max_seq_len=128)
+    hs = [eng.submit(Request(p, max_new_tokens=8, speculation=m)) for p, m in zip(ps, ("on", "off", "auto"))]
+    for p, (out, st) in zip(ps, drain(eng, hs)):
+        assert out == alone(model, p, heads, tree, 8, eos)
+
+
+# ------------------------------------------------------------------ continuous batching
+
+def test_requests_join_and_leave_mid_flight(tiny, tiny_heads):
+    t = TREES["tree"]
+    eng = Engine(tiny, tiny_heads, t, max_batch=3, max_seq_len=64, trees={t.name: t})
+    ps = prompts(5, seed=3)
+    lengths = [4, 24, 9, 16, 6]
+    hs = {0: eng.submit(Request(ps[0], max_new_tokens=lengths[0], speculation="on"))}
+    eng.step()
+    eng.step()
+    hs[1] = eng.submit(Request(ps[1], max_new_tokens=lengths[1], speculation="on"))
+    eng.step()
+    hs[2] = eng.submit(Request(ps[2], max_new_tokens=lengths[2], speculation="off"))
+    for _ in range(3):
+        eng.step()
+    hs[3] = eng.submit(Request(ps[3], max_new_tokens=lengths[3], speculation="on"))
+    hs[4] = eng.submit(Request(ps[4], max_new_tokens=lengths[4], speculation="on"))
+    while eng.step():
+        pass
+    for i, h in hs.items():
+        out, st = h.result()
+        assert out == alone(tiny, ps[i], tiny_heads, t, lengths[i]), f"request {i}"
+
+
+def test_stop_sequences_and_eos(tiny):
+    eng = Engine(tiny, None, max_batch=4, max_seq_len=64)
+    p = prompts(1, seed=4)[0]
+    free = alone(tiny, p, n=30, stop=())
+    stop = tuple(free[5:7])
+    out, st = eng.submit(Request(p, max_new_tokens=30, stop_token_ids=(), stop_sequences=(stop,))).result()
+    first = next(i for i in range(1, len(free)) if tuple(free[i - 1:i + 1]) == stop)
+    assert out == free[:first + 1]
+    h = eng.submit(Request(p, max_new_tokens=30, stop_token_ids=(free[3],)))
+    events = list(h)
+    assert events[-1].finish_reason == "eos" and sum((e.tokens for e in events), []) == free[:free.index(free[3]) + 1]
+
+
+# ------------------------------------------------------------------ pool, waiting, cancellation
+
+def test_pool_exhaustion_waits(tiny, tiny_heads):
+    t = TREES["chain"]
+    eng = Engine(tiny, tiny_heads, t, max_batch=2, max_seq_len=64, trees={t.name: t})
+    ps = prompts(5, seed=5)
+    hs = [eng.submit(Request(p, max_new_tokens=8, stop_token_ids=())) for p in ps]
+    eng.step()
+    s = eng.stats()
+    assert s["running"] == 2 and s["waiting"] == 3 and s["kv_rows_free"] == 0 and eng.load() == 5
+    for p, (out, st) in zip(ps, drain(eng, hs)):
+        assert out == alone(tiny, p, tiny_heads, t, 8, stop=())
+    assert eng.stats()["kv_rows_free"] == 2
+
+
+def test_cancel_frees_rows_without_leaks(tiny, tiny_heads):
+    t = TREES["tree"]
+    eng = Engine(tiny, tiny_heads, t, max_batch=3, max_seq_len=64, trees={t.name: t})
+    rng = random.Random(0)
+    handles = []
+    for i, p in enumerate(prompts(40, seed=6)):
+        handles.append(eng.submit(Request(p, max_new_tokens=30, session_id=f"s{i % 5}")))
+        if rng.random() < 0.5:
+            eng.step()
+        victim = rng.choice(handles)
+        victim.cancel()
+        assert eng.pool.n_active <= 3
+    keep = eng.submit(Request(prompts(1, seed=7)[0], max_new_tokens=6))
+    for h in handles:
+        events = list(h)
+        assert events[-1].finish_reason in ("cancelled", "length", "eos")
+    out, _ = keep.result()
+    assert out == alone(tiny, prompts(1, seed=7)[0], tiny_heads, t, 6)
+    s = eng.stats()
+    assert s["running"] == 0 and s["waiting"] == 0 and eng.load() == 0
+    assert s["kv_rows_used"] == 0 and s["kv_rows_free"] + s["kv_rows_kept"] == s["kv_rows"]
+
+
+def test_cancel_running_frees_row_at_once(tiny):
+    eng = Engine(tiny, None, max_batch=1, max_seq_len=64)
+    a = eng.submit(Request(prompts(1)[0], max_new_tokens=40))
+    b = eng.submit(Request(prompts(1, seed=1)[0], max_new_tokens=5))
+    eng.step()
+    assert eng.stats()["running"] == 1 and eng.stats()["waiting"] == 1
+    a.cancel()
+    assert eng.stats()["running"] == 0 and eng.stats()["kv_rows_free"] == 1
+    assert list(a)[-1].finish_reason == "cancelled"
+    assert b.result()[0] == alone(tiny, prompts(1, seed=1)[0], n=5)
+
+
+# ------------------------------------------------------------------ sessions
+
+def test_session_reuse_same_tokens_as_full_prefill(tiny, tiny_heads):
+    t = TREES["tree"]
+    eng = Engine(tiny, tiny_heads, t, max_batch=2, max_seq_len=96, trees={t.name: t})
+    p1 = prompts(1, seed=8)[0]
+    ans1, st1 = eng.submit(Request(p1, max_new_tokens=10, session_id="t/a", speculation="on")).result()
+    assert st1.reused_tokens == 0 and eng.stats()["sessions_kept"] == 1
+    p2 = p1 + ans1 + [3, 1, 4]
+    ans2, st2 = eng.submit(Request(p2, max_new_tokens=10, session_id="t/a", speculation="on")).result()
+    assert st2.reused_tokens >= len(p1) + len(ans1) - 1
+    assert ans2 == alone(tiny, p2, tiny_heads, t, 10)
+    # a prompt that does not continue the session: full prefill, same output as alone
+    p3 = [5] + p2[1:]
+    ans3, st3 = eng.submit(Request(p3, max_new_tokens=10, session_id="t/a", speculation="on")).result()
+    assert st3.reused_tokens == 0
+    assert ans3 == alone(tiny, p3, tiny_heads, t, 10)
+
+
+def test_session_evicted_lru_falls_back(tiny):
+    eng = Engine(tiny, None, max_batch=1, kv_budget_tokens=2 * 48, max_seq_len=48)  # 2 rows, 1 running
+    ps = prompts(3, seed=9, hi=10)
+    answers = [eng.submit(Request(p, max_new_tokens=6, session_id=f"s{i}")).result()[0] for i, p in enumerate(ps)]
+    assert eng.stats()["sessions_kept"] == 2  # s0 was evicted (least recent) to make room for s2
+    nxt = ps[0] + answers[0] + [2]
+    out, st = eng.submit(Request(nxt, max_new_tokens=6, session_id="s0")).result()
+    assert st.reused_tokens == 0 and out == alone(tiny, nxt, n=6)  # s1 evicted now
+    nxt = ps[2] + answers[2] + [2]
+    out, st = eng.submit(Request(nxt, max_new_tokens=6, session_id="s2")).result()
+    assert st.reused_tokens == len(ps[2]) + len(answers[2]) - 1 and out == alone(tiny, nxt, n=6)
+
+
+# ------------------------------------------------------------------ API surface
+
+def test_background_thread_and_async_iteration(tiny, tiny_heads):
+    t = TREES["chain"]
+    ps = prompts(3, seed=10)
+
+    async def consume(eng):
+        hs = [eng.submit(Request(p, max_new_tokens=8)) for p in ps]
+        outs = []
+        for h in hs:
+            toks = []
+            async for ev in h:
+                toks.extend(ev.tokens)
+            outs.append(toks)
+        return outs
+
+    with Engine(tiny, tiny_heads, t, max_batch=2, max_seq_len=64, trees={t.name: t}) as eng:
+        outs = asyncio.run(consume(eng))
+        outs.append(eng.submit(Request(ps[0], max_new_tokens=8)).result()[0])  # blocking iteration
+    assert outs[:3] == [alone(tiny, p, tiny_heads, t, 8) for p in ps]
+    assert outs[3] == outs[0]
+
+
+def test_bad_requests_are_request_errors(tiny):
+    eng = Engine(tiny, None, max_batch=1, max_seq_len=32)
+    for bad in (Request([]), Request([1, 99]), Request([1], max_new_tokens=0), Request([1] * 30, max_new_tokens=5),
+                Request([1], speculation="maybe"), Request([1], stop_sequences=((),))):
+        with pytest.raises(RequestError):
+            eng.submit(bad)
+    h = eng.submit(Request([1, 2], request_id="x", max_new_tokens=20))
+    with pytest.raises(RequestError):
+        eng.submit(Request([1, 2], request_id="x"))
+    h.cancel()
+    assert eng.load() == 0
