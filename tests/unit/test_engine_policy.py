@@ -1,0 +1,139 @@
+"""The engine's pure parts on hand-made numbers: the load-adaptive tree choice, its acceptance and
+step-cost estimates, the KV row pool's bookkeeping, and stop detection."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from medusa.decoding.adaptive import AcceptanceMeter, StepCostModel, TreeOption, batch_bucket, choose_tree
+from medusa.decoding.kv_pool import RowPool, Swap, state_rows, swap_cache_rows, swap_state_rows, write_back
+from medusa.decoding.stopping import stop_cut
+from medusa.model.kv_cache import KVCache
+
+OPTIONS = [TreeOption("ar", 1, 1.0), TreeOption("chain", 5, 2.0), TreeOption("tree64", 64, 3.0)]
+
+
+def gpu_like(batch: int, nodes: int) -> float:
+    """Memory-bound until ~256 tokens per step, then linear in tokens."""
+    return 0.010 * max(1.0, batch * nodes / 256)
+
+
+def test_choice_follows_the_load():
+    assert choose_tree(1, 1, OPTIONS, gpu_like).tree == "tree64"  # 64 tokens: free, 3 tokens per step
+    assert choose_tree(16, 16, OPTIONS, gpu_like).tree == "chain"  # 80 tokens free, 1024 are 4x the cost
+    c = choose_tree(256, 256, OPTIONS, gpu_like)
+    assert c.tree == "ar" and "ar" in c.reason
+    assert c.rates["ar"] == pytest.approx(256 / 0.010)
+
+
+def test_choice_counts_rows_that_do_not_speculate():
+    flat = lambda b, n: 0.01 * (1 + 0.02 * b * n)  # noqa: E731
+    assert choose_tree(8, 8, OPTIONS, flat).tree != "ar"
+    assert choose_tree(8, 0, OPTIONS, flat).tree == "ar"  # nobody gains from the tree: pure cost
+
+
+def test_choice_explores_unknown_costs_smallest_first_and_breaks_ties_small():
+    known = {(4, 1): 0.01}
+    c = choose_tree(4, 4, OPTIONS, lambda b, n: known.get((b, n)))
+    assert c.tree == "chain" and c.reason.startswith("exploring")
+    same = [TreeOption("ar", 1, 1.0), TreeOption("chain", 5, 1.0)]
+    assert choose_tree(4, 4, same, lambda b, n: 0.01).tree == "ar"
+
+
+def test_acceptance_meter_scales_unmeasured_trees_by_measured_ones():
+    m = AcceptanceMeter({"chain": 3.0, "tree64": 5.0}, warmup=4)
+    assert m.expected("tree64") == 5.0  # nothing measured: the prior
+    m.record("chain", [1, 2, 1, 2])  # mean 1.5: half the prior's gain
+    assert m.expected("chain") == pytest.approx(1.5)
+    assert m.expected("tree64") == pytest.approx(1.0 + 0.25 * 4.0)
+    m.record("chain", [3] * 200)  # exponential average follows a change
+    assert m.expected("chain") > 2.9
+
+
+def test_step_cost_model_table_online_and_extrapolation():
+    table = {(1, 16): 0.010, (8, 16): 0.024, (1, 1): 0.008}
+    cm = StepCostModel(table)
+    assert cm(1, 16) == pytest.approx(0.010)
+    assert cm(4, 16) == pytest.approx(0.010 + 0.014 * 3 / 7)  # linear over batch
+    assert cm(16, 16) == pytest.approx(0.048)  # proportional past the table
+    assert cm(4, 64) is None  # nothing known for 64 nodes at batch 4
+    for s in (9.0, 0.02, 0.02):  # the first (warm-up) sample is dropped
+        cm.record(3, 1, s)
+    assert cm(4, 1) == pytest.approx(0.02)  # batch 3 and 4 share a bucket
+    cm.record(4, 5, 0.04)
+    cm.record(4, 5, 0.04)
+    assert cm(4, 9) == pytest.approx(0.04 + 0.005 * 4)  # linear over nodes from two measured trees
+    assert [batch_bucket(b) for b in (1, 2, 3, 5, 64, 65)] == [1, 2, 4, 8, 64, 128]
+
+
+# ------------------------------------------------------------------ the row pool
+
+def check_invariant(p: RowPool) -> None:
+    assert all(p.owner[r] is not None for r in range(p.n_active))
+    assert all(p.owner[r] is None for r in range(p.n_active, p.rows))
+    assert all(p.session[p.lru[s]] == s for s in p.lru)
+    assert p.free + p.kept + p.n_active == p.rows
+
+
+def test_pool_keeps_running_rows_first_and_sessions_lru():
+    p = RowPool(rows=3, max_active=2)
+    a = p.admit("a", [1, 2, 3], "s1")
+    b = p.admit("b", [4, 5], "s2")
+    assert (a.row, b.row, p.can_admit()) == (0, 1, False)
+    p.length[0], p.length[1] = 4, 3
+    swaps = p.release(0, "s1", [1, 2, 3, 9])  # row 0 leaves: the last running row moves in
+    assert swaps == [Swap(0, 1, 4, 3)] and p.owner[0] == "b" and p.lru["s1"] == 1
+    check_invariant(p)
+    c = p.admit("c", [1, 2, 3, 9, 7], "s1")  # continues s1: reuses its 4 tokens, already at row 1
+    assert (c.row, c.reused, c.swaps) == (1, 4, [])
+    p.release(1, "s1", [1, 2, 3, 9, 7, 8])
+    p.release(0, "s2", [4, 5, 6])
+    check_invariant(p)
+    assert list(p.lru) == ["s1", "s2"] and p.free == 1
+    d = p.admit("d", [1, 1], None)  # takes the free row, evicts nothing
+    assert d.evicted is None and d.reused == 0
+    e = p.admit("e", [2, 2], "s3")  # no free row: evicts the least recent session
+    assert e.evicted == "s1" and list(p.lru) == ["s2"]
+    check_invariant(p)
+    f = p.release(e.row)
+    assert f == [] and p.n_active == 1
+
+
+def test_pool_random_walk_never_leaks():
+    rng = random.Random(0)
+    p = RowPool(rows=5, max_active=3)
+    running: list[str] = []
+    for i in range(500):
+        if running and (not p.can_admit() or rng.random() < 0.5):
+            rid = running.pop(rng.randrange(len(running)))
+            sid = rng.choice([None, "x", "y", "z", "w"])
+            p.release(p.owner.index(rid), sid, [1] * rng.randint(1, 5) if sid else None)
+        else:
+            p.admit(f"r{i}", [1, 2, 3], rng.choice([None, "x", "y", "z", "w"]))
+            running.append(f"r{i}")
+        check_invariant(p)
+        assert sorted(x for x in p.owner if x) == sorted(running)
+
+
+def test_tensor_row_helpers():
+    cache = KVCache(torch.arange(2 * 3 * 1 * 4 * 1.0).view(2, 3, 1, 4, 1), torch.zeros(2, 3, 1, 4, 1))
+    before = cache.k.clone()
+    swap_cache_rows(cache, Swap(0, 2, 2, 3))
+    assert torch.equal(cache.k[:, 0, :, :3], before[:, 2, :, :3]) and torch.equal(cache.k[:, 2, :, :2], before[:, 0, :, :2])
+    state = {"kv": cache, "last": torch.arange(3.0)[:, None], "table": torch.arange(10.0)}
+    swap_state_rows(state, 0, 1, rows=3)
+    assert state["last"].flatten().tolist() == [1.0, 0.0, 2.0] and state["table"].tolist() == list(range(10))
+    view = state_rows(state, 1, 3, rows=3)
+    assert view["last"].shape == (2, 1) and view["table"] is state["table"]
+    view["last"] = view["last"] + 10  # a head family that rebinds instead of writing in place
+    write_back(state, view, 1, 3, rows=3)
+    assert state["last"].flatten().tolist() == [1.0, 10.0, 12.0]
+
+
+def test_stop_cut():
+    assert stop_cut([5, 1, 2, 3], 0, {3}, []) == (4, "eos")
+    assert stop_cut([5, 1, 2, 3], 2, set(), [[1, 2]]) == (3, "stop")  # a stop sequence that began earlier
+    assert stop_cut([5, 1, 2, 3], 3, set(), [(1, 2)]) is None  # already checked before new_from
+    assert stop_cut([7, 7], 0, set(), [()]) is None
