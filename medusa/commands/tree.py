@@ -1,0 +1,79 @@
+"""`medusa tree`: the tree that maximises expected accepted length for each node budget,
+from measured head accuracies (`medusa eval heads --json`), greedily adding the node with the
+largest expected gain (the Medusa paper's construction). Writes one tree JSON per budget and,
+with --heads, stores the tree of --ship-nodes in that heads folder's heads.json."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from medusa.errors import RequestError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("tree", help="search the best tree per node budget from head accuracies",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--accuracies", required=True, help="JSON from `medusa eval heads --json`")
+    p.add_argument("--nodes", default="16,32,64,128", help="node budgets (root included), comma separated")
+    p.add_argument("--out", required=True, help="folder for tree<N>.json files")
+    p.add_argument("--heads", default=None, help="heads folder whose heads.json gets the tree of --ship-nodes")
+    p.add_argument("--ship-nodes", type=int, default=64)
+    p.set_defaults(func=run)
+
+
+def read_rank_accuracies(path: str | Path) -> list[list[float]]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RequestError(f"cannot read accuracies {path}: {e}") from None
+    acc = data.get("rank") if isinstance(data, dict) else None
+    if not (isinstance(acc, list) and acc and all(isinstance(r, list) and r for r in acc)):
+        raise RequestError(f'{path}: expected {{"rank": [[p(head i right at rank r)] ...]}} (medusa eval heads --json)')
+    if any(not 0.0 <= float(a) <= 1.0 for r in acc for a in r):
+        raise RequestError(f"{path}: accuracies must lie in [0, 1]")
+    return [[float(a) for a in r] for r in acc]
+
+
+def run(args) -> int:
+    from medusa.decoding.tree import build_tree
+    from medusa.heads.base import HeadsConfig
+    from medusa.training.accuracy import trees_for_budgets
+
+    try:
+        budgets = sorted({int(n) for n in args.nodes.split(",") if n.strip()})
+    except ValueError:
+        raise RequestError(f"--nodes takes comma-separated integers, got {args.nodes!r}") from None
+    if not budgets or budgets[0] < 1:
+        raise RequestError("--nodes: budgets must be >= 1")
+    acc = read_rank_accuracies(args.accuracies)
+    if args.heads and args.ship_nodes not in budgets:
+        budgets = sorted(set(budgets) | {args.ship_nodes})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print("nodes  depth  expected accepted length")
+    shipped = None
+    for t in trees_for_budgets(acc, budgets):
+        name = f"tree{t.nodes}"
+        (out / f"{name}.json").write_text(json.dumps({"name": name, "nodes": t.nodes, "expected_accept_length": round(t.expected_accept_length, 4),
+                                                      "paths": [list(p) for p in t.paths]}) + "\n")
+        depth = max((len(p) for p in t.paths), default=0)
+        print(f"{t.nodes:>5d}  {depth:>5d}  {t.expected_accept_length:.3f}")
+        if args.heads and t.nodes <= args.ship_nodes:
+            shipped = t
+    if args.heads:
+        cfg_path = Path(args.heads) / "heads.json"
+        try:
+            cfg = HeadsConfig.from_dict(json.loads(cfg_path.read_text()))
+        except (OSError, json.JSONDecodeError, TypeError) as e:
+            raise RequestError(f"cannot read {cfg_path}: {e}") from None
+        if max((len(p) for p in shipped.paths), default=0) > cfg.num_heads:
+            raise RequestError(f"the accuracies describe deeper heads than the {cfg.num_heads} in {args.heads}")
+        build_tree(shipped.paths)  # validate
+        d = cfg.to_dict()
+        d["tree"] = [list(p) for p in shipped.paths]
+        d.setdefault("extra", {})["tree_expected_accept_length"] = round(shipped.expected_accept_length, 4)
+        cfg_path.write_text(json.dumps(d, indent=1))
+        print(f"tree: the {shipped.nodes}-node tree stored in {cfg_path}", file=sys.stderr)
+    return 0

@@ -1,0 +1,71 @@
+"""Teacher forcing for draft heads over whole sequences: the label shift, the base model's
+hidden states, and each head's output at every position.
+
+The alignment, in one place (t = position of the last token the head has seen):
+- the base LM head at t guesses token t+1;
+- Medusa / Hydra head i at t guesses token t+2+i (`head_targets`);
+- Hydra head i at t also reads the embeddings of tokens t+1 .. t+1+i (`path_embeddings`),
+  which at inference are the root and the tree path above the guessed node;
+- the teacher distribution for head i at t is the base model's at t+1+i (`teacher_hidden`).
+
+Knows nothing of optimisers, data files or trees."""
+from __future__ import annotations
+
+import torch
+
+from medusa.heads.hydra import HydraHeads
+from medusa.heads.medusa import MedusaHeads
+
+
+def shift_left(x: torch.Tensor, k: int, fill=0) -> torch.Tensor:
+    """y[:, t] = x[:, t + k], the last k positions filled. x [B, T, ...]."""
+    if k == 0:
+        return x
+    pad = torch.full_like(x[:, :k], fill)
+    return torch.cat([x[:, k:], pad], dim=1)[:, : x.shape[1]]
+
+
+def head_targets(tokens: torch.Tensor, target_mask: torch.Tensor, head: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets of head `head` at every position: (tokens [B, T], valid [B, T] bool).
+    valid[b, t]: token t+2+head exists and is a response token."""
+    k = 2 + head
+    return shift_left(tokens, k, 0), shift_left(target_mask, k, False)
+
+
+def path_embeddings(base, tokens: torch.Tensor, head: int) -> torch.Tensor:
+    """[B, T, head+1, D]: embeddings of tokens t+1 .. t+1+head at every position t."""
+    emb = base.embed_tokens(tokens)  # [B, T, D]
+    return torch.stack([shift_left(emb, j, 0.0) for j in range(1, head + 2)], dim=2)
+
+
+def teacher_hidden(hidden: torch.Tensor, head: int) -> torch.Tensor:
+    """[B, T, D]: the base hidden state whose LM-head distribution head `head` learns at t."""
+    return shift_left(hidden, 1 + head, 0.0)
+
+
+@torch.no_grad()
+def base_hidden(base, tokens: torch.Tensor) -> torch.Tensor:
+    """The frozen base model over whole right-padded sequences, no KV kept: [B, T, D].
+    Uses a throwaway cache (the model's own forward, so training sees the inference numerics)."""
+    B, T = tokens.shape
+    pos = torch.arange(T, device=tokens.device)[None].expand(B, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()[None].expand(B, T, T)
+    return base(tokens, pos, base.new_cache(B, T), pos, causal, logits_for=None).hidden
+
+
+def head_features(heads, base, tokens: torch.Tensor, hidden: torch.Tensor) -> list[torch.Tensor]:
+    """z_i [B, T, D] per head: what head i feeds its LM head at every position."""
+    K = heads.config.num_heads
+    if isinstance(heads, MedusaHeads):
+        return [heads.blocks[i](hidden) for i in range(K)]
+    if isinstance(heads, HydraHeads):
+        s = heads.summary(hidden, base)  # [B, T, D]
+        return [heads.head_hidden(i, s, path_embeddings(base, tokens, i).to(s.dtype)) for i in range(K)]
+    raise TypeError(f"no teacher forcing for {type(heads).__name__}")
+
+
+def head_lm(heads, i: int, z: torch.Tensor, base) -> torch.Tensor:
+    """Head i's logits from its features: z [..., D] -> [..., V]."""
+    if getattr(heads, "lm_heads", None) is not None:
+        return heads.lm_heads[i](z)
+    return base.lm_head(z)

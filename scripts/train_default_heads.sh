@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Train the shipped draft heads for the default model (SmolLM2-135M-Instruct) on one GPU:
+#   distill -> Medusa-1 -> Hydra++ -> eval heads -> tree search (<= 64 nodes) -> package assets.
+#
+# Resumable and split in two stages, each fitting one 9-minute GPU call (every step is bounded
+# by `timeout`, and distill / train stop on their own time limits, keeping what they made):
+#   bash scripts/train_default_heads.sh 1    # self-distillation (~7.5 min)
+#   bash scripts/train_default_heads.sh 2    # training, accuracy, trees, assets (~8 min)
+# Rerunning a stage continues where it stopped (distill skips done ids; train resumes its checkpoint;
+# finished steps are skipped).
+#
+# Environment (defaults in brackets):
+#   MODEL    GGUF file or HF dir of the base model [/tmp/m/smollm2.gguf]
+#   PROMPTS  folder with the distillation prompt files [../shared/data/prompts, else shared/data/prompts]
+#   MTBENCH  MT-Bench question.jsonl for a quick measured check [../shared/data/mt_bench/question.jsonl]
+#   WORK     scratch folder kept between calls on a warm machine [.cache/heads_run]
+#   OUT      folder the GPU tool returns [out_heads]
+#   DATA_GZ  distilled data from a stage-1 $OUT, used when $WORK has none [distill.jsonl.gz]
+#   DISTILL_SECONDS [430]  MEDUSA_SECONDS [110]  HYDRA_SECONDS [200]  N_PROMPTS [12000]  BATCH [128]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STAGE=${1:-all}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export MEDUSA_CACHE=${MEDUSA_CACHE:-$PWD/.cache/medusa}
+MODEL=${MODEL:-/tmp/m/smollm2.gguf}
+if [[ -z "${PROMPTS:-}" ]]; then
+  PROMPTS=../shared/data/prompts
+  [[ -d $PROMPTS ]] || PROMPTS=shared/data/prompts
+fi
+MTBENCH=${MTBENCH:-../shared/data/mt_bench/question.jsonl}
+[[ -f $MTBENCH ]] || MTBENCH=shared/data/mt_bench/question.jsonl
+WORK=${WORK:-.cache/heads_run}
+OUT=${OUT:-out_heads}
+DATA_GZ=${DATA_GZ:-distill.jsonl.gz}
+DISTILL_SECONDS=${DISTILL_SECONDS:-430}
+MEDUSA_SECONDS=${MEDUSA_SECONDS:-110}
+HYDRA_SECONDS=${HYDRA_SECONDS:-200}
+N_PROMPTS=${N_PROMPTS:-12000}
+BATCH=${BATCH:-128}
+ASSETS=medusa/assets/heads
+mkdir -p "$WORK" "$OUT"
+medusa() { python3 -m medusa.cli "$@"; }
+log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$WORK/pipeline.log" >&2; }
+
+stage1() {
+  log "distill: up to $N_PROMPTS prompts, ${DISTILL_SECONDS}s, batch $BATCH, model $MODEL"
+  timeout $((DISTILL_SECONDS + 90)) python3 -m medusa.cli distill --model "$MODEL" \
+    --prompts "$PROMPTS"/sharegpt_first_turns.jsonl "$PROMPTS"/code_alpaca_2k.json "$PROMPTS"/gsm8k_train.jsonl "$PROMPTS"/alpaca_en_demo.json \
+    --out "$WORK/distill.jsonl" --limit "$N_PROMPTS" --max-new-tokens 512 --sample-fraction 0.3 --temperature 0.7 \
+    --batch "$BATCH" --time-limit "$DISTILL_SECONDS" 2>&1 | tr '\r' '\n' | grep -v '^distilling' | tail -5 | tee -a "$WORK/pipeline.log" || log "distill stopped (timeout or error); the data so far is kept"
+  log "distilled records: $(wc -l < "$WORK/distill.jsonl")"
+  gzip -1 -c "$WORK/distill.jsonl" > "$OUT/distill.jsonl.gz"
+}
+
+train_heads() {  # name, seconds, train args...
+  local name=$1 secs=$2; shift 2
+  if [[ -f $WORK/$name/heads.json && -f $WORK/$name/.done ]]; then log "train $name: done already"; return; fi
+  log "train $name: ${secs}s $*"
+  timeout $((secs + 75)) python3 -m medusa.cli train --model "$MODEL" --data "$WORK/distill.jsonl" --out "$WORK/$name" \
+    --time-limit "$secs" --epochs 20 --batch-tokens 16384 --max-len 1024 --warmup 30 --checkpoint-every 100 "$@" \
+    2>&1 | tr '\r' '\n' | grep -v '^training' | tee -a "$WORK/pipeline.log"
+  touch "$WORK/$name/.done"
+}
+
+eval_and_tree() {  # name
+  local name=$1
+  timeout 120 python3 -m medusa.cli eval heads --model "$MODEL" --heads "$WORK/$name" --data "$WORK/distill.jsonl" \
+    --max-batches 40 --json "$WORK/$name.accuracy.json" 2>&1 | tr '\r' '\n' | grep -v '^scoring' | tee -a "$WORK/pipeline.log"
+  timeout 60 python3 -m medusa.cli tree --accuracies "$WORK/$name.accuracy.json" --nodes 16,32,64,128 \
+    --out "$WORK/$name.trees" --heads "$WORK/$name" --ship-nodes 64 2>&1 | tee -a "$WORK/pipeline.log"
+}
+
+stage2() {
+  if [[ ! -s $WORK/distill.jsonl ]]; then
+    [[ -f $DATA_GZ ]] || { echo "no distilled data: run stage 1, or put its distill.jsonl.gz at $DATA_GZ" >&2; exit 2; }
+    gunzip -c "$DATA_GZ" > "$WORK/distill.jsonl"
+  fi
+  log "stage 2 on $(wc -l < "$WORK/distill.jsonl") records"
+  train_heads medusa "$MEDUSA_SECONDS" --head-type medusa --num-heads 5 --num-layers 1 --lr 1e-3 --teacher-weight 0
+  train_heads hydra "$HYDRA_SECONDS" --head-type hydra++ --num-heads 4 --num-layers 2 --prefix-intermediate 512 --lr 1e-3 --teacher-weight 1
+  for name in medusa hydra; do
+    eval_and_tree "$name"
+    mkdir -p "$ASSETS/$name"
+    cp "$WORK/$name/heads.safetensors" "$WORK/$name/heads.json" "$ASSETS/$name/"
+    cp "$WORK/$name/heads.safetensors" "$OUT/$name.heads.safetensors"
+    cp "$WORK/$name/heads.json" "$OUT/$name.heads.json"
+  done
+  du -b "$ASSETS"/*/heads.safetensors | tee -a "$WORK/pipeline.log"
+  if [[ -f $MTBENCH ]]; then
+    for name in medusa hydra; do
+      log "measured: $name heads, 8 MT-Bench prompts x 128 tokens"
+      timeout 90 python3 -m medusa.cli generate --model "$MODEL" --heads "$ASSETS/$name" --prompt-file "$MTBENCH" --limit 8 \
+        --max-new-tokens 128 --json > "$WORK/$name.mtbench8.jsonl" 2>/dev/null || true
+      python3 - "$WORK/$name.mtbench8.jsonl" <<'EOF' | tee -a "$WORK/pipeline.log"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+steps = sum(r["steps"] for r in rows); toks = sum(r["new_tokens"] - 1 for r in rows)
+print(f"{sys.argv[1]}: {len(rows)} prompts, mean accepted {toks / max(steps, 1):.3f} tokens/step")
+EOF
+    done
+  fi
+  tar -czf "$OUT/report.tar.gz" -C "$WORK" pipeline.log medusa/train.json hydra/train.json medusa.accuracy.json \
+    hydra.accuracy.json medusa.trees hydra.trees $(cd "$WORK" && ls *.mtbench8.jsonl 2>/dev/null)
+  log "stage 2 done: $OUT holds the heads (copy *.heads.* into $ASSETS/<name>/) and report.tar.gz"
+}
+
+case $STAGE in
+  1) stage1 ;;
+  2) stage2 ;;
+  all) stage1; stage2 ;;
+  *) echo "usage: $0 [1|2|all]" >&2; exit 2 ;;
+esac

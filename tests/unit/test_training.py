@@ -1,0 +1,255 @@
+"""Head training on a tiny random base model: the label shift, loss going down, checkpoint
+resume to the identical state, accuracy bookkeeping, tree search by hand, distillation I/O."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import torch
+
+from medusa.decoding.tree import expected_accept_length
+from medusa.errors import RequestError
+from medusa.heads.base import HeadsConfig
+from medusa.heads.hydra import prefix_extra
+from medusa.heads.io import build_heads, fingerprint
+from medusa.model.config import ModelConfig
+from medusa.model.llama import Transformer
+from medusa.training.accuracy import HeadAccuracy, head_accuracy, trees_for_budgets
+from medusa.training.data import (Record, collate, mix_prompts, plan_batches, read_prompt_file, read_records, sampled_mode,
+                                  split)
+from medusa.training.distill import DistillJob, distill
+from medusa.training.features import base_hidden, head_features, head_targets, path_embeddings, teacher_hidden
+from medusa.training.trainer import TrainConfig, Trainer, lr_at
+
+V = 37
+
+
+def tiny_base(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(arch="llama", vocab_size=V, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=8, max_position_embeddings=256, eos_token_ids=(0,))
+    m = Transformer(cfg)
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return m.eval().requires_grad_(False)
+
+
+def new_heads(base, head_type: str, K: int = 3, layers: int = 1, seed: int = 0):
+    torch.manual_seed(seed)
+    extra = prefix_extra(base, 32) if head_type == "hydra++" else {}
+    return build_heads(HeadsConfig(head_type, K, layers, 32, V, fingerprint(base), extra=extra), base)
+
+
+def pattern_records(n: int = 24, seed: int = 0) -> list[Record]:
+    """Learnable responses: counting sequences modulo V with a per-record stride."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        start, stride = int(torch.randint(1, V, (1,), generator=g)), 1 + i % 3
+        seq = [(start + stride * k) % (V - 1) + 1 for k in range(20)]
+        out.append(Record(f"r{i}", "greedy", seq[:4], seq[4:]))
+    return out
+
+
+# ------------------------------------------------------------------ the label shift
+
+
+def test_head_targets_are_token_t_plus_2_plus_i():
+    tokens = torch.tensor([[10, 11, 12, 13, 14, 15, 16, 17]])
+    mask = torch.tensor([[False, False, False, True, True, True, True, True]])  # response from position 3
+    for i in range(3):
+        targets, valid = head_targets(tokens, mask, i)
+        for t in range(8):
+            if t + 2 + i < 8:
+                assert int(targets[0, t]) == 10 + t + 2 + i
+                assert bool(valid[0, t]) == (t + 2 + i >= 3)
+            else:
+                assert not bool(valid[0, t])
+    # hand check for head 0: position 1 (token 11) guesses token 13, the first response token
+    targets, valid = head_targets(tokens, mask, 0)
+    assert targets[0].tolist()[:6] == [12, 13, 14, 15, 16, 17] and valid[0].tolist() == [False, True, True, True, True, True, False, False]
+
+
+def test_hydra_inputs_are_the_path_embeddings():
+    base = tiny_base()
+    tokens = torch.tensor([[3, 5, 7, 9, 11, 13]])
+    emb = base.embed_tokens(tokens)[0]  # [T, D]
+    for i in range(3):
+        pe = path_embeddings(base, tokens, i)  # [1, T, i+1, D]
+        assert pe.shape == (1, 6, i + 1, 32)
+        for t in range(6 - 2 - i):  # positions with a target
+            for j in range(i + 1):
+                torch.testing.assert_close(pe[0, t, j], emb[t + 1 + j])  # tokens t+1 .. t+1+i
+    hidden = torch.arange(6.0)[None, :, None].expand(1, 6, 4)
+    assert teacher_hidden(hidden, 1)[0, :4, 0].tolist() == [2.0, 3.0, 4.0, 5.0]  # head 1 at t: base at t+2
+
+
+def test_medusa_features_are_the_blocks_on_the_hidden_state():
+    base = tiny_base()
+    heads = new_heads(base, "medusa")
+    tokens = torch.tensor([[1, 2, 3, 4, 5]])
+    hidden = base_hidden(base, tokens)
+    feats = head_features(heads, base, tokens, hidden)
+    torch.testing.assert_close(feats[0], hidden)  # zero-initialised residual blocks: z = h
+
+
+# ------------------------------------------------------------------ training
+
+
+@pytest.mark.parametrize("head_type", ["medusa", "hydra", "hydra++"])
+def test_a_few_steps_lower_the_loss(head_type):
+    base = tiny_base()
+    heads = new_heads(base, head_type)
+    records = pattern_records()
+    cfg = TrainConfig(lr=3e-2, warmup_steps=2, epochs=30, max_steps=30, max_tokens=200, teacher_weight=0.5 if head_type == "hydra++" else 0.0)
+    trainer = Trainer(base, heads, records, records[:6], cfg)
+    before = trainer.evaluate()["loss"]
+    trainer.fit()
+    after = trainer.state.history[-1]["loss"]
+    assert after < 0.8 * before, (before, after)
+
+
+def test_checkpoint_resumes_to_the_same_state(tmp_path):
+    base = tiny_base()
+    records = pattern_records(16)
+    cfg = TrainConfig(lr=1e-2, warmup_steps=2, epochs=3, max_steps=7, max_tokens=120, checkpoint_every=1, eval_batches=1)
+    straight = Trainer(base, new_heads(base, "hydra++", seed=0), records, records[:2], cfg)
+    straight.fit()
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_4(m):
+        if m["step"] == 4:
+            raise Crash  # dies before step 4 is checkpointed: the checkpoint holds step 3
+
+    first = Trainer(base, new_heads(base, "hydra++", seed=0), records, records[:2], cfg, checkpoint_dir=tmp_path)
+    with pytest.raises(Crash):
+        first.fit(on_step=crash_at_4)
+    resumed = Trainer(base, new_heads(base, "hydra++", seed=99), records, records[:2], cfg, checkpoint_dir=tmp_path)
+    assert resumed.load_checkpoint() and resumed.state.step == 3
+    resumed.fit()
+    assert resumed.state.step == straight.state.step == 7
+    for (name, a), (_, b) in zip(straight.heads.state_dict().items(), resumed.heads.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert resumed.opt.state_dict()["state"][0]["step"] == straight.opt.state_dict()["state"][0]["step"]
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [lr_at(s, cfg, 100) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_batches_are_deterministic_and_cover_the_epoch():
+    records = pattern_records(40)
+    a, b = plan_batches(records, 100, 64, seed=1, epoch=2), plan_batches(records, 100, 64, seed=1, epoch=2)
+    assert a == b and sorted(i for batch in a for i in batch) == list(range(40))
+    assert all(len(batch) * 20 <= 100 for batch in a)
+    batch = collate(records[:2], max_len=64)
+    assert batch.tokens.shape == (2, 20) and batch.target_mask[0].tolist() == [False] * 4 + [True] * 16
+
+
+# ------------------------------------------------------------------ accuracy and trees
+
+
+def test_accuracy_rank_conversion_and_bounds():
+    acc = HeadAccuracy([[0.5, 0.7, 0.8], [0.2, 0.3, 0.3]], 10)
+    assert [pytest.approx(r) for r in ([0.5, 0.2, 0.1], [0.2, 0.1, 0.0])] == acc.rank
+    base = tiny_base()
+    measured = head_accuracy(new_heads(base, "hydra"), base, pattern_records(8), topk=5, max_tokens=200)
+    assert measured.tokens > 0
+    for row in measured.topk:
+        assert all(0.0 <= a <= 1.0 for a in row) and row == sorted(row)
+
+
+def test_tree_search_matches_a_hand_calculation():
+    rank = [[0.6, 0.2], [0.5, 0.1]]
+    # path probabilities: (0) .6, (0,0) .3, (1) .2, (1,0) .1, (0,1) .06, (1,1) .02
+    t4, t6 = trees_for_budgets(rank, [4, 6])
+    assert t4.paths == [(0,), (1,), (0, 0)] and t4.expected_accept_length == pytest.approx(1 + 0.6 + 0.3 + 0.2)
+    assert set(t6.paths) == {(0,), (1,), (0, 0), (1, 0), (0, 1)}
+    assert t6.expected_accept_length == pytest.approx(2.26)
+    assert expected_accept_length(t6.paths, rank) == pytest.approx(2.26)
+
+
+def test_tree_command_writes_trees_and_ships_one(tmp_path):
+    from medusa.cli import main
+
+    (tmp_path / "acc.json").write_text(json.dumps({"rank": [[0.6, 0.2], [0.5, 0.1]]}))
+    heads_dir = tmp_path / "heads"
+    heads_dir.mkdir()
+    cfg = HeadsConfig("medusa", 2, 1, 32, V, "f" * 16)
+    (heads_dir / "heads.json").write_text(json.dumps(cfg.to_dict()))
+    assert main(["tree", "--accuracies", str(tmp_path / "acc.json"), "--nodes", "4,6", "--out", str(tmp_path / "trees"),
+                 "--heads", str(heads_dir), "--ship-nodes", "4"]) == 0
+    t6 = json.loads((tmp_path / "trees" / "tree6.json").read_text())
+    assert t6["nodes"] == 6 and t6["expected_accept_length"] == pytest.approx(2.26)
+    assert HeadsConfig.from_dict(json.loads((heads_dir / "heads.json").read_text())).tree == [[0], [1], [0, 0]]
+    (tmp_path / "bad.json").write_text("{}")
+    assert main(["tree", "--accuracies", str(tmp_path / "bad.json"), "--out", str(tmp_path / "t2")]) == 2
+
+
+# ------------------------------------------------------------------ data and distillation
+
+
+def test_prompt_files_of_every_layout_mix_and_split(tmp_path):
+    (tmp_path / "sharegpt.jsonl").write_text('{"id": "a", "prompt": "hi"}\n{"id": "b", "prompt": "yo"}\n')
+    (tmp_path / "code.json").write_text(json.dumps([{"instruction": "sort", "input": "[2, 1]", "output": "[1, 2]"}]))
+    (tmp_path / "gsm8k.jsonl").write_text('{"question": "1+1?", "answer": "2"}\n')
+    files = [read_prompt_file(tmp_path / n) for n in ("sharegpt.jsonl", "code.json", "gsm8k.jsonl")]
+    assert files[1][0].text == "sort\n\n[2, 1]" and files[2][0].id == "gsm8k:0"
+    mixed = mix_prompts(files, seed=0)
+    assert len(mixed) == 4 and {p.id.split(":")[0] for p in mixed[:3]} == {"sharegpt", "code", "gsm8k"}
+    (tmp_path / "mt_bench.jsonl").write_text('{"id": 1, "prompt": "x"}\n')
+    with pytest.raises(RequestError):
+        read_prompt_file(tmp_path / "mt_bench.jsonl")
+    assert sampled_mode("x:1", 0.0) == "greedy" and sampled_mode("x:1", 1.0) == "sample"
+    recs = [Record(f"r{i}", "greedy", [1], [2]) for i in range(200)]
+    train, held = split(recs, 0.1)
+    assert 5 <= len(held) <= 40 and len(train) + len(held) == 200 and split(recs, 0.1) == (train, held)
+
+
+class FakeHandle:
+    def __init__(self, req, reason="eos"):
+        self.req, self.reason = req, reason
+
+    def cancel(self):
+        self.reason = "cancelled"
+
+    def __aiter__(self):
+        return self._events()
+
+    async def _events(self):
+        await asyncio.sleep(0)
+        n = self.req.max_new_tokens
+        yield type("Ev", (), {"tokens": [self.req.prompt_ids[0]] * (n - 1), "finish_reason": None})()
+        yield type("Ev", (), {"tokens": [0], "finish_reason": self.reason})()
+
+
+class FakeEngine:
+    def __init__(self):
+        self.requests = []
+
+    def submit(self, req):
+        self.requests.append(req)
+        return FakeHandle(req)
+
+
+def test_distill_writes_records_and_resumes(tmp_path):
+    out = tmp_path / "d.jsonl"
+    jobs = [DistillJob(f"p{i}:{'sample' if i % 2 else 'greedy'}", "sample" if i % 2 else "greedy", [i + 1, 5]) for i in range(6)]
+    eng = FakeEngine()
+    s = distill(eng, jobs[:4], out, max_new_tokens=3, window=2)
+    assert s.written == 4 and s.tokens == 12 and all(r.speculation == "off" for r in eng.requests)
+    assert [r.sampling.greedy for r in eng.requests] == [True, False, True, False]
+    s = distill(FakeEngine(), jobs, out, max_new_tokens=3)
+    assert s.written == 2 and s.skipped == 4
+    recs = read_records(out)
+    assert sorted(r.id for r in recs) == sorted(j.id for j in jobs)
+    assert recs[0].prompt_ids == [1, 5] and recs[0].response_ids == [1, 1, 0]
+    with open(out, "a") as f:
+        f.write('{"id": "half-writ')  # an interrupted run's last line is ignored
+    assert len(read_records(out)) == 6
