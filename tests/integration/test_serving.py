@@ -47,12 +47,11 @@ def client(cluster, tenant="acme", **kw):
 
 
 @pytest.fixture(scope="module")
-def reference():
-    """The batched Engine driven directly, in this process, on the same model and heads."""
+def reference(stack):
+    """The batched Engine driven directly, in this process, on the same model and heads
+    (conftest's `stack`: the default model, float32 on CPU, like the replicas)."""
     from medusa.decoding.engine import Engine, Request
-    from medusa.runtime import load_stack
 
-    stack = load_stack(None, heads="default", device="cpu", progress=False)
     engine = Engine(stack.model, stack.heads, stack.tree, max_batch=2, max_seq_len=512)
     eos = tuple(sorted(set(stack.model.cfg.eos_token_ids) | set(stack.tokenizer.eos_token_ids)))
 

@@ -1,0 +1,109 @@
+"""The KubeRay manifests (k8s/ base and overlays, built like `kustomize build`) validate against
+the RayService CRD shipped in ../shared/data/kuberay, their Serve config is a valid Ray Serve
+config for our app, and the base's Serve config is deploy/serve_config.yaml."""
+import os
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+jsonschema = pytest.importorskip("jsonschema")
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = Path(os.environ.get("MEDUSA_DATA") or REPO.parent / "shared" / "data")
+CRD = DATA / "kuberay" / "ray.io_rayservices.yaml"
+OVERLAYS = sorted(p.name for p in (REPO / "k8s" / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
+
+
+def _pointer_parent(doc, path):
+    parts = [p.replace("~1", "/").replace("~0", "~") for p in path.lstrip("/").split("/")]
+    node = doc
+    for p in parts[:-1]:
+        node = node[int(p)] if isinstance(node, list) else node[p]
+    return node, parts[-1]
+
+
+def apply_json6902(doc, ops):
+    for op in ops:
+        parent, key = _pointer_parent(doc, op["path"])
+        if isinstance(parent, list):
+            key = len(parent) if key == "-" else int(key)
+        if op["op"] == "replace":
+            assert (key < len(parent)) if isinstance(parent, list) else key in parent, f"replace of a missing {op['path']}"
+            parent[key] = op["value"]
+        elif op["op"] == "add":
+            parent.insert(key, op["value"]) if isinstance(parent, list) else parent.__setitem__(key, op["value"])
+        elif op["op"] == "remove":
+            del parent[key]
+        else:
+            raise AssertionError(f"unsupported op {op['op']}")
+    return doc
+
+
+def build(kdir: Path) -> list[dict]:
+    """A small `kustomize build`: resources (files or directories) then JSON 6902 patches."""
+    k = yaml.safe_load((kdir / "kustomization.yaml").read_text())
+    docs = []
+    for r in k.get("resources", []):
+        p = (kdir / r).resolve()
+        docs += build(p) if p.is_dir() else [d for d in yaml.safe_load_all(p.read_text()) if d]
+    for patch in k.get("patches", []):
+        ops = yaml.safe_load((kdir / patch["path"]).read_text())
+        t = patch["target"]
+        targets = [d for d in docs if d["kind"] == t["kind"] and d["metadata"]["name"] == t["name"]]
+        assert targets, f"patch target {t} not found"
+        for d in targets:
+            apply_json6902(d, ops)
+    return docs
+
+
+@pytest.fixture(scope="module")
+def rayservice_schema():
+    if not CRD.is_file():
+        pytest.skip(f"RayService CRD not found at {CRD}")
+    crd = yaml.safe_load(CRD.read_text())
+    assert crd["spec"]["names"]["kind"] == "RayService"
+    v1 = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return v1["schema"]["openAPIV3Schema"]
+
+
+@pytest.mark.parametrize("variant", ["base", *OVERLAYS], ids=lambda v: f"k8s-{v}")  # (a bare "gpu" id reads as the gpu marker)
+def test_manifests_validate_against_the_crd(variant, rayservice_schema):
+    docs = build(REPO / "k8s" / ("base" if variant == "base" else f"overlays/{variant}"))
+    services = [d for d in docs if d["kind"] == "RayService"]
+    assert len(services) == 1
+    rs = services[0]
+    assert rs["apiVersion"] == "ray.io/v1"
+    errors = sorted(jsonschema.Draft7Validator(rayservice_schema).iter_errors(rs), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{'/'.join(map(str, e.path))}: {e.message}" for e in errors[:10])
+    rcc = rs["spec"]["rayClusterConfig"]
+    assert rcc["enableInTreeAutoscaling"] is True and rcc["headGroupSpec"]["template"]["spec"]["containers"]
+    for g in rcc["workerGroupSpecs"]:
+        assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
+    ports = {p["port"] for p in rs["spec"]["serveService"]["spec"]["ports"]}
+    serve_cfg = yaml.safe_load(rs["spec"]["serveConfigV2"])
+    assert serve_cfg["grpc_options"]["port"] in ports
+    check_serve_config(serve_cfg)
+    assert {d["kind"] for d in docs} >= {"Deployment", "Service"}  # Redis
+
+
+def check_serve_config(cfg: dict) -> None:
+    """A valid Ray Serve config whose medusa app settings parse and whose servicer imports."""
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ServeDeploySchema
+
+    from services.config import Settings
+
+    ServeDeploySchema.parse_obj(cfg)
+    assert gRPCOptions(**cfg["grpc_options"]).grpc_servicer_func_callable
+    app = next(a for a in cfg["applications"] if a["import_path"] == "services.app:build_app")
+    s = Settings.parse(app["args"])
+    assert s.autoscaling["min_replicas"] <= s.autoscaling["max_replicas"]
+
+
+def test_base_serve_config_is_deploy_serve_config():
+    pytest.importorskip("ray")
+    deploy = yaml.safe_load((REPO / "deploy" / "serve_config.yaml").read_text())
+    check_serve_config(deploy)
+    base = next(d for d in build(REPO / "k8s" / "base") if d["kind"] == "RayService")
+    assert yaml.safe_load(base["spec"]["serveConfigV2"]) == deploy
