@@ -71,7 +71,9 @@ def with_keys(args: dict, env_keys: str | None) -> tuple[dict, dict]:
 
 
 def start(args: dict, *, grpc_port: int = 9000, redis_url: str | None = None, num_cpus: int | None = None,
-          http_port: int | None = None, env_keys: str | None = None) -> Cluster:
+          http_port: int | None = None, env_keys: str | None = None, metrics_port: int | None = None) -> Cluster:
+    """Start (or join the already initialised) Ray, Serve with the gRPC proxy on grpc_port and
+    the app. metrics_port: where this node serves Prometheus metrics (Ray's default otherwise)."""
     import ray
     from ray import serve
 
@@ -88,7 +90,8 @@ def start(args: dict, *, grpc_port: int = 9000, redis_url: str | None = None, nu
     cluster = Cluster(grpc_port, args, redis, dev)
     try:
         if not ray.is_initialized():
-            ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=True, logging_level="WARNING")
+            extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
+            ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=True, logging_level="WARNING", **extra)
         serve.start(grpc_options=grpc_options(grpc_port), http_options={"host": "127.0.0.1", "port": http_port or free_port()})
         serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
     except BaseException:

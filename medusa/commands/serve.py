@@ -27,6 +27,7 @@ def register(sub) -> None:
     p.add_argument("--replicas", type=int, default=None, help="engine replicas (default 1)")
     p.add_argument("--max-batch", type=int, default=None, help="requests decoded together per replica")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs the local Ray cluster may use (default: all)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics of this node on this port")
     p.add_argument("--tracing", default=None, help="otlp | console | none | file:PATH (default: from OTEL_* variables)")
     p.set_defaults(func=run)
 
@@ -65,11 +66,14 @@ def run(args) -> int:
     print(f"medusa serve: starting Ray and the application (model: {app_args.get('model') or 'default'}, "
           f"heads: {app_args.get('heads', 'default')}, device: {app_args['device']}) ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    cluster = launch.start(app_args, grpc_port=port, redis_url=args.redis_url, num_cpus=args.num_cpus)
+    cluster = launch.start(app_args, grpc_port=port, redis_url=args.redis_url, num_cpus=args.num_cpus,
+                           metrics_port=args.metrics_port)
     try:
         redis = cluster.settings["redis_url"] + (" (private redis-server)" if cluster.redis else "")
         print(f"medusa serve: gRPC medusa.v1.Medusa at {cluster.target}  (ready in {time.perf_counter() - t0:.0f}s; "
               f"redis {redis})", flush=True)
+        if args.metrics_port:
+            print(f"medusa serve: Prometheus metrics at http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
         for tenant, key in cluster.dev_keys.items():
             print(f"medusa serve: development API key for tenant {tenant!r}: {key}  "
                   f"(set MEDUSA_API_KEYS=\"tenant:key,...\" to choose keys)", flush=True)

@@ -33,9 +33,10 @@ def cluster(tmp_path_factory):
         "api_keys": [{"tenant": t, "key": k} for t, k in KEYS.items()],
         "tenant_limits": {"tiny": {"tokens_per_minute": 60, "max_concurrent": 1}},
     }
-    c = launch.start(args, grpc_port=free_port(), redis_url=r.url, num_cpus=2, env_keys="")
+    metrics_port = free_port()
+    c = launch.start(args, grpc_port=free_port(), redis_url=r.url, num_cpus=2, env_keys="", metrics_port=metrics_port)
     try:
-        yield {"target": c.target, "redis": redis.Redis.from_url(r.url), "spans": spans}
+        yield {"target": c.target, "redis": redis.Redis.from_url(r.url), "spans": spans, "metrics_port": metrics_port}
     finally:
         c.stop()
         r.stop()
@@ -150,3 +151,27 @@ def test_one_trace_holds_spans_from_every_deployment(cluster):
     assert len({s["pid"] for s in mine}) >= 3  # ingress, tokenizer and engine processes
     decode = next(s for s in mine if s["name"] == "engine.decode")
     assert decode["attributes"]["medusa.tenant"] == "acme" and decode["attributes"]["medusa.completion_tokens"] > 0
+
+
+def test_prometheus_metrics_are_exported(cluster):
+    import urllib.request
+
+    with client(cluster, "zeta") as c:
+        c.generate(prompt="Hello", max_new_tokens=4)
+    want = {"ray_medusa_generated_tokens_total", "ray_medusa_time_to_first_token_seconds_bucket",
+            "ray_medusa_accepted_length_bucket", "ray_medusa_inter_token_latency_seconds_bucket",
+            "ray_medusa_engine_queue_depth", "ray_medusa_requests_total"}
+    deadline = time.monotonic() + 40  # metrics are pushed to the node's exporter every few seconds
+    while True:
+        try:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{cluster['metrics_port']}/metrics", timeout=5).read().decode()
+        except OSError:
+            body = ""
+        names = {line.split("{")[0] for line in body.splitlines() if line.startswith("ray_medusa_")}
+        if want <= names:
+            break
+        assert time.monotonic() < deadline, f"missing metrics: {sorted(want - names)}"
+        time.sleep(2)
+    tenants = {part.split('"')[1] for line in body.splitlines() if line.startswith("ray_medusa_generated_tokens_total")
+               for part in line.split(",") if part.startswith("tenant=")}
+    assert "zeta" in tenants
