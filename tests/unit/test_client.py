@@ -207,3 +207,40 @@ def test_backoff_grows_and_is_capped():
 def test_client_does_not_import_torch():
     code = "import sys, medusa.client; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _self_signed(tmp_path):
+    import datetime
+
+    crypto = pytest.importorskip("cryptography")  # noqa: F841
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .sign(key, hashes.SHA256()))
+    pem_key = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return cert.public_bytes(serialization.Encoding.PEM), pem_key
+
+
+def test_tls_channel(tmp_path):
+    cert, key = _self_signed(tmp_path)
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_MedusaServicer_to_server(Scripted(), srv)
+    port = srv.add_secure_port("localhost:0", grpc.ssl_server_credentials([(key, cert)]))
+    srv.start()
+    try:
+        with MedusaClient(f"localhost:{port}", api_key="k1", root_certificates=cert, retry=FAST) as c:
+            assert c.generate("hi").text == "Hello"
+        with MedusaClient(f"localhost:{port}", api_key="k1", retry=FAST, timeout=2) as c:  # plaintext to a TLS port
+            with pytest.raises((UnavailableError, DeadlineExceededError)):
+                c.generate("hi")
+    finally:
+        srv.stop(None)

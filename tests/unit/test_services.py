@@ -393,3 +393,48 @@ def test_coalesce_merges_events_a_slow_consumer_missed():
 
     with pytest.raises(RuntimeError, match="replica died"):
         run(consume_failing())
+
+
+def test_ray_request_router_applies_the_policy():
+    """services.router.SessionAffinityRouter.choose_replicas over stand-in replicas (no Ray
+    cluster): the session's replica ranks first; a vanished one is replaced by the least loaded."""
+    pytest.importorskip("ray")
+    from ray.serve._private.request_router.common import PendingRequest, ReplicaQueueLengthCache
+
+    from services.router import SessionAffinityRouter
+
+    class Rid:
+        def __init__(self, u):
+            self.unique_id = u
+
+        def __hash__(self):
+            return hash(self.unique_id)
+
+        def __eq__(self, o):
+            return self.unique_id == o.unique_id
+
+    class Replica:
+        def __init__(self, u):
+            self.replica_id = Rid(u)
+
+    async def go():
+        router = SessionAffinityRouter.__new__(SessionAffinityRouter)
+        router._replica_queue_len_cache = ReplicaQueueLengthCache()
+        router.initialize_state(tracing=None)
+        reps = [Replica("a"), Replica("b"), Replica("c")]
+        router._replica_queue_len_cache.update(reps[0].replica_id, 3)
+        router._replica_queue_len_cache.update(reps[1].replica_id, 0)
+        router._replica_queue_len_cache.update(reps[2].replica_id, 1)
+
+        def pending(affinity):
+            return PendingRequest(args=[{"prompt_ids": [1], "session": "t/s", "affinity": affinity}], kwargs={}, metadata=None)
+
+        ids = lambda ranks: [[r.replica_id.unique_id for r in rank] for rank in ranks]  # noqa: E731
+        p = pending("a")
+        hit = ids(await router.choose_replicas(reps, p))
+        gone = ids(await router.choose_replicas(reps, pending("zz")))
+        plain = ids(await router.choose_replicas(reps, None))
+        return hit, gone, plain, p.routing_context.should_backoff
+
+    hit, gone, plain, backoff = run(go())
+    assert hit == [["a"], ["b", "c"]] and gone == [["b"], ["c", "a"]] and plain[0] == ["b"] and backoff
