@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -94,6 +95,7 @@ def bench_through_grpc(prompts: list[str], *, max_new_tokens: int = 64, settings
     "tokens_per_s_ratio" (grpc / engine), "ttft_overhead_ms" (grpc - engine) and
     "same_tokens" (whether both paths produced identical token ids)."""
     settings = {"device": "cpu", "engine_replicas": 1, **(settings or {})}
+    load_before = os.getloadavg()[0]
     cluster = None
     if target is None:
         from services import launch
@@ -125,6 +127,7 @@ def bench_through_grpc(prompts: list[str], *, max_new_tokens: int = 64, settings
         "tokens_per_s_ratio": round(grpc["tokens_per_s_median"] / engine["tokens_per_s_median"], 3),
         "ttft_overhead_ms": round(grpc["ttft_ms_median"] - engine["ttft_ms_median"], 2),
         "same_tokens": same,
+        "cpus": os.cpu_count(), "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
 
 
