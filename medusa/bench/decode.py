@@ -1,0 +1,251 @@
+"""Decode throughput on a prompt set: each mode (`hf`, `ar`, `medusa`, `hydra`, or
+`medusa:TREE` to pin a tree) runs every prompt, interleaved prompt by prompt, after a warm-up
+that is not counted. Our modes decode through medusa.decoding.generate (the one decode
+step); `hf` is HF transformers `generate`, greedy, on the same weights, dtype and device.
+
+Does not know about files, plots or progress bars: it returns plain records, and reports
+progress through a callback."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from medusa.decoding.generate import Stats, generate
+from medusa.decoding.tree import Tree, build_tree, load_tree
+from medusa.errors import ModelLoadError, RequestError
+from medusa.heads.io import untrained_heads
+from medusa.runtime import DEFAULT_TREE, resolve_heads, shipped_heads_dir
+from medusa.bench.env import synchronize
+
+KINDS = {"hf": "hf", "ar": "ar", "medusa": "spec", "hydra": "spec"}
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    label: str  # as written in --modes, e.g. "medusa" or "medusa:tree32"
+    kind: str  # "hf" | "ar" | "spec"
+    heads: str | None = None  # "medusa" | "hydra" for spec modes
+    tree: str | None = None  # pinned tree name or file (spec modes)
+
+
+def parse_modes(text: str) -> list[ModeSpec]:
+    """`hf,ar,medusa,hydra,medusa:tree32` -> specs (order kept, duplicates refused)."""
+    specs, seen = [], set()
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            continue
+        name, _, tree = item.partition(":")
+        if name not in KINDS:
+            raise RequestError(f"unknown mode {name!r} in --modes: use {', '.join(KINDS)} (spec modes may pin a tree: medusa:tree32)")
+        if tree and KINDS[name] != "spec":
+            raise RequestError(f"mode {name!r} takes no tree (only medusa:TREE / hydra:TREE)")
+        if item in seen:
+            raise RequestError(f"mode {item!r} is listed twice in --modes")
+        seen.add(item)
+        specs.append(ModeSpec(item, KINDS[name], name if KINDS[name] == "spec" else None, tree or None))
+    if not specs:
+        raise RequestError("--modes lists no mode")
+    return specs
+
+
+@dataclass
+class Run:
+    """One mode on one prompt."""
+
+    tokens: list[int]
+    seconds: float  # wall time from the call to the last token
+    ttft_s: float  # wall time to the first new token
+    steps: int  # forward passes after the prefill (hf: new tokens - 1)
+    step_tokens: list[int] = field(default_factory=list)  # tokens produced by each step
+    finish_reason: str | None = None
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        return sum(self.step_tokens) / len(self.step_tokens) if self.step_tokens else 0.0
+
+
+@dataclass
+class Mode:
+    spec: ModeSpec
+    run: Callable[[list[int], int], Run]  # (prompt ids, max_new_tokens) -> Run
+    heads_label: str | None = None  # "medusa", "hydra", "untrained", ...
+    tree: Tree | None = None
+    note: str | None = None  # e.g. why untrained heads stand in for shipped ones
+
+    @property
+    def label(self) -> str:
+        return self.spec.label
+
+
+# ------------------------------------------------------------------ our modes
+
+def _ours(model, heads, tree: Tree | None, eos: tuple[int, ...], runner=None):
+    def run(ids: list[int], max_new_tokens: int) -> Run:
+        stats = Stats()
+        out: list[int] = []
+        for chunk in generate(model, ids, heads=heads, tree=tree, max_new_tokens=max_new_tokens,
+                              stop_token_ids=eos, stats=stats, runner=runner):
+            out.extend(chunk.tokens)
+        return Run(out, stats.seconds, stats.ttft, stats.steps, list(stats.step_tokens), stats.finish_reason)
+
+    return run
+
+
+def _spec_tree(spec: ModeSpec, cli_tree: str | None, heads, heads_label: str) -> Tree:
+    name = spec.tree or cli_tree
+    if name is not None:
+        tree = load_tree(name)
+    elif heads.config.tree:
+        tree = build_tree(heads.config.tree, name=f"{heads_label}-tree")
+    else:
+        tree = load_tree(DEFAULT_TREE)
+    if tree.max_depth > heads.config.num_heads:
+        raise RequestError(f"tree {tree.name} is {tree.max_depth} deep but the {heads_label} heads guess only "
+                           f"{heads.config.num_heads} tokens ahead")
+    return tree
+
+
+def _heads_for(name: str, model, source, cache: dict):
+    """(heads, label, note) or (None, None, reason to skip). Unshipped Medusa heads fall back
+    to untrained ones (correct, rarely accepted); unshipped Hydra heads skip the mode."""
+    if name in cache:
+        return cache[name]
+    if shipped_heads_dir(name) is not None:
+        heads, label = resolve_heads(name, model, source)
+        got = (heads, label, None)
+    elif name == "medusa":
+        got = (untrained_heads(model), "untrained", "no shipped Medusa heads in this installation: untrained Medusa heads stand in "
+                             "(outputs stay exact, but few guesses are accepted, so speedups are not meaningful)")
+    else:
+        got = (None, None, f"no shipped {name} heads in this installation: mode skipped")
+    cache[name] = got
+    return got
+
+
+# ------------------------------------------------------------------ HF transformers baseline
+
+def load_hf_model(source, dtype: torch.dtype, device: torch.device):
+    """HF transformers' own model class on the very weights our model loaded (the converted
+    checkpoint directory), in the same dtype and on the same device."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(str(source.hf_dir), dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"HF transformers cannot load {source.hf_dir.name}: {e}") from None
+    hf = hf.to(device=device, dtype=dtype).eval()
+    return hf
+
+
+def _hf(hf_model, eos: tuple[int, ...], device: torch.device):
+    from transformers import GenerationConfig
+    from transformers.generation.streamers import BaseStreamer
+
+    class FirstToken(BaseStreamer):
+        """Records when generate hands over its first new token (the first put is the prompt)."""
+
+        def __init__(self):
+            self.calls, self.first = 0, None
+
+        def put(self, value):
+            self.calls += 1
+            if self.calls == 2:
+                self.first = time.perf_counter()
+
+        def end(self):
+            pass
+
+    def run(ids: list[int], max_new_tokens: int) -> Run:
+        gc = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=list(eos),
+                              pad_token_id=eos[0], num_beams=1)
+        x = torch.tensor([ids], device=device)
+        streamer = FirstToken()
+        synchronize(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = hf_model.generate(x, attention_mask=torch.ones_like(x), generation_config=gc, streamer=streamer)
+        synchronize(device)
+        seconds = time.perf_counter() - t0
+        new = out[0, len(ids):].tolist()
+        finish = "eos" if new and new[-1] in eos else "length"
+        ttft = (streamer.first or time.perf_counter()) - t0
+        return Run(new, seconds, ttft, max(len(new) - 1, 0), [1] * max(len(new) - 1, 0), finish)
+
+    return run
+
+
+# ------------------------------------------------------------------ assembling and running
+
+def graph_runner(model, heads, longest: int, max_nodes: int):
+    """A batch-1 CUDA-graph runner (medusa.decoding.graphs) for sequences up to `longest`
+    tokens and trees up to `max_nodes` nodes; None off CUDA."""
+    if model.device.type != "cuda":
+        return None
+    from medusa.decoding.graphs import GraphRunner, kv_bucket
+
+    cap = model.cfg.max_position_embeddings + max_nodes + 1
+    need = min(model.cfg.max_position_embeddings, longest) + max_nodes + 1
+    return GraphRunner(model, heads, batch=1, max_len=kv_bucket(need, cap))
+
+
+def prepare_modes(specs: list[ModeSpec], model, source, eos: tuple[int, ...], cli_tree: str | None = None,
+                  hf_loader: Callable[[], object] | None = None,
+                  graphs_longest: int | None = None) -> tuple[list[Mode], dict[str, str]]:
+    """Build a runner per mode. graphs_longest: replay our decode steps as CUDA graphs (on a
+    CUDA device) for sequences up to this many tokens; None runs them eagerly.
+    Returns (modes, skipped: label -> reason)."""
+    modes, skipped, heads_cache = [], {}, {}
+
+    def runner(heads, tree: Tree):
+        return graph_runner(model, heads, graphs_longest, tree.num_nodes) if graphs_longest else None
+
+    for spec in specs:
+        if spec.kind == "ar":
+            tree = load_tree("ar")
+            modes.append(Mode(spec, _ours(model, None, None, eos, runner(None, tree)), None, tree))
+        elif spec.kind == "hf":
+            hf_model = hf_loader() if hf_loader else load_hf_model(source, model.dtype, model.device)
+            modes.append(Mode(spec, _hf(hf_model, eos, model.device), None, None,
+                              "HF transformers generate, greedy, default dynamic KV cache"))
+        else:
+            heads, label, note = _heads_for(spec.heads, model, source, heads_cache)
+            if heads is None:
+                skipped[spec.label] = note
+                continue
+            tree = _spec_tree(spec, cli_tree, heads, label)
+            modes.append(Mode(spec, _ours(model, heads, tree, eos, runner(heads, tree)), label, tree, note))
+    return modes, skipped
+
+
+def run_modes(modes: list[Mode], prompts: list[list[int]], max_new_tokens: int, warmup: int = 1,
+              on_run: Callable[[str, int], None] | None = None) -> list[dict[str, Run]]:
+    """Warm every mode up on the first `warmup` prompts (not recorded), then for each prompt
+    run every mode in turn. Returns one {mode label: Run} per prompt."""
+    for ids in prompts[:warmup]:
+        for m in modes:
+            m.run(ids, max_new_tokens)
+            if on_run:
+                on_run(f"warm-up {m.label}", -1)
+    results = []
+    for i, ids in enumerate(prompts):
+        row = {}
+        for m in modes:
+            row[m.label] = m.run(ids, max_new_tokens)
+            if on_run:
+                on_run(m.label, i)
+        results.append(row)
+    return results

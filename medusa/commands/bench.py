@@ -1,0 +1,300 @@
+"""`medusa bench`: the one benchmark entry point.
+
+    medusa bench --dataset mt_bench --modes hf,ar,medusa,hydra --max-new-tokens 256 [--limit N]
+    medusa bench --step-cost --shape llama-7b [--contexts 512,2048] [--queries 1,4,16,32,64,128]
+    medusa bench --concurrency 1,4,16,64 --modes ar,spec
+
+Each writes JSON + markdown (+ a PNG plot for decode runs) under --out, named after the
+dataset or shape and the device. The measuring lives in medusa.bench; this module parses
+arguments, loads the model, shows progress and writes the files."""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from medusa.commands.common import add_model_args, read_prompts
+from medusa.errors import RequestError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark decoding modes, step cost and concurrency",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p, heads=False)
+    p.add_argument("--tree", help="tree for the speculative modes (name or JSON file; default: the heads' own, else tree16); "
+                                  "pin one per mode with medusa:TREE in --modes")
+    p.add_argument("--out", default="benchmarks/results", help="folder for the JSON, markdown and PNG results")
+    p.add_argument("--name", help="file stem of the results (default: <dataset>-<device>, step-cost-<shape>-<device>, ...)")
+    p.add_argument("--no-graphs", action="store_true", help="on a GPU, run our decode steps eagerly (no CUDA graphs)")
+    p.add_argument("--compile", action="store_true", help="on a GPU, torch.compile the per-layer pieces before capturing graphs")
+    d = p.add_argument_group("decode throughput (default)")
+    d.add_argument("--dataset", default="mt_bench", help="mt_bench or a JSONL prompt file")
+    d.add_argument("--modes", default=None,
+                   help="comma list of hf, ar, medusa, hydra (spec modes may pin a tree: medusa:tree32); "
+                        "with --concurrency: ar, spec [default: hf,ar,medusa,hydra; with --concurrency ar,spec]")
+    d.add_argument("--max-new-tokens", type=int, default=256)
+    d.add_argument("--limit", type=int, default=None, help="first N prompts only")
+    d.add_argument("--warmup", type=int, default=1, help="prompts run once per mode before measuring (not counted)")
+    d.add_argument("--no-chat", action="store_true", help="raw prompts (no chat template)")
+    s = p.add_argument_group("step cost (--step-cost)")
+    s.add_argument("--step-cost", action="store_true", help="time one forward by query count and context")
+    s.add_argument("--shape", default="smollm2-135m", help="llama-7b | llama3-8b | smollm2-135m | tiny | a config.json path")
+    s.add_argument("--contexts", default="512,2048", help="comma list of context lengths")
+    s.add_argument("--queries", default="1,4,16,32,64,128", help="comma list of query-token counts")
+    s.add_argument("--budget", type=float, default=2.0, help="seconds of timed repeats per cell (at least 5 repeats)")
+    c = p.add_argument_group("concurrency (--concurrency)")
+    c.add_argument("--concurrency", default=None, help="comma list of concurrent request counts, e.g. 1,4,16,64")
+    c.add_argument("--requests", type=int, default=None, help="requests per level (default: 2 x concurrency, >= 8)")
+    c.add_argument("--step-cost-table", help="a `medusa bench --step-cost` JSON for the engine's adaptive speculation")
+    p.set_defaults(func=run)
+
+
+def int_list(text: str, flag: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise RequestError(f"{flag} takes a comma list of integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise RequestError(f"{flag} takes positive integers, got {text!r}")
+    return vals
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "custom"
+
+
+def _device(args):
+    import torch
+
+    try:
+        dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise RequestError(f"unknown device {args.device!r}: use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RequestError("--device cuda but no CUDA device is available")
+    return dev
+
+
+def _write(out: Path, stem: str, doc: dict, markdown: str) -> list[Path]:
+    from medusa.bench.report import write_json
+
+    paths = [write_json(doc, out / f"{stem}.json")]
+    (out / f"{stem}.md").write_text(markdown)
+    paths.append(out / f"{stem}.md")
+    return paths
+
+
+def run(args) -> int:
+    if args.step_cost and args.concurrency:
+        raise RequestError("choose one of --step-cost and --concurrency")
+    if args.step_cost:
+        return run_step_cost(args)
+    if args.concurrency:
+        return run_concurrency(args)
+    return run_decode(args)
+
+
+# ------------------------------------------------------------------ decode throughput
+
+def run_decode(args) -> int:
+    from tqdm import tqdm
+
+    from medusa.bench import decode, report
+    from medusa.bench.data import resolve_dataset
+    from medusa.bench.env import environment
+    from medusa.model.loading import load_model
+    from medusa.runtime import parse_dtype
+    from medusa.tokenizer import Tokenizer
+
+    if args.max_new_tokens < 1:
+        raise RequestError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.limit is not None and args.limit < 1:
+        raise RequestError(f"--limit must be >= 1, got {args.limit}")
+    if args.warmup < 0:
+        raise RequestError(f"--warmup must be >= 0, got {args.warmup}")
+    specs = decode.parse_modes(args.modes or "hf,ar,medusa,hydra")
+    label, path = resolve_dataset(args.dataset)
+    prompts = read_prompts(path, args.limit)
+    dev = _device(args)
+    model, src = load_model(args.model, dtype=parse_dtype(args.dtype, dev), device=dev, progress=True)
+    tok = Tokenizer.load(src)
+    eos = tuple(sorted(set(model.cfg.eos_token_ids) | set(tok.eos_token_ids)))
+    ids = [tok.encode_prompt(p.text, chat=not args.no_chat) for p in prompts]
+    longest = max(len(i) for i in ids) + args.max_new_tokens
+    if longest > model.cfg.max_position_embeddings:
+        raise RequestError(f"the longest prompt + --max-new-tokens = {longest} tokens exceeds the model's context "
+                           f"of {model.cfg.max_position_embeddings}")
+    graphs = dev.type == "cuda" and not args.no_graphs
+    if graphs and args.compile:
+        from medusa.decoding.graphs import compile_blocks
+
+        compile_blocks(model)
+    modes, skipped = decode.prepare_modes(specs, model, src, eos, cli_tree=args.tree,
+                                          graphs_longest=longest if graphs else None)
+    for lab, why in skipped.items():
+        print(f"medusa bench: {lab}: {why}", file=sys.stderr)
+    if not modes:
+        raise RequestError("no mode left to run")
+    warm = min(args.warmup, len(ids))
+    bar = tqdm(total=len(modes) * (len(ids) + warm), desc="bench", unit="run", file=sys.stderr)
+
+    def on_run(mode_label: str, i: int) -> None:
+        bar.set_postfix_str(mode_label if i < 0 else f"prompt {i + 1}/{len(ids)} {mode_label}")
+        bar.update()
+
+    results = decode.run_modes(modes, ids, args.max_new_tokens, warmup=warm, on_run=on_run)
+    bar.close()
+    spec_modes = [m for m in modes if m.spec.kind == "spec"]
+    ar_label = next((m.label for m in modes if m.spec.kind == "ar"), None)
+    doc = {
+        "kind": "decode",
+        "dataset": label,
+        **environment(dev),
+        "model": src.name,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "max_new_tokens": args.max_new_tokens,
+        "num_prompts": len(ids),
+        "warmup": warm,
+        "chat_template": not args.no_chat,
+        "graphs": graphs,
+        "compile": bool(graphs and args.compile),
+        "heads": spec_modes[0].heads_label if spec_modes else None,
+        "tree": spec_modes[0].tree.name if spec_modes else None,
+        "tree_nodes": spec_modes[0].tree.num_nodes if spec_modes else None,
+        "modes": report.summarise(modes, results),
+        "skipped": skipped,
+        "notes": [],
+        "prompts": [report.prompt_record(p.id, len(i), row, ar_label) for p, i, row in zip(prompts, ids, results)],
+    }
+    golden = [lab for lab, s in doc["modes"].items() if s["kind"] == "spec" and s["matches_ar_all"] is False]
+    if golden:
+        doc["notes"].append(f"GOLDEN CHECK FAILED: {', '.join(golden)} output differs from ar on some prompts")
+    out, stem = Path(args.out), _slug(args.name or f"{label}-{doc['device']}")
+    paths = _write(out, stem, doc, report.decode_markdown(doc))
+    png = report.decode_plot(doc, out / f"{stem}.png")
+    paths += [png] if png else []
+    print(report.decode_markdown(doc))
+    print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    return 1 if golden else 0
+
+
+# ------------------------------------------------------------------ step cost
+
+def run_step_cost(args) -> int:
+    from tqdm import tqdm
+
+    from medusa.bench import step_cost as sc
+    from medusa.bench.env import environment
+    from medusa.runtime import parse_dtype
+
+    contexts, queries = int_list(args.contexts, "--contexts"), int_list(args.queries, "--queries")
+    if args.budget <= 0:
+        raise RequestError(f"--budget must be > 0, got {args.budget}")
+    dev = _device(args)
+    cfg = sc.shape_config(args.shape)
+    need_pos = max(contexts) + max(queries)
+    if need_pos > cfg.max_position_embeddings:
+        cfg = cfg.replace(max_position_embeddings=need_pos)
+    max_len = -(-need_pos // 64) * 64
+    dtype, dtype_note = sc.pick_dtype(cfg, parse_dtype(args.dtype, dev), dev, max_len)
+    if dtype_note:
+        print(f"medusa bench: {dtype_note}", file=sys.stderr)
+    print(f"medusa bench: building a random {args.shape} ({cfg.num_params / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')})", file=sys.stderr)
+    model = sc.random_model(cfg, dtype, dev)
+    rate = sc.copy_rate(dev)
+    wbytes = sc.weight_bytes(cfg, dtype)
+    floor = wbytes / rate
+    graphs = not args.no_graphs and dev.type == "cuda"
+    bar = tqdm(total=len(contexts) * len(queries) * (2 if graphs else 1), desc="step cost", unit="cell", file=sys.stderr)
+
+    def on_row(r: dict) -> None:
+        bar.set_postfix_str(f"ctx {r['context']} q {r['queries']}: {r['seconds_median'] * 1e3:.2f} ms")
+        bar.update()
+
+    rows, graphs_note = sc.measure(model, contexts, queries, graphs, budget_s=args.budget, on_row=on_row)
+    bar.close()
+    sc.add_ratios(rows, floor)
+    shape = _slug(Path(args.shape).parent.name if args.shape.endswith("config.json") else Path(args.shape).name)
+    doc = {
+        "kind": "step_cost",
+        "shape": shape,
+        **environment(dev),
+        "params": cfg.num_params,
+        "config": cfg.to_hf(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "dtype_note": dtype_note,
+        "weight_bytes": wbytes,
+        "copy_rate_gbs": round(rate / 1e9, 3),
+        "floor_s": round(floor, 6),
+        "graphs": None if (graphs and graphs_note) else graphs,
+        "graphs_note": graphs_note if graphs else ("--no-graphs" if args.no_graphs else "CPU: no CUDA graphs"),
+        "rows": rows,
+    }
+    if doc["graphs"] is None:
+        rows_ok = [r for r in rows if not r["graphs"]]
+        doc["rows"] = rows_ok
+    out, stem = Path(args.out), _slug(args.name or f"step-cost-{shape}-{doc['device']}")
+    md = sc.step_cost_markdown(doc)
+    paths = _write(out, stem, doc, md)
+    print(md)
+    print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------ concurrency
+
+def run_concurrency(args) -> int:
+    try:
+        import medusa.decoding.engine  # noqa: F401
+    except ImportError:
+        raise RequestError("--concurrency is not available until the batched engine (medusa.decoding.engine) lands") from None
+    import json
+
+    from tqdm import tqdm
+
+    from medusa.bench import concurrency as cc
+    from medusa.bench.data import resolve_dataset
+    from medusa.bench.env import environment
+    from medusa.runtime import load_stack
+
+    levels = int_list(args.concurrency, "--concurrency")
+    modes = cc.parse_modes(args.modes or "ar,spec")
+    if args.max_new_tokens < 1:
+        raise RequestError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.requests is not None and args.requests < 1:
+        raise RequestError(f"--requests must be >= 1, got {args.requests}")
+    table = None
+    if args.step_cost_table:
+        try:
+            table = json.loads(Path(args.step_cost_table).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise RequestError(f"cannot read --step-cost-table {args.step_cost_table}: {e}") from None
+    label, path = resolve_dataset(args.dataset)
+    prompts = read_prompts(path, args.limit)
+    dev = _device(args)
+    stack = load_stack(args.model, heads="none" if modes == ["ar"] else "default", tree=args.tree,
+                       dtype=args.dtype, device=str(dev), progress=True)
+    tok = stack.tokenizer
+    eos = tuple(sorted(set(stack.model.cfg.eos_token_ids) | set(tok.eos_token_ids)))
+    ids = [tok.encode_prompt(p.text, chat=not args.no_chat) for p in prompts]
+    if stack.heads is None and modes != ["ar"]:
+        raise RequestError("no draft heads available for the spec/auto modes")
+    total = len(modes) * sum(args.requests or max(8, 2 * c) for c in levels)
+    bar = tqdm(total=total, desc="concurrency", unit="req", file=sys.stderr)
+    rows = cc.run_concurrency(stack.model, stack.heads, stack.tree, ids, levels, modes, args.max_new_tokens, eos,
+                              requests=args.requests, step_cost=cc.step_cost_table(table, max(map(len, ids))),
+                              on_done=bar.update)
+    bar.close()
+    doc = {
+        "kind": "concurrency", "dataset": label, **environment(dev), "model": stack.source.name,
+        "dtype": str(stack.model.dtype).removeprefix("torch."), "max_new_tokens": args.max_new_tokens,
+        "heads": stack.heads_name, "tree": stack.tree.name, "tree_nodes": stack.tree.num_nodes,
+        "step_cost_table": Path(args.step_cost_table).name if args.step_cost_table else None, "rows": rows,
+    }
+    out, stem = Path(args.out), _slug(args.name or f"concurrency-{label}-{doc['device']}")
+    md = cc.concurrency_markdown(doc)
+    paths = _write(out, stem, doc, md)
+    print(md)
+    print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    return 0

@@ -1,0 +1,149 @@
+"""`medusa bench`: the decode benchmark end to end on the default model (small), the step-cost
+mode on the tiny shape, and the pure pieces (mode parsing, summaries, percentiles, memory
+refusal, dataset lookup)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from medusa.bench import concurrency as cc
+from medusa.bench import step_cost as sc
+from medusa.bench.data import resolve_dataset
+from medusa.bench.decode import Mode, ModeSpec, Run, parse_modes
+from medusa.bench.report import decode_markdown, prompt_record, summarise
+from medusa.cli import main
+from medusa.decoding.tree import load_tree
+from medusa.errors import RequestError
+
+PROMPTS = [{"id": "sea", "prompt": "Write a haiku about the sea."}, {"id": "sum", "prompt": "What is 2 + 2?"}]
+
+
+@pytest.fixture(scope="session")
+def decode_run(tmp_path_factory):
+    """One small `medusa bench` decode run (ar + medusa), shared by the checks below."""
+    d = tmp_path_factory.mktemp("bench")
+    data = d / "two.jsonl"
+    data.write_text("\n".join(json.dumps(p) for p in PROMPTS) + "\n")
+    rc = main(["bench", "--dataset", str(data), "--limit", "2", "--modes", "ar,medusa", "--max-new-tokens", "16",
+               "--device", "cpu", "--dtype", "float32", "--warmup", "0", "--out", str(d / "out")])
+    return rc, d / "out"
+
+
+def test_decode_bench_writes_every_field(decode_run):
+    rc, out = decode_run
+    assert rc == 0
+    doc = json.loads((out / "two-cpu-{}core.json".format(doc_cores(out))).read_text())
+    for key in ("device", "date", "commit", "dtype", "torch", "tree", "tree_nodes", "heads", "model",
+                "max_new_tokens", "num_prompts", "modes", "prompts", "graphs", "skipped"):
+        assert key in doc, key
+    assert doc["dtype"] == "float32" and doc["num_prompts"] == 2 and doc["max_new_tokens"] == 16
+    assert list(doc["modes"]) == ["ar", "medusa"]
+    ar, spec = doc["modes"]["ar"], doc["modes"]["medusa"]
+    assert ar["speedup_vs_ar"] == 1.0 and ar["speedup_vs_hf"] is None
+    assert spec["matches_ar_all"] is True  # the golden check: speculative greedy == plain greedy
+    assert spec["tree_nodes"] == doc["tree_nodes"] > 1
+    for s in (ar, spec):
+        assert s["tokens_per_s_median"] > 0 and s["ttft_s_median"] > 0 and s["mean_accepted"] >= 1.0
+    for p in doc["prompts"]:
+        assert p["modes"]["medusa"]["matches_ar"] is True and p["modes"]["ar"]["matches_ar"] is None
+        assert 1 <= p["modes"]["ar"]["new_tokens"] <= 16
+        assert sum(p["modes"]["ar"]["accepted_hist"].values()) == p["modes"]["ar"]["steps"]
+    md = (out / f"two-cpu-{doc_cores(out)}core.md").read_text()
+    assert "| medusa |" in md and doc["commit"][:10] in md
+    assert (out / f"two-cpu-{doc_cores(out)}core.png").stat().st_size > 1000
+
+
+def doc_cores(out) -> str:
+    (name,) = [p.name for p in out.glob("two-cpu-*core.json")]
+    return name.removeprefix("two-cpu-").removesuffix("core.json")
+
+
+def test_step_cost_tiny_shape(tmp_path):
+    rc = main(["bench", "--step-cost", "--shape", "tiny", "--contexts", "32,100", "--queries", "1,4,16",
+               "--budget", "0.05", "--device", "cpu", "--out", str(tmp_path)])
+    assert rc == 0
+    (path,) = tmp_path.glob("step-cost-tiny-*.json")
+    doc = json.loads(path.read_text())
+    assert doc["shape"] == "tiny" and doc["graphs"] is False and doc["floor_s"] > 0 and doc["copy_rate_gbs"] > 0
+    assert {(r["context"], r["queries"]) for r in doc["rows"]} == {(c, q) for c in (32, 100) for q in (1, 4, 16)}
+    for r in doc["rows"]:
+        assert r["batch"] == 1 and r["graphs"] is False and r["seconds_median"] > 0 and r["repeats"] >= 5
+    assert all(r["x_one_token"] == 1.0 for r in doc["rows"] if r["queries"] == 1)
+    table = cc.step_cost_table(doc, context=40)
+    assert set(table) == {(1, 1), (1, 4), (1, 16)}
+    assert path.with_suffix(".md").read_text().count("| off |") == 2
+
+
+def test_bad_input_is_a_one_line_error(capsys, tmp_path):
+    assert main(["bench", "--modes", "ar,beam", "--dataset", "nope.jsonl"]) == 2
+    assert "unknown mode 'beam'" in capsys.readouterr().err
+    assert main(["bench", "--step-cost", "--shape", "gpt-9", "--out", str(tmp_path)]) == 2
+    assert "unknown shape" in capsys.readouterr().err
+    assert main(["bench", "--step-cost", "--shape", "tiny", "--queries", "1,x"]) == 2
+    assert "comma list of integers" in capsys.readouterr().err
+
+
+def test_parse_modes():
+    specs = parse_modes("hf,ar,medusa,medusa:tree32,hydra")
+    assert [(s.kind, s.heads, s.tree) for s in specs] == [
+        ("hf", None, None), ("ar", None, None), ("spec", "medusa", None), ("spec", "medusa", "tree32"), ("spec", "hydra", None)]
+    for bad in ("ar,ar", "ar:chain", "", "gpt"):
+        with pytest.raises(RequestError):
+            parse_modes(bad)
+
+
+def _run(tokens, tps, steps):
+    return Run(tokens, len(tokens) / tps, 0.1, len(steps), steps, "length")
+
+
+def test_summary_speedups_are_ratios_of_medians_and_golden_check_catches_a_mismatch():
+    ar_tree = load_tree("ar")
+    modes = [Mode(ModeSpec("hf", "hf"), None), Mode(ModeSpec("ar", "ar"), None, tree=ar_tree),
+             Mode(ModeSpec("medusa", "spec", "medusa"), None, "medusa", load_tree("tree16"))]
+    results = [
+        {"hf": _run([1, 2, 3, 4], 2.0, [1] * 3), "ar": _run([1, 2, 3, 4], 4.0, [1] * 3), "medusa": _run([1, 2, 3, 4], 8.0, [2, 1])},
+        {"hf": _run([5, 6], 2.0, [1]), "ar": _run([5, 6], 6.0, [1]), "medusa": _run([5, 7], 9.0, [1])},
+        {"hf": _run([8], 4.0, []), "ar": _run([8], 8.0, []), "medusa": _run([8], 10.0, [])},
+    ]
+    s = summarise(modes, results)
+    assert s["ar"]["tokens_per_s_median"] == pytest.approx(6.0)
+    assert s["medusa"]["speedup_vs_ar"] == pytest.approx(9.0 / 6.0, abs=1e-3)
+    assert s["medusa"]["speedup_vs_hf"] == pytest.approx(4.5, abs=1e-3)
+    assert s["medusa"]["mean_accepted"] == pytest.approx(4 / 3, abs=1e-3)
+    assert s["medusa"]["accepted_hist"] == {"1": 2, "2": 1}
+    assert s["medusa"]["matches_ar_all"] is False and s["medusa"]["matches_ar_count"] == 2
+    assert s["hf"]["matches_ar_count"] == 3
+    rec = prompt_record("q", 10, results[1], "ar")
+    assert rec["modes"]["medusa"]["matches_ar"] is False and rec["modes"]["hf"]["matches_ar"] is True
+    doc = {"dataset": "d", "device": "cpu-2core", "date": "now", "commit": "abc", "model": "m", "dtype": "float32",
+           "num_prompts": 3, "max_new_tokens": 4, "warmup": 1, "modes": s, "skipped": {"hydra": "not shipped"}}
+    md = decode_markdown(doc)
+    assert "| medusa | medusa | tree16 (16) |" in md and "2/3" in md and "skipped: not shipped" in md
+
+
+def test_step_cost_refuses_what_does_not_fit(monkeypatch):
+    cfg = sc.SHAPES["llama-7b"]
+    monkeypatch.setattr(sc, "free_memory", lambda dev: 20 * 10**9)
+    dt, note = sc.pick_dtype(cfg, None, torch.device("cpu"), 2240)  # 27 GB in float32: falls back to bfloat16
+    assert dt == torch.bfloat16 and "do not fit" in note
+    with pytest.raises(RequestError, match="bfloat16"):
+        sc.pick_dtype(cfg, torch.float32, torch.device("cpu"), 2240)
+    monkeypatch.setattr(sc, "free_memory", lambda dev: 8 * 10**9)
+    with pytest.raises(RequestError, match="GB"):
+        sc.pick_dtype(cfg, None, torch.device("cpu"), 2240)
+    assert sc.SHAPES["llama3-8b"].num_params == pytest.approx(8.03e9, rel=0.01)
+    assert sc.SHAPES["llama-7b"].num_params == pytest.approx(6.74e9, rel=0.01)
+    assert sc.query_tree(64).num_nodes == 64 and sc.query_tree(1).num_nodes == 1
+
+
+def test_percentile_and_dataset_lookup(tmp_path, monkeypatch):
+    assert cc.percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.0 and cc.percentile([1.0, 2.0], 99) == 2.0
+    assert cc.percentile([], 50) is None
+    (tmp_path / "mt_bench").mkdir()
+    (tmp_path / "mt_bench" / "question.jsonl").write_text('{"question_id": 81, "turns": ["Hi"]}\n')
+    monkeypatch.setenv("MEDUSA_DATA", str(tmp_path))
+    assert resolve_dataset("mt_bench") == ("mt_bench", tmp_path / "mt_bench" / "question.jsonl")
+    with pytest.raises(RequestError, match="neither"):
+        resolve_dataset(str(tmp_path / "missing.jsonl"))
