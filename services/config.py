@@ -49,6 +49,7 @@ class Settings:
     max_stop_sequences: int = 8
     api_keys: tuple = ()                  # ({"tenant": t, "key_sha256": h} | {"tenant": t, "key": k}, ...)
     require_auth: bool = True
+    local_detokenize: bool = True         # stream text with the Tokenizer deployment's decoder in the ingress
     default_limits: TenantLimits = TenantLimits()
     tenant_limits: dict = field(default_factory=dict)  # tenant -> TenantLimits
     tracing: str | None = None            # otlp | console | none | memory; None: from OTEL_* env

@@ -22,6 +22,7 @@ from medusa.errors import MedusaError, RequestError
 from medusa.proto.v1 import medusa_pb2 as pb
 from services import telemetry
 from services.config import Settings
+from services.detok import JsonDecoder, decode_delta
 from services.metrics import Metrics
 from services.redis_guard import RedisGuard
 from services.requests import input_of, parse_generate
@@ -90,6 +91,28 @@ class Ingress:
         self.sessions = SessionStore(self.redis, settings.session_ttl_s)
         self.tracer = telemetry.setup("ingress", settings.tracing)
         self._model_info: dict | None = None
+        self._detok = None
+
+    async def _detokenizer(self):
+        """detok(ids, prefix_offset, read_offset, final) -> (text, prefix, read): local with the
+        decoder the Tokenizer deployment hands out (a call per chunk saved), else remote."""
+        if self._detok is None:
+            spec = None
+            if self.settings.local_detokenize:
+                try:
+                    spec = await self.tokenizer.decoder_json.remote()
+                except Exception as e:  # noqa: BLE001 - fall back to the remote path
+                    log.warning("no local decoder (%s): detokenising through the Tokenizer deployment", _cause(e))
+            if spec:
+                dec = JsonDecoder(spec)
+
+                async def detok(ids, p, r, final):
+                    return decode_delta(dec, ids, p, r, final)
+            else:
+                async def detok(ids, p, r, final):
+                    return await self.tokenizer.detokenize.remote(ids, p, r, final)
+            self._detok = detok
+        return self._detok
 
     async def _tenant(self, grpc_context) -> str:
         if not self.settings.require_auth:
@@ -126,6 +149,7 @@ class Ingress:
         prompt_ids = enc["prompt_ids"]
         span.set_attribute("medusa.prompt_tokens", len(prompt_ids))
         lease = await self.quota.acquire(tenant, len(prompt_ids) + spec.max_new_tokens)
+        detok = await self._detokenizer()
         ids: list[int] = []
         stream = None
         try:
@@ -161,12 +185,12 @@ class Ingress:
                 fin = ev.get("finish_reason")
                 if new:
                     ids.extend(new)
-                    text, p, r = await self.tokenizer.detokenize.remote(ids[prefix:], 0, read - prefix, fin is not None)
+                    text, p, r = await detok(ids[prefix:], 0, read - prefix, fin is not None)
                     prefix, read = prefix + p, prefix + r
                     yield pb.GenerateResponse(delta=pb.Delta(text=text, token_ids=new))
                 if fin is not None:
                     if read < len(ids):
-                        text, _, _ = await self.tokenizer.detokenize.remote(ids[prefix:], 0, read - prefix, True)
+                        text, _, _ = await detok(ids[prefix:], 0, read - prefix, True)
                         if text:
                             yield pb.GenerateResponse(delta=pb.Delta(text=text))
                     if fin == "error":

@@ -1,6 +1,7 @@
 """The tokenizer deployment's logic: chat template and text -> ids for a request (with its stop
-sequences), and incremental detokenisation for streaming that is stateless on the server (the
-caller keeps the offsets), so any tokenizer replica can serve any chunk.
+sequences), and incremental detokenisation for streaming: stateless on the server (the caller
+keeps the offsets, so any tokenizer replica can serve any chunk), or done by the caller itself
+with the decoder this service hands out (decoder_json), which saves a call per chunk.
 
 Knows medusa.tokenizer; nothing of engines, tenants or the wire."""
 from __future__ import annotations
@@ -8,19 +9,7 @@ from __future__ import annotations
 from medusa.errors import RequestError
 from medusa.tokenizer import Tokenizer
 from services import telemetry
-
-
-def decode_delta(tok: Tokenizer, ids: list[int], prefix_offset: int, read_offset: int,
-                 final: bool = False) -> tuple[str, int, int]:
-    """New text for ids[read_offset:], decoding from prefix_offset so that tokens which change
-    how earlier ones render (leading spaces, multi-byte characters) come out right. Returns
-    (text, new prefix_offset, new read_offset); text is "" while a character is incomplete
-    (unless final, which flushes whatever is left)."""
-    prefix = tok.decode(ids[prefix_offset:read_offset])
-    full = tok.decode(ids[prefix_offset:])
-    if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
-        return full[len(prefix):], read_offset, len(ids)
-    return "", prefix_offset, read_offset
+from services.detok import decode_delta
 
 
 class TokenizerService:
@@ -45,6 +34,12 @@ class TokenizerService:
 
     def detokenize(self, ids: list[int], prefix_offset: int, read_offset: int, final: bool = False) -> tuple[str, int, int]:
         return decode_delta(self.tok, ids, prefix_offset, read_offset, final)
+
+    def decoder_json(self) -> str | None:
+        """The fast tokenizer's definition (tokenizer.json text), so a caller can detokenise a
+        stream next to it with exactly this tokenizer's decoding; None for a slow tokenizer."""
+        backend = getattr(getattr(self.tok, "hf", None), "backend_tokenizer", None)
+        return backend.to_str() if backend is not None else None
 
     def eos_token_ids(self) -> tuple[int, ...]:
         return self.tok.eos_token_ids

@@ -24,7 +24,8 @@ from services.redis_guard import RedisGuard  # noqa: E402
 from services.redis_local import free_port, start_redis  # noqa: E402
 from services.routing import SessionStore, route, session_key  # noqa: E402
 from services.tenancy import AuthError, KeyStore, Quota, QuotaError, bearer_key, hash_key, parse_env_keys  # noqa: E402
-from services.tokenizer_service import TokenizerService, decode_delta  # noqa: E402
+from services.detok import decode_delta  # noqa: E402
+from services.tokenizer_service import TokenizerService  # noqa: E402
 
 # ---------------------------------------------------------------- fixtures and stand-ins
 
@@ -438,3 +439,48 @@ def test_ray_request_router_applies_the_policy():
 
     hit, gone, plain, backoff = run(go())
     assert hit == [["a"], ["b", "c"]] and gone == [["b"], ["c", "a"]] and plain[0] == ["b"] and backoff
+
+
+def test_ingress_detokenises_locally_with_the_tokenizer_services_decoder():
+    """With a fast tokenizer, the ingress streams text with the decoder the tokenizer service
+    hands out (tokenizer.json), and the text equals the remote path's."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models
+
+    vocab = {"[UNK]": 0, "▁Hello": 1, "▁wor": 2, "ld": 3, "!": 4, "▁a": 5, "b": 6}
+    tk = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.decoder = decoders.Metaspace()
+
+    class Fast(CharTokenizer):
+        hf = type("HF", (), {"backend_tokenizer": tk})()
+
+        def encode(self, text):
+            return [5, 6]
+
+        def decode(self, ids):
+            return tk.decode(ids, skip_special_tokens=True)
+
+    class Echo(ScriptedEngine):
+        def submit(self, req):
+            return super().submit(dataclasses.replace(req, prompt_ids=[4, 3, 2, 1]))
+
+    class Counting(TokenizerService):
+        calls = 0
+
+        def detokenize(self, *a):
+            Counting.calls += 1
+            return super().detokenize(*a)
+
+    async def go(local):
+        settings = Settings.parse({"require_auth": False, "local_detokenize": local})
+        ing = Ingress(LocalHandle(Counting(Fast())), LocalHandle(EngineReplica(Echo(), replica_id="r")), settings)
+        from medusa.proto.v1 import medusa_pb2 as pb
+
+        out = [m async for m in ing.Generate(pb.GenerateRequest(prompt="x", max_new_tokens=4))]
+        return "".join(m.delta.text for m in out if m.WhichOneof("event") == "delta")
+
+    local_text = run(go(True))
+    assert Counting.calls == 0
+    remote_text = run(go(False))
+    assert Counting.calls > 0
+    assert local_text == remote_text == "Hello world!"
