@@ -54,6 +54,12 @@ class EngineDeployment(EngineReplica):
         rid = serve.get_replica_context().replica_id.unique_id
         super().__init__(engine, replica_id=rid, eos=eos, info=info, tracing=s.tracing, metrics=Metrics())
 
+    def check_health(self) -> None:
+        """Serve's periodic health check: a replica whose scheduler thread died is replaced."""
+        thread = getattr(self.engine, "_thread", None)
+        if thread is not None and not thread.is_alive():
+            raise RuntimeError("the engine's scheduler thread is not running")
+
     def __del__(self):
         engine = getattr(self, "engine", None)
         if engine is not None:
