@@ -484,3 +484,29 @@ def test_ingress_detokenises_locally_with_the_tokenizer_services_decoder():
     remote_text = run(go(False))
     assert Counting.calls > 0
     assert local_text == remote_text == "Hello world!"
+
+
+def test_engine_replica_cancels_when_the_caller_goes_away():
+    engine = ScriptedEngine()
+    replica = EngineReplica(engine, replica_id="r")
+
+    async def go():
+        gen = replica.generate({"prompt_ids": [11, 12, 13, 14, 15, 16], "max_new_tokens": 6, "sampling": {}})
+        first = await gen.__anext__()
+        await gen.aclose()
+        bad = [ev async for ev in replica.generate({"prompt_ids": [1], "max_new_tokens": 2, "sampling": {"temperature": -1}})]
+        return first, bad
+
+    first, bad = run(go())
+    assert first["replica"] == "r" and first["tokens"] and engine.cancelled == [engine.submitted[0].request_id]
+    assert bad == [{"error": "invalid_argument", "message": "temperature must be >= 0, got -1", "replica": "r"}]
+
+
+def test_trace_exporter_follows_the_otel_variables(monkeypatch):
+    for var in ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    assert telemetry.exporter_name() == "none" and telemetry.exporter_name("console") == "console"
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317")
+    assert telemetry.exporter_name() == "otlp"
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console,otlp")
+    assert telemetry.exporter_name() == "console"
