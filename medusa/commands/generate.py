@@ -32,6 +32,9 @@ def register(sub) -> None:
     p.add_argument("--posterior-alpha", type=float, default=0.3, help="typical acceptance alpha")
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
+    p.add_argument("--concurrency", type=int, default=None, metavar="N",
+                   help="decode the prompts N at a time with the batched engine (load-adaptive speculation, "
+                        "or always the --tree when one is given); output stays in input order")
     p.add_argument("--no-graphs", action="store_true", help="on a GPU, run the decode step eagerly (no CUDA graphs; for debugging)")
     p.add_argument("--compile", action="store_true", help="on a GPU, torch.compile the per-layer pieces before capturing graphs")
     p.set_defaults(func=run)
@@ -75,6 +78,8 @@ def run(args) -> int:
     params = sampling_from_args(args)
     if args.max_new_tokens < 1:
         raise RequestError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.concurrency is not None and args.concurrency < 1:
+        raise RequestError(f"--concurrency must be >= 1, got {args.concurrency}")
     prompts = prompts_from_args(args)
     heads = "none" if args.mode == "ar" else args.heads
     if args.mode == "ar" and args.tree not in (None, "ar"):
@@ -84,6 +89,8 @@ def run(args) -> int:
     stack = load_stack(args.model, heads=heads, tree=args.tree, dtype=args.dtype, device=args.device, progress=not args.json)
     eos = tuple(sorted(set(stack.model.cfg.eos_token_ids) | set(stack.tokenizer.eos_token_ids)))
     encoded = [stack.tokenizer.encode_prompt(pr.text, chat=not args.no_chat) for pr in prompts]
+    if args.concurrency is not None:
+        return run_batched(args, stack, prompts, encoded, params, eos)
     runner = graph_runner(stack, max(map(len, encoded)) + args.max_new_tokens, disabled=args.no_graphs, compile=args.compile)
     for pr, ids in zip(prompts, encoded):
         stats = Stats()
@@ -108,4 +115,41 @@ def run(args) -> int:
               f"{stats.mean_accepted:.2f} tokens/step accepted, {stats.tokens_per_s:.1f} tokens/s "
               f"(heads: {stack.heads_name}, tree: {stack.tree.name} with {stack.tree.num_nodes} nodes, "
               f"finish: {stats.finish_reason})", file=sys.stderr)
+    return 0
+
+
+def run_batched(args, stack, prompts: list[Prompt], encoded: list[list[int]], params: SamplingParams, eos) -> int:
+    """--concurrency N: every prompt is submitted to one Engine of max_batch N (the engine queues
+    what does not fit), results are printed in input order as each becomes available."""
+    import time
+
+    from medusa.decoding.engine import Engine, Request
+
+    speculation = "on" if args.tree else "auto"
+    engine = Engine(stack.model, stack.heads, stack.tree, max_batch=args.concurrency,
+                    max_seq_len=max(map(len, encoded)) + args.max_new_tokens)
+    t0 = time.perf_counter()
+    total = 0
+    with engine:
+        handles = [engine.submit(Request(ids, max_new_tokens=args.max_new_tokens, sampling=params,
+                                         stop_token_ids=eos, speculation=speculation)) for ids in encoded]
+        for pr, ids, h in zip(prompts, encoded, handles):
+            out, st = h.result()
+            total += st.new_tokens
+            if args.json:
+                print(json.dumps({
+                    "id": pr.id, "prompt_token_ids": ids, "token_ids": out, "text": stack.tokenizer.decode(out),
+                    "new_tokens": st.new_tokens, "steps": st.steps, "mean_accepted": round(st.mean_accepted, 4),
+                    "seconds": round(st.seconds, 4), "tokens_per_s": round(st.new_tokens / st.seconds, 2) if st.seconds else 0.0,
+                    "ttft_s": round(st.ttft_s, 4), "tree": st.tree,
+                }), flush=True)
+                continue
+            print(stack.tokenizer.decode(out), flush=True)
+            print(f"[{pr.id}] {st.new_tokens} new tokens, {st.steps} steps, {st.mean_accepted:.2f} tokens/step accepted, "
+                  f"{st.seconds:.2f} s (last tree: {st.tree})", file=sys.stderr)
+        choice = engine.stats()["speculation"]
+    wall = time.perf_counter() - t0
+    print(f"{len(prompts)} prompts at concurrency {args.concurrency}: {total} new tokens in {wall:.2f} s = "
+          f"{total / wall:.1f} tokens/s (heads: {stack.heads_name}; last speculation choice: "
+          f"{choice.get('tree', 'ar')}, {choice.get('reason', '')})", file=sys.stderr)
     return 0

@@ -36,7 +36,7 @@ import torch
 from medusa.decoding.adaptive import AcceptanceMeter, Choice, StepCostModel, TreeOption, choose_tree
 from medusa.decoding.kv_pool import RowPool, Swap, state_rows, swap_cache_rows, swap_state_rows, write_back
 from medusa.decoding.sampling import BatchSampling, SamplingParams, draw_uniforms
-from medusa.decoding.step import DecodeState, prefill, speculate
+from medusa.decoding.step import KV_BUCKET, DecodeState, prefill, speculate
 from medusa.decoding.stopping import stop_cut
 from medusa.decoding.tree import NAMED_TREES, Tree, expected_accept_length, load_tree, prior_accuracies
 from medusa.errors import RequestError, TreeError
@@ -507,7 +507,8 @@ class Engine:
         state = DecodeState(KVCache(self.cache.k[:, :n], self.cache.v[:, :n]), self.row_start[:n], self.row_root[:n],
                             self.row_hidden[:n], state_rows(self.head_state, 0, n, self.pool.rows))
         t0 = time.perf_counter()
-        acc = speculate(self.model, self.heads, tree, state, sampling, uniforms, max_accept)
+        kv_len = min(self.row_len, -(-(max(x.kv_len for x in lives) + N) // KV_BUCKET) * KV_BUCKET)  # known on the host: no sync
+        acc = speculate(self.model, self.heads, tree, state, sampling, uniforms, max_accept, kv_len=kv_len)
         rows = torch.cat([acc.length[:, None], acc.tokens], 1).tolist()  # one host sync
         dt = time.perf_counter() - t0
         self.row_start[:n], self.row_root[:n], self.row_hidden[:n] = state.start, state.root, state.last_hidden

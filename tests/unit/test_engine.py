@@ -126,9 +126,9 @@ def test_default_model_batched_equals_alone(stack):
     tree = load_tree("chain")
     eos = tuple(model.cfg.eos_token_ids)
     eng = Engine(model, heads, tree, max_batch=3, max_seq_len=128)
-    hs = [eng.submit(Request(p, max_new_tokens=8, speculation=m)) for p, m in zip(ps, ("on", "off", "auto"))]
+    hs = [eng.submit(Request(p, max_new_tokens=6, speculation=m)) for p, m in zip(ps, ("on", "off", "auto"))]
     for p, (out, st) in zip(ps, drain(eng, hs)):
-        assert out == alone(model, p, heads, tree, 8, eos)
+        assert out == alone(model, p, heads, tree, 6, eos)
 
 
 # ------------------------------------------------------------------ continuous batching
@@ -284,3 +284,20 @@ def test_bad_requests_are_request_errors(tiny):
         eng.submit(Request([1, 2], request_id="x"))
     h.cancel()
     assert eng.load() == 0
+
+
+def test_generate_concurrency_matches_one_at_a_time(capsys, tmp_path):
+    """`medusa generate --concurrency N`: the same JSON objects, in input order, as one at a time."""
+    import json
+
+    from medusa.cli import main
+
+    f = tmp_path / "p.jsonl"
+    f.write_text("\n".join(json.dumps({"id": i, "prompt": p}) for i, p in enumerate(["Hi!", "Name a fruit.", "2+2=?"])))
+    runs = []
+    for extra in ([], ["--concurrency", "2"]):
+        assert main(["generate", "--prompt-file", str(f), "--json", "--max-new-tokens", "6", "--mode", "ar", *extra]) == 0
+        runs.append([json.loads(x) for x in capsys.readouterr().out.splitlines()])
+    assert [r["id"] for r in runs[1]] == ["0", "1", "2"]
+    assert [r["token_ids"] for r in runs[1]] == [r["token_ids"] for r in runs[0]]
+    assert main(["generate", "--prompt-file", str(f), "--concurrency", "0"]) == 2
