@@ -175,3 +175,30 @@ def test_prometheus_metrics_are_exported(cluster):
     tenants = {part.split('"')[1] for line in body.splitlines() if line.startswith("ray_medusa_generated_tokens_total")
                for part in line.split(",") if part.startswith("tenant=")}
     assert "zeta" in tenants
+
+
+def test_a_vanished_replicas_session_is_reassigned_and_reprefilled(cluster):
+    """Runs last: kills the engine replica holding a session; its next turn lands on a live
+    replica (full prefill there) and Redis records the new one."""
+    import ray
+
+    q1 = {"role": "user", "content": "Name a planet."}
+    with client(cluster, "acme") as c:
+        first = c.generate(messages=[q1], session_id="moving", max_new_tokens=6)
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if "Engine" in a["name"] and first.replica_id in a["name"]]
+        assert len(names) == 1, names
+        ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+        msgs = [q1, {"role": "assistant", "content": first.text}, {"role": "user", "content": "Another?"}]
+        deadline = time.monotonic() + 60
+        while True:  # the router may still try the dead replica once; the SDK retries UNAVAILABLE
+            try:
+                second = c.generate(messages=msgs, session_id="moving", max_new_tokens=6)
+                break
+            except Exception:  # noqa: BLE001
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+    assert second.replica_id != first.replica_id
+    assert second.usage.reused_prompt_tokens == 0  # re-prefilled on its new replica
+    assert cluster["redis"].get(session_key("acme", "moving")).decode() == second.replica_id
