@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import queue
 import secrets
 import threading
@@ -45,6 +46,7 @@ from medusa.model.kv_cache import KVCache
 SPECULATION = ("auto", "on", "off")
 DEFAULT_TREE = "tree16"
 DEFAULT_MAX_SEQ_LEN = 2048
+REFRESH_EVERY = 256  # plain steps after which the default tree runs once to re-measure acceptance
 
 
 # ------------------------------------------------------------------ public types
@@ -194,7 +196,6 @@ class _Live:
     step_tokens: int = 0
     t_first: float = 0.0
     tree: str = "ar"
-    cancelled: bool = False
 
     @property
     def kv_len(self) -> int:  # committed KV slots (the last produced token is not in the cache yet)
@@ -240,6 +241,8 @@ class Engine:
         self._sampling: BatchSampling | None = None
         self._choice: dict = {}
         self._steps = 0
+        self._last_spec_step = 0
+        self._last_error: str | None = None
         # threading: _mu guards the inbox (waiting queue, cancels, ids); _step_lock the decode state
         self._mu = threading.Lock()
         self._wake = threading.Condition(self._mu)
@@ -335,6 +338,7 @@ class Engine:
             "trees": {n: t.num_nodes for n, t in self.trees.items()},
             "acceptance": {n: round(self.meter.expected(n), 3) for n in self.trees},
             "speculation": dict(self._choice),
+            "last_error": self._last_error,
         }
 
     # -------------------------------------------------------------- submission helpers
@@ -387,6 +391,7 @@ class Engine:
             try:
                 self.step()
             except Exception as e:  # a bug must not leave clients waiting forever
+                logging.getLogger(__name__).exception("engine step failed; failing the requests in flight")
                 self._fail_all(e)
 
     def _fail_all(self, exc: Exception) -> None:
@@ -479,6 +484,10 @@ class Engine:
             options = [TreeOption(t, tr.num_nodes, self.meter.expected(t)) for t, tr in self.trees.items()]
             c: Choice = choose_tree(n, modes.count("auto"), options, self.cost)
             name, reason, rates = c.tree, c.reason, c.rates
+            if name == "ar" and self._steps - self._last_spec_step >= REFRESH_EVERY:
+                # acceptance is only measured while speculating: re-measure now and then, or one
+                # bad stretch would keep the engine plain forever
+                name, reason = self.default_tree.name, f"re-measuring acceptance ({REFRESH_EVERY} plain steps in a row)"
         tree = self.trees[name]
         if tree.num_nodes > 1 and max(x.kv_len for x in lives) + tree.max_depth >= self.max_pos:
             tree, reason = self.trees["ar"], "a row is at the end of the model's context: plain decoding"
@@ -512,6 +521,8 @@ class Engine:
         rows = torch.cat([acc.length[:, None], acc.tokens], 1).tolist()  # one host sync
         dt = time.perf_counter() - t0
         self.row_start[:n], self.row_root[:n], self.row_hidden[:n] = state.start, state.root, state.last_hidden
+        if N > 1:
+            self._last_spec_step = self._steps
         write_back(self.head_state, state.head_state, 0, n, self.pool.rows)
         self._steps += 1
         self.cost.record(n, N, dt)
