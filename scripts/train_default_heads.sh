@@ -15,8 +15,10 @@
 #   MTBENCH  MT-Bench question.jsonl for a quick measured check [../shared/data/mt_bench/question.jsonl]
 #   WORK     scratch folder kept between calls on a warm machine [.cache/heads_run]
 #   OUT      folder the GPU tool returns [out_heads]
+#   ASSETS   where the finished heads go [medusa/assets/heads]
 #   DATA_GZ  distilled data from a stage-1 $OUT, used when $WORK has none [distill.jsonl.gz]
 #   DISTILL_SECONDS [430]  MEDUSA_SECONDS [110]  HYDRA_SECONDS [200]  N_PROMPTS [12000]  BATCH [128]
+#   MAX_NEW [512]  BATCH_TOKENS [16384]  EVAL_BATCHES [40]  MT_LIMIT [8]  MT_TOKENS [128]  PY [python3]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:-all}
@@ -37,16 +39,21 @@ MEDUSA_SECONDS=${MEDUSA_SECONDS:-110}
 HYDRA_SECONDS=${HYDRA_SECONDS:-200}
 N_PROMPTS=${N_PROMPTS:-12000}
 BATCH=${BATCH:-128}
-ASSETS=medusa/assets/heads
+MAX_NEW=${MAX_NEW:-512}
+BATCH_TOKENS=${BATCH_TOKENS:-16384}
+EVAL_BATCHES=${EVAL_BATCHES:-40}
+MT_LIMIT=${MT_LIMIT:-8}
+MT_TOKENS=${MT_TOKENS:-128}
+PY=${PY:-python3}
+ASSETS=${ASSETS:-medusa/assets/heads}
 mkdir -p "$WORK" "$OUT"
-medusa() { python3 -m medusa.cli "$@"; }
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$WORK/pipeline.log" >&2; }
 
 stage1() {
   log "distill: up to $N_PROMPTS prompts, ${DISTILL_SECONDS}s, batch $BATCH, model $MODEL"
-  timeout $((DISTILL_SECONDS + 90)) python3 -m medusa.cli distill --model "$MODEL" \
+  timeout $((DISTILL_SECONDS + 90)) $PY -m medusa.cli distill --model "$MODEL" \
     --prompts "$PROMPTS"/sharegpt_first_turns.jsonl "$PROMPTS"/code_alpaca_2k.json "$PROMPTS"/gsm8k_train.jsonl "$PROMPTS"/alpaca_en_demo.json \
-    --out "$WORK/distill.jsonl" --limit "$N_PROMPTS" --max-new-tokens 512 --sample-fraction 0.3 --temperature 0.7 \
+    --out "$WORK/distill.jsonl" --limit "$N_PROMPTS" --max-new-tokens $MAX_NEW --sample-fraction 0.3 --temperature 0.7 \
     --batch "$BATCH" --time-limit "$DISTILL_SECONDS" 2>&1 | tr '\r' '\n' | grep -v '^distilling' | tail -5 | tee -a "$WORK/pipeline.log" || log "distill stopped (timeout or error); the data so far is kept"
   log "distilled records: $(wc -l < "$WORK/distill.jsonl")"
   gzip -1 -c "$WORK/distill.jsonl" > "$OUT/distill.jsonl.gz"
@@ -56,17 +63,17 @@ train_heads() {  # name, seconds, train args...
   local name=$1 secs=$2; shift 2
   if [[ -f $WORK/$name/heads.json && -f $WORK/$name/.done ]]; then log "train $name: done already"; return; fi
   log "train $name: ${secs}s $*"
-  timeout $((secs + 75)) python3 -m medusa.cli train --model "$MODEL" --data "$WORK/distill.jsonl" --out "$WORK/$name" \
-    --time-limit "$secs" --epochs 20 --batch-tokens 16384 --max-len 1024 --warmup 30 --checkpoint-every 100 "$@" \
+  timeout $((secs + 75)) $PY -m medusa.cli train --model "$MODEL" --data "$WORK/distill.jsonl" --out "$WORK/$name" \
+    --time-limit "$secs" --epochs 20 --batch-tokens $BATCH_TOKENS --max-len 1024 --warmup 30 --checkpoint-every 100 --eval-batches 10 "$@" \
     2>&1 | tr '\r' '\n' | grep -v '^training' | tee -a "$WORK/pipeline.log"
   touch "$WORK/$name/.done"
 }
 
 eval_and_tree() {  # name
   local name=$1
-  timeout 120 python3 -m medusa.cli eval heads --model "$MODEL" --heads "$WORK/$name" --data "$WORK/distill.jsonl" \
-    --max-batches 40 --json "$WORK/$name.accuracy.json" 2>&1 | tr '\r' '\n' | grep -v '^scoring' | tee -a "$WORK/pipeline.log"
-  timeout 60 python3 -m medusa.cli tree --accuracies "$WORK/$name.accuracy.json" --nodes 16,32,64,128 \
+  timeout 120 $PY -m medusa.cli eval heads --model "$MODEL" --heads "$WORK/$name" --data "$WORK/distill.jsonl" \
+    --max-batches $EVAL_BATCHES --batch-tokens $BATCH_TOKENS --json "$WORK/$name.accuracy.json" 2>&1 | tr '\r' '\n' | grep -v '^scoring' | tee -a "$WORK/pipeline.log"
+  timeout 60 $PY -m medusa.cli tree --accuracies "$WORK/$name.accuracy.json" --nodes 16,32,64,128 \
     --out "$WORK/$name.trees" --heads "$WORK/$name" --ship-nodes 64 2>&1 | tee -a "$WORK/pipeline.log"
 }
 
@@ -88,14 +95,15 @@ stage2() {
   du -b "$ASSETS"/*/heads.safetensors | tee -a "$WORK/pipeline.log"
   if [[ -f $MTBENCH ]]; then
     for name in medusa hydra; do
-      log "measured: $name heads, 8 MT-Bench prompts x 128 tokens"
-      timeout 90 python3 -m medusa.cli generate --model "$MODEL" --heads "$ASSETS/$name" --prompt-file "$MTBENCH" --limit 8 \
-        --max-new-tokens 128 --json > "$WORK/$name.mtbench8.jsonl" 2>/dev/null || true
-      python3 - "$WORK/$name.mtbench8.jsonl" <<'EOF' | tee -a "$WORK/pipeline.log"
+      log "measured: $name heads, $MT_LIMIT MT-Bench prompts x $MT_TOKENS tokens"
+      timeout 90 $PY -m medusa.cli generate --model "$MODEL" --heads "$ASSETS/$name" --prompt-file "$MTBENCH" --limit "$MT_LIMIT" \
+        --max-new-tokens "$MT_TOKENS" --json > "$WORK/$name.mtbench8.jsonl" 2>/dev/null || true
+      $PY - "$WORK/$name.mtbench8.jsonl" <<'EOF' | tee -a "$WORK/pipeline.log"
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-steps = sum(r["steps"] for r in rows); toks = sum(r["new_tokens"] - 1 for r in rows)
-print(f"{sys.argv[1]}: {len(rows)} prompts, mean accepted {toks / max(steps, 1):.3f} tokens/step")
+steps = sum(r["steps"] for r in rows)
+accepted = sum(r["mean_accepted"] * r["steps"] for r in rows)
+print(f"{sys.argv[1]}: {len(rows)} prompts, mean accepted {accepted / max(steps, 1):.3f} tokens/step")
 EOF
     done
   fi

@@ -38,6 +38,7 @@ def register(sub) -> None:
     p.add_argument("--heldout", type=float, default=0.02, help="share of records held out for evaluation")
     p.add_argument("--time-limit", type=float, default=None, help="seconds; the schedule is fitted to it")
     p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--eval-batches", type=int, default=40, help="held-out batches per evaluation (0: all)")
     p.add_argument("--save-dtype", choices=("float16", "bfloat16", "float32"), default="float16")
     p.add_argument("--seed", type=int, default=0)
     add_model_args(p, heads=False)
@@ -83,7 +84,8 @@ def run(args) -> int:
     heads = build_new_heads(args, model, stack.source.name)
     cfg = TrainConfig(lr=args.lr, warmup_steps=args.warmup, weight_decay=args.weight_decay, epochs=args.epochs,
                       max_steps=args.max_steps, max_tokens=args.batch_tokens, max_len=args.max_len, head_decay=args.head_decay,
-                      teacher_weight=teacher, seed=args.seed, time_limit=args.time_limit, checkpoint_every=args.checkpoint_every)
+                      teacher_weight=teacher, seed=args.seed, time_limit=args.time_limit, checkpoint_every=args.checkpoint_every,
+                      eval_batches=args.eval_batches)
     out = Path(args.out)
     trainer = Trainer(model, heads, train, held, cfg, checkpoint_dir=out / "ckpt")
     resumed = trainer.load_checkpoint()

@@ -197,6 +197,12 @@ class Trainer:
                 self.state.batch_in_epoch = 0
                 if self.heldout and self.state.step < self.state.total_steps:
                     self._record_eval(on_eval)
+                if self.cfg.time_limit and self.state.fitted and timed_from is not None:
+                    # re-fit (downwards only) with the evaluation time included in the rate
+                    now = time.perf_counter() - t0
+                    rate = (now - timed_from) / max(self.state.step - timed_step, 1)
+                    fits = self.state.step + int((self.cfg.time_limit * 0.95 - now) / rate)
+                    self.state.total_steps = max(self.state.step + 1, min(self.state.total_steps, fits))
         if self.heldout:
             self._record_eval(on_eval)
         if self.ckpt:

@@ -1,0 +1,60 @@
+"""Regression guard for the heads shipped in the package: they load for the default model and
+accept more than 2 tokens per step on average on a few MT-Bench prompts (greedy). Skipped
+until trained heads are shipped (medusa/assets/heads/<name>/heads.json)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from medusa.runtime import shipped_heads_dir
+
+MT_BENCH = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "mt_bench" / "question.jsonl"
+PROMPTS = (
+    "Compose an engaging travel blog post about a recent trip to Hawaii, highlighting cultural experiences and must-see attractions.",
+    "Implement a program to find the common elements in two arrays without using any extra data structures.",
+)
+
+
+def mt_bench_prompts(n: int) -> list[str]:
+    if MT_BENCH.is_file():
+        rows = [json.loads(line) for line in MT_BENCH.read_text().splitlines() if line.strip()]
+        return [r["turns"][0] for r in rows[:: max(len(rows) // n, 1)][:n]]
+    return list(PROMPTS[:n])
+
+
+@pytest.fixture(scope="module")
+def stack():
+    from medusa.model.loading import load_model
+    from medusa.tokenizer import Tokenizer
+
+    model, src = load_model(device="cpu", dtype=torch.float32, progress=False)
+    return model, Tokenizer.load(src)
+
+
+@pytest.mark.parametrize("name", ["medusa", "hydra"])
+def test_shipped_heads_accept_more_than_two_tokens_per_step(request, name):
+    folder = shipped_heads_dir(name)
+    if folder is None:
+        pytest.skip(f"no shipped {name} heads yet")
+    stack = request.getfixturevalue("stack")
+    from medusa.decoding.generate import Stats, generate
+    from medusa.decoding.tree import build_tree
+    from medusa.heads.io import load_heads
+
+    model, tok = stack
+    heads = load_heads(folder, model)
+    assert heads.config.tree, "shipped heads carry their searched tree"
+    tree = build_tree(heads.config.tree)
+    assert tree.num_nodes <= 64
+    steps = produced = 0
+    eos = tuple(sorted(set(model.cfg.eos_token_ids) | set(tok.eos_token_ids)))
+    for text in mt_bench_prompts(2):
+        stats = Stats()
+        for _ in generate(model, tok.encode_prompt(text), heads=heads, tree=tree, max_new_tokens=48, stop_token_ids=eos, stats=stats):
+            pass
+        steps += stats.steps
+        produced += sum(stats.step_tokens)
+    assert produced / steps > 2.0, f"{name}: {produced / steps:.2f} tokens per step"
