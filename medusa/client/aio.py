@@ -100,11 +100,16 @@ class AsyncMedusaClient:
                     call.cancel()
 
     # ----- public API -----
-    async def stream(self, prompt: str | None = None, *, messages=None, timeout=_UNSET, **params) -> AsyncIterator[Delta]:
-        """Yield text deltas (with their token ids) as the server accepts tokens."""
-        async for item in self._stream(prompt, messages, timeout, params, StreamFold()):
+    async def stream(self, prompt: str | None = None, *, messages=None, timeout=_UNSET,
+                     on_final: Callable[[GenerateResult], None] | None = None, **params) -> AsyncIterator[Delta]:
+        """Yield text deltas (with their token ids) as the server accepts tokens; on_final, if
+        given, receives the GenerateResult (finish reason, usage, stats) once the stream ends."""
+        fold = StreamFold()
+        async for item in self._stream(prompt, messages, timeout, params, fold):
             if isinstance(item, Delta):
                 yield item
+        if on_final is not None:
+            on_final(fold.final)
 
     async def generate(self, prompt: str | None = None, *, messages=None, timeout=_UNSET, **params) -> GenerateResult:
         """Generate to the end; returns .text, .token_ids, .finish_reason, .usage, .stats."""

@@ -29,8 +29,8 @@ class MedusaClient:
     def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def stream(self, prompt: str | None = None, *, messages=None, timeout=_UNSET, **params) -> Iterator[Delta]:
-        agen = self._aio.stream(prompt, messages=messages, timeout=timeout, **params)
+    def stream(self, prompt: str | None = None, *, messages=None, timeout=_UNSET, on_final=None, **params) -> Iterator[Delta]:
+        agen = self._aio.stream(prompt, messages=messages, timeout=timeout, on_final=on_final, **params)
         try:
             while True:
                 try:

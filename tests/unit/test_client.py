@@ -88,7 +88,9 @@ def test_generate_and_stream_fold_deltas(server):
         r = c.generate("hi", max_new_tokens=3)
         assert (r.text, r.token_ids, r.finish_reason) == ("Hello", [1, 2, 3], "length")
         assert r.usage.completion_tokens == 3 and r.stats.mean_accepted == pytest.approx(1.5)
-        assert [d.text for d in c.stream("hi")] == ["Hel", "lo"]
+        finals = []
+        assert [d.text for d in c.stream("hi", on_final=finals.append)] == ["Hel", "lo"]
+        assert finals[0].finish_reason == "length" and finals[0].token_ids == [1, 2, 3]
         assert c.tokenize("ab") == [97, 98]
     assert svc.metadata[0]["authorization"] == "Bearer k1"
 
