@@ -6,7 +6,6 @@ unit tests and handy for debugging the request path.
 Knows nothing of what the wrapped objects do."""
 from __future__ import annotations
 
-import asyncio
 import inspect
 
 import grpc
@@ -92,4 +91,4 @@ async def start_server(ingress: Ingress, address: str = "127.0.0.1:0") -> tuple[
     return server, port
 
 
-__all__ = ["LocalHandle", "GrpcServicer", "start_server", "asyncio"]
+__all__ = ["LocalHandle", "GrpcServicer", "start_server"]
