@@ -253,3 +253,21 @@ def test_distill_writes_records_and_resumes(tmp_path):
     with open(out, "a") as f:
         f.write('{"id": "half-writ')  # an interrupted run's last line is ignored
     assert len(read_records(out)) == 6
+
+
+def test_distill_through_the_real_engine_matches_plain_greedy(tmp_path):
+    from medusa.decoding.engine import Engine
+    from medusa.decoding.generate import generate
+
+    base = tiny_base()
+    jobs = [DistillJob(f"p{i}:greedy", "greedy", [i + 1, 2 * i + 3, 5]) for i in range(4)]
+    engine = Engine(base, max_batch=2)
+    engine.start()
+    try:
+        s = distill(engine, jobs, tmp_path / "d.jsonl", max_new_tokens=6, stop_token_ids=(), window=3)
+    finally:
+        engine.stop()
+    assert s.written == 4 and s.failed == 0
+    for r in read_records(tmp_path / "d.jsonl"):
+        plain = [t for c in generate(base, r.prompt_ids, max_new_tokens=6, stop_token_ids=()) for t in c.tokens]
+        assert r.response_ids == plain
