@@ -109,7 +109,7 @@ PROMPTS = ([1, 9690, 28, 198, 2683, 314, 253, 2365, 30], [504, 3458, 282, 4649, 
 
 @pytest.fixture(scope="module")
 def plain_outputs(default_model):
-    return [[t for c in generate(default_model, ids, max_new_tokens=16) for t in c.tokens] for ids in PROMPTS]
+    return [[t for c in generate(default_model, ids, max_new_tokens=12) for t in c.tokens] for ids in PROMPTS]
 
 
 @pytest.mark.parametrize("head_type", ["hydra", "hydra++"])
@@ -121,7 +121,7 @@ def test_golden_speculative_greedy_equals_plain_greedy(default_model, plain_outp
     produced = []
     for ids, plain in zip(PROMPTS, plain_outputs):
         stats = Stats()
-        spec = [t for c in generate(default_model, ids, heads=heads, tree=tree, max_new_tokens=16, stats=stats) for t in c.tokens]
+        spec = [t for c in generate(default_model, ids, heads=heads, tree=tree, max_new_tokens=12, stats=stats) for t in c.tokens]
         assert spec == plain
         produced += stats.step_tokens
     assert max(produced) > 1, "no step accepted a guess: the test would not exercise multi-token commits"

@@ -53,7 +53,7 @@ def test_shipped_heads_accept_more_than_two_tokens_per_step(request, name):
     eos = tuple(sorted(set(model.cfg.eos_token_ids) | set(tok.eos_token_ids)))
     for text in mt_bench_prompts(2):
         stats = Stats()
-        for _ in generate(model, tok.encode_prompt(text), heads=heads, tree=tree, max_new_tokens=48, stop_token_ids=eos, stats=stats):
+        for _ in generate(model, tok.encode_prompt(text), heads=heads, tree=tree, max_new_tokens=32, stop_token_ids=eos, stats=stats):
             pass
         steps += stats.steps
         produced += sum(stats.step_tokens)
