@@ -3,7 +3,8 @@
 Jobs (prompt ids + greedy or sampled) go to the batched Engine (speculation off: plain
 decoding through the one decode step); finished responses are appended to a JSONL file as
 they arrive, so an interrupted run loses at most the responses in flight and a rerun skips
-every id already written. Knows token ids only (the caller applies the chat template) and
+every id already written. At a time limit the responses in flight are cut and kept when long
+enough: a prefix of the base model's own response is as good a training sequence. Knows token ids only (the caller applies the chat template) and
 reports progress through a callback."""
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from typing import Callable
 
 from medusa.decoding.sampling import SamplingParams
 from medusa.training.data import Record, done_ids
+
+
+MIN_PARTIAL = 32  # a response cut by the time limit is kept (as a prefix of a real response) from this many tokens
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,8 @@ async def _run(engine, todo, f, max_new_tokens, temperature, seed, stop_token_id
                 tokens.extend(ev.tokens)
                 reason = ev.finish_reason
             handles.pop(job.id, None)
-            if reason not in ("eos", "stop", "length"):
+            cut_at_deadline = expired and reason == "cancelled" and len(tokens) >= MIN_PARTIAL
+            if reason not in ("eos", "stop", "length") and not cut_at_deadline:
                 counts[1] += 1
                 return
             f.write(Record(job.id, job.mode, job.prompt_ids, tokens).to_json() + "\n")
@@ -89,7 +94,7 @@ async def _run(engine, todo, f, max_new_tokens, temperature, seed, stop_token_id
             if progress:
                 progress(counts[0], len(tokens))
 
-    async def expire() -> None:  # at the deadline: no new requests, and the ones in flight are cut (not written)
+    async def expire() -> None:  # at the deadline: no new requests; the ones in flight are cut (long prefixes kept)
         nonlocal expired
         await asyncio.sleep(time_limit)
         expired = True

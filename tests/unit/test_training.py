@@ -271,3 +271,25 @@ def test_distill_through_the_real_engine_matches_plain_greedy(tmp_path):
     for r in read_records(tmp_path / "d.jsonl"):
         plain = [t for c in generate(base, r.prompt_ids, max_new_tokens=6, stop_token_ids=()) for t in c.tokens]
         assert r.response_ids == plain
+
+
+class SlowHandle(FakeHandle):
+    async def _events(self):
+        yield type("Ev", (), {"tokens": [7] * 40, "finish_reason": None})()
+        while self.reason != "cancelled":
+            await asyncio.sleep(0.01)
+        yield type("Ev", (), {"tokens": [], "finish_reason": "cancelled"})()
+
+
+class SlowEngine(FakeEngine):
+    def submit(self, req):
+        self.requests.append(req)
+        return SlowHandle(req)
+
+
+def test_distill_time_limit_keeps_long_prefixes_and_stops_submitting(tmp_path):
+    jobs = [DistillJob(f"p{i}:greedy", "greedy", [1]) for i in range(10)]
+    eng = SlowEngine()
+    s = distill(eng, jobs, tmp_path / "d.jsonl", window=3, time_limit=0.2)
+    assert len(eng.requests) == 3 and s.written == 3 and s.failed == 7
+    assert all(r.response_ids == [7] * 40 for r in read_records(tmp_path / "d.jsonl"))
