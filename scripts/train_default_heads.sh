@@ -18,7 +18,7 @@
 #   ASSETS   where the finished heads go [medusa/assets/heads]
 #   DATA_GZ  distilled data from a stage-1 $OUT, used when $WORK has none [distill.jsonl.gz]
 #   DISTILL_SECONDS [400]  MEDUSA_SECONDS [100]  HYDRA_SECONDS [180]  N_PROMPTS [12000]  BATCH [128]
-#   MAX_NEW [512]  BATCH_TOKENS [16384]  EVAL_BATCHES [40]  MT_LIMIT [6]  MT_TOKENS [128]  PY [python3]
+#   MAX_NEW [512]  BATCH_TOKENS [16384]  EVAL_BATCHES [40]  MT_LIMIT [4]  MT_TOKENS [128]  PY [python3]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:-all}
@@ -42,7 +42,7 @@ BATCH=${BATCH:-128}
 MAX_NEW=${MAX_NEW:-512}
 BATCH_TOKENS=${BATCH_TOKENS:-16384}
 EVAL_BATCHES=${EVAL_BATCHES:-40}
-MT_LIMIT=${MT_LIMIT:-6}
+MT_LIMIT=${MT_LIMIT:-4}
 MT_TOKENS=${MT_TOKENS:-128}
 PY=${PY:-python3}
 ASSETS=${ASSETS:-medusa/assets/heads}
@@ -96,7 +96,7 @@ stage2() {
   if [[ -f $MTBENCH ]]; then
     for name in medusa hydra; do
       log "measured: $name heads, $MT_LIMIT MT-Bench prompts x $MT_TOKENS tokens"
-      timeout 75 $PY -m medusa.cli generate --model "$MODEL" --heads "$ASSETS/$name" --prompt-file "$MTBENCH" --limit "$MT_LIMIT" \
+      timeout 60 $PY -m medusa.cli generate --model "$MODEL" --heads "$ASSETS/$name" --prompt-file "$MTBENCH" --limit "$MT_LIMIT" \
         --max-new-tokens "$MT_TOKENS" --json > "$WORK/$name.mtbench8.jsonl" 2>/dev/null || true
       $PY - "$WORK/$name.mtbench8.jsonl" <<'EOF' | tee -a "$WORK/pipeline.log"
 import json, sys
