@@ -271,6 +271,8 @@ def test_background_thread_and_async_iteration(tiny, tiny_heads):
         outs.append(eng.submit(Request(ps[0], max_new_tokens=8)).result()[0])  # blocking iteration
     assert outs[:3] == [alone(tiny, p, tiny_heads, t, 8) for p in ps]
     assert outs[3] == outs[0]
+    sync = Engine(tiny, tiny_heads, t, max_batch=2, max_seq_len=64, trees={t.name: t})  # no thread: iteration drives it
+    assert asyncio.run(consume(sync)) == outs[:3]
 
 
 def test_bad_requests_are_request_errors(tiny):
