@@ -92,17 +92,18 @@ def batch_bucket(b: int) -> int:
 
 class StepCostModel:
     """Seconds per step of B rows x N nodes. A given table {(batch, nodes): seconds} (from
-    `medusa bench --step-cost`) is interpolated linearly over batch for each N; the engine's own
-    step times (exponentially averaged per batch bucket and N) take over once measured. Unknown
-    combinations are estimated linearly over N from two trees measured at the same batch size,
-    else None (the policy then measures them)."""
+    `medusa bench --step-cost`, whose rows are batch-1 forwards over N query tokens) is read as
+    a function of the tokens per forward, B x N, interpolated linearly (proportional past the
+    largest measured forward): a wide tree at batch 1 costs what many rows of one token cost.
+    The engine's own step times (per batch bucket and N) take over once measured. Without
+    either, a combination is estimated linearly over N from two trees measured at the same
+    batch size, else None (the policy then measures it)."""
 
     def __init__(self, table: dict | None = None, alpha: float = 0.1):
-        self.table: dict[int, list[tuple[int, float]]] = {}
+        by_tokens: dict[int, list[float]] = {}
         for (b, n), s in (table or {}).items():
-            self.table.setdefault(int(n), []).append((int(b), float(s)))
-        for pts in self.table.values():
-            pts.sort()
+            by_tokens.setdefault(int(b) * int(n), []).append(float(s))
+        self.table = sorted((t, sum(v) / len(v)) for t, v in by_tokens.items())  # [(tokens, seconds)]
         self.alpha = alpha
         self.online: dict[tuple[int, int], float] = {}
         self.count: dict[tuple[int, int], int] = {}
@@ -122,7 +123,7 @@ class StepCostModel:
         got = self.online.get((bucket, nodes))
         if got is not None:
             return got
-        got = _interpolate(self.table.get(nodes), batch)
+        got = _interpolate(self.table, batch * nodes)
         if got is not None:
             return got
         # two trees measured at this batch size: cost grows about linearly with the nodes

@@ -53,19 +53,32 @@ def test_acceptance_meter_scales_unmeasured_trees_by_measured_ones():
 
 
 def test_step_cost_model_table_online_and_extrapolation():
-    table = {(1, 16): 0.010, (8, 16): 0.024, (1, 1): 0.008}
+    table = {(1, 1): 0.008, (1, 16): 0.010, (1, 128): 0.024}  # batch-1 forwards over N query tokens
     cm = StepCostModel(table)
     assert cm(1, 16) == pytest.approx(0.010)
-    assert cm(4, 16) == pytest.approx(0.010 + 0.014 * 3 / 7)  # linear over batch
+    assert cm(4, 16) == pytest.approx(0.010 + 0.014 * 48 / 112)  # 64 tokens per forward
     assert cm(16, 16) == pytest.approx(0.048)  # proportional past the table
-    assert cm(4, 64) is None  # nothing known for 64 nodes at batch 4
+    assert cm(1, 128) == cm(128, 1)
     for s in (9.0, 0.02, 0.02):  # the first (warm-up) sample is dropped
         cm.record(3, 1, s)
-    assert cm(4, 1) == pytest.approx(0.02)  # batch 3 and 4 share a bucket
-    cm.record(4, 5, 0.04)
-    cm.record(4, 5, 0.04)
-    assert cm(4, 9) == pytest.approx(0.04 + 0.005 * 4)  # linear over nodes from two measured trees
+    assert cm(4, 1) == pytest.approx(0.02)  # measured: batch 3 and 4 share a bucket
+    online = StepCostModel()
+    assert online(4, 5) is None  # nothing known: the policy explores
+    online.record(4, 1, 0.02)
+    online.record(4, 1, 0.02)
+    online.record(4, 5, 0.04)
+    online.record(4, 5, 0.04)
+    assert online(4, 9) == pytest.approx(0.04 + 0.005 * 4)  # linear over nodes from two measured trees
     assert [batch_bucket(b) for b in (1, 2, 3, 5, 64, 65)] == [1, 2, 4, 8, 64, 128]
+
+
+def test_batch1_table_turns_the_choice_plain_under_load():
+    """A memory-bound device: flat until 256 tokens per forward. The tree shrinks as the load grows."""
+    table = {(1, q): 0.01 * max(1.0, q / 256) for q in (1, 16, 64, 256, 1024, 4096)}
+    cm = StepCostModel(table)
+    assert choose_tree(1, 1, OPTIONS, cm).tree == "tree64"
+    assert choose_tree(64, 64, OPTIONS, cm).tree == "chain"
+    assert choose_tree(256, 256, OPTIONS, cm).tree == "ar"
 
 
 # ------------------------------------------------------------------ the row pool
