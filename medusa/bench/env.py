@@ -53,6 +53,7 @@ def environment(device: torch.device) -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         **git_commit(),
         "torch": torch.__version__,
+        "load_average": load_average(),  # other work on the machine skews CPU timings
     }
     try:
         import transformers
@@ -61,6 +62,14 @@ def environment(device: torch.device) -> dict:
     except ImportError:
         env["transformers"] = None
     return env
+
+
+def load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages (None where the OS has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def synchronize(device: torch.device) -> None:

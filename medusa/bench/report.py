@@ -97,7 +97,12 @@ def header_lines(doc: dict[str, Any]) -> list[str]:
     commit = doc.get("commit", "unknown")
     short = commit[:10] + ("+dirty" if doc.get("dirty") else "")
     return [f"Device: {doc['device']} ({doc.get('device_detail', '')}); date {doc['date']}; commit {short}; "
-            f"torch {doc.get('torch')}, transformers {doc.get('transformers')}."]
+            f"torch {doc.get('torch')}, transformers {doc.get('transformers')}; load average at start / end "
+            f"{_load(doc.get('load_average'))} / {_load(doc.get('load_average_end'))}."]
+
+
+def _load(x) -> str:
+    return "-" if not x else f"{x[0]:.1f}"
 
 
 def decode_markdown(doc: dict[str, Any]) -> str:

@@ -76,6 +76,12 @@ def _device(args):
     return dev
 
 
+def _load_average():
+    from medusa.bench.env import load_average
+
+    return load_average()
+
+
 def _write(out: Path, stem: str, doc: dict, markdown: str) -> list[Path]:
     from medusa.bench.report import write_json
 
@@ -170,6 +176,7 @@ def run_decode(args) -> int:
     golden = [lab for lab, s in doc["modes"].items() if s["kind"] == "spec" and s["matches_ar_all"] is False]
     if golden:
         doc["notes"].append(f"GOLDEN CHECK FAILED: {', '.join(golden)} output differs from ar on some prompts")
+    doc["load_average_end"] = _load_average()
     out, stem = Path(args.out), _slug(args.name or f"{label}-{doc['device']}")
     paths = _write(out, stem, doc, report.decode_markdown(doc))
     png = report.decode_plot(doc, out / f"{stem}.png")
@@ -234,6 +241,7 @@ def run_step_cost(args) -> int:
     if doc["graphs"] is None:
         rows_ok = [r for r in rows if not r["graphs"]]
         doc["rows"] = rows_ok
+    doc["load_average_end"] = _load_average()
     out, stem = Path(args.out), _slug(args.name or f"step-cost-{shape}-{doc['device']}")
     md = sc.step_cost_markdown(doc)
     paths = _write(out, stem, doc, md)
@@ -292,6 +300,7 @@ def run_concurrency(args) -> int:
         "heads": stack.heads_name, "tree": stack.tree.name, "tree_nodes": stack.tree.num_nodes,
         "step_cost_table": Path(args.step_cost_table).name if args.step_cost_table else None, "rows": rows,
     }
+    doc["load_average_end"] = _load_average()
     out, stem = Path(args.out), _slug(args.name or f"concurrency-{label}-{doc['device']}")
     md = cc.concurrency_markdown(doc)
     paths = _write(out, stem, doc, md)

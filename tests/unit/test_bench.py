@@ -27,7 +27,7 @@ def decode_run(tmp_path_factory):
     data = d / "two.jsonl"
     data.write_text("\n".join(json.dumps(p) for p in PROMPTS) + "\n")
     rc = main(["bench", "--dataset", str(data), "--limit", "2", "--modes", "ar,medusa", "--max-new-tokens", "16",
-               "--device", "cpu", "--dtype", "float32", "--warmup", "0", "--out", str(d / "out")])
+               "--tree", "chain", "--device", "cpu", "--dtype", "float32", "--warmup", "0", "--out", str(d / "out")])
     return rc, d / "out"
 
 
