@@ -150,6 +150,8 @@ class RequestHandle:
                 return
 
     def cancel(self) -> None:
+        """Stop the request. Its row is freed at once, or at the end of the step running now;
+        the final event says "cancelled". Cancelling a finished request does nothing."""
         self._engine._cancel(self.request_id)
 
     def result(self) -> tuple[list[int], RequestStats]:
