@@ -142,6 +142,7 @@ def run_decode(args) -> int:
         print(f"medusa bench: {lab}: {why}", file=sys.stderr)
     if not modes:
         raise RequestError("no mode left to run")
+    env = environment(dev)  # date and load average at the start of the measurement
     warm = min(args.warmup, len(ids))
     bar = tqdm(total=len(modes) * (len(ids) + warm), desc="bench", unit="run", file=sys.stderr)
 
@@ -156,7 +157,7 @@ def run_decode(args) -> int:
     doc = {
         "kind": "decode",
         "dataset": label,
-        **environment(dev),
+        **env,
         "model": src.name,
         "dtype": str(model.dtype).removeprefix("torch."),
         "max_new_tokens": args.max_new_tokens,
@@ -208,6 +209,7 @@ def run_step_cost(args) -> int:
     if dtype_note:
         print(f"medusa bench: {dtype_note}", file=sys.stderr)
     print(f"medusa bench: building a random {args.shape} ({cfg.num_params / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')})", file=sys.stderr)
+    env = environment(dev)
     model = sc.random_model(cfg, dtype, dev)
     rate = sc.copy_rate(dev)
     wbytes = sc.weight_bytes(cfg, dtype)
@@ -226,7 +228,7 @@ def run_step_cost(args) -> int:
     doc = {
         "kind": "step_cost",
         "shape": shape,
-        **environment(dev),
+        **env,
         "params": cfg.num_params,
         "config": cfg.to_hf(),
         "dtype": str(dtype).removeprefix("torch."),
@@ -288,6 +290,7 @@ def run_concurrency(args) -> int:
     ids = [tok.encode_prompt(p.text, chat=not args.no_chat) for p in prompts]
     if stack.heads is None and modes != ["ar"]:
         raise RequestError("no draft heads available for the spec/auto modes")
+    env = environment(dev)
     total = len(modes) * sum(args.requests or max(8, 2 * c) for c in levels)
     bar = tqdm(total=total, desc="concurrency", unit="req", file=sys.stderr)
     rows = cc.run_concurrency(stack.model, stack.heads, stack.tree, ids, levels, modes, args.max_new_tokens, eos,
@@ -295,7 +298,7 @@ def run_concurrency(args) -> int:
                               on_done=bar.update)
     bar.close()
     doc = {
-        "kind": "concurrency", "dataset": label, **environment(dev), "model": stack.source.name,
+        "kind": "concurrency", "dataset": label, **env, "model": stack.source.name,
         "dtype": str(stack.model.dtype).removeprefix("torch."), "max_new_tokens": args.max_new_tokens,
         "heads": stack.heads_name, "tree": stack.tree.name, "tree_nodes": stack.tree.num_nodes,
         "step_cost_table": Path(args.step_cost_table).name if args.step_cost_table else None, "rows": rows,
