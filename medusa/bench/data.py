@@ -13,8 +13,10 @@ NAMED = {"mt_bench": Path("mt_bench") / "question.jsonl"}
 
 
 def data_dirs() -> list[Path]:
-    dirs = [Path(os.environ["MEDUSA_DATA"])] if os.environ.get("MEDUSA_DATA") else []
-    return dirs + [REPO_ROOT.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    """$MEDUSA_DATA alone when set; else ../shared/data beside the project root or the cwd."""
+    if os.environ.get("MEDUSA_DATA"):
+        return [Path(os.environ["MEDUSA_DATA"])]
+    return [REPO_ROOT.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
 
 
 def resolve_dataset(name: str) -> tuple[str, Path]:
@@ -23,8 +25,8 @@ def resolve_dataset(name: str) -> tuple[str, Path]:
         for d in data_dirs():
             if (d / NAMED[name]).is_file():
                 return name, d / NAMED[name]
-        raise RequestError(f"dataset {name!r} not found: expected {NAMED[name]} under $MEDUSA_DATA or ../shared/data "
-                           f"(beside the project root); set MEDUSA_DATA to the data folder or pass a JSONL file")
+        raise RequestError(f"dataset {name!r} not found: expected {NAMED[name]} under "
+                           f"{' or '.join(str(d) for d in dict.fromkeys(data_dirs()))}; set MEDUSA_DATA to the data folder or pass a JSONL file")
     p = Path(name)
     if not p.is_file():
         raise RequestError(f"dataset {name!r} is neither {' nor '.join(NAMED)} nor a JSONL file")

@@ -145,5 +145,8 @@ def test_percentile_and_dataset_lookup(tmp_path, monkeypatch):
     (tmp_path / "mt_bench" / "question.jsonl").write_text('{"question_id": 81, "turns": ["Hi"]}\n')
     monkeypatch.setenv("MEDUSA_DATA", str(tmp_path))
     assert resolve_dataset("mt_bench") == ("mt_bench", tmp_path / "mt_bench" / "question.jsonl")
+    monkeypatch.setenv("MEDUSA_DATA", str(tmp_path / "none"))
+    with pytest.raises(RequestError, match="not found"):
+        resolve_dataset("mt_bench")
     with pytest.raises(RequestError, match="neither"):
         resolve_dataset(str(tmp_path / "missing.jsonl"))
