@@ -43,7 +43,7 @@ def shape_config(name: str) -> ModelConfig:
     if name == DEFAULT_SHAPE:
         from medusa.model.loading import read_config, resolve
 
-        return read_config(resolve(None, progress=False).hf_dir)
+        return read_config(resolve(None).hf_dir)
     p = Path(name)
     if p.is_dir() or p.name == "config.json":
         from medusa.model.loading import read_config

@@ -110,7 +110,7 @@ def run_decode(args) -> int:
     from medusa.bench.data import resolve_dataset
     from medusa.bench.env import environment
     from medusa.model.loading import load_model
-    from medusa.runtime import parse_dtype
+    from medusa.runtime import parse_dtype, tqdm_progress
     from medusa.tokenizer import Tokenizer
 
     if args.max_new_tokens < 1:
@@ -123,7 +123,7 @@ def run_decode(args) -> int:
     label, path = resolve_dataset(args.dataset)
     prompts = read_prompts(path, args.limit)
     dev = _device(args)
-    model, src = load_model(args.model, dtype=parse_dtype(args.dtype, dev), device=dev, progress=True)
+    model, src = load_model(args.model, dtype=parse_dtype(args.dtype, dev), device=dev, progress=tqdm_progress())
     tok = Tokenizer.load(src)
     eos = tuple(sorted(set(model.cfg.eos_token_ids) | set(tok.eos_token_ids)))
     ids = [tok.encode_prompt(p.text, chat=not args.no_chat) for p in prompts]
