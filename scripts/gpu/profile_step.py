@@ -1,0 +1,103 @@
+"""Where the time of one graphed decode step goes, on a GPU (default model, batch 1).
+
+For the AR step and each shipped head set with its tree, after a 200-token prompt:
+  wall      median host time of one `GraphRunner.step` plus the read-back of the accepted
+            length (what the decode loop pays per step)
+  replay    median GPU time of one graph replay alone (CUDA events, 200 back-to-back replays)
+  kernels   number of kernels in one replay and the sum of their GPU durations (torch.profiler)
+so wall - replay is host overhead, replay - kernel sum is launch gaps inside the graph.
+
+  python3 scripts/gpu/profile_step.py [--compile]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from medusa.decoding.sampling import BatchSampling, SamplingParams
+from medusa.decoding.step import prefill
+from medusa.decoding.tree import load_tree
+from medusa.runtime import load_stack, resolve_heads
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    from medusa.bench.decode import graph_runner
+
+    stack = load_stack(heads="none", progress=False)
+    model = stack.model
+    if args.compile:
+        from medusa.decoding.graphs import compile_blocks
+
+        compile_blocks(model)
+    rows = []
+    for name in ("ar", "medusa", "hydra"):
+        heads, tree = None, load_tree("ar")
+        if name != "ar":
+            heads, _ = resolve_heads(name, model, stack.source)
+            from medusa.decoding.tree import build_tree
+
+            tree = build_tree(heads.config.tree, name=f"{name}-tree")
+        runner = graph_runner(model, heads, 1024, tree.num_nodes)
+        sampling = BatchSampling.stack([SamplingParams()], model.device)
+        prompt = torch.randint(0, model.cfg.vocab_size, (1, 200), device=model.device)
+        with torch.inference_mode():
+            state = prefill(model, heads, runner.cache, prompt, torch.zeros(1, dtype=torch.long, device=model.device),
+                            sampling, None, head_state=runner.head_state)
+            runner.load(state, sampling)
+            committed = 200
+            walls = []
+            for i in range(60):  # the loop's own pattern: replay, read the length back
+                t = time.perf_counter()
+                acc = runner.step(tree, committed)
+                n = int(acc.length[0]) + 1
+                walls.append(time.perf_counter() - t)
+                committed += n
+            key = next(iter(runner.graphs))
+            g = runner.graphs[key].graph
+            saved = runner.start.clone()  # replays advance `start`: put it back before each one
+            torch.cuda.synchronize()
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            for _ in range(200):
+                runner.start.copy_(saved)
+                g.replay()
+            e1.record()
+            torch.cuda.synchronize()
+            replay_ms = e0.elapsed_time(e1) / 200
+            from torch.profiler import ProfilerActivity, profile
+
+            runner.start.copy_(saved)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                g.replay()
+                torch.cuda.synchronize()
+            kern = [e for e in prof.events() if e.device_type.name == "CUDA"]
+            ksum = sum(e.device_time for e in kern) / 1000.0  # us -> ms
+            top = {}
+            for e in kern:
+                top[e.name[:60]] = top.get(e.name[:60], 0.0) + e.device_time / 1000.0
+        row = {"mode": name, "nodes": tree.num_nodes, "wall_ms": 1000 * statistics.median(walls[10:]),
+               "replay_ms": replay_ms, "kernels": len(kern), "kernel_sum_ms": ksum,
+               "top_kernels_ms": dict(sorted(top.items(), key=lambda kv: -kv[1])[:8])}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del runner
+        torch.cuda.empty_cache()
+    print("\n| mode | nodes | step wall (ms) | graph replay (ms) | kernels | kernel time (ms) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['mode']} | {r['nodes']} | {r['wall_ms']:.3f} | {r['replay_ms']:.3f} | {r['kernels']} | {r['kernel_sum_ms']:.3f} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "compile": args.compile, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
