@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import os
+
 import torch
 
 from medusa.decoding.sampling import BatchSampling
@@ -29,10 +31,13 @@ def kv_bucket(needed: int, max_len: int) -> int:
     return max_len
 
 
-def compile_blocks(model, mode: str = "max-autotune-no-cudagraphs"):
+def compile_blocks(model, mode: str | None = None):
     """torch.compile the pure per-layer pieces (RMSNorm, q/k/v projection with RoPE, SwiGLU MLP)
     so their elementwise work fuses into fewer kernels; the KV-cache writes and attention stay
-    eager so that captured graphs keep writing the cache in place. Returns the model."""
+    eager so that captured graphs keep writing the cache in place. Returns the model.
+    mode: a torch.compile mode; default $MEDUSA_COMPILE_MODE, else max-autotune-no-cudagraphs
+    (minutes of autotuning on the first run; "default" compiles in well under a minute)."""
+    mode = mode or os.environ.get("MEDUSA_COMPILE_MODE", "max-autotune-no-cudagraphs")
     for layer in model.layers:
         for mod in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
             mod.forward = torch.compile(mod.forward, mode=mode, dynamic=False)

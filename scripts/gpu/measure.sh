@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# The GPU figures of benchmarks/BENCHMARKS.md in two ~8-minute calls on a lent machine (after the
+# The GPU figures of benchmarks/BENCHMARKS.md in ~8-minute calls on a lent machine (after the
 # model parts were carried, see env.sh). Results are packed into $OUT/results-<part>.tgz.
-#   bash scripts/gpu/measure.sh 1   # step profile, fp32 golden, all 80 MT-Bench prompts x 256 tokens
-#   bash scripts/gpu/measure.sh 2   # torch.compile variant, engine concurrency, step cost
+#   bash scripts/gpu/measure.sh 1   # fp32 golden, all 80 MT-Bench prompts x 256 tokens
+#   bash scripts/gpu/measure.sh 2   # engine concurrency, step cost of the default model's shape
+#   bash scripts/gpu/measure.sh 3   # per-step profile, graphs alone and with torch.compile
 source scripts/gpu/env.sh
 R=/tmp/res; mkdir -p $R
-quiet() { grep -v -E "run\]|run, |cell\]|cell, |req\]|req, |^\s*$" ; }
+quiet() { grep -v -E "run\]|run, |cell\]|cell, |req\]|req, |^\s*$|triton_mm|AUTOTUNE" ; }
 case "${1:-1}" in
 1)
-  echo "== profile (graphs)"; timeout 150 python3 scripts/gpu/profile_step.py --out $R/profile-graphs.json 2>&1 | tail -6
   echo "== golden, float32"; timeout 120 python3 -m medusa.cli bench --modes ar,medusa,hydra --dtype float32 --limit 4 --max-new-tokens 128 --name golden-float32-gpu --out $R 2>&1 | quiet | tail -9
   echo "== full"; timeout 300 python3 -m medusa.cli bench --modes ar,medusa,hydra --max-new-tokens 256 --name mt_bench-full-gpu --out $R 2>&1 | quiet | tail -9
   ;;
 2)
-  echo "== compile"; timeout 220 python3 -m medusa.cli bench --modes ar,medusa,hydra --compile --limit 10 --max-new-tokens 256 --name mt_bench-compile-gpu --out $R 2>&1 | quiet | tail -9
-  echo "== profile (compile)"; timeout 120 python3 scripts/gpu/profile_step.py --compile --out $R/profile-compile.json 2>&1 | tail -6
   echo "== concurrency"; timeout 170 python3 -m medusa.cli bench --concurrency 1,4,16,64 --modes ar,spec --max-new-tokens 128 --out $R 2>&1 | quiet | tail -14
   echo "== step cost, default model shape"; timeout 60 python3 -m medusa.cli bench --step-cost --shape smollm2-135m --budget 1 --out $R 2>&1 | quiet | tail -9
+  ;;
+3)
+  echo "== profile (graphs)"; timeout 150 python3 scripts/gpu/profile_step.py --out $R/profile-graphs.json 2>&1 | tail -8
+  echo "== profile (graphs + torch.compile default)"; timeout 200 python3 scripts/gpu/profile_step.py --compile default --out $R/profile-compile.json 2>&1 | quiet | tail -8
+  echo "== decode, torch.compile default"; MEDUSA_COMPILE_MODE=default timeout 200 python3 -m medusa.cli bench --modes ar,medusa,hydra --compile --limit 10 --max-new-tokens 256 --name mt_bench-compile-gpu --out $R 2>&1 | quiet | tail -9
   ;;
 esac
 tar -czf $OUT/results-${1:-1}.tgz -C $R .

@@ -7,7 +7,7 @@ For the AR step and each shipped head set with its tree, after a 200-token promp
   kernels   number of kernels in one replay and the sum of their GPU durations (torch.profiler)
 so wall - replay is host overhead, replay - kernel sum is launch gaps inside the graph.
 
-  python3 scripts/gpu/profile_step.py [--compile]
+  python3 scripts/gpu/profile_step.py [--compile MODE]
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from medusa.runtime import load_stack, resolve_heads
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile", default=None, metavar="MODE", help="torch.compile mode for the per-layer pieces (default, max-autotune-no-cudagraphs, ...)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from medusa.bench.decode import graph_runner
@@ -36,7 +36,7 @@ def main() -> None:
     if args.compile:
         from medusa.decoding.graphs import compile_blocks
 
-        compile_blocks(model)
+        compile_blocks(model, mode=args.compile)
     rows = []
     for name in ("ar", "medusa", "hydra"):
         heads, tree = None, load_tree("ar")
@@ -60,9 +60,14 @@ def main() -> None:
                 n = int(acc.length[0]) + 1
                 walls.append(time.perf_counter() - t)
                 committed += n
-            key = next(iter(runner.graphs))
+            # time the graph of the current KV bucket from a fixed start: each replay advances
+            # `start`, so it is put back before each one (one tiny copy kernel, timed with it)
+            saved = runner.start.clone()
+            runner.step(tree, committed)
+            from medusa.decoding.graphs import kv_bucket
+
+            key = ((tree.name, tree.paths), kv_bucket(committed + tree.num_nodes, runner.max_len), False, False)
             g = runner.graphs[key].graph
-            saved = runner.start.clone()  # replays advance `start`: put it back before each one
             torch.cuda.synchronize()
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             e0.record()
