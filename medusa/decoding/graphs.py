@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import contextvars
 import os
 
 import torch
@@ -31,18 +32,35 @@ def kv_bucket(needed: int, max_len: int) -> int:
     return max_len
 
 
+_capturing = contextvars.ContextVar("medusa_graph_capture", default=False)
+
+
+def _routed(eager, compiled):
+    """Compiled code inside graph warm-up and capture (fixed shapes, compiled once per tree size),
+    eager code elsewhere: prefill's many prompt lengths would otherwise recompile per length."""
+    def forward(*args, **kwargs):
+        return compiled(*args, **kwargs) if _capturing.get() else eager(*args, **kwargs)
+
+    return forward
+
+
 def compile_blocks(model, mode: str | None = None):
     """torch.compile the pure per-layer pieces (RMSNorm, q/k/v projection with RoPE, SwiGLU MLP)
     so their elementwise work fuses into fewer kernels; the KV-cache writes and attention stay
-    eager so that captured graphs keep writing the cache in place. Returns the model.
-    mode: a torch.compile mode; default $MEDUSA_COMPILE_MODE, else max-autotune-no-cudagraphs
-    (minutes of autotuning on the first run; "default" compiles in well under a minute)."""
-    mode = mode or os.environ.get("MEDUSA_COMPILE_MODE", "max-autotune-no-cudagraphs")
+    eager so that captured graphs keep writing the cache in place. The compiled pieces run only
+    while a GraphRunner warms up and captures a step. Returns the model.
+    mode: a torch.compile mode; default $MEDUSA_COMPILE_MODE, else "default" (max-autotune-no-cudagraphs
+    autotunes the GEMMs for minutes on a first run)."""
+    mode = mode or os.environ.get("MEDUSA_COMPILE_MODE", "default")
+
+    def wrap(fn):
+        return _routed(fn, torch.compile(fn, mode=mode, dynamic=False))
+
     for layer in model.layers:
         for mod in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
-            mod.forward = torch.compile(mod.forward, mode=mode, dynamic=False)
-        layer.self_attn.project = torch.compile(layer.self_attn.project, mode=mode, dynamic=False)
-    model.norm.forward = torch.compile(model.norm.forward, mode=mode, dynamic=False)
+            mod.forward = wrap(mod.forward)
+        layer.self_attn.project = wrap(layer.self_attn.project)
+    model.norm.forward = wrap(model.norm.forward)
     return model
 
 
@@ -123,16 +141,20 @@ class GraphRunner:
         # the warm-up commits into it, so it is saved and put back (its KV writes land past `start`).
         head_last = getattr(self.head_state, "last", None)
         saved = head_last.clone() if head_last is not None else None
-        with torch.cuda.stream(side):  # warm-up on copies: writes only cache slots past `start`
-            for _ in range(2):
-                scratch = DecodeState(self.cache, self.start.clone(), self.root.clone(), self.last_hidden.clone(), self.head_state)
-                self._body(tree, kv_len, scratch, write_back=False)
-        torch.cuda.current_stream().wait_stream(side)
-        if saved is not None:
-            head_last.copy_(saved)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool):
-            acc = self._body(tree, kv_len, self.state(), write_back=True)
+        token = _capturing.set(True)
+        try:
+            with torch.cuda.stream(side):  # warm-up on copies: writes only cache slots past `start`
+                for _ in range(2):
+                    scratch = DecodeState(self.cache, self.start.clone(), self.root.clone(), self.last_hidden.clone(), self.head_state)
+                    self._body(tree, kv_len, scratch, write_back=False)
+            torch.cuda.current_stream().wait_stream(side)
+            if saved is not None:
+                head_last.copy_(saved)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.pool):
+                acc = self._body(tree, kv_len, self.state(), write_back=True)
+        finally:
+            _capturing.reset(token)
         return _Captured(g, acc)
 
     def step(self, tree: Tree, committed_max: int, uniforms: torch.Tensor | None = None) -> Acceptance:

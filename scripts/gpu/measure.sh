@@ -4,6 +4,7 @@
 #   bash scripts/gpu/measure.sh 1   # fp32 golden, all 80 MT-Bench prompts x 256 tokens
 #   bash scripts/gpu/measure.sh 2   # engine concurrency, step cost of the default model's shape
 #   bash scripts/gpu/measure.sh 3   # per-step profile, graphs alone and with torch.compile
+#   bash scripts/gpu/measure.sh 4   # all 80 prompts with torch.compile; adaptive speculation under concurrency
 source scripts/gpu/env.sh
 R=/tmp/res; mkdir -p $R
 quiet() { grep -v -E "run\]|run, |cell\]|cell, |req\]|req, |^\s*$|triton_mm|AUTOTUNE" ; }
@@ -20,6 +21,10 @@ case "${1:-1}" in
   echo "== profile (graphs)"; timeout 150 python3 scripts/gpu/profile_step.py --out $R/profile-graphs.json 2>&1 | tail -8
   echo "== profile (graphs + torch.compile default)"; timeout 200 python3 scripts/gpu/profile_step.py --compile default --out $R/profile-compile.json 2>&1 | quiet | tail -8
   echo "== decode, torch.compile default"; MEDUSA_COMPILE_MODE=default timeout 200 python3 -m medusa.cli bench --modes ar,medusa,hydra --compile --limit 10 --max-new-tokens 256 --name mt_bench-compile-gpu --out $R 2>&1 | quiet | tail -9
+  ;;
+4)
+  echo "== full, torch.compile"; timeout 330 python3 -m medusa.cli bench --modes ar,medusa,hydra --compile --max-new-tokens 256 --name mt_bench-full-compile-gpu --out $R 2>&1 | quiet | tail -9
+  echo "== concurrency, adaptive"; timeout 200 python3 -m medusa.cli bench --concurrency 1,4,16,64 --modes ar,auto --max-new-tokens 128 --name concurrency-auto-gpu --out $R 2>&1 | quiet | tail -14
   ;;
 esac
 tar -czf $OUT/results-${1:-1}.tgz -C $R .
