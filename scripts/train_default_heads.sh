@@ -17,7 +17,7 @@
 #   OUT      folder the GPU tool returns [out_heads]
 #   ASSETS   where the finished heads go [medusa/assets/heads]
 #   DATA_GZ  distilled data from a stage-1 $OUT, used when $WORK has none [distill.jsonl.gz]
-#   DISTILL_SECONDS [400]  MEDUSA_SECONDS [100]  HYDRA_SECONDS [180]  N_PROMPTS [12000]  BATCH [128]
+#   DISTILL_SECONDS [360]  MEDUSA_SECONDS [120]  HYDRA_SECONDS [200]  N_PROMPTS [12000]  BATCH [128]
 #   MAX_NEW [512]  BATCH_TOKENS [16384]  EVAL_BATCHES [40]  MT_LIMIT [4]  MT_TOKENS [128]  PY [python3]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,9 +34,9 @@ MTBENCH=${MTBENCH:-../shared/data/mt_bench/question.jsonl}
 WORK=${WORK:-.cache/heads_run}
 OUT=${OUT:-out_heads}
 DATA_GZ=${DATA_GZ:-distill.jsonl.gz}
-DISTILL_SECONDS=${DISTILL_SECONDS:-400}
-MEDUSA_SECONDS=${MEDUSA_SECONDS:-100}
-HYDRA_SECONDS=${HYDRA_SECONDS:-180}
+DISTILL_SECONDS=${DISTILL_SECONDS:-360}
+MEDUSA_SECONDS=${MEDUSA_SECONDS:-120}
+HYDRA_SECONDS=${HYDRA_SECONDS:-200}
 N_PROMPTS=${N_PROMPTS:-12000}
 BATCH=${BATCH:-128}
 MAX_NEW=${MAX_NEW:-512}
