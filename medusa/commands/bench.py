@@ -104,6 +104,7 @@ def run(args) -> int:
 # ------------------------------------------------------------------ decode throughput
 
 def run_decode(args) -> int:
+    import torch
     from tqdm import tqdm
 
     from medusa.bench import decode, report
@@ -175,8 +176,13 @@ def run_decode(args) -> int:
         "prompts": [report.prompt_record(p.id, len(i), row, ar_label) for p, i, row in zip(prompts, ids, results)],
     }
     golden = [lab for lab, s in doc["modes"].items() if s["kind"] == "spec" and s["matches_ar_all"] is False]
-    if golden:
+    if golden and model.dtype == torch.float32:
         doc["notes"].append(f"GOLDEN CHECK FAILED: {', '.join(golden)} output differs from ar on some prompts")
+    elif golden:  # half precision: a wide verification forward rounds differently from a 1-token one
+        doc["notes"].append(
+            f"golden check not exact in {str(model.dtype).removeprefix('torch.')}: {', '.join(golden)} output "
+            "differs from ar on some prompts (near-tie argmax flips between a tree-wide and a one-token "
+            "forward); rerun with --dtype float32 for the exact check")
     doc["load_average_end"] = _load_average()
     out, stem = Path(args.out), _slug(args.name or f"{label}-{doc['device']}")
     paths = _write(out, stem, doc, report.decode_markdown(doc))
