@@ -47,6 +47,11 @@ def register(sub) -> None:
     c.add_argument("--concurrency", default=None, help="comma list of concurrent request counts, e.g. 1,4,16,64")
     c.add_argument("--requests", type=int, default=None, help="requests per level (default: 2 x concurrency, >= 8)")
     c.add_argument("--step-cost-table", help="a `medusa bench --step-cost` JSON for the engine's adaptive speculation")
+    g = p.add_argument_group("serving overhead (--through grpc)")
+    g.add_argument("--through", choices=["grpc"], default=None,
+                   help="stream the prompts through a local serving cluster (Ray Serve + Redis + gRPC, CPU) and "
+                        "through the engine directly, interleaved: tokens/s ratio and time-to-first-token overhead "
+                        "(needs the serve extra and redis-server)")
     p.set_defaults(func=run)
 
 
@@ -92,13 +97,40 @@ def _write(out: Path, stem: str, doc: dict, markdown: str) -> list[Path]:
 
 
 def run(args) -> int:
-    if args.step_cost and args.concurrency:
-        raise RequestError("choose one of --step-cost and --concurrency")
+    if sum(map(bool, (args.step_cost, args.concurrency, args.through))) > 1:
+        raise RequestError("choose one of --step-cost, --concurrency and --through")
+    if args.through:
+        return run_through(args)
     if args.step_cost:
         return run_step_cost(args)
     if args.concurrency:
         return run_concurrency(args)
     return run_decode(args)
+
+
+# ------------------------------------------------------------------ serving overhead
+
+def run_through(args) -> int:
+    import json
+
+    from medusa.bench.data import resolve_dataset
+
+    try:
+        from services.bench_grpc import bench_through_grpc
+    except ImportError as e:
+        raise RequestError(f"--through grpc needs the serve extra (pip install -e .[serve]): {e}") from None
+    if args.max_new_tokens < 1:
+        raise RequestError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    label, path = resolve_dataset(args.dataset)
+    prompts = [p.text for p in read_prompts(path, args.limit or 8)]
+    res = bench_through_grpc(prompts, max_new_tokens=args.max_new_tokens)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dest = out / f"{_slug(args.name or f'grpc-{label}-cpu')}.json"
+    dest.write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in res.items() if not isinstance(v, (list, dict))}, indent=2))
+    print(f"wrote {dest}", file=sys.stderr)
+    return 0
 
 
 # ------------------------------------------------------------------ decode throughput

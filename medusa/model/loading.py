@@ -239,7 +239,7 @@ def convert_gguf(path: Path, progress: Progress | None = None) -> Path:
     cfg = gguf_config(reader)
     tensors: dict[str, torch.Tensor] = {}
     for i, t in enumerate(reader.tensors):
-        if progress:
+        if callable(progress):
             progress(i, len(reader.tensors), f"converting {path.name} (once)")
         name = _hf_name(t.name)
         if name is None:
