@@ -115,12 +115,12 @@ def run_through(args) -> int:
 
     from medusa.bench.data import resolve_dataset
 
+    if args.max_new_tokens < 1:
+        raise RequestError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     try:
         from services.bench_grpc import bench_through_grpc
     except ImportError as e:
         raise RequestError(f"--through grpc needs the serve extra (pip install -e .[serve]): {e}") from None
-    if args.max_new_tokens < 1:
-        raise RequestError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     label, path = resolve_dataset(args.dataset)
     prompts = [p.text for p in read_prompts(path, args.limit or 8)]
     res = bench_through_grpc(prompts, max_new_tokens=args.max_new_tokens)

@@ -83,6 +83,10 @@ def test_bad_input_is_a_one_line_error(capsys, tmp_path):
     assert "unknown shape" in capsys.readouterr().err
     assert main(["bench", "--step-cost", "--shape", "tiny", "--queries", "1,x"]) == 2
     assert "comma list of integers" in capsys.readouterr().err
+    assert main(["bench", "--through", "grpc", "--step-cost"]) == 2
+    assert "choose one of --step-cost, --concurrency and --through" in capsys.readouterr().err
+    assert main(["bench", "--through", "grpc", "--max-new-tokens", "0", "--out", str(tmp_path)]) == 2
+    assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
 
 
 def test_parse_modes():
