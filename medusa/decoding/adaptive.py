@@ -35,20 +35,31 @@ def choose_tree(batch: int, speculating: int, options: list[TreeOption],
                 cost: Callable[[int, int], float | None]) -> Choice:
     """Pick the tree of highest expected throughput for a step over `batch` rows of which
     `speculating` may accept candidates. cost(B, N) -> seconds, or None when unknown: an option
-    of unknown cost is explored first (smallest tree first), so every option gets measured.
-    Ties go to the smaller tree."""
+    of unknown cost is explored first (smallest tree first), unless even at the cost of a measured
+    smaller tree it could not beat the best measured option (step cost grows with the nodes), so
+    no step is spent measuring a tree that cannot win. Ties go to the smaller tree."""
     if not options:
         raise ValueError("no tree to choose from")
+    def gain_of(o: TreeOption) -> float:  # tokens the step yields for the whole batch
+        return speculating * max(o.expected_tokens, 1.0) + (batch - speculating) if o.nodes > 1 else batch
+
     rates: dict[str, float | None] = {}
     for o in options:
         c = cost(batch, o.nodes)
-        gain = speculating * max(o.expected_tokens, 1.0) + (batch - speculating) if o.nodes > 1 else batch
-        rates[o.name] = None if c is None else gain / max(c, 1e-9)
-    unknown = sorted((o for o in options if rates[o.name] is None), key=lambda o: o.nodes)
-    if unknown:
-        o = unknown[0]
+        rates[o.name] = None if c is None else gain_of(o) / max(c, 1e-9)
+    known = [o for o in options if rates[o.name] is not None]
+    best_known = max((rates[o.name] for o in known), default=0.0)
+    for o in sorted((o for o in options if rates[o.name] is None), key=lambda o: o.nodes):
+        # a step over more nodes costs at least what a measured step over fewer nodes costs, so
+        # an unmeasured tree that could not beat the best measured one even at that cost is
+        # not worth a (possibly expensive) exploring step
+        floor = max((cost(batch, k.nodes) for k in known if k.nodes <= o.nodes), default=None)
+        if floor is not None and gain_of(o) / max(floor, 1e-9) <= best_known:
+            continue
         return Choice(o.name, 0.0, f"exploring: no step cost yet for batch {batch} x {o.nodes} nodes", rates)
-    best = max(options, key=lambda o: (rates[o.name], -o.nodes))
+    if not known:  # unreachable: an option with no known cost and no known floor is explored above
+        raise ValueError("no option could be rated")
+    best = max(known, key=lambda o: (rates[o.name], -o.nodes))
     plain = next((rates[o.name] for o in options if o.nodes == 1), None)
     vs = f", {rates[best.name] / plain:.2f}x plain" if plain and best.nodes > 1 else ""
     reason = (f"batch {batch} ({speculating} speculating): {best.name} expects {best.expected_tokens:.2f} tokens/row-step"

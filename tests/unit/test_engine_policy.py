@@ -42,6 +42,19 @@ def test_choice_explores_unknown_costs_smallest_first_and_breaks_ties_small():
     assert choose_tree(4, 4, same, lambda b, n: 0.01).tree == "ar"
 
 
+def test_choice_skips_exploring_trees_that_cannot_win():
+    """A CPU-like device: the chain measured at 5x the plain step. tree64 (3 tokens per step) could
+    reach at most 12 tokens per 0.05 s = 240 tokens/s, under plain's 400: no exploring step."""
+    known = {(4, 1): 0.01, (4, 5): 0.05}
+    c = choose_tree(4, 4, OPTIONS, lambda b, n: known.get((b, n)))
+    assert c.tree == "ar" and not c.reason.startswith("exploring")
+    assert c.rates["tree64"] is None
+    # when the same bound leaves room to win, the tree is still explored
+    cheap = {(4, 1): 0.01, (4, 5): 0.011}
+    c = choose_tree(4, 4, OPTIONS, lambda b, n: cheap.get((b, n)))
+    assert c.tree == "tree64" and c.reason.startswith("exploring")
+
+
 def test_acceptance_meter_scales_unmeasured_trees_by_measured_ones():
     m = AcceptanceMeter({"chain": 3.0, "tree64": 5.0}, warmup=4)
     assert m.expected("tree64") == 5.0  # nothing measured: the prior
