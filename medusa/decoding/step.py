@@ -65,7 +65,8 @@ def prefill(
     dev = tokens.device
     offsets = torch.arange(T, device=dev)
     positions = start[:, None] + offsets  # [B, T]
-    mask = attention_mask(start, torch.ones(T, T, dtype=torch.bool, device=dev).tril(), _kv_len(start, T, cache.max_len))
+    kv_len = _kv_len(start, T, cache.max_len)
+    mask = attention_mask(start, torch.ones(T, T, dtype=torch.bool, device=dev).tril(), kv_len)
     last = torch.full((B, 1), T - 1, device=dev, dtype=torch.long)
     out = model(tokens, positions, cache, positions, mask, logits_for=last)  # logits [B, 1, V]
     if uniforms is None or not sampling.any_random:
@@ -75,7 +76,7 @@ def prefill(
     if heads is not None:
         if head_state is None:
             head_state = heads.new_state(B, cache.max_len, model)
-        heads.observe(head_state, out.hidden, positions, torch.full((B,), T, device=dev))
+        heads.observe(head_state, out.hidden, positions, torch.full((B,), T, device=dev), kv_len=kv_len)
     return DecodeState(cache, start + T, root, out.hidden[:, -1], head_state)
 
 
@@ -111,7 +112,7 @@ def speculate(
     state.cache.commit_path(state.start[:, None] + path, dst.clamp_max(state.cache.max_len - 1))
     if heads is not None:
         hid = out.hidden.gather(1, path[..., None].expand(-1, -1, out.hidden.shape[-1]))  # [B, D+1, Dm]
-        heads.observe(state.head_state, hid, state.start[:, None] + depth[path], acc.length + 1)
+        heads.observe(state.head_state, hid, state.start[:, None] + depth[path], acc.length + 1, kv_len=kv_len)
     state.last_hidden = out.hidden[torch.arange(B, device=dev), acc.last_node]  # [B, Dm]
     state.start = state.start + acc.length + 1
     state.root = acc.tokens.gather(1, acc.length[:, None]).squeeze(1)  # the bonus token

@@ -41,10 +41,12 @@ class DraftHeads(nn.Module):
         """Per-request state kept between steps (explicit, never a module attribute)."""
         return None
 
-    def observe(self, state: Any, hidden: torch.Tensor, positions: torch.Tensor, count: torch.Tensor) -> None:
+    def observe(self, state: Any, hidden: torch.Tensor, positions: torch.Tensor, count: torch.Tensor,
+                kv_len: int | None = None) -> None:
         """See the base hidden states of newly committed tokens.
 
-        hidden [B, A, D], positions [B, A]; row b's first count[b] entries are real."""
+        hidden [B, A, D], positions [B, A]; row b's first count[b] entries are real. kv_len, when
+        given, bounds every position (known on the host): state caches need attend no further."""
 
     def propose(self, state: Any, last_hidden: torch.Tensor, root: torch.Tensor, tree, base) -> torch.Tensor:
         """Candidate token of every tree node. last_hidden [B, D] (hidden state of the last

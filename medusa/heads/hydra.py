@@ -167,7 +167,7 @@ class HydraHeads(DraftHeads):
         last = torch.zeros(batch, self.config.hidden_size, dtype=p.dtype, device=p.device)
         return HydraState(cache, last, base.rope_cos, base.rope_sin)
 
-    def observe(self, state, hidden, positions, count) -> None:
+    def observe(self, state, hidden, positions, count, kv_len: int | None = None) -> None:
         if self.prefix is None:
             return
         B, A, _ = hidden.shape
@@ -175,8 +175,10 @@ class HydraHeads(DraftHeads):
         j = torch.arange(A, device=dev)
         valid = j[None] < count[:, None]  # [B, A]
         slots = torch.where(valid, positions, torch.full_like(positions, state.scratch))  # [B, A]
-        s = torch.arange(state.cache.max_len, device=dev)
-        mask = (s[None, None] <= positions[:, :, None]) & (s[None, None] < state.scratch)  # [B, A, S]
+        # attend over the slots up to kv_len only (every position is below it), not the whole cache
+        S = state.scratch if kv_len is None else min(kv_len, state.scratch)
+        s = torch.arange(S, device=dev)
+        mask = s[None, None] <= positions[:, :, None]  # [B, A, S]
         out = self._prefix(hidden.to(state.last.dtype), positions, state.cache, slots, mask, state.rope_cos, state.rope_sin)
         last = (count - 1).clamp(0, A - 1)  # [B]
         picked = out[torch.arange(B, device=dev), last]  # [B, D]

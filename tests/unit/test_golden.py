@@ -62,7 +62,7 @@ class OracleHeads(DraftHeads):
     def new_state(self, batch, max_len, base):
         return 0
 
-    def observe(self, state, hidden, positions, count):
+    def observe(self, state, hidden, positions, count, kv_len=None):
         pass
 
 
@@ -72,7 +72,7 @@ class CountingOracle(OracleHeads):
     def new_state(self, batch, max_len, base):
         return [-1]  # the prefill's observe adds the prompt; the root is output index 0
 
-    def observe(self, state, hidden, positions, count):
+    def observe(self, state, hidden, positions, count, kv_len=None):
         state[0] += int(count[0]) if state[0] >= 0 else 1
 
     def propose(self, state, last_hidden, root, tree, base):
