@@ -17,6 +17,7 @@ from medusa.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SHIPPED_HEADS = ("hydra", "medusa")  # preference order for the default
+CPU_TREE = "tree16.json"  # the shipped heads' searched tree used by default on a CPU
 DEFAULT_TREE = "tree16"
 
 
@@ -91,8 +92,13 @@ def load_stack(model: str | None = None, heads: str | None = "default", tree: st
     m, src = load_model(model, dtype=parse_dtype(dtype, dev), device=dev, progress=tqdm_progress() if progress else None)
     tok = Tokenizer.load(src)
     h, label = resolve_heads(heads, m, src)
+    cpu_tree = shipped_heads_dir(label) / CPU_TREE if dev.type == "cpu" and label in SHIPPED_HEADS else None
     if tree is not None:
         t = load_tree(tree)
+    elif cpu_tree is not None and cpu_tree.is_file():
+        # on a CPU a wide step is not free: the shipped heads' smaller searched tree measured
+        # fastest there (benchmarks/BENCHMARKS.md, "A tree sized for the CPU")
+        t = build_tree(load_tree(str(cpu_tree)).paths, name=f"{label}-{cpu_tree.stem}")
     elif h is not None and h.config.tree:
         t = build_tree(h.config.tree, name=f"{label}-tree")
     else:
