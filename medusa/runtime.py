@@ -3,6 +3,7 @@ user's --model / --heads / --tree / --dtype choices. Shared by the CLI, the benc
 services so that every one of them loads things the same way."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -98,7 +99,7 @@ def load_stack(model: str | None = None, heads: str | None = "default", tree: st
     elif cpu_tree is not None and cpu_tree.is_file():
         # on a CPU a wide step is not free: the shipped heads' smaller searched tree measured
         # fastest there (benchmarks/BENCHMARKS.md, "A tree sized for the CPU")
-        t = build_tree(load_tree(str(cpu_tree)).paths, name=f"{label}-{cpu_tree.stem}")
+        t = dataclasses.replace(load_tree(str(cpu_tree)), name=f"{label}-{cpu_tree.stem}")
     elif h is not None and h.config.tree:
         t = build_tree(h.config.tree, name=f"{label}-tree")
     else:

@@ -40,26 +40,23 @@ def choose_tree(batch: int, speculating: int, options: list[TreeOption],
     no step is spent measuring a tree that cannot win. Ties go to the smaller tree."""
     if not options:
         raise ValueError("no tree to choose from")
+
     def gain_of(o: TreeOption) -> float:  # tokens the step yields for the whole batch
         return speculating * max(o.expected_tokens, 1.0) + (batch - speculating) if o.nodes > 1 else batch
 
-    rates: dict[str, float | None] = {}
-    for o in options:
-        c = cost(batch, o.nodes)
-        rates[o.name] = None if c is None else gain_of(o) / max(c, 1e-9)
+    costs = {o.name: cost(batch, o.nodes) for o in options}
+    rates = {o.name: None if costs[o.name] is None else gain_of(o) / max(costs[o.name], 1e-9) for o in options}
     known = [o for o in options if rates[o.name] is not None]
     best_known = max((rates[o.name] for o in known), default=0.0)
     for o in sorted((o for o in options if rates[o.name] is None), key=lambda o: o.nodes):
         # a step over more nodes costs at least what a measured step over fewer nodes costs, so
         # an unmeasured tree that could not beat the best measured one even at that cost is
         # not worth a (possibly expensive) exploring step
-        floor = max((cost(batch, k.nodes) for k in known if k.nodes <= o.nodes), default=None)
+        floor = max((costs[k.name] for k in known if k.nodes <= o.nodes), default=None)
         if floor is not None and gain_of(o) / max(floor, 1e-9) <= best_known:
             continue
         return Choice(o.name, 0.0, f"exploring: no step cost yet for batch {batch} x {o.nodes} nodes", rates)
-    if not known:  # unreachable: an option with no known cost and no known floor is explored above
-        raise ValueError("no option could be rated")
-    best = max(known, key=lambda o: (rates[o.name], -o.nodes))
+    best = max(known, key=lambda o: (rates[o.name], -o.nodes))  # known: else the smallest option was explored
     plain = next((rates[o.name] for o in options if o.nodes == 1), None)
     vs = f", {rates[best.name] / plain:.2f}x plain" if plain and best.nodes > 1 else ""
     reason = (f"batch {batch} ({speculating} speculating): {best.name} expects {best.expected_tokens:.2f} tokens/row-step"

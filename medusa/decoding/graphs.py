@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from medusa.decoding.kv_pool import scratch_state
 from medusa.decoding.sampling import BatchSampling
 from medusa.decoding.step import DecodeState, speculate
 from medusa.decoding.tree import Tree
@@ -137,19 +138,14 @@ class GraphRunner:
         self.uniforms.setdefault(N, torch.zeros(B, N, device=self.start.device))
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        # Hydra++ keeps the prefix layer's output at the last committed token in the head state;
-        # the warm-up commits into it, so it is saved and put back (its KV writes land past `start`).
-        head_last = getattr(self.head_state, "last", None)
-        saved = head_last.clone() if head_last is not None else None
         token = _capturing.set(True)
         try:
             with torch.cuda.stream(side):  # warm-up on copies: writes only cache slots past `start`
                 for _ in range(2):
-                    scratch = DecodeState(self.cache, self.start.clone(), self.root.clone(), self.last_hidden.clone(), self.head_state)
+                    scratch = DecodeState(self.cache, self.start.clone(), self.root.clone(), self.last_hidden.clone(),
+                                          scratch_state(self.head_state, self.batch))
                     self._body(tree, kv_len, scratch, write_back=False)
             torch.cuda.current_stream().wait_stream(side)
-            if saved is not None:
-                head_last.copy_(saved)
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self.pool):
                 acc = self._body(tree, kv_len, self.state(), write_back=True)

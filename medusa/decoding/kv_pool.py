@@ -187,25 +187,39 @@ def swap_state_rows(obj: Any, a: int, b: int, rows: int) -> None:
             swap_state_rows(x, a, b, rows)
 
 
-def state_rows(obj: Any, lo: int, hi: int, rows: int) -> Any:
-    """A view of rows lo .. hi-1 of `obj`. In-place writes to the view land in the pool; a head
-    family that rebinds a field instead needs `write_back` after the call."""
+def _map_state(obj: Any, on_tensor, on_cache) -> Any:
+    """A copy of the state structure `obj` (dataclasses, lists, tuples, dicts) with each tensor
+    replaced by on_tensor(t) and each KVCache by on_cache(c); other leaves are kept."""
     if obj is None:
         return None
     if isinstance(obj, KVCache):
-        return KVCache(obj.k[:, lo:hi], obj.v[:, lo:hi]) if obj.k.shape[1] == rows else obj
+        return on_cache(obj)
     if isinstance(obj, torch.Tensor):
-        return obj[lo:hi] if _per_row(obj, rows) else obj
+        return on_tensor(obj)
     kids = _children(obj)
     if kids is None:
         return obj
     if isinstance(obj, (list, tuple, dict)):
-        views = {k: state_rows(x, lo, hi, rows) for k, x in kids}
-        return views if isinstance(obj, dict) else type(obj)(views[k] for k, _ in kids)
-    view = copy.copy(obj)
+        new = {k: _map_state(x, on_tensor, on_cache) for k, x in kids}
+        return new if isinstance(obj, dict) else type(obj)(new[k] for k, _ in kids)
+    out = copy.copy(obj)
     for k, x in kids:
-        object.__setattr__(view, k, state_rows(x, lo, hi, rows))
-    return view
+        object.__setattr__(out, k, _map_state(x, on_tensor, on_cache))
+    return out
+
+
+def state_rows(obj: Any, lo: int, hi: int, rows: int) -> Any:
+    """A view of rows lo .. hi-1 of `obj`. In-place writes to the view land in the pool; a head
+    family that rebinds a field instead needs `write_back` after the call."""
+    return _map_state(obj, lambda t: t[lo:hi] if _per_row(t, rows) else t,
+                      lambda c: KVCache(c.k[:, lo:hi], c.v[:, lo:hi]) if c.k.shape[1] == rows else c)
+
+
+def scratch_state(obj: Any, rows: int) -> Any:
+    """A copy of `obj` whose per-row tensors are fresh clones and whose KV caches are shared: a
+    trial step on it (a CUDA-graph warm-up) leaves the state as it was, provided the step writes
+    the caches only past the committed length, as every decode step does."""
+    return _map_state(obj, lambda t: t.clone() if _per_row(t, rows) else t, lambda c: c)
 
 
 def write_back(obj: Any, view: Any, lo: int, hi: int, rows: int) -> None:

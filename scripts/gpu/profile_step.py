@@ -17,10 +17,13 @@ import statistics
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
+from medusa.bench.decode import graph_runner
+from medusa.decoding.graphs import compile_blocks, kv_bucket
 from medusa.decoding.sampling import BatchSampling, SamplingParams
 from medusa.decoding.step import prefill
-from medusa.decoding.tree import load_tree
+from medusa.decoding.tree import build_tree, load_tree
 from medusa.runtime import load_stack, resolve_heads
 
 
@@ -29,21 +32,15 @@ def main() -> None:
     ap.add_argument("--compile", default=None, metavar="MODE", help="torch.compile mode for the per-layer pieces (default, max-autotune-no-cudagraphs, ...)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    from medusa.bench.decode import graph_runner
-
     stack = load_stack(heads="none", progress=False)
     model = stack.model
     if args.compile:
-        from medusa.decoding.graphs import compile_blocks
-
         compile_blocks(model, mode=args.compile)
     rows = []
     for name in ("ar", "medusa", "hydra"):
         heads, tree = None, load_tree("ar")
         if name != "ar":
             heads, _ = resolve_heads(name, model, stack.source)
-            from medusa.decoding.tree import build_tree
-
             tree = build_tree(heads.config.tree, name=f"{name}-tree")
         runner = graph_runner(model, heads, 1024, tree.num_nodes)
         sampling = BatchSampling.stack([SamplingParams()], model.device)
@@ -64,8 +61,6 @@ def main() -> None:
             # `start`, so it is put back before each one (one tiny copy kernel, timed with it)
             saved = runner.start.clone()
             runner.step(tree, committed)
-            from medusa.decoding.graphs import kv_bucket
-
             key = ((tree.name, tree.paths), kv_bucket(committed + tree.num_nodes, runner.max_len), False, False)
             g = runner.graphs[key].graph
             torch.cuda.synchronize()
@@ -77,8 +72,6 @@ def main() -> None:
             e1.record()
             torch.cuda.synchronize()
             replay_ms = e0.elapsed_time(e1) / 200
-            from torch.profiler import ProfilerActivity, profile
-
             runner.start.copy_(saved)
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 g.replay()
