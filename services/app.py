@@ -46,6 +46,7 @@ class EngineDeployment(EngineReplica):
             torch.set_num_threads(s.torch_threads)
         stack = load_stack(s.model, heads=s.heads, tree=s.tree, dtype=s.dtype, device=s.device, progress=False)
         engine = Engine(stack.model, stack.heads, stack.tree, max_batch=s.max_batch, max_seq_len=s.max_seq_len)
+        engine.warmup()  # on a GPU: capture every batch bucket's step graphs before taking traffic
         type(engine).start(engine)  # (the class's method: an instance attribute may shadow the name)
         cfg = stack.model.cfg
         info = {"id": s.model_id or stack.source.name, "heads": stack.heads_name, "tree": stack.tree.name,

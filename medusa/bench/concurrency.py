@@ -93,9 +93,11 @@ def run_level(engine, prompts: list[list[int]], concurrency: int, max_new_tokens
 
 def run_concurrency(model, heads, tree, prompts: list[list[int]], levels: list[int], modes: list[str],
                     max_new_tokens: int, eos: tuple[int, ...], requests: int | None = None,
-                    step_cost: dict | None = None, on_done: Callable[[], None] | None = None) -> list[dict]:
-    """One row per (mode, level). Each level gets a fresh engine (max_batch = level) and one
-    untimed warm-up request."""
+                    step_cost: dict | None = None, on_done: Callable[[], None] | None = None,
+                    step_mode: str | None = None) -> list[dict]:
+    """One row per (mode, level). Each level gets a fresh engine (max_batch = level), its CUDA
+    graphs captured before the clock starts (Engine.warmup; nothing on a CPU), and one untimed
+    warm-up request."""
     from medusa.decoding.engine import Engine, Request
 
     longest = max(len(p) for p in prompts) + max_new_tokens
@@ -105,13 +107,18 @@ def run_concurrency(model, heads, tree, prompts: list[list[int]], levels: list[i
             n = requests or max(8, 2 * c)
             batch = [prompts[i % len(prompts)] for i in range(n)]
             engine = Engine(model, None if mode == "ar" else heads, None if mode == "ar" else tree,
-                            max_batch=c, max_seq_len=longest, step_cost=step_cost)
+                            max_batch=c, max_seq_len=longest, step_cost=step_cost, step_mode=step_mode)
+            spec = "off" if mode == "ar" else ("on" if mode == "spec" else "auto")
+            engine.warmup(longest, ["ar"] if mode == "ar" else [engine.default_tree.name] if mode == "spec" else None,
+                          measure=mode == "auto")
             engine.start()
             try:
                 engine.submit(Request(batch[0], max_new_tokens=min(8, max_new_tokens), stop_token_ids=eos,
-                                      speculation="off" if mode == "ar" else ("on" if mode == "spec" else "auto"))).result()
-                row = run_level(engine, batch, c, max_new_tokens,
-                                "off" if mode == "ar" else ("on" if mode == "spec" else "auto"), eos, on_done)
+                                      speculation=spec)).result()
+                row = run_level(engine, batch, c, max_new_tokens, spec, eos, on_done)
+                st = engine.stats()  # (the warm-up request included)
+                row.update(step_mode=engine.step_mode, engine_steps=st["steps"], engine_time_s=st["time_s"],
+                           prefill_forwards=st["prefill_forwards"])
             finally:
                 engine.stop()
             rows.append({"mode": mode, **row})

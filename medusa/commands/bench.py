@@ -333,7 +333,7 @@ def run_concurrency(args) -> int:
     bar = tqdm(total=total, desc="concurrency", unit="req", file=sys.stderr)
     rows = cc.run_concurrency(stack.model, stack.heads, stack.tree, ids, levels, modes, args.max_new_tokens, eos,
                               requests=args.requests, step_cost=cc.step_cost_table(table, max(map(len, ids))),
-                              on_done=bar.update)
+                              on_done=bar.update, step_mode="eager" if args.no_graphs else None)
     bar.close()
     doc = {
         "kind": "concurrency", "dataset": label, **env, "model": stack.source.name,

@@ -127,7 +127,17 @@ def run_batched(args, stack, prompts: list[Prompt], encoded: list[list[int]], pa
 
     speculation = "on" if args.tree else "auto"
     engine = Engine(stack.model, stack.heads, stack.tree, max_batch=args.concurrency,
-                    max_seq_len=max(map(len, encoded)) + args.max_new_tokens)
+                    max_seq_len=max(map(len, encoded)) + args.max_new_tokens,
+                    step_mode="eager" if args.no_graphs else None)
+    if engine.step_mode == "graphs" or (speculation == "auto" and stack.heads is not None):
+        from tqdm import tqdm
+
+        with tqdm(desc="preparing the engine", unit="step", file=sys.stderr, leave=False) as bar:
+            def progress(i, total):
+                bar.total = total
+                bar.update(i - bar.n)
+            engine.warmup(trees=[engine.default_tree.name] if speculation == "on" else None, progress=progress,
+                          measure=speculation == "auto")
     t0 = time.perf_counter()
     total = 0
     with engine:

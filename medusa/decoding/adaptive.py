@@ -70,9 +70,9 @@ class AcceptanceMeter:
     scaled by how the measured trees compare with theirs (untrained heads accept less than the
     prior says, and every tree learns that from whichever ran)."""
 
-    def __init__(self, priors: dict[str, float], alpha: float = 0.05, warmup: int = 20):
+    def __init__(self, priors: dict[str, float], alpha: float = 0.05, warmup: int = 20, explore: int = 8):
         self.priors = dict(priors)  # tree name -> prior E (>= 1)
-        self.alpha, self.warmup = alpha, warmup
+        self.alpha, self.warmup, self.explore = alpha, warmup, explore
         self.mean: dict[str, float] = {}
         self.count: dict[str, int] = {}
 
@@ -83,6 +83,14 @@ class AcceptanceMeter:
             a = 1.0 / n if n <= self.warmup else self.alpha
             self.mean[tree] = m + a * (x - m)
             self.count[tree] = n
+
+    def optimistic(self, tree: str) -> float:
+        """What the policy assumes: the measurement once `explore` rows were seen, else the larger
+        of the prior and the measurement so far. A tree that might be better than measured ones
+        gets tried (a few rows) instead of being ruled out by how other trees did."""
+        if self.count.get(tree, 0) >= self.explore:
+            return self.mean[tree]
+        return max(self.priors.get(tree, 1.0), self.mean.get(tree, 1.0))
 
     def expected(self, tree: str) -> float:
         if tree in self.mean:
@@ -125,6 +133,13 @@ class StepCostModel:
         old = self.online.get(key, seconds)
         a = 1.0 if n <= 2 else (1.0 / (n - 1) if n <= 6 else self.alpha)
         self.online[key] = old + a * (seconds - old)
+
+    def seed(self, batch: int, nodes: int, seconds: float) -> None:
+        """A step time measured ahead of traffic (Engine.warmup): taken as settled (later steps
+        refine it as a running mean, then exponentially)."""
+        key = (batch_bucket(batch), nodes)
+        self.online[key] = seconds
+        self.count[key] = max(self.count.get(key, 0), 2)
 
     def __call__(self, batch: int, nodes: int) -> float | None:
         bucket = batch_bucket(batch)

@@ -34,19 +34,22 @@ from typing import AsyncIterator, Iterator
 
 import torch
 
+from medusa.decoding.batch_graphs import BatchGraphs, RowState
 from medusa.decoding.adaptive import AcceptanceMeter, Choice, StepCostModel, TreeOption, choose_tree
 from medusa.decoding.kv_pool import RowPool, Swap, state_rows, swap_cache_rows, swap_state_rows, write_back
 from medusa.decoding.sampling import BatchSampling, SamplingParams, draw_uniforms
-from medusa.decoding.step import KV_BUCKET, DecodeState, prefill, speculate
+from medusa.decoding.step import KV_BUCKET, DecodeState, catch_up, prefill, speculate
 from medusa.decoding.stopping import stop_cut
 from medusa.decoding.tree import NAMED_TREES, Tree, expected_accept_length, load_tree, prior_accuracies
 from medusa.errors import RequestError, TreeError
 from medusa.model.kv_cache import KVCache
 
 SPECULATION = ("auto", "on", "off")
+STEP_MODES = ("eager", "padded", "graphs")  # graphs: CUDA graphs per batch bucket (the default on a GPU);
+# padded: the same fixed-shape step run eagerly (tests); eager: exactly the running rows, no padding (CPU default)
 DEFAULT_TREE = "tree16"
 DEFAULT_MAX_SEQ_LEN = 2048
-REFRESH_EVERY = 256  # plain steps after which the default tree runs once to re-measure acceptance
+REFRESH_EVERY = 256  # plain steps after which the most promising tree runs once to re-measure acceptance
 
 
 # ------------------------------------------------------------------ public types
@@ -198,6 +201,7 @@ class _Live:
     step_tokens: int = 0
     t_first: float = 0.0
     tree: str = "ar"
+    seen: int = 0  # committed tokens the draft heads have observed (plain steps defer, step.catch_up)
 
     @property
     def kv_len(self) -> int:  # committed KV slots (the last produced token is not in the cache yet)
@@ -212,7 +216,8 @@ class Engine:
 
     def __init__(self, model, heads=None, tree: Tree | str | None = None, *, max_batch: int = 16,
                  kv_budget_tokens: int | None = None, max_seq_len: int | None = None,
-                 trees: dict[str, Tree] | None = None, step_cost: dict | None = None):
+                 trees: dict[str, Tree] | None = None, step_cost: dict | None = None,
+                 step_mode: str | None = None, prefill_tokens: int | None = None):
         if max_batch < 1:
             raise RequestError(f"max_batch must be >= 1, got {max_batch}")
         self.model, self.heads = model, heads
@@ -235,7 +240,25 @@ class Engine:
             self.row_start = torch.zeros(rows, dtype=torch.long, device=self.device)  # [rows]
             self.row_root = torch.zeros(rows, dtype=torch.long, device=self.device)  # [rows]
             self.row_hidden = torch.zeros(rows, cfg.hidden_size, dtype=model.dtype, device=self.device)  # [rows, D]
+            # heads with state (Hydra++) see the tokens of plain steps only when speculation resumes
+            # (step.catch_up): the hidden states wait here, so a plain step costs what it costs headless
+            self.row_deferred = (torch.zeros(rows, self.row_len, cfg.hidden_size, dtype=model.dtype, device=self.device)
+                                 if self.head_state is not None else None)  # [rows, row_len, D]
         self._rows: list[_Live | None] = [None] * rows  # row -> running request
+        # kept session KV is bounded so that an idle row padding a fixed-shape step keeps its tree
+        # slots in the row and its positions in the model's context (batch_graphs.py); tokens past
+        # max_seq_len - 1 could never be reused anyway (a next prompt is shorter)
+        self.keep_cap = max(0, min(self.max_seq_len - 1, self.max_pos - 1 - n_max))
+        # prompt tokens (padding included) one prefill forward may take: batched prefill saves the
+        # GPU's per-forward launch cost; a CPU's forward is compute-bound, so it prefills one by one
+        self.prefill_tokens = prefill_tokens if prefill_tokens is not None else (8192 if self.device.type == "cuda" else 0)
+        self.step_mode = step_mode or ("graphs" if self.device.type == "cuda" else "eager")
+        if self.step_mode not in STEP_MODES:
+            raise RequestError(f"step_mode must be one of {', '.join(STEP_MODES)}, got {self.step_mode!r}")
+        self._graphs = None
+        if self.step_mode != "eager":
+            self._graphs = BatchGraphs(model, heads, self._row_state(), self.pool.max_active,
+                                       capture=self.step_mode == "graphs")
         priors = {n: expected_accept_length(t.paths, prior_accuracies(max(t.max_depth, 1))) for n, t in self.trees.items()}
         self.meter = AcceptanceMeter(priors)
         self.cost = StepCostModel(step_cost)
@@ -243,6 +266,7 @@ class Engine:
         self._sampling: BatchSampling | None = None
         self._choice: dict = {}
         self._steps = 0
+        self._time = {"prefill": 0.0, "prefills": 0, "step": 0.0, "busy": 0.0}  # seconds, forwards
         self._last_spec_step = 0
         self._last_error: str | None = None
         # threading: _mu guards the inbox (waiting queue, cancels, ids); _step_lock the decode state
@@ -254,6 +278,10 @@ class Engine:
         self._live: dict[str, _Live] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
+
+    def _row_state(self) -> RowState:
+        return RowState(self.cache, self.row_start, self.row_root, self.row_hidden, self.head_state, self.pool.rows,
+                        self.row_deferred)
 
     def _trees(self, heads, tree, trees) -> tuple[dict[str, Tree], Tree]:
         """The trees a step may use ("ar" always) and the default one (speculation="on")."""
@@ -316,12 +344,75 @@ class Engine:
     def step(self) -> bool:
         """One scheduler iteration; False when there was nothing to do."""
         with self._step_lock, torch.inference_mode():
+            t0 = time.perf_counter()
             did = self._apply_cancels()
             did |= self._admit()
             if self.pool.n_active:
                 self._decode()
                 did = True
+            if did:
+                self._time["busy"] += time.perf_counter() - t0
             return did
+
+    def warmup(self, max_kv_len: int | None = None, trees: list[str] | None = None, progress=None,
+               measure: bool = True) -> int:
+        """Prepare for traffic; call it before the first request (it waits for running rows).
+        1. With CUDA graphs: capture the greedy step of every batch bucket x tree (default: all
+           the engine's trees) x KV bucket up to max_kv_len (default: max_seq_len), so that no
+           request waits for a capture (sampled steps are captured on first use).
+        2. measure (with draft heads): time one step of each batch bucket x tree on idle rows and
+           give the times to the adaptive policy, which then never spends a request's step on
+           finding a cost out. Per bucket, trees are timed smallest first; one that could not
+           beat plain decoding even at the time of the last smaller tree is skipped.
+        progress(done, total), if given, is called as work is done. Returns the graphs captured."""
+        names = list(trees or self.trees)
+        for n in names:
+            if n not in self.trees:
+                raise RequestError(f"unknown tree {n!r}: the engine has {', '.join(self.trees)}")
+        limit = min(max_kv_len or self.max_seq_len, self.max_seq_len)
+        timer = self._graphs or BatchGraphs(self.model, self.heads, self._row_state(), self.pool.max_active, capture=False)
+        todo = []
+        if self._graphs is not None:
+            for n in names:
+                tree = self.trees[n]
+                kvs = sorted({timer.kv_len(k, tree.num_nodes) for k in [*range(0, limit, 64), limit]})
+                todo += [(tree, b, kv) for b in timer.buckets for kv in kvs]
+        timed = sorted({"ar", *names}, key=lambda n: self.trees[n].num_nodes)
+        if not measure or self.heads is None or len(timed) < 2:
+            timed = []
+        total = len(todo) + len(timer.buckets) * len(timed)
+        while True:
+            with self._step_lock, torch.inference_mode():
+                if self.pool.n_active == 0:  # idle rows only; nothing is admitted while the lock is held
+                    return self._prepare(timer, todo, timed, limit, total, progress)
+            if self._thread is None:
+                self.step()  # no scheduler thread: finish the running rows here
+            else:
+                time.sleep(0.01)
+
+    def _prepare(self, timer: BatchGraphs, todo: list, timed: list[str], limit: int, total: int, progress) -> int:
+        done = captured = 0
+        for tree, b, kv in todo:
+            captured += timer.prepare(tree, b, kv, [self.pool.length[r] for r in range(b)])
+            done += 1
+            if progress is not None:
+                progress(done, total)
+        for b in timer.buckets:
+            plain = last = None
+            for n in timed:
+                tree = self.trees[n]
+                done += 1
+                if plain is not None and last >= self.meter.optimistic(n) * plain:
+                    continue  # costs at least `last`: cannot beat plain decoding
+                kv = timer.kv_len(min(limit, 256), tree.num_nodes)
+                last = timer.time_step(tree, b, kv, [self.pool.length[r] for r in range(b)])
+                plain = last if plain is None else plain
+                self.cost.seed(b, tree.num_nodes, last)
+                if progress is not None:
+                    progress(done, total)
+        if progress is not None:
+            progress(total, total)
+        return captured
 
     def load(self) -> int:
         with self._mu:
@@ -340,6 +431,13 @@ class Engine:
             "trees": {n: t.num_nodes for n, t in self.trees.items()},
             "acceptance": {n: round(self.meter.expected(n), 3) for n in self.trees},
             "speculation": dict(self._choice),
+            "step_mode": self.step_mode,
+            # where the scheduler's time went: prefill forwards, verification steps (GPU time included:
+            # each ends in a host sync), and the whole of its busy iterations (the rest is bookkeeping)
+            "time_s": {"prefill": round(self._time["prefill"], 3), "step": round(self._time["step"], 3),
+                       "busy": round(self._time["busy"], 3)},
+            "prefill_forwards": self._time["prefills"],
+            "graphs_captured": self._graphs.captures if self._graphs is not None else 0,
             "last_error": self._last_error,
         }
 
@@ -422,15 +520,40 @@ class Engine:
         return bool(waiting or running)
 
     def _admit(self) -> bool:
-        did = False
+        """Admit waiting requests while rows are free, then prefill them: together in padded
+        groups (one forward each) when prefill_tokens allows, else one by one."""
+        admitted: list[_Live] = []
         while self.pool.can_admit():
             with self._mu:
                 if not self._waiting:
                     break
                 live = self._waiting.popleft()
-            self._prefill(live)
-            did = True
-        return did
+            adm = self.pool.admit(live.req.request_id, live.req.prompt_ids, live.req.session_id)
+            self._apply_swaps(adm.swaps)
+            live.row, live.reused = adm.row, adm.reused
+            self._rows[adm.row] = live
+            admitted.append(live)
+        groups: list[list[_Live]] = []
+        for live in admitted:  # rows are consecutive: a group is a contiguous block of rows
+            if groups and self._fits(groups[-1] + [live]):
+                groups[-1].append(live)
+            else:
+                groups.append([live])
+        t0 = time.perf_counter()
+        roots = [r for g in groups for r in self._prefill(g)]
+        self._time["prefill"] += time.perf_counter() - t0
+        self._time["prefills"] += len(groups)
+        now = time.perf_counter()
+        for live, root in zip(admitted, roots):  # emit only now: a request that ends frees (swaps) rows
+            live.t_first = now
+            live.seen = len(live.req.prompt_ids)  # prefill showed the heads every prompt token
+            self._emit(live, [root])
+        return bool(admitted)
+
+    def _fits(self, group: list[_Live]) -> bool:
+        T = max(len(x.req.prompt_ids) - x.reused for x in group)
+        top = max(x.reused for x in group) + T  # padding slots and positions stay inside the row and context
+        return len(group) * T <= self.prefill_tokens and top <= min(self.row_len, self.max_pos)
 
     def _apply_swaps(self, swaps: list[Swap]) -> None:
         for s in swaps:
@@ -438,31 +561,39 @@ class Engine:
             swap_state_rows(self.head_state, s.a, s.b, self.pool.rows)
             for t in (self.row_start, self.row_root, self.row_hidden):
                 t[[s.a, s.b]] = t[[s.b, s.a]]
+            if self.row_deferred is not None:  # only the valid slots matter (as for the KV)
+                d = self.row_deferred
+                tmp = d[s.a, : s.len_a].clone()
+                d[s.a, : s.len_b] = d[s.b, : s.len_b]
+                d[s.b, : s.len_a] = tmp
             self._rows[s.a], self._rows[s.b] = self._rows[s.b], self._rows[s.a]
             for r in (s.a, s.b):
                 if self._rows[r] is not None:
                     self._rows[r].row = r
 
-    def _prefill(self, live: _Live) -> None:
-        req = live.req
-        adm = self.pool.admit(req.request_id, req.prompt_ids, req.session_id)
-        self._apply_swaps(adm.swaps)
-        r = live.row = adm.row
-        self._rows[r] = live
-        live.reused = adm.reused
+    def _prefill(self, group: list[_Live]) -> list[int]:
+        """One prefill forward over the group's rows (consecutive), prompts right-padded. Returns
+        each row's first token (the caller emits them)."""
         dev = self.device
-        tokens = torch.tensor([req.prompt_ids[adm.reused:]], dtype=torch.long, device=dev)  # [1, T]
-        sampling = BatchSampling.stack([req.sampling], dev)
+        r0, k = group[0].row, len(group)
+        new = [x.req.prompt_ids[x.reused:] for x in group]
+        T = max(map(len, new))
+        tokens = torch.tensor([t + [0] * (T - len(t)) for t in new], dtype=torch.long, device=dev)  # [k, T]
+        lengths = torch.tensor([len(t) for t in new], dtype=torch.long, device=dev)  # [k]
+        sampling = BatchSampling.stack([x.req.sampling for x in group], dev)
         u = None
-        if live.uniforms is not None:
-            u = live.uniforms.at(0, torch.zeros(1, dtype=torch.long, device=dev), 0)[None]  # [1, 1]
-        row_cache = KVCache(self.cache.k[:, r:r + 1], self.cache.v[:, r:r + 1])  # writes land in the pool
-        hs = state_rows(self.head_state, r, r + 1, self.pool.rows)
-        st = prefill(self.model, self.heads, row_cache, tokens, torch.tensor([adm.reused], device=dev), sampling, u, hs)
-        write_back(self.head_state, st.head_state, r, r + 1, self.pool.rows)
-        self.row_start[r], self.row_root[r], self.row_hidden[r] = st.start[0], st.root[0], st.last_hidden[0]
-        live.t_first = time.perf_counter()
-        self._emit(live, [int(st.root[0])])
+        if sampling.any_random:
+            zero = torch.zeros(1, device=dev)
+            u = torch.stack([x.uniforms.at(0, torch.zeros(1, dtype=torch.long, device=dev), 0)
+                             if x.uniforms is not None else zero for x in group])  # [k, 1]
+        rows = slice(r0, r0 + k)
+        row_cache = KVCache(self.cache.k[:, rows], self.cache.v[:, rows])  # writes land in the pool
+        hs = state_rows(self.head_state, r0, r0 + k, self.pool.rows)
+        start = torch.tensor([x.reused for x in group], dtype=torch.long, device=dev)
+        st = prefill(self.model, self.heads, row_cache, tokens, start, sampling, u, hs, lengths)
+        write_back(self.head_state, st.head_state, r0, r0 + k, self.pool.rows)
+        self.row_start[rows], self.row_root[rows], self.row_hidden[rows] = st.start, st.root, st.last_hidden
+        return st.root.tolist()
 
     def _batch_sampling(self, lives: list[_Live]) -> BatchSampling:
         key = tuple(id(x) for x in lives)
@@ -483,13 +614,15 @@ class Engine:
         elif "on" in modes:
             name, reason = self.default_tree.name, "a row asked for speculation on: the default tree"
         else:
-            options = [TreeOption(t, tr.num_nodes, self.meter.expected(t)) for t, tr in self.trees.items()]
+            options = [TreeOption(t, tr.num_nodes, self.meter.optimistic(t)) for t, tr in self.trees.items()]
             c: Choice = choose_tree(n, modes.count("auto"), options, self.cost)
             name, reason, rates = c.tree, c.reason, c.rates
             if name == "ar" and self._steps - self._last_spec_step >= REFRESH_EVERY:
-                # acceptance is only measured while speculating: re-measure now and then, or one
-                # bad stretch would keep the engine plain forever
-                name, reason = self.default_tree.name, f"re-measuring acceptance ({REFRESH_EVERY} plain steps in a row)"
+                # acceptance is only measured while speculating: re-measure now and then (with the
+                # tree closest to winning), or one bad stretch would keep the engine plain forever
+                spec = [(r, t) for t, r in rates.items() if r is not None and self.trees[t].num_nodes > 1]
+                name = max(spec)[1] if spec else self.default_tree.name
+                reason = f"re-measuring acceptance with {name} ({REFRESH_EVERY} plain steps in a row)"
         tree = self.trees[name]
         if tree.num_nodes > 1 and max(x.kv_len for x in lives) + tree.max_depth >= self.max_pos:
             tree, reason = self.trees["ar"], "a row is at the end of the model's context: plain decoding"
@@ -515,25 +648,42 @@ class Engine:
         max_accept = None
         if N > 1 and any(off):
             max_accept = torch.tensor([0 if o else D for o in off], dtype=torch.long, device=dev)  # [n]
-        state = DecodeState(KVCache(self.cache.k[:, :n], self.cache.v[:, :n]), self.row_start[:n], self.row_root[:n],
-                            self.row_hidden[:n], state_rows(self.head_state, 0, n, self.pool.rows))
+        committed_max = max(x.kv_len for x in lives)  # known on the host: no sync
+        if N > 1 and self.row_deferred is not None and any(x.seen < x.kv_len for x in lives):
+            hs = state_rows(self.head_state, 0, n, self.pool.rows)
+            catch_up(self.heads, hs, self.row_deferred[:n], [x.seen for x in lives], [x.kv_len for x in lives])
+            write_back(self.head_state, hs, 0, n, self.pool.rows)
         t0 = time.perf_counter()
-        kv_len = min(self.row_len, -(-(max(x.kv_len for x in lives) + N) // KV_BUCKET) * KV_BUCKET)  # known on the host: no sync
-        acc = speculate(self.model, self.heads, tree, state, sampling, uniforms, max_accept, kv_len=kv_len)
-        rows = torch.cat([acc.length[:, None], acc.tokens], 1).tolist()  # one host sync
+        if self._graphs is not None:
+            pad = [self.pool.length[r] for r in range(n, self._graphs.bucket(n))]
+            acc, captured = self._graphs.run(tree, n, committed_max, sampling, self._sampling_key, uniforms,
+                                             max_accept, pad)
+            rows = torch.cat([acc.length[:n, None], acc.tokens[:n]], 1).tolist()  # one host sync
+        else:
+            captured = False
+            state = DecodeState(KVCache(self.cache.k[:, :n], self.cache.v[:, :n]), self.row_start[:n],
+                                self.row_root[:n], self.row_hidden[:n], state_rows(self.head_state, 0, n, self.pool.rows))
+            kv_len = min(self.row_len, -(-(committed_max + N) // KV_BUCKET) * KV_BUCKET)
+            defer = self.row_deferred[:n] if self.row_deferred is not None and N == 1 else None
+            acc = speculate(self.model, self.heads, tree, state, sampling, uniforms, max_accept, kv_len=kv_len, defer=defer)
+            rows = torch.cat([acc.length[:, None], acc.tokens], 1).tolist()  # one host sync
+            self.row_start[:n], self.row_root[:n], self.row_hidden[:n] = state.start, state.root, state.last_hidden
+            write_back(self.head_state, state.head_state, 0, n, self.pool.rows)
         dt = time.perf_counter() - t0
-        self.row_start[:n], self.row_root[:n], self.row_hidden[:n] = state.start, state.root, state.last_hidden
+        self._time["step"] += dt
         if N > 1:
             self._last_spec_step = self._steps
-        write_back(self.head_state, state.head_state, 0, n, self.pool.rows)
         self._steps += 1
-        self.cost.record(n, N, dt)
+        if not captured:  # a capturing step's time is not the step's cost
+            self.cost.record(n, N, dt)
         if N > 1:
             self.meter.record(tree.name, [row[0] + 1 for row, o in zip(rows, off) if not o])
         for i, (live, row) in enumerate(zip(lives, rows)):  # before any release swaps rows
             self.pool.length[i] = live.kv_len + row[0] + 1
         for live, row in zip(lives, rows):
             k = row[0] + 1
+            if N > 1:  # the step showed the heads every token it committed
+                live.seen = live.kv_len + k
             live.steps += 1
             live.step_tokens += k
             live.tree = tree.name
@@ -564,7 +714,11 @@ class Engine:
             r, live.row = live.row, -1
             keep_tokens = None
             if keep and req.session_id is not None:
-                keep_tokens = list(req.prompt_ids) + live.out[:-1]  # exactly the committed KV slots
+                keep_tokens = (list(req.prompt_ids) + live.out[:-1])[:self.keep_cap]  # committed KV slots
+                if self.row_deferred is not None and live.seen < len(keep_tokens):  # the next turn's heads need them
+                    hs = state_rows(self.head_state, r, r + 1, self.pool.rows)
+                    catch_up(self.heads, hs, self.row_deferred[r:r + 1], [live.seen], [len(keep_tokens)])
+                    write_back(self.head_state, hs, r, r + 1, self.pool.rows)
             self._rows[r] = None
             self._apply_swaps(self.pool.release(r, req.session_id if keep_tokens else None, keep_tokens))
         now = time.perf_counter()

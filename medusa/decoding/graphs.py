@@ -87,6 +87,46 @@ class _Captured:
     acc: Acceptance  # tensors the replay writes
 
 
+def capture_step(model, heads, tree: Tree, kv_len: int, state: DecodeState, sampling: BatchSampling,
+                 uniforms: torch.Tensor | None, max_accept: torch.Tensor | None, pool, after=None,
+                 defer: torch.Tensor | None = None) -> _Captured:
+    """Capture one `speculate` over the static buffers of `state` (whose start, root and
+    last_hidden the replay updates in place; the head state and the cache are written in place
+    by the step itself). `after(step_state)`, if given, runs inside the capture after the step
+    (copies back whatever a head family rebinds). Warm-up runs twice on a side stream on scratch
+    copies of the per-row state, so it changes nothing but cache slots past each row's start.
+    A capture executes nothing: replay the graph to run the step."""
+    B = state.root.shape[0]
+
+    def body(st: DecodeState, static: bool) -> Acceptance:
+        acc = speculate(model, heads, tree, st, sampling, uniforms if sampling.any_random else None, max_accept,
+                        kv_len=kv_len, defer=defer)
+        if static:
+            state.start.copy_(st.start)
+            state.root.copy_(st.root)
+            state.last_hidden.copy_(st.last_hidden)
+            if after is not None:
+                after(st)
+        return acc
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    token = _capturing.set(True)
+    try:
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                scratch = DecodeState(state.cache, state.start.clone(), state.root.clone(), state.last_hidden.clone(),
+                                      scratch_state(state.head_state, B))
+                body(scratch, static=False)
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=pool):
+            acc = body(DecodeState(state.cache, state.start, state.root, state.last_hidden, state.head_state), static=True)
+    finally:
+        _capturing.reset(token)
+    return _Captured(g, acc)
+
+
 class GraphRunner:
     def __init__(self, model, heads, batch: int = 1, max_len: int = 2048):
         if model.device.type != "cuda":
@@ -124,34 +164,11 @@ class GraphRunner:
                                         ("temperature", "top_p", "top_k", "typical", "threshold", "alpha")),
                                       any_random=sampling.any_random, any_typical=sampling.any_typical)
 
-    def _body(self, tree: Tree, kv_len: int, state: DecodeState, write_back: bool) -> Acceptance:
-        u = self.uniforms[tree.num_nodes] if self.sampling.any_random else None
-        acc = speculate(self.model, self.heads, tree, state, self.sampling, u, kv_len=kv_len)
-        if write_back:
-            self.start.copy_(state.start)
-            self.root.copy_(state.root)
-            self.last_hidden.copy_(state.last_hidden)
-        return acc
-
     def _capture(self, tree: Tree, kv_len: int) -> _Captured:
-        B, N = self.batch, tree.num_nodes
-        self.uniforms.setdefault(N, torch.zeros(B, N, device=self.start.device))
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        token = _capturing.set(True)
-        try:
-            with torch.cuda.stream(side):  # warm-up on copies: writes only cache slots past `start`
-                for _ in range(2):
-                    scratch = DecodeState(self.cache, self.start.clone(), self.root.clone(), self.last_hidden.clone(),
-                                          scratch_state(self.head_state, self.batch))
-                    self._body(tree, kv_len, scratch, write_back=False)
-            torch.cuda.current_stream().wait_stream(side)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
-                acc = self._body(tree, kv_len, self.state(), write_back=True)
-        finally:
-            _capturing.reset(token)
-        return _Captured(g, acc)
+        N = tree.num_nodes
+        self.uniforms.setdefault(N, torch.zeros(self.batch, N, device=self.start.device))
+        return capture_step(self.model, self.heads, tree, kv_len, self.state(), self.sampling, self.uniforms[N],
+                            None, self.pool)
 
     def step(self, tree: Tree, committed_max: int, uniforms: torch.Tensor | None = None) -> Acceptance:
         """Replay the step for `tree`. committed_max: the largest row `start` (known on the host

@@ -36,13 +36,16 @@ class DecodeState:
 
 def attention_mask(start: torch.Tensor, local: torch.Tensor, kv_len: int) -> torch.Tensor:
     """[B, N, S] bool: query n of row b sees the committed slots s < start[b], plus the new
-    slots start[b] + j for which local[n, j] (causal for prefill, ancestors for a tree)."""
+    slots start[b] + j for which local[n, j] (causal for prefill, ancestors for a tree).
+    Any start is safe: new slots at or past kv_len are simply not in the mask (an idle row riding
+    along in a padded batch may sit anywhere); every query sees at least one slot."""
     B, N = start.shape[0], local.shape[-1]
-    s = torch.arange(kv_len, device=start.device)
-    mask = (s[None, None, :] < start[:, None, None]).expand(B, N, kv_len).clone()
-    cols = (start[:, None] + torch.arange(N, device=start.device))[:, None, :].expand(B, N, N)
-    mask.scatter_(2, cols, local.to(start.device).expand(B, N, N))
-    return mask
+    dev = start.device
+    rel = torch.arange(kv_len, device=dev)[None, :] - start[:, None]  # [B, S]: slot - start
+    new = (rel >= 0) & (rel < N)
+    local = local.to(dev)[None].expand(B, N, N)
+    picked = local.gather(2, rel.clamp(0, N - 1)[:, None, :].expand(B, N, kv_len))  # [B, N, S]: local[n, slot - start]
+    return (rel < 0)[:, None, :] | (picked & new[:, None, :])
 
 
 def _kv_len(start: torch.Tensor, n: int, max_len: int) -> int:
@@ -54,20 +57,25 @@ def prefill(
     model,
     heads,
     cache: KVCache,
-    tokens: torch.Tensor,  # [B, T] new tokens of each row (same T)
+    tokens: torch.Tensor,  # [B, T] new tokens of each row (right-padded when `lengths` is given)
     start: torch.Tensor,  # [B] tokens already in the cache (0, or a reused session prefix)
     sampling: BatchSampling,
     uniforms: torch.Tensor | None,  # [B, 1] or None when every row is greedy
     head_state: Any = None,
+    lengths: torch.Tensor | None = None,  # [B] real new tokens per row (default: all T)
 ) -> DecodeState:
-    """Run the prompt, choose each row's first new token (the root)."""
+    """Run the prompt, choose each row's first new token (the root). Padding tokens past a row's
+    length write K/V only past its new start, which later steps overwrite, and no real token
+    attends to them (causal mask)."""
     B, T = tokens.shape
     dev = tokens.device
+    if lengths is None:
+        lengths = torch.full((B,), T, device=dev, dtype=torch.long)
     offsets = torch.arange(T, device=dev)
     positions = start[:, None] + offsets  # [B, T]
     kv_len = _kv_len(start, T, cache.max_len)
     mask = attention_mask(start, torch.ones(T, T, dtype=torch.bool, device=dev).tril(), kv_len)
-    last = torch.full((B, 1), T - 1, device=dev, dtype=torch.long)
+    last = (lengths - 1)[:, None]  # [B, 1]
     out = model(tokens, positions, cache, positions, mask, logits_for=last)  # logits [B, 1, V]
     if uniforms is None or not sampling.any_random:
         root = out.logits[:, 0].argmax(-1)
@@ -76,8 +84,9 @@ def prefill(
     if heads is not None:
         if head_state is None:
             head_state = heads.new_state(B, cache.max_len, model)
-        heads.observe(head_state, out.hidden, positions, torch.full((B,), T, device=dev), kv_len=kv_len)
-    return DecodeState(cache, start + T, root, out.hidden[:, -1], head_state)
+        heads.observe(head_state, out.hidden, positions, lengths, kv_len=kv_len)
+    last_hidden = out.hidden.gather(1, last[..., None].expand(-1, -1, out.hidden.shape[-1]))[:, 0]  # [B, D]
+    return DecodeState(cache, start + lengths, root, last_hidden, head_state)
 
 
 def speculate(
@@ -89,9 +98,15 @@ def speculate(
     uniforms: torch.Tensor | None,  # [B, N] or None when every row is greedy
     max_accept: torch.Tensor | None = None,  # [B] long: cap on accepted candidates (0: this row decodes plainly)
     kv_len: int | None = None,  # cache slots to attend over (fixed for CUDA graphs; default: bucketed, needs a host sync)
+    defer: torch.Tensor | None = None,  # [B, S, D]: with the 1-node tree, keep the committed hidden state here
 ) -> Acceptance:
     """One verification forward over every tree node; commits the accepted path and advances
-    `state` in place. Returns what each row accepted."""
+    `state` in place. Returns what each row accepted.
+
+    defer: a plain step (1-node tree) stores each row's committed base hidden state at its
+    position in `defer` instead of showing it to heads with state (Hydra++'s prefix layer), which
+    would cost a layer per plain step; `catch_up` shows the heads the stored states before the
+    next speculative step."""
     B, N = state.root.shape[0], tree.num_nodes
     dev = state.root.device
     if heads is None or N == 1:
@@ -110,10 +125,27 @@ def speculate(
     path = acc.path.clamp_min(0)  # [B, D+1]
     dst = state.start[:, None] + torch.arange(path.shape[1], device=dev)
     state.cache.commit_path(state.start[:, None] + path, dst.clamp_max(state.cache.max_len - 1))
-    if heads is not None:
+    if heads is not None and defer is not None and N == 1:
+        defer[torch.arange(B, device=dev), state.start] = out.hidden[:, 0].to(defer.dtype)
+    elif heads is not None:
         hid = out.hidden.gather(1, path[..., None].expand(-1, -1, out.hidden.shape[-1]))  # [B, D+1, Dm]
         heads.observe(state.head_state, hid, state.start[:, None] + depth[path], acc.length + 1, kv_len=kv_len)
     state.last_hidden = out.hidden[torch.arange(B, device=dev), acc.last_node]  # [B, Dm]
     state.start = state.start + acc.length + 1
     state.root = acc.tokens.gather(1, acc.length[:, None]).squeeze(1)  # the bonus token
     return acc
+
+
+def catch_up(heads, head_state: Any, deferred: torch.Tensor, seen: list[int], committed: list[int]) -> None:
+    """Show the heads the base hidden states that plain steps deferred (`speculate(defer=...)`):
+    row b's positions seen[b] .. committed[b]-1, in one forward of the heads' own layers.
+    deferred [B, S, D]; seen, committed: per row, known on the host."""
+    counts = [c - s for s, c in zip(seen, committed)]
+    P = max(counts, default=0)
+    if heads is None or head_state is None or P <= 0:
+        return
+    dev = deferred.device
+    pos = (torch.tensor(seen, device=dev)[:, None] + torch.arange(P, device=dev)).clamp_max(deferred.shape[1] - 1)  # [B, P]
+    hid = deferred.gather(1, pos[..., None].expand(-1, -1, deferred.shape[-1]))  # [B, P, D]
+    kv_len = min(deferred.shape[1], -(-max(committed) // KV_BUCKET) * KV_BUCKET)
+    heads.observe(head_state, hid, pos, torch.tensor(counts, device=dev).clamp_min(0), kv_len=kv_len)

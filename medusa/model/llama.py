@@ -17,6 +17,17 @@ from medusa.model.config import ModelConfig
 from medusa.model.kv_cache import KVCache
 from medusa.model.rope import apply_rope, rope_table
 
+try:  # torch >= 2.3
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # cuDNN attention builds an execution plan for every new shape (80-550 ms each on an H100,
+    # measured), and prefill brings a new prompt length with nearly every request; the other
+    # fused kernels take arbitrary shapes at once
+    _SDPA_BACKENDS = [b for b in (getattr(SDPBackend, n, None) for n in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"))
+                      if b is not None]
+except ImportError:  # pragma: no cover
+    sdpa_kernel = None
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -54,11 +65,16 @@ class Attention(nn.Module):
         cache.write(layer, slots, k, v)
         keys = cache.k[layer][:, :, :kv_len]  # [B, Hkv, S, Dh]
         values = cache.v[layer][:, :, :kv_len]
-        if self.n_kv != self.n_heads:  # grouped-query attention: share each kv head
-            rep = self.n_heads // self.n_kv
-            keys = keys[:, :, None].expand(B, self.n_kv, rep, kv_len, self.head_dim).reshape(B, self.n_heads, kv_len, self.head_dim)
-            values = values[:, :, None].expand(B, self.n_kv, rep, kv_len, self.head_dim).reshape(B, self.n_heads, kv_len, self.head_dim)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B, H, N, Dh]
+        rep = self.n_heads // self.n_kv
+        if rep > 1:  # grouped-query attention: fold each kv head's query heads into its query rows (no K/V copies)
+            q = q.reshape(B, self.n_kv, rep * N, self.head_dim)  # query row r * N + n = head kv * rep + r, token n
+            mask = mask.repeat(1, 1, rep, 1)  # [B, 1, rep * N, S]
+        if q.is_cuda and sdpa_kernel is not None:
+            with sdpa_kernel(_SDPA_BACKENDS):
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B, Hkv, rep * N, Dh]
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = out.reshape(B, self.n_heads, N, self.head_dim)  # [B, H, N, Dh]
         return self.o_proj(out.transpose(1, 2).reshape(B, N, self.n_heads * self.head_dim))
 
 

@@ -5,6 +5,8 @@
 #   bash scripts/gpu/measure.sh 2   # engine concurrency, step cost of the default model's shape
 #   bash scripts/gpu/measure.sh 3   # per-step profile, graphs alone and with torch.compile
 #   bash scripts/gpu/measure.sh 4   # all 80 prompts with torch.compile; adaptive speculation under concurrency
+#   bash scripts/gpu/measure.sh 5   # GPU tests; the engine (CUDA graphs per batch bucket) under concurrency, ar/spec/auto
+#   bash scripts/gpu/measure.sh 6   # batch-1 decode on 20 prompts (ar, Medusa, Hydra++)
 source scripts/gpu/env.sh
 R=/tmp/res; mkdir -p $R
 quiet() { grep -v -E "run\]|run, |cell\]|cell, |req\]|req, |^\s*$|triton_mm|AUTOTUNE" ; }
@@ -25,6 +27,16 @@ case "${1:-1}" in
 4)
   echo "== full, torch.compile"; timeout 330 python3 -m medusa.cli bench --modes ar,medusa,hydra --compile --max-new-tokens 256 --name mt_bench-full-compile-gpu --out $R 2>&1 | quiet | tail -9
   echo "== concurrency, adaptive"; timeout 200 python3 -m medusa.cli bench --concurrency 1,4,16,64 --modes ar,auto --max-new-tokens 128 --name concurrency-auto-gpu --out $R 2>&1 | quiet | tail -14
+  ;;
+5)
+  echo "== GPU tests"; timeout 240 python3 -m pytest -q -s -x tests/gpu 2>&1 | grep -v "^{" | tail -8
+  echo "== concurrency, graphs"; timeout 330 python3 -m medusa.cli bench --concurrency 1,4,16,64 --modes ar,spec,auto --max-new-tokens 128 --name concurrency-graphs-gpu --out $R 2>&1 | quiet | tail -18
+  python3 -c "
+import json; d=json.load(open('$R/concurrency-graphs-gpu.json'))
+for r in d['rows']: print(r['mode'], r['concurrency'], r['tokens_per_s'], r['engine_steps'], r['engine_time_s'], r['prefill_forwards'], r['seconds'])"
+  ;;
+6)
+  echo "== decode, 20 prompts x 256"; timeout 400 python3 -m medusa.cli bench --modes ar,medusa,hydra --limit 20 --max-new-tokens 256 --name mt_bench-20-gpu --out $R 2>&1 | quiet | tail -9
   ;;
 esac
 tar -czf $OUT/results-${1:-1}.tgz -C $R .

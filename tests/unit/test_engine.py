@@ -74,11 +74,15 @@ def drain(engine: Engine, handles) -> list[tuple[list[int], object]]:
 
 # ------------------------------------------------------------------ batched == alone
 
+@pytest.mark.parametrize("step_mode", ["eager", "padded"])  # padded: also prefills admitted requests together
 @pytest.mark.parametrize("tree", ["chain", "tree"])
-def test_batched_greedy_equals_alone(tiny, tiny_heads, tree):
-    """Mixed prompt lengths, mixed sampling (sampled rows ride along), mixed speculation switches."""
+def test_batched_greedy_equals_alone(tiny, tiny_heads, tree, step_mode):
+    """Mixed prompt lengths, mixed sampling (sampled rows ride along), mixed speculation switches.
+    "padded" runs the fixed-shape step the GPU captures as CUDA graphs (batch buckets 1, 2, 4, 6:
+    as rows finish, idle rows pad the batch)."""
     t = TREES[tree]
-    eng = Engine(tiny, tiny_heads, t, max_batch=6, max_seq_len=64, trees={t.name: t})
+    eng = Engine(tiny, tiny_heads, t, max_batch=6, max_seq_len=64, trees={t.name: t}, step_mode=step_mode,
+                 prefill_tokens=4096 if step_mode == "padded" else 0)
     ps = prompts(6, seed=1)
     modes = ["on", "on", "off", "on", "on", "off"]
     sampled = {1: SamplingParams(temperature=0.8, top_k=5, rule="sample", seed=3),
@@ -133,9 +137,11 @@ def test_default_model_batched_equals_alone(stack):
 
 # ------------------------------------------------------------------ continuous batching
 
-def test_requests_join_and_leave_mid_flight(tiny, tiny_heads):
+@pytest.mark.parametrize("step_mode", ["eager", "padded"])  # padded: also prefills admitted requests together
+def test_requests_join_and_leave_mid_flight(tiny, tiny_heads, step_mode):
     t = TREES["tree"]
-    eng = Engine(tiny, tiny_heads, t, max_batch=3, max_seq_len=64, trees={t.name: t})
+    eng = Engine(tiny, tiny_heads, t, max_batch=3, max_seq_len=64, trees={t.name: t}, step_mode=step_mode,
+                 prefill_tokens=4096 if step_mode == "padded" else 0)
     ps = prompts(5, seed=3)
     lengths = [4, 24, 9, 16, 6]
     hs = {0: eng.submit(Request(ps[0], max_new_tokens=lengths[0], speculation="on"))}
@@ -235,6 +241,120 @@ def test_session_reuse_same_tokens_as_full_prefill(tiny, tiny_heads):
     ans3, st3 = eng.submit(Request(p3, max_new_tokens=10, session_id="t/a", speculation="on")).result()
     assert st3.reused_tokens == 0
     assert ans3 == alone(tiny, p3, tiny_heads, t, 10)
+
+
+def test_padding_rows_keep_their_session_kv(tiny, tiny_heads):
+    """A kept session's row pads a fixed-shape step (3 running rows in a bucket of 4) for a whole
+    turn of other requests; its next turn still reuses the KV and decodes as it would alone."""
+    t = TREES["tree"]
+    eng = Engine(tiny, tiny_heads, t, max_batch=4, max_seq_len=96, trees={t.name: t}, step_mode="padded",
+                 prefill_tokens=4096)
+    p1 = prompts(1, seed=12)[0]
+    ans1, _ = eng.submit(Request(p1, max_new_tokens=10, session_id="t/k", speculation="on")).result()
+    others = prompts(3, seed=13)
+    hs = [eng.submit(Request(p, max_new_tokens=24, speculation="on", stop_token_ids=())) for p in others]
+    eng.step()
+    assert eng.pool.session[3] == "t/k" and eng.pool.n_active == 3  # the kept row is the padding row
+    for p, (out, _) in zip(others, drain(eng, hs)):
+        assert out == alone(tiny, p, tiny_heads, t, 24, stop=())
+    p2 = p1 + ans1 + [3, 1, 4]
+    ans2, st2 = eng.submit(Request(p2, max_new_tokens=10, session_id="t/k", speculation="on")).result()
+    assert st2.reused_tokens >= len(p1) + len(ans1) - 1
+    assert ans2 == alone(tiny, p2, tiny_heads, t, 10)
+
+
+def test_grouped_prefill_mixes_reused_prefixes_and_lengths(tiny, tiny_heads, monkeypatch):
+    """Requests admitted together prefill in one padded forward, each row with its own reused
+    session prefix and prompt length, and decode as they would alone."""
+    import medusa.decoding.engine as engine_mod
+
+    t = TREES["tree"]
+    eng = Engine(tiny, tiny_heads, t, max_batch=4, max_seq_len=96, trees={t.name: t}, prefill_tokens=4096)
+    first = prompts(2, seed=15)
+    answers = [eng.submit(Request(p, max_new_tokens=8, session_id=f"g{i}", stop_token_ids=())).result()[0]
+               for i, p in enumerate(first)]
+    nxt = [first[0] + answers[0] + [1, 2], first[1] + answers[1] + [3, 4, 5, 6, 7, 8, 9], prompts(1, seed=16)[0]]
+    calls = []
+    real = engine_mod.prefill
+    monkeypatch.setattr(engine_mod, "prefill", lambda *a, **k: calls.append(a[3].shape) or real(*a, **k))
+    hs = [eng.submit(Request(p, max_new_tokens=12, session_id=f"g{i}", stop_token_ids=(), speculation="on"))
+          for i, p in enumerate(nxt)]
+    res = drain(eng, hs)
+    assert calls == [(3, max(len(nxt[0]) - res[0][1].reused_tokens, len(nxt[1]) - res[1][1].reused_tokens, len(nxt[2])))]
+    assert res[0][1].reused_tokens > 0 and res[1][1].reused_tokens > 0 and res[2][1].reused_tokens == 0
+    for p, (out, _) in zip(nxt, res):
+        assert out == alone(tiny, p, tiny_heads, t, 12, stop=())
+
+
+def test_kept_sessions_are_bounded_below_the_context_end(tiny):
+    """A session kept at the end of the context keeps at most keep_cap tokens (so a padding row's
+    tree stays inside the cache and the model's positions); its next turn still decodes right."""
+    eng = Engine(tiny, None, max_batch=2, max_seq_len=160, step_mode="padded")  # max positions 160
+    assert eng.keep_cap == 160 - 1 - 1  # plain decoding only: a 1-node tree
+    p1 = prompts(1, seed=14, lo=140, hi=150)[0]
+    ans1, _ = eng.submit(Request(p1, max_new_tokens=16, stop_token_ids=(), session_id="s")).result()
+    assert eng.pool.length[eng.pool.lru["s"]] == min(len(p1) + len(ans1) - 1, eng.keep_cap)
+    p2 = (p1 + ans1)[:158]
+    out, st = eng.submit(Request(p2, max_new_tokens=2, session_id="s")).result()
+    assert st.reused_tokens == min(len(p2) - 1, eng.keep_cap)
+    assert out == alone(tiny, p2, n=2)
+
+
+def test_warmup_measures_step_costs_so_auto_never_explores(tiny, tiny_heads):
+    """Engine.warmup times a step of every batch bucket x tree on idle rows (skipping trees that
+    cannot beat plain decoding) and hands the times to the policy; requests then decode with no
+    step spent exploring, and exactly as they would alone."""
+    t = TREES["tree"]
+    eng = Engine(tiny, tiny_heads, t, max_batch=4, max_seq_len=64, trees={"chain3": TREES["chain"], t.name: t})
+    eng.warmup()
+    assert {(1, 1), (2, 1), (4, 1)} <= set(eng.cost.online)  # plain decoding timed at every bucket
+    assert all(eng.cost(b, 1) > 0 for b in (1, 2, 4))
+    reasons = []
+    ps = prompts(4, seed=17)
+    hs = [eng.submit(Request(p, max_new_tokens=12, stop_token_ids=())) for p in ps]
+    while eng.step():
+        reasons.append(eng.stats()["speculation"]["reason"])
+    assert reasons and not any("exploring" in r for r in reasons)
+    for p, (out, _) in zip(ps, drain(eng, hs)):
+        assert out == alone(tiny, p, tiny_heads, t, 12, stop=())
+
+
+def test_plain_steps_defer_the_heads_observation_without_changing_proposals(tiny, monkeypatch):
+    """With Hydra++ heads, plain steps keep the committed hidden states aside instead of running
+    the prefix layer; speculative steps (and a kept session's end) catch the heads up first. The
+    proposals, hence accepted lengths, equal those of an engine that observes every step."""
+    import medusa.decoding.engine as engine_mod
+    from medusa.decoding.adaptive import Choice
+
+    heads = random_heads(tiny, "hydra++", seed=3)
+    t = TREES["tree"]
+    turn = {"n": 0}
+
+    def alternate(batch, speculating, options, cost):  # plain, plain, tree, plain, plain, tree, ...
+        turn["n"] += 1
+        return Choice("tree7" if turn["n"] % 3 == 0 else "ar", 0.0, "test", {})
+
+    monkeypatch.setattr(engine_mod, "choose_tree", alternate)
+    ps = prompts(3, seed=18)
+
+    def run(defer: bool):
+        turn["n"] = 0
+        eng = Engine(tiny, heads, t, max_batch=3, max_seq_len=96, trees={t.name: t})
+        if not defer:
+            eng.row_deferred = None
+        hs = [eng.submit(Request(p, max_new_tokens=18, stop_token_ids=(), session_id=f"d{i}")) for i, p in enumerate(ps)]
+        res = drain(eng, hs)
+        nxt = ps[0] + res[0][0] + [4, 2]
+        res.append(eng.submit(Request(nxt, max_new_tokens=18, stop_token_ids=(), session_id="d0")).result())
+        return res, nxt
+
+    lazy, nxt = run(True)
+    eager, _ = run(False)
+    for (out_l, st_l), (out_e, st_e) in zip(lazy, eager):
+        assert out_l == out_e and st_l.steps == st_e.steps and st_l.mean_accepted == pytest.approx(st_e.mean_accepted)
+    assert lazy[-1][1].reused_tokens > 0
+    for p, (out, _) in zip(ps + [nxt], lazy):
+        assert out == alone(tiny, p, heads, t, 18, stop=())
 
 
 def test_session_evicted_lru_falls_back(tiny):
