@@ -202,6 +202,7 @@ class _Live:
     t_first: float = 0.0
     tree: str = "ar"
     seen: int = 0  # committed tokens the draft heads have observed (plain steps defer, step.catch_up)
+    queued_step: int = 0  # engine step count at submission (admission coalescing)
 
     @property
     def kv_len(self) -> int:  # committed KV slots (the last produced token is not in the cache yet)
@@ -217,7 +218,8 @@ class Engine:
     def __init__(self, model, heads=None, tree: Tree | str | None = None, *, max_batch: int = 16,
                  kv_budget_tokens: int | None = None, max_seq_len: int | None = None,
                  trees: dict[str, Tree] | None = None, step_cost: dict | None = None,
-                 step_mode: str | None = None, prefill_tokens: int | None = None):
+                 step_mode: str | None = None, prefill_tokens: int | None = None,
+                 admit_wait_steps: int | None = None):
         if max_batch < 1:
             raise RequestError(f"max_batch must be >= 1, got {max_batch}")
         self.model, self.heads = model, heads
@@ -253,6 +255,9 @@ class Engine:
         # GPU's per-forward launch cost; a CPU's forward is compute-bound, so it prefills one by one
         self.prefill_tokens = prefill_tokens if prefill_tokens is not None else (8192 if self.device.type == "cuda" else 0)
         self.step_mode = step_mode or ("graphs" if self.device.type == "cuda" else "eager")
+        # admission coalescing (see _admit_now); a CPU prefills one by one, so nothing to gain there
+        self.admit_wait_steps = admit_wait_steps if admit_wait_steps is not None else (8 if self.prefill_tokens else 0)
+        self.admit_group = max(1, self.pool.max_active // 8)
         if self.step_mode not in STEP_MODES:
             raise RequestError(f"step_mode must be one of {', '.join(STEP_MODES)}, got {self.step_mode!r}")
         self._graphs = None
@@ -306,6 +311,7 @@ class Engine:
         live = _Live(request, RequestHandle(self, request.request_id),
                      set(self.eos if request.stop_token_ids is None else request.stop_token_ids),
                      time.perf_counter(), self._uniforms(request.sampling))
+        live.queued_step = self._steps
         with self._wake:
             if request.request_id in self._live:
                 raise RequestError(f"request id {request.request_id!r} is already in flight")
@@ -523,6 +529,8 @@ class Engine:
         """Admit waiting requests while rows are free, then prefill them: together in padded
         groups (one forward each) when prefill_tokens allows, else one by one."""
         admitted: list[_Live] = []
+        if not self._admit_now():
+            return False
         while self.pool.can_admit():
             with self._mu:
                 if not self._waiting:
@@ -549,6 +557,20 @@ class Engine:
             live.seen = len(live.req.prompt_ids)  # prefill showed the heads every prompt token
             self._emit(live, [root])
         return bool(admitted)
+
+    def _admit_now(self) -> bool:
+        """Coalesce admissions while rows run: every prefill forward has a fixed cost (about 25 ms
+        of launches on a GPU, more than a batched step), so a lone arrival waits until admit_group
+        requests wait or the oldest has waited admit_wait_steps steps (TGI's max-waiting-tokens
+        idea). Without running rows, or with admit_wait_steps 0, admission is immediate."""
+        if not self.pool.n_active or not self.admit_wait_steps:
+            return True
+        with self._mu:
+            if not self._waiting:
+                return False
+            waiting, oldest = len(self._waiting), self._waiting[0].queued_step
+        room = self.pool.max_active - self.pool.n_active
+        return waiting >= min(room, self.admit_group) or self._steps - oldest >= self.admit_wait_steps
 
     def _fits(self, group: list[_Live]) -> bool:
         T = max(len(x.req.prompt_ids) - x.reused for x in group)

@@ -357,6 +357,28 @@ def test_plain_steps_defer_the_heads_observation_without_changing_proposals(tiny
         assert out == alone(tiny, p, heads, t, 18, stop=())
 
 
+def test_admissions_coalesce_while_rows_run(tiny):
+    """With rows running, a lone arrival waits (up to admit_wait_steps steps, or until
+    admit_group requests wait) so that arrivals share one prefill forward; output is unchanged."""
+    eng = Engine(tiny, None, max_batch=16, max_seq_len=64, prefill_tokens=4096, admit_wait_steps=3)
+    assert eng.admit_group == 2
+    ps = prompts(4, seed=19)
+    a = eng.submit(Request(ps[0], max_new_tokens=30, stop_token_ids=()))
+    eng.step()
+    assert eng.pool.n_active == 1  # nothing runs: admitted at once
+    b = eng.submit(Request(ps[1], max_new_tokens=10, stop_token_ids=()))
+    for _ in range(3):
+        eng.step()
+        assert eng.pool.n_active == 1 and eng.stats()["waiting"] == 1
+    eng.step()  # sat through 3 steps: admitted
+    assert eng.pool.n_active == 2
+    c, d = (eng.submit(Request(p, max_new_tokens=10, stop_token_ids=())) for p in ps[2:])
+    eng.step()  # two waiting = admit_group: admitted together, one prefill forward
+    assert eng.pool.n_active == 4 and eng.stats()["prefill_forwards"] == 3
+    for p, h, n in zip(ps, (a, b, c, d), (30, 10, 10, 10)):
+        assert h.result()[0] == alone(tiny, p, n=n, stop=())
+
+
 def test_session_evicted_lru_falls_back(tiny):
     eng = Engine(tiny, None, max_batch=1, kv_budget_tokens=2 * 48, max_seq_len=48)  # 2 rows, 1 running
     ps = prompts(3, seed=9, hi=10)
