@@ -32,12 +32,14 @@ class Choice:
 
 
 def choose_tree(batch: int, speculating: int, options: list[TreeOption],
-                cost: Callable[[int, int], float | None]) -> Choice:
+                cost: Callable[[int, int], float | None], margin: float = 0.0) -> Choice:
     """Pick the tree of highest expected throughput for a step over `batch` rows of which
     `speculating` may accept candidates. cost(B, N) -> seconds, or None when unknown: an option
     of unknown cost is explored first (smallest tree first), unless even at the cost of a measured
     smaller tree it could not beat the best measured option (step cost grows with the nodes), so
-    no step is spent measuring a tree that cannot win. Ties go to the smaller tree."""
+    no step is spent measuring a tree that cannot win. Ties go to the smaller tree.
+    margin: a tree must beat plain decoding by this fraction (speculation has costs the step
+    times miss: catching draft-head state up after plain steps, rows finishing out of step)."""
     if not options:
         raise ValueError("no tree to choose from")
 
@@ -56,8 +58,13 @@ def choose_tree(batch: int, speculating: int, options: list[TreeOption],
         if floor is not None and gain_of(o) / max(floor, 1e-9) <= best_known:
             continue
         return Choice(o.name, 0.0, f"exploring: no step cost yet for batch {batch} x {o.nodes} nodes", rates)
-    best = max(known, key=lambda o: (rates[o.name], -o.nodes))  # known: else the smallest option was explored
     plain = next((rates[o.name] for o in options if o.nodes == 1), None)
+
+    def score(o: TreeOption) -> float:
+        r = rates[o.name]
+        return r / (1.0 + margin) if o.nodes > 1 and plain is not None else r
+
+    best = max(known, key=lambda o: (score(o), -o.nodes))  # known: else the smallest option was explored
     vs = f", {rates[best.name] / plain:.2f}x plain" if plain and best.nodes > 1 else ""
     reason = (f"batch {batch} ({speculating} speculating): {best.name} expects {best.expected_tokens:.2f} tokens/row-step"
               f" at {batch}x{best.nodes} tokens/step -> {rates[best.name]:.0f} tokens/s{vs}")

@@ -49,6 +49,7 @@ STEP_MODES = ("eager", "padded", "graphs")  # graphs: CUDA graphs per batch buck
 # padded: the same fixed-shape step run eagerly (tests); eager: exactly the running rows, no padding (CPU default)
 DEFAULT_TREE = "tree16"
 DEFAULT_MAX_SEQ_LEN = 2048
+SPEC_MARGIN = 0.1  # a tree must promise 10% more tokens/s than plain decoding (adaptive.choose_tree)
 REFRESH_EVERY = 256  # plain steps after which the most promising tree runs once to re-measure acceptance
 
 
@@ -256,8 +257,8 @@ class Engine:
         self.prefill_tokens = prefill_tokens if prefill_tokens is not None else (8192 if self.device.type == "cuda" else 0)
         self.step_mode = step_mode or ("graphs" if self.device.type == "cuda" else "eager")
         # admission coalescing (see _admit_now); a CPU prefills one by one, so nothing to gain there
-        self.admit_wait_steps = admit_wait_steps if admit_wait_steps is not None else (8 if self.prefill_tokens else 0)
-        self.admit_group = max(1, self.pool.max_active // 8)
+        self.admit_wait_steps = admit_wait_steps if admit_wait_steps is not None else (16 if self.prefill_tokens else 0)
+        self.admit_group = max(1, self.pool.max_active // 4)
         if self.step_mode not in STEP_MODES:
             raise RequestError(f"step_mode must be one of {', '.join(STEP_MODES)}, got {self.step_mode!r}")
         self._graphs = None
@@ -561,7 +562,7 @@ class Engine:
     def _admit_now(self) -> bool:
         """Coalesce admissions while rows run: every prefill forward has a fixed cost (about 25 ms
         of launches on a GPU, more than a batched step), so a lone arrival waits until admit_group
-        requests wait or the oldest has waited admit_wait_steps steps (TGI's max-waiting-tokens
+        requests wait (max_batch / 4) or the oldest has waited admit_wait_steps steps (16; TGI's max-waiting-tokens
         idea). Without running rows, or with admit_wait_steps 0, admission is immediate."""
         if not self.pool.n_active or not self.admit_wait_steps:
             return True
@@ -637,7 +638,7 @@ class Engine:
             name, reason = self.default_tree.name, "a row asked for speculation on: the default tree"
         else:
             options = [TreeOption(t, tr.num_nodes, self.meter.optimistic(t)) for t, tr in self.trees.items()]
-            c: Choice = choose_tree(n, modes.count("auto"), options, self.cost)
+            c: Choice = choose_tree(n, modes.count("auto"), options, self.cost, SPEC_MARGIN)
             name, reason, rates = c.tree, c.reason, c.rates
             if name == "ar" and self._steps - self._last_spec_step >= REFRESH_EVERY:
                 # acceptance is only measured while speculating: re-measure now and then (with the

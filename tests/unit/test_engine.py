@@ -330,7 +330,7 @@ def test_plain_steps_defer_the_heads_observation_without_changing_proposals(tiny
     t = TREES["tree"]
     turn = {"n": 0}
 
-    def alternate(batch, speculating, options, cost):  # plain, plain, tree, plain, plain, tree, ...
+    def alternate(batch, speculating, options, cost, margin=0.0):  # plain, plain, tree, plain, plain, tree, ...
         turn["n"] += 1
         return Choice("tree7" if turn["n"] % 3 == 0 else "ar", 0.0, "test", {})
 
@@ -361,8 +361,8 @@ def test_admissions_coalesce_while_rows_run(tiny):
     """With rows running, a lone arrival waits (up to admit_wait_steps steps, or until
     admit_group requests wait) so that arrivals share one prefill forward; output is unchanged."""
     eng = Engine(tiny, None, max_batch=16, max_seq_len=64, prefill_tokens=4096, admit_wait_steps=3)
-    assert eng.admit_group == 2
-    ps = prompts(4, seed=19)
+    assert eng.admit_group == 4
+    ps = prompts(6, seed=19)
     a = eng.submit(Request(ps[0], max_new_tokens=30, stop_token_ids=()))
     eng.step()
     assert eng.pool.n_active == 1  # nothing runs: admitted at once
@@ -372,10 +372,10 @@ def test_admissions_coalesce_while_rows_run(tiny):
         assert eng.pool.n_active == 1 and eng.stats()["waiting"] == 1
     eng.step()  # sat through 3 steps: admitted
     assert eng.pool.n_active == 2
-    c, d = (eng.submit(Request(p, max_new_tokens=10, stop_token_ids=())) for p in ps[2:])
-    eng.step()  # two waiting = admit_group: admitted together, one prefill forward
-    assert eng.pool.n_active == 4 and eng.stats()["prefill_forwards"] == 3
-    for p, h, n in zip(ps, (a, b, c, d), (30, 10, 10, 10)):
+    more = [eng.submit(Request(p, max_new_tokens=10, stop_token_ids=())) for p in ps[2:]]
+    eng.step()  # four waiting = admit_group: admitted together, one prefill forward
+    assert eng.pool.n_active == 6 and eng.stats()["prefill_forwards"] == 3
+    for p, h, n in zip(ps, [a, b, *more], (30, 10, 10, 10, 10, 10)):
         assert h.result()[0] == alone(tiny, p, n=n, stop=())
 
 

@@ -55,6 +55,25 @@ def test_choice_skips_exploring_trees_that_cannot_win():
     assert c.tree == "tree64" and c.reason.startswith("exploring")
 
 
+def test_choice_margin_keeps_plain_decoding_on_near_ties():
+    """A tree promising 5% more than plain decoding stays unused under a 10% margin; 20% wins."""
+    opts = [TreeOption("ar", 1, 1.0), TreeOption("chain", 5, 2.0)]
+    near = lambda b, n: 0.010 if n == 1 else 0.019  # noqa: E731  (2 tokens / 0.019 s = 1.05x plain)
+    assert choose_tree(8, 8, opts, near).tree == "chain"
+    assert choose_tree(8, 8, opts, near, margin=0.1).tree == "ar"
+    clear = lambda b, n: 0.010 if n == 1 else 0.0166  # noqa: E731  (1.2x plain)
+    assert choose_tree(8, 8, opts, clear, margin=0.1).tree == "chain"
+
+
+def test_acceptance_meter_optimistic_until_explored():
+    m = AcceptanceMeter({"chain": 2.0, "tree64": 3.0}, explore=4)
+    m.record("chain", [1, 1])
+    assert m.optimistic("chain") == 2.0 and m.optimistic("tree64") == 3.0  # too few rows: the prior
+    m.record("chain", [1, 2])
+    assert m.optimistic("chain") == pytest.approx(1.25)  # explored: the measurement
+    assert m.optimistic("tree64") == 3.0  # not ruled out by how the chain did
+
+
 def test_acceptance_meter_scales_unmeasured_trees_by_measured_ones():
     m = AcceptanceMeter({"chain": 3.0, "tree64": 5.0}, warmup=4)
     assert m.expected("tree64") == 5.0  # nothing measured: the prior
