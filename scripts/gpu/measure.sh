@@ -30,7 +30,7 @@ case "${1:-1}" in
   ;;
 5)
   echo "== GPU tests"; timeout 240 python3 -m pytest -q -s -x ${GPU_TESTS:-tests/gpu} 2>&1 | grep -v "^{" | tail -8
-  echo "== concurrency, graphs"; timeout 330 python3 -m medusa.cli bench --concurrency 1,4,16,64 --modes ar,spec,auto --max-new-tokens 128 --name concurrency-graphs-gpu --out $R 2>&1 | quiet | tail -18
+  echo "== concurrency, graphs"; timeout 420 python3 -m medusa.cli bench --concurrency 1,4,16,64 --modes ar,spec,auto --requests 128 --max-new-tokens 128 --name concurrency-graphs-gpu --out $R 2>&1 | quiet | tail -18
   python3 -c "
 import json; d=json.load(open('$R/concurrency-graphs-gpu.json'))
 for r in d['rows']: print(r['mode'], r['concurrency'], r['tokens_per_s'], r['engine_steps'], r['engine_time_s'], r['prefill_forwards'], r['seconds'])"
