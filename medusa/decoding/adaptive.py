@@ -130,6 +130,7 @@ class StepCostModel:
         self.alpha = alpha
         self.online: dict[tuple[int, int], float] = {}
         self.count: dict[tuple[int, int], int] = {}
+        self.seeded: dict[tuple[int, int], float] = {}
 
     def record(self, batch: int, nodes: int, seconds: float) -> None:
         """A measured step. The first sample of a key is replaced by the second (warm-up), then a
@@ -142,17 +143,22 @@ class StepCostModel:
         self.online[key] = old + a * (seconds - old)
 
     def seed(self, batch: int, nodes: int, seconds: float) -> None:
-        """A step time measured ahead of traffic (Engine.warmup): taken as settled (later steps
-        refine it as a running mean, then exponentially)."""
-        key = (batch_bucket(batch), nodes)
-        self.online[key] = seconds
-        self.count[key] = max(self.count.get(key, 0), 2)
+        """A step time measured ahead of traffic (Engine.warmup, on idle rows at a short context).
+        Until real steps of that kind are timed, it is used scaled by how the real steps timed at
+        the same batch size compare with their seeds (contexts grow; every tree's step grows
+        with them), so a tree left unused does not keep looking as cheap as it was at warm-up."""
+        self.seeded[(batch_bucket(batch), nodes)] = seconds
 
     def __call__(self, batch: int, nodes: int) -> float | None:
         bucket = batch_bucket(batch)
-        got = self.online.get((bucket, nodes))
-        if got is not None:
+        key = (bucket, nodes)
+        got = self.online.get(key)
+        if got is not None and (self.count[key] >= 2 or key not in self.seeded):
             return got
+        if key in self.seeded:
+            ratios = [self.online[k] / s for k, s in self.seeded.items()
+                      if k[0] == bucket and self.count.get(k, 0) >= 2 and s > 0]
+            return self.seeded[key] * (sum(ratios) / len(ratios) if ratios else 1.0)
         got = _interpolate(self.table, batch * nodes)
         if got is not None:
             return got

@@ -307,7 +307,7 @@ def test_warmup_measures_step_costs_so_auto_never_explores(tiny, tiny_heads):
     t = TREES["tree"]
     eng = Engine(tiny, tiny_heads, t, max_batch=4, max_seq_len=64, trees={"chain3": TREES["chain"], t.name: t})
     eng.warmup()
-    assert {(1, 1), (2, 1), (4, 1)} <= set(eng.cost.online)  # plain decoding timed at every bucket
+    assert {(1, 1), (2, 1), (4, 1)} <= set(eng.cost.seeded)  # plain decoding timed at every bucket
     assert all(eng.cost(b, 1) > 0 for b in (1, 2, 4))
     reasons = []
     ps = prompts(4, seed=17)

@@ -104,6 +104,24 @@ def test_step_cost_model_table_online_and_extrapolation():
     assert [batch_bucket(b) for b in (1, 2, 3, 5, 64, 65)] == [1, 2, 4, 8, 64, 128]
 
 
+def test_seeded_costs_follow_the_real_steps_at_the_same_batch_size():
+    """Warm-up times (idle rows, short context) stand in until real steps of that kind are timed,
+    scaled by how the real steps at the same batch bucket compare with their own seeds."""
+    m = StepCostModel()
+    m.seed(64, 1, 0.010)
+    m.seed(64, 16, 0.020)
+    m.seed(8, 16, 0.012)
+    assert m(64, 16) == pytest.approx(0.020)
+    for _ in range(3):
+        m.record(64, 1, 0.015)  # contexts grew: plain steps take 1.5x their warm-up time
+    assert m(64, 1) == pytest.approx(0.015)
+    assert m(64, 16) == pytest.approx(0.030)  # unused tree: its seed, scaled the same
+    assert m(8, 16) == pytest.approx(0.012)  # another batch bucket: its own seed
+    for _ in range(3):
+        m.record(64, 16, 0.025)
+    assert m(64, 16) == pytest.approx(0.025)  # timed for real: the measurement
+
+
 def test_batch1_table_turns_the_choice_plain_under_load():
     """A memory-bound device: flat until 256 tokens per forward. The tree shrinks as the load grows."""
     table = {(1, q): 0.01 * max(1.0, q / 256) for q in (1, 16, 64, 256, 1024, 4096)}
