@@ -52,6 +52,7 @@ DEFAULT_MAX_SEQ_LEN = 2048
 SPEC_MARGIN = 0.1  # a tree must promise 10% more tokens/s than plain decoding (adaptive.choose_tree): under
 # load speculation also costs what step times miss (catching Hydra++ up, rows finishing out of step and so
 # more prefill forwards); a 25% margin did not fix concurrency 64 on an H100 and cost gains at 4 and 16
+LEARN_MAX_BATCH = 8  # largest batch whose steps explore trees and re-measure acceptance
 REFRESH_EVERY = 256  # plain steps after which the most promising tree runs once to re-measure acceptance
 
 
@@ -639,10 +640,15 @@ class Engine:
         elif "on" in modes:
             name, reason = self.default_tree.name, "a row asked for speculation on: the default tree"
         else:
-            options = [TreeOption(t, tr.num_nodes, self.meter.optimistic(t)) for t, tr in self.trees.items()]
+            # acceptance does not depend on the batch: learn it (try promising trees, re-measure now
+            # and then) while batches are small, where a speculative step is cheap and desynchronises
+            # few rows; large batches use what was learnt
+            learn = n <= LEARN_MAX_BATCH
+            accept = self.meter.optimistic if learn else self.meter.expected
+            options = [TreeOption(t, tr.num_nodes, accept(t)) for t, tr in self.trees.items()]
             c: Choice = choose_tree(n, modes.count("auto"), options, self.cost, SPEC_MARGIN)
             name, reason, rates = c.tree, c.reason, c.rates
-            if name == "ar" and self._steps - self._last_spec_step >= REFRESH_EVERY:
+            if learn and name == "ar" and self._steps - self._last_spec_step >= REFRESH_EVERY:
                 # acceptance is only measured while speculating: re-measure now and then (with the
                 # tree closest to winning), or one bad stretch would keep the engine plain forever
                 spec = [(r, t) for t, r in rates.items() if r is not None and self.trees[t].num_nodes > 1]
