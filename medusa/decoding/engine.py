@@ -3,11 +3,13 @@ preallocated KV pool, each request with its own sampling, stopping and speculati
 
 One scheduler iteration (`Engine.step`):
   1. apply cancellations (a cancelled request's row is freed at once);
-  2. admit waiting requests while a pool row is free: each runs its own prefill on a view of
-     its cache row (`step.prefill` with start > 0 when a kept session already holds a prefix);
+  2. admit waiting requests while a pool row is free (while rows run, a lone arrival waits a
+     few steps for company): the admitted rows prefill together in padded forwards on a view of
+     their cache rows (`step.prefill` with start > 0 where a kept session holds a prefix);
   3. one batched verification step (`step.speculate`) over all running rows: the running rows
      are kept in rows 0 .. n-1 of the pool (see kv_pool.py), so the step runs on a zero-copy
-     view of them, never on idle rows. Each row advances by its own accepted length.
+     view of them (on a GPU, as the CUDA graph of the batch bucket, idle rows padding it: see
+     batch_graphs.py). Each row advances by its own accepted length.
 The tree is chosen per step for the whole batch (adaptive.py): "auto" rows follow the load-
 adaptive choice, an "on" row makes the step use the engine's default tree, and "off" rows ride
 along in the same forward with their acceptance capped at the root (plain decoding; their
