@@ -18,6 +18,8 @@ uniforms and acceptance caps. `capture=False` runs the very same padded step eag
 tests use it to check the padding, and a GPU without graphs could too."""
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -97,15 +99,31 @@ class BatchGraphs:
                                            torch.zeros(Bb, dtype=torch.long, device=dev))
         return b
 
-    def _load(self, b: _Bucket, Bb: int, n: int, sampling: BatchSampling, key) -> BatchSampling:
+    def _load(self, b: _Bucket, n: int, sampling: BatchSampling, key) -> BatchSampling:
         if b.loaded != (key, n):
             for name in _FIELDS:
                 dst, src = getattr(b.sampling, name), getattr(sampling, name)
                 dst[:n].copy_(src)
                 dst[n:].fill_(_PAD[name])
             b.loaded = (key, n)
-        return BatchSampling(*(getattr(b.sampling, k) for k in _FIELDS),
-                             any_random=sampling.any_random, any_typical=sampling.any_typical)
+        return self._static(b, sampling.any_random, sampling.any_typical)
+
+    @staticmethod
+    def _static(b: _Bucket, any_random: bool = False, any_typical: bool = False) -> BatchSampling:
+        """The bucket's static sampling buffers with the step's host-side flags (greedy by default)."""
+        return BatchSampling(*(getattr(b.sampling, k) for k in _FIELDS), any_random=any_random, any_typical=any_typical)
+
+    def _view(self, Bb: int) -> DecodeState:
+        """The decode state of rows 0 .. Bb-1: views of the engine's row tensors (in-place writes land there)."""
+        R = self.rows
+        return DecodeState(state_rows(R.cache, 0, Bb, R.rows), R.start[:Bb], R.root[:Bb], R.hidden[:Bb],
+                           state_rows(R.head_state, 0, Bb, R.rows))
+
+    def _after(self, Bb: int):
+        """Runs after each step (inside a capture too): copies back whatever a head family rebinds
+        instead of writing in place."""
+        R = self.rows
+        return lambda st: write_back(R.head_state, st.head_state, 0, Bb, R.rows)
 
     def run(self, tree: Tree, n: int, committed_max: int, sampling: BatchSampling, sampling_key,
             uniforms: torch.Tensor | None, max_accept: torch.Tensor | None, pad_start: list[int]) -> tuple[Acceptance, bool]:
@@ -116,7 +134,7 @@ class BatchGraphs:
         Bb, N = self.bucket(n), tree.num_nodes
         R = self.rows
         b = self._bucket(Bb)
-        s = self._load(b, Bb, n, sampling, sampling_key)
+        s = self._load(b, n, sampling, sampling_key)
         if Bb > n:
             R.start[n:Bb].copy_(torch.tensor(pad_start, dtype=torch.long), non_blocking=True)
         u = None
@@ -134,13 +152,8 @@ class BatchGraphs:
                 cap[:n].copy_(max_accept)
             cap[n:].zero_()
         kv_len = self.kv_len(committed_max, N)
-        heads_view = state_rows(R.head_state, 0, Bb, R.rows)
-        state = DecodeState(KVCache(R.cache.k[:, :Bb], R.cache.v[:, :Bb]), R.start[:Bb], R.root[:Bb], R.hidden[:Bb],
-                            heads_view)
-
-        def after(st: DecodeState) -> None:  # a head family that rebinds state instead of writing in place
-            write_back(R.head_state, st.head_state, 0, Bb, R.rows)
-
+        state = self._view(Bb)
+        after = self._after(Bb)
         if not self.capture:
             acc = speculate(self.model, self.heads, tree, state, s, u, cap, kv_len=kv_len, defer=self._defer(tree, Bb))
             R.start[:Bb], R.root[:Bb], R.hidden[:Bb] = state.start, state.root, state.last_hidden
@@ -171,10 +184,13 @@ class BatchGraphs:
         return d[:Bb] if d is not None and tree.num_nodes == 1 else None
 
     def _idle_state(self, Bb: int, lengths: list[int]) -> DecodeState:
-        R = self.rows
-        R.start[:Bb].copy_(torch.tensor(lengths, dtype=torch.long))
-        return DecodeState(KVCache(R.cache.k[:, :Bb], R.cache.v[:, :Bb]), R.start[:Bb], R.root[:Bb], R.hidden[:Bb],
-                           state_rows(R.head_state, 0, Bb, R.rows))
+        self.rows.start[:Bb].copy_(torch.tensor(lengths, dtype=torch.long))
+        return self._view(Bb)
+
+    def _greedy_graph(self, tree: Tree, Bb: int, kv_len: int, state: DecodeState) -> tuple[_Captured, bool]:
+        b = self._bucket(Bb)
+        cap = b.max_accept if tree.num_nodes > 1 else None
+        return self._graph(tree, Bb, kv_len, state, self._static(b), None, cap, self._after(Bb))
 
     def prepare(self, tree: Tree, Bb: int, kv_len: int, lengths: list[int]) -> bool:
         """Capture the greedy step for (tree, Bb, kv_len) ahead of traffic, while no row runs.
@@ -182,36 +198,24 @@ class BatchGraphs:
         Returns whether a graph was captured (False: it existed, or graphs are off)."""
         if not self.capture:
             return False
-        R = self.rows
-        state = self._idle_state(Bb, lengths)
-        b = self._bucket(Bb)
-        s = BatchSampling(*(getattr(b.sampling, k) for k in _FIELDS))
-        after = lambda st: write_back(R.head_state, st.head_state, 0, Bb, R.rows)  # noqa: E731
-        return self._graph(tree, Bb, kv_len, state, s, None, b.max_accept if tree.num_nodes > 1 else None, after)[1]
+        return self._greedy_graph(tree, Bb, kv_len, self._idle_state(Bb, lengths))[1]
 
     def time_step(self, tree: Tree, Bb: int, kv_len: int, lengths: list[int], repeats: int = 3) -> float:
         """Median seconds of a greedy step over Bb idle rows (a replay of its graph, or the padded
         step run eagerly), ending in the host sync a real step ends with. Rows must be idle:
         the step writes only past `lengths` and changes nothing else a request needs."""
-        import statistics
-        import time
-
-        R = self.rows
+        b = self._bucket(Bb)
         times = []
         for _ in range(repeats + 1):  # the first run warms up (and captures, with graphs)
             state = self._idle_state(Bb, lengths)
-            b = self._bucket(Bb)
-            s = BatchSampling(*(getattr(b.sampling, k) for k in _FIELDS))
-            cap = b.max_accept if tree.num_nodes > 1 else None
             t0 = time.perf_counter()
             if self.capture:
-                after = lambda st: write_back(R.head_state, st.head_state, 0, Bb, R.rows)  # noqa: E731
-                g, _ = self._graph(tree, Bb, kv_len, state, s, None, cap, after)
+                g, _ = self._greedy_graph(tree, Bb, kv_len, state)
                 g.graph.replay()
                 acc = g.acc
             else:
-                acc = speculate(self.model, self.heads, tree, state, s, None, cap, kv_len=kv_len,
-                                defer=self._defer(tree, Bb))
+                acc = speculate(self.model, self.heads, tree, state, self._static(b), None,
+                                b.max_accept if tree.num_nodes > 1 else None, kv_len=kv_len, defer=self._defer(tree, Bb))
             acc.length.tolist()
             times.append(time.perf_counter() - t0)
         return statistics.median(times[1:])

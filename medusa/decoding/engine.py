@@ -40,7 +40,7 @@ from medusa.decoding.batch_graphs import BatchGraphs, RowState
 from medusa.decoding.adaptive import AcceptanceMeter, Choice, StepCostModel, TreeOption, choose_tree
 from medusa.decoding.kv_pool import RowPool, Swap, state_rows, swap_cache_rows, swap_state_rows, write_back
 from medusa.decoding.sampling import BatchSampling, SamplingParams, draw_uniforms
-from medusa.decoding.step import KV_BUCKET, DecodeState, catch_up, prefill, speculate
+from medusa.decoding.step import DecodeState, catch_up, kv_round, prefill, speculate
 from medusa.decoding.stopping import stop_cut
 from medusa.decoding.tree import NAMED_TREES, Tree, expected_accept_length, load_tree, prior_accuracies
 from medusa.errors import RequestError, TreeError
@@ -623,6 +623,13 @@ class Engine:
         self.row_start[rows], self.row_root[rows], self.row_hidden[rows] = st.start, st.root, st.last_hidden
         return st.root.tolist()
 
+    def _catch_up(self, lo: int, seen: list[int], committed: list[int]) -> None:
+        """Show the draft heads of rows lo .. lo+len(seen)-1 the hidden states plain steps deferred."""
+        hi = lo + len(seen)
+        hs = state_rows(self.head_state, lo, hi, self.pool.rows)
+        catch_up(self.heads, hs, self.row_deferred[lo:hi], seen, committed)
+        write_back(self.head_state, hs, lo, hi, self.pool.rows)
+
     def _batch_sampling(self, lives: list[_Live]) -> BatchSampling:
         key = tuple(id(x) for x in lives)
         if key != self._sampling_key:
@@ -683,9 +690,7 @@ class Engine:
             max_accept = torch.tensor([0 if o else D for o in off], dtype=torch.long, device=dev)  # [n]
         committed_max = max(x.kv_len for x in lives)  # known on the host: no sync
         if N > 1 and self.row_deferred is not None and any(x.seen < x.kv_len for x in lives):
-            hs = state_rows(self.head_state, 0, n, self.pool.rows)
-            catch_up(self.heads, hs, self.row_deferred[:n], [x.seen for x in lives], [x.kv_len for x in lives])
-            write_back(self.head_state, hs, 0, n, self.pool.rows)
+            self._catch_up(0, [x.seen for x in lives], [x.kv_len for x in lives])
         t0 = time.perf_counter()
         if self._graphs is not None:
             pad = [self.pool.length[r] for r in range(n, self._graphs.bucket(n))]
@@ -696,7 +701,7 @@ class Engine:
             captured = False
             state = DecodeState(KVCache(self.cache.k[:, :n], self.cache.v[:, :n]), self.row_start[:n],
                                 self.row_root[:n], self.row_hidden[:n], state_rows(self.head_state, 0, n, self.pool.rows))
-            kv_len = min(self.row_len, -(-(committed_max + N) // KV_BUCKET) * KV_BUCKET)
+            kv_len = kv_round(committed_max + N, self.row_len)
             defer = self.row_deferred[:n] if self.row_deferred is not None and N == 1 else None
             acc = speculate(self.model, self.heads, tree, state, sampling, uniforms, max_accept, kv_len=kv_len, defer=defer)
             rows = torch.cat([acc.length[:, None], acc.tokens], 1).tolist()  # one host sync
@@ -749,9 +754,7 @@ class Engine:
             if keep and req.session_id is not None:
                 keep_tokens = (list(req.prompt_ids) + live.out[:-1])[:self.keep_cap]  # committed KV slots
                 if self.row_deferred is not None and live.seen < len(keep_tokens):  # the next turn's heads need them
-                    hs = state_rows(self.head_state, r, r + 1, self.pool.rows)
-                    catch_up(self.heads, hs, self.row_deferred[r:r + 1], [live.seen], [len(keep_tokens)])
-                    write_back(self.head_state, hs, r, r + 1, self.pool.rows)
+                    self._catch_up(r, [live.seen], [len(keep_tokens)])
             self._rows[r] = None
             self._apply_swaps(self.pool.release(r, req.session_id if keep_tokens else None, keep_tokens))
         now = time.perf_counter()

@@ -48,9 +48,13 @@ def attention_mask(start: torch.Tensor, local: torch.Tensor, kv_len: int) -> tor
     return (rel < 0)[:, None, :] | (picked & new[:, None, :])
 
 
+def kv_round(needed: int, max_len: int) -> int:
+    """Cache slots to attend over for `needed` slots: the next multiple of KV_BUCKET, capped."""
+    return min(max_len, -(-needed // KV_BUCKET) * KV_BUCKET)
+
+
 def _kv_len(start: torch.Tensor, n: int, max_len: int) -> int:
-    need = int(start.max()) + n
-    return min(max_len, -(-need // KV_BUCKET) * KV_BUCKET)
+    return kv_round(int(start.max()) + n, max_len)
 
 
 def prefill(
@@ -147,5 +151,5 @@ def catch_up(heads, head_state: Any, deferred: torch.Tensor, seen: list[int], co
     dev = deferred.device
     pos = (torch.tensor(seen, device=dev)[:, None] + torch.arange(P, device=dev)).clamp_max(deferred.shape[1] - 1)  # [B, P]
     hid = deferred.gather(1, pos[..., None].expand(-1, -1, deferred.shape[-1]))  # [B, P, D]
-    kv_len = min(deferred.shape[1], -(-max(committed) // KV_BUCKET) * KV_BUCKET)
-    heads.observe(head_state, hid, pos, torch.tensor(counts, device=dev).clamp_min(0), kv_len=kv_len)
+    heads.observe(head_state, hid, pos, torch.tensor(counts, device=dev).clamp_min(0),
+                  kv_len=kv_round(max(committed), deferred.shape[1]))
