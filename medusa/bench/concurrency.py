@@ -94,10 +94,10 @@ def run_level(engine, prompts: list[list[int]], concurrency: int, max_new_tokens
 def run_concurrency(model, heads, tree, prompts: list[list[int]], levels: list[int], modes: list[str],
                     max_new_tokens: int, eos: tuple[int, ...], requests: int | None = None,
                     step_cost: dict | None = None, on_done: Callable[[], None] | None = None,
-                    step_mode: str | None = None) -> list[dict]:
+                    step_mode: str | None = None, on_prepare: Callable[[int, int], None] | None = None) -> list[dict]:
     """One row per (mode, level). Each level gets a fresh engine (max_batch = level), its CUDA
     graphs captured before the clock starts (Engine.warmup; nothing on a CPU), and one untimed
-    warm-up request."""
+    warm-up request. on_prepare(done, total) follows each engine's warm-up."""
     from medusa.decoding.engine import Engine, Request
 
     longest = max(len(p) for p in prompts) + max_new_tokens
@@ -110,7 +110,7 @@ def run_concurrency(model, heads, tree, prompts: list[list[int]], levels: list[i
                             max_batch=c, max_seq_len=longest, step_cost=step_cost, step_mode=step_mode)
             spec = "off" if mode == "ar" else ("on" if mode == "spec" else "auto")
             engine.warmup(longest, ["ar"] if mode == "ar" else [engine.default_tree.name] if mode == "spec" else None,
-                          measure=mode == "auto")
+                          measure=mode == "auto", progress=on_prepare)
             engine.start()
             try:
                 engine.submit(Request(batch[0], max_new_tokens=min(8, max_new_tokens), stop_token_ids=eos,

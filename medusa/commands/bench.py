@@ -331,9 +331,13 @@ def run_concurrency(args) -> int:
     env = environment(dev)
     total = len(modes) * sum(args.requests or max(8, 2 * c) for c in levels)
     bar = tqdm(total=total, desc="concurrency", unit="req", file=sys.stderr)
+
+    def preparing(done: int, total: int) -> None:  # each engine's warm-up (graph captures, step timing)
+        bar.set_postfix_str(f"preparing engine {done}/{total}" if done < total else "", refresh=True)
+
     rows = cc.run_concurrency(stack.model, stack.heads, stack.tree, ids, levels, modes, args.max_new_tokens, eos,
                               requests=args.requests, step_cost=cc.step_cost_table(table, max(map(len, ids))),
-                              on_done=bar.update, step_mode="eager" if args.no_graphs else None)
+                              on_done=bar.update, step_mode="eager" if args.no_graphs else None, on_prepare=preparing)
     bar.close()
     doc = {
         "kind": "concurrency", "dataset": label, **env, "model": stack.source.name,
