@@ -118,7 +118,7 @@ def run_concurrency(model, heads, tree, prompts: list[list[int]], levels: list[i
                 row = run_level(engine, batch, c, max_new_tokens, spec, eos, on_done)
                 st = engine.stats()  # (the warm-up request included)
                 row.update(step_mode=engine.step_mode, engine_steps=st["steps"], engine_time_s=st["time_s"],
-                           prefill_forwards=st["prefill_forwards"])
+                           prefill_forwards=st["prefill_forwards"], catch_ups=st["catch_ups"])
             finally:
                 engine.stop()
             rows.append({"mode": mode, **row})

@@ -38,6 +38,7 @@ import torch
 
 from medusa.decoding.batch_graphs import BatchGraphs, RowState
 from medusa.decoding.adaptive import AcceptanceMeter, Choice, StepCostModel, TreeOption, choose_tree
+from medusa.decoding.prefill_graphs import PrefillGraphs
 from medusa.decoding.kv_pool import RowPool, Swap, state_rows, swap_cache_rows, swap_state_rows, write_back
 from medusa.decoding.sampling import BatchSampling, SamplingParams, draw_uniforms
 from medusa.decoding.step import DecodeState, catch_up, kv_round, prefill, speculate
@@ -56,6 +57,7 @@ SPEC_MARGIN = 0.1  # a tree must promise 10% more tokens/s than plain decoding (
 # more prefill forwards); a 25% margin did not fix concurrency 64 on an H100 and cost gains at 4 and 16
 LEARN_MAX_BATCH = 8  # largest batch whose steps explore trees and re-measure acceptance
 REFRESH_EVERY = 256  # plain steps after which the most promising tree runs once to re-measure acceptance
+CHOICE_STEPS = 8  # a large batch (> LEARN_MAX_BATCH) keeps its tree choice this many steps while its size holds
 
 
 # ------------------------------------------------------------------ public types
@@ -248,8 +250,9 @@ class Engine:
             self.row_start = torch.zeros(rows, dtype=torch.long, device=self.device)  # [rows]
             self.row_root = torch.zeros(rows, dtype=torch.long, device=self.device)  # [rows]
             self.row_hidden = torch.zeros(rows, cfg.hidden_size, dtype=model.dtype, device=self.device)  # [rows, D]
-            # heads with state (Hydra++) see the tokens of plain steps only when speculation resumes
-            # (step.catch_up): the hidden states wait here, so a plain step costs what it costs headless
+            # heads with state (Hydra++) see the prompt and the tokens of plain steps only when
+            # speculation resumes (step.catch_up): the hidden states wait here, so a prefill and a
+            # plain step cost what they cost headless
             self.row_deferred = (torch.zeros(rows, self.row_len, cfg.hidden_size, dtype=model.dtype, device=self.device)
                                  if self.head_state is not None else None)  # [rows, row_len, D]
         self._rows: list[_Live | None] = [None] * rows  # row -> running request
@@ -266,18 +269,24 @@ class Engine:
         self.admit_group = max(1, self.pool.max_active // 4)
         if self.step_mode not in STEP_MODES:
             raise RequestError(f"step_mode must be one of {', '.join(STEP_MODES)}, got {self.step_mode!r}")
-        self._graphs = None
+        self._graphs = self._prefills = None
         if self.step_mode != "eager":
             self._graphs = BatchGraphs(model, heads, self._row_state(), self.pool.max_active,
                                        capture=self.step_mode == "graphs")
+            # fresh prompts prefill at bucketed shapes too (as graphs on a GPU): an eager prefill
+            # forward costs its launches, several steps' worth
+            self._prefills = PrefillGraphs(model, self.pool.max_active, self.max_seq_len, self.prefill_tokens,
+                                           capture=self.step_mode == "graphs")
         priors = {n: expected_accept_length(t.paths, prior_accuracies(max(t.max_depth, 1))) for n, t in self.trees.items()}
         self.meter = AcceptanceMeter(priors)
         self.cost = StepCostModel(step_cost)
         self._sampling_key: tuple = ()
         self._sampling: BatchSampling | None = None
         self._choice: dict = {}
+        self._memo: tuple | None = None  # ((batch, auto rows), step, tree, reason, rates): see _choose
         self._steps = 0
-        self._time = {"prefill": 0.0, "prefills": 0, "step": 0.0, "busy": 0.0}  # seconds, forwards
+        self._tree_steps: collections.Counter = collections.Counter()  # tree -> steps run with it
+        self._time = {"prefill": 0.0, "prefills": 0, "step": 0.0, "busy": 0.0, "catch_up": 0.0, "catch_ups": 0}
         self._last_spec_step = 0
         self._last_error: str | None = None
         # threading: _mu guards the inbox (waiting queue, cancels, ids); _step_lock the decode state
@@ -370,8 +379,9 @@ class Engine:
                measure: bool = True) -> int:
         """Prepare for traffic; call it before the first request (it waits for running rows).
         1. With CUDA graphs: capture the greedy step of every batch bucket x tree (default: all
-           the engine's trees) x KV bucket up to max_kv_len (default: max_seq_len), so that no
-           request waits for a capture (sampled steps are captured on first use).
+           the engine's trees) x KV bucket up to max_kv_len (default: max_seq_len), and the
+           prefill of every (rows, prompt length) bucket up to max_kv_len, so that no request
+           waits for a capture (sampled steps are captured on first use).
         2. measure (with draft heads): time one step of each batch bucket x tree on idle rows and
            give the times to the adaptive policy, which then never spends a request's step on
            finding a cost out. Per bucket, trees are timed smallest first; one that could not
@@ -389,6 +399,7 @@ class Engine:
                 tree = self.trees[n]
                 kvs = sorted({timer.kv_len(k, tree.num_nodes) for k in [*range(0, limit, 64), limit]})
                 todo += [(tree, b, kv) for b in timer.buckets for kv in kvs]
+            todo += [(None, R, Tb) for R, Tb in self._prefills.shapes(limit)]
         timed = sorted({"ar", *names}, key=lambda n: self.trees[n].num_nodes)
         if not measure or self.heads is None or len(timed) < 2:
             timed = []
@@ -405,7 +416,10 @@ class Engine:
     def _prepare(self, timer: BatchGraphs, todo: list, timed: list[str], limit: int, total: int, progress) -> int:
         done = captured = 0
         for tree, b, kv in todo:
-            captured += timer.prepare(tree, b, kv, [self.pool.length[r] for r in range(b)])
+            if tree is None:  # a prefill bucket: b rows, kv tokens
+                captured += self._prefills.prepare(b, kv)
+            else:
+                captured += timer.prepare(tree, b, kv, [self.pool.length[r] for r in range(b)])
             done += 1
             if progress is not None:
                 progress(done, total)
@@ -439,17 +453,19 @@ class Engine:
             "running": p.n_active, "waiting": waiting, "load": live,
             "max_batch": p.max_active, "max_seq_len": self.max_seq_len,
             "kv_rows": p.rows, "kv_rows_used": p.n_active, "kv_rows_kept": p.kept, "kv_rows_free": p.free,
-            "sessions_kept": p.kept, "steps": self._steps,
+            "sessions_kept": p.kept, "steps": self._steps, "steps_by_tree": dict(self._tree_steps),
             "trees": {n: t.num_nodes for n, t in self.trees.items()},
             "acceptance": {n: round(self.meter.expected(n), 3) for n in self.trees},
             "speculation": dict(self._choice),
             "step_mode": self.step_mode,
             # where the scheduler's time went: prefill forwards, verification steps (GPU time included:
-            # each ends in a host sync), and the whole of its busy iterations (the rest is bookkeeping)
-            "time_s": {"prefill": round(self._time["prefill"], 3), "step": round(self._time["step"], 3),
-                       "busy": round(self._time["busy"], 3)},
+            # each ends in a host sync), Hydra++ catch-ups (host time), and the whole of its busy
+            # iterations (the rest is bookkeeping)
+            "time_s": {k: round(self._time[k], 3) for k in ("prefill", "step", "catch_up", "busy")},
             "prefill_forwards": self._time["prefills"],
+            "catch_ups": self._time["catch_ups"],
             "graphs_captured": self._graphs.captures if self._graphs is not None else 0,
+            "prefill_graphs_captured": self._prefills.captures if self._prefills is not None else 0,
             "last_error": self._last_error,
         }
 
@@ -560,7 +576,8 @@ class Engine:
         now = time.perf_counter()
         for live, root in zip(admitted, roots):  # emit only now: a request that ends frees (swaps) rows
             live.t_first = now
-            live.seen = len(live.req.prompt_ids)  # prefill showed the heads every prompt token
+            # the heads have seen a reused prefix; the prompt waits in row_deferred (step.catch_up)
+            live.seen = live.reused if self.row_deferred is not None else len(live.req.prompt_ids)
             self._emit(live, [root])
         return bool(admitted)
 
@@ -581,7 +598,11 @@ class Engine:
     def _fits(self, group: list[_Live]) -> bool:
         T = max(len(x.req.prompt_ids) - x.reused for x in group)
         top = max(x.reused for x in group) + T  # padding slots and positions stay inside the row and context
-        return len(group) * T <= self.prefill_tokens and top <= min(self.row_len, self.max_pos)
+        if top > min(self.row_len, self.max_pos):
+            return False
+        if self._prefills is not None and not any(x.reused for x in group):  # padded to its bucket
+            return self._prefills.shape(len(group), T) is not None
+        return len(group) * T <= self.prefill_tokens
 
     def _apply_swaps(self, swaps: list[Swap]) -> None:
         for s in swaps:
@@ -618,17 +639,24 @@ class Engine:
         row_cache = KVCache(self.cache.k[:, rows], self.cache.v[:, rows])  # writes land in the pool
         hs = state_rows(self.head_state, r0, r0 + k, self.pool.rows)
         start = torch.tensor([x.reused for x in group], dtype=torch.long, device=dev)
-        st = prefill(self.model, self.heads, row_cache, tokens, start, sampling, u, hs, lengths)
+        body = None
+        if self._prefills is not None and not any(x.reused for x in group) and self._prefills.shape(k, T):
+            body = lambda t: self._prefills.run(t, row_cache)  # noqa: E731
+        defer = self.row_deferred[rows] if self.row_deferred is not None else None
+        st = prefill(self.model, self.heads, row_cache, tokens, start, sampling, u, hs, lengths, body, defer)
         write_back(self.head_state, st.head_state, r0, r0 + k, self.pool.rows)
         self.row_start[rows], self.row_root[rows], self.row_hidden[rows] = st.start, st.root, st.last_hidden
         return st.root.tolist()
 
     def _catch_up(self, lo: int, seen: list[int], committed: list[int]) -> None:
         """Show the draft heads of rows lo .. lo+len(seen)-1 the hidden states plain steps deferred."""
+        t0 = time.perf_counter()
         hi = lo + len(seen)
         hs = state_rows(self.head_state, lo, hi, self.pool.rows)
         catch_up(self.heads, hs, self.row_deferred[lo:hi], seen, committed)
         write_back(self.head_state, hs, lo, hi, self.pool.rows)
+        self._time["catch_up"] += time.perf_counter() - t0  # host time: the GPU's runs on into the next step
+        self._time["catch_ups"] += 1
 
     def _batch_sampling(self, lives: list[_Live]) -> BatchSampling:
         key = tuple(id(x) for x in lives)
@@ -648,6 +676,11 @@ class Engine:
             name, reason = "ar", "every row has speculation off"
         elif "on" in modes:
             name, reason = self.default_tree.name, "a row asked for speculation on: the default tree"
+        elif (n > LEARN_MAX_BATCH and self._memo is not None and self._memo[0] == (n, modes.count("auto"))
+              and self._steps - self._memo[1] < CHOICE_STEPS):
+            # a large batch of the same size and switches keeps its choice a few steps: working it out
+            # costs host time, and the measurements it rests on move slowly
+            name, reason, rates = self._memo[2:]
         else:
             # acceptance does not depend on the batch: learn it (try promising trees, re-measure now
             # and then) while batches are small, where a speculative step is cheap and desynchronises
@@ -663,12 +696,15 @@ class Engine:
                 spec = [(r, t) for t, r in rates.items() if r is not None and self.trees[t].num_nodes > 1]
                 name = max(spec)[1] if spec else self.default_tree.name
                 reason = f"re-measuring acceptance with {name} ({REFRESH_EVERY} plain steps in a row)"
+            rates = {k: (round(v, 1) if v is not None else None) for k, v in rates.items()}
+            measured = c.tokens_per_s > 0 and name == c.tree  # (not a step that explores or re-measures)
+            self._memo = ((n, modes.count("auto")), self._steps, name, reason, rates) if measured else None
         tree = self.trees[name]
         if tree.num_nodes > 1 and max(x.kv_len for x in lives) + tree.max_depth >= self.max_pos:
             tree, reason = self.trees["ar"], "a row is at the end of the model's context: plain decoding"
         self._choice = {"tree": tree.name, "batch": n, "reason": reason, "step": self._steps}
         if rates is not None:
-            self._choice["rates_tokens_per_s"] = {k: (round(v, 1) if v is not None else None) for k, v in rates.items()}
+            self._choice["rates_tokens_per_s"] = rates
         return tree
 
     def _decode(self) -> None:
@@ -712,6 +748,7 @@ class Engine:
         if N > 1:
             self._last_spec_step = self._steps
         self._steps += 1
+        self._tree_steps[tree.name] += 1
         if not captured:  # a capturing step's time is not the step's cost
             self.cost.record(n, N, dt)
         if N > 1:

@@ -67,10 +67,16 @@ def prefill(
     uniforms: torch.Tensor | None,  # [B, 1] or None when every row is greedy
     head_state: Any = None,
     lengths: torch.Tensor | None = None,  # [B] real new tokens per row (default: all T)
+    body=None,  # body(tokens) -> hidden [B, T, D]: the same forward run elsewhere (prefill_graphs.py), start 0 only
+    defer: torch.Tensor | None = None,  # [B, S, D]: keep the prompt's hidden states here (as speculate's defer)
 ) -> DecodeState:
     """Run the prompt, choose each row's first new token (the root). Padding tokens past a row's
     length write K/V only past its new start, which later steps overwrite, and no real token
-    attends to them (causal mask)."""
+    attends to them (causal mask). `body`, if given, runs the base model's forward instead
+    (writing the K/V into `cache` itself); everything else is this function's.
+    defer: store the hidden states at their positions instead of showing them to heads with
+    state; `catch_up` shows them when speculation starts (a row that never speculates never
+    pays for the heads' prefix layer)."""
     B, T = tokens.shape
     dev = tokens.device
     if lengths is None:
@@ -78,19 +84,25 @@ def prefill(
     offsets = torch.arange(T, device=dev)
     positions = start[:, None] + offsets  # [B, T]
     kv_len = _kv_len(start, T, cache.max_len)
-    mask = attention_mask(start, torch.ones(T, T, dtype=torch.bool, device=dev).tril(), kv_len)
-    last = (lengths - 1)[:, None]  # [B, 1]
-    out = model(tokens, positions, cache, positions, mask, logits_for=last)  # logits [B, 1, V]
-    if uniforms is None or not sampling.any_random:
-        root = out.logits[:, 0].argmax(-1)
+    if body is None:
+        mask = attention_mask(start, torch.ones(T, T, dtype=torch.bool, device=dev).tril(), kv_len)
+        hidden = model(tokens, positions, cache, positions, mask, logits_for=None).hidden  # [B, T, D]
     else:
-        root = sample_from(base_probs(out.logits, sampling), uniforms)[:, 0]
-    if heads is not None:
+        hidden = body(tokens)
+    last = (lengths - 1)[:, None, None].expand(-1, 1, hidden.shape[-1])  # [B, 1, D]
+    last_hidden = hidden.gather(1, last)  # [B, 1, D]
+    logits = model.lm_head(last_hidden)  # [B, 1, V]
+    if uniforms is None or not sampling.any_random:
+        root = logits[:, 0].argmax(-1)
+    else:
+        root = sample_from(base_probs(logits, sampling), uniforms)[:, 0]
+    if heads is not None and defer is not None:
+        defer[torch.arange(B, device=dev)[:, None], positions] = hidden.to(defer.dtype)  # padding: overwritten later
+    elif heads is not None:
         if head_state is None:
             head_state = heads.new_state(B, cache.max_len, model)
-        heads.observe(head_state, out.hidden, positions, lengths, kv_len=kv_len)
-    last_hidden = out.hidden.gather(1, last[..., None].expand(-1, -1, out.hidden.shape[-1]))[:, 0]  # [B, D]
-    return DecodeState(cache, start + lengths, root, last_hidden, head_state)
+        heads.observe(head_state, hidden, positions, lengths, kv_len=kv_len)
+    return DecodeState(cache, start + lengths, root, last_hidden[:, 0], head_state)
 
 
 def speculate(

@@ -131,7 +131,7 @@ def search_tree(acc, num_nodes: int) -> list[Path_]:
 
 # ------------------------------------------------------------------ named trees and files
 
-NAMED_TREES = ("ar", "chain", "tree16", "tree32", "tree64")
+NAMED_TREES = ("ar", "tree2", "tree4", "tree8", "chain", "tree16", "tree32", "tree64")  # small trees: large batches
 
 
 def load_tree(spec: str | Path | None) -> Tree:
@@ -175,7 +175,7 @@ def prior_accuracies(num_heads: int = 4, topk: int = 10) -> list[list[float]]:
 def write_named_trees(folder: Path) -> None:
     """Regenerate the named tree files (run `python -m medusa.decoding.tree`)."""
     acc = prior_accuracies()
-    trees = {"chain": chain(4), "tree16": search_tree(acc, 16), "tree32": search_tree(acc, 32), "tree64": search_tree(acc, 64)}
+    trees = {"chain": chain(4), **{f"tree{n}": search_tree(acc, n) for n in (2, 4, 8, 16, 32, 64)}}
     for name, paths in trees.items():
         (folder / f"{name}.json").write_text(build_tree(paths, name).to_json() + "\n")
 

@@ -14,5 +14,5 @@ ids = [stack.tokenizer.encode_prompt(p.text) for p in read_prompts(path, None)]
 eos = tuple(sorted(set(stack.model.cfg.eos_token_ids) | set(stack.tokenizer.eos_token_ids)))
 for modes, levels in ((["ar"], [1, 64]), (["spec", "auto"], [64])):
     for r in run_concurrency(stack.model, stack.heads, stack.tree, ids, levels, modes, 128, eos):
-        keys = ("mode", "concurrency", "tokens_per_s", "engine_steps", "engine_time_s", "prefill_forwards", "seconds", "trees")
+        keys = ("mode", "concurrency", "tokens_per_s", "engine_steps", "engine_time_s", "prefill_forwards", "catch_ups", "seconds", "trees")
         print(json.dumps({k: r[k] for k in keys}))

@@ -7,6 +7,7 @@
 #   bash scripts/gpu/measure.sh 4   # all 80 prompts with torch.compile; adaptive speculation under concurrency
 #   bash scripts/gpu/measure.sh 5   # GPU tests; the engine (CUDA graphs per batch bucket) under concurrency, ar/spec/auto
 #   bash scripts/gpu/measure.sh 6   # batch-1 decode on 20 prompts (ar, Medusa, Hydra++)
+#   bash scripts/gpu/measure.sh 7   # GPU tests; plain vs auto at concurrency 64, alternating runs (c64_repeats.py)
 source scripts/gpu/env.sh
 R=/tmp/res; mkdir -p $R
 quiet() { grep -v -E "run\]|run, |cell\]|cell, |req\]|req, |^\s*$|triton_mm|AUTOTUNE" ; }
@@ -37,6 +38,10 @@ for r in d['rows']: print(r['mode'], r['concurrency'], r['tokens_per_s'], r['eng
   ;;
 6)
   echo "== decode, 20 prompts x 256"; timeout 400 python3 -m medusa.cli bench --modes ar,medusa,hydra --limit 20 --max-new-tokens 256 --name mt_bench-20-gpu --out $R 2>&1 | quiet | tail -9
+  ;;
+7)
+  echo "== GPU tests"; timeout 240 python3 -m pytest -q -s -x ${GPU_TESTS:-tests/gpu} 2>&1 | grep -v "^{" | tail -8
+  echo "== concurrency 64, ar vs auto alternating"; timeout 330 python3 scripts/gpu/c64_repeats.py --repeats ${REPEATS:-3} --out $R/concurrency64-alternating-gpu.json 2>&1 | quiet | tail -12
   ;;
 esac
 tar -czf $OUT/results-${1:-1}.tgz -C $R .

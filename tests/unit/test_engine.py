@@ -320,7 +320,7 @@ def test_warmup_measures_step_costs_so_auto_never_explores(tiny, tiny_heads):
 
 
 def test_plain_steps_defer_the_heads_observation_without_changing_proposals(tiny, monkeypatch):
-    """With Hydra++ heads, plain steps keep the committed hidden states aside instead of running
+    """With Hydra++ heads, prefills and plain steps keep the hidden states aside instead of running
     the prefix layer; speculative steps (and a kept session's end) catch the heads up first. The
     proposals, hence accepted lengths, equal those of an engine that observes every step."""
     import medusa.decoding.engine as engine_mod
@@ -336,9 +336,19 @@ def test_plain_steps_defer_the_heads_observation_without_changing_proposals(tiny
 
     monkeypatch.setattr(engine_mod, "choose_tree", alternate)
     ps = prompts(3, seed=18)
+    proposals = []
+    propose = heads.propose
+
+    def spy(*args, **kwargs):
+        cand = propose(*args, **kwargs)
+        proposals.append(cand.tolist())
+        return cand
+
+    monkeypatch.setattr(heads, "propose", spy)
 
     def run(defer: bool):
         turn["n"] = 0
+        proposals.clear()
         eng = Engine(tiny, heads, t, max_batch=3, max_seq_len=96, trees={t.name: t})
         if not defer:
             eng.row_deferred = None
@@ -346,10 +356,11 @@ def test_plain_steps_defer_the_heads_observation_without_changing_proposals(tiny
         res = drain(eng, hs)
         nxt = ps[0] + res[0][0] + [4, 2]
         res.append(eng.submit(Request(nxt, max_new_tokens=18, stop_token_ids=(), session_id="d0")).result())
-        return res, nxt
+        return res, nxt, list(proposals)
 
-    lazy, nxt = run(True)
-    eager, _ = run(False)
+    lazy, nxt, prop_lazy = run(True)
+    eager, _, prop_eager = run(False)
+    assert len(prop_lazy) > 3 and prop_lazy == prop_eager  # the draft heads proposed the very same candidates
     for (out_l, st_l), (out_e, st_e) in zip(lazy, eager):
         assert out_l == out_e and st_l.steps == st_e.steps and st_l.mean_accepted == pytest.approx(st_e.mean_accepted)
     assert lazy[-1][1].reused_tokens > 0
@@ -445,3 +456,28 @@ def test_generate_concurrency_matches_one_at_a_time(capsys, tmp_path):
     assert [r["id"] for r in runs[1]] == ["0", "1", "2"]
     assert [r["token_ids"] for r in runs[1]] == [r["token_ids"] for r in runs[0]]
     assert main(["generate", "--prompt-file", str(f), "--concurrency", "0"]) == 2
+
+
+def test_large_batches_keep_their_tree_choice_a_few_steps(tiny, monkeypatch):
+    """Above LEARN_MAX_BATCH rows the policy is worked out once per CHOICE_STEPS steps while the
+    batch size holds (host time per step), and again at once when the batch size changes."""
+    import medusa.decoding.engine as engine_mod
+
+    heads = random_heads(tiny, "medusa")
+    t = TREES["tree"]
+    calls = []
+    choose = engine_mod.choose_tree
+
+    def counting(batch, *args, **kwargs):
+        calls.append(batch)
+        return choose(batch, *args, **kwargs)
+
+    monkeypatch.setattr(engine_mod, "choose_tree", counting)
+    n = engine_mod.LEARN_MAX_BATCH + 2
+    eng = Engine(tiny, heads, t, max_batch=n, max_seq_len=96, trees={t.name: t},
+                 step_cost={(b, k): 0.001 * b * k for b in (1, 16) for k in (1, 7)})  # plain always wins
+    hs = [eng.submit(Request(p, max_new_tokens=40, stop_token_ids=())) for p in prompts(n, seed=4)]
+    drain(eng, hs)
+    full = calls.count(n)
+    assert 40 // engine_mod.CHOICE_STEPS <= full <= 40 // engine_mod.CHOICE_STEPS + 1
+    assert eng.stats()["steps"] == 39  # the first token comes from the prefill

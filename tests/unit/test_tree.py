@@ -46,7 +46,7 @@ def test_ar_tree_is_the_root_alone():
 @pytest.mark.parametrize("name", [n for n in NAMED_TREES if n != "ar"])
 def test_named_trees_are_valid(name):
     t = load_tree(name)
-    size = {"chain": 5, "tree16": 16, "tree32": 32, "tree64": 64}[name]
+    size = {"chain": 5, "tree2": 2, "tree4": 4, "tree8": 8, "tree16": 16, "tree32": 32, "tree64": 64}[name]
     assert t.num_nodes == size
     # every node's mask row is exactly its ancestors and itself
     for i in range(t.num_nodes):
