@@ -1,7 +1,7 @@
 """`medusa tree`: the tree that maximises expected accepted length for each node budget,
 from measured head accuracies (`medusa eval heads --json`), greedily adding the node with the
 largest expected gain (the Medusa paper's construction). Writes one tree JSON per budget and,
-with --heads, stores the tree of --ship-nodes in that heads folder's heads.json."""
+with --heads, stores the tree of --ship-nodes and the accuracy table in that heads folder's heads.json."""
 from __future__ import annotations
 
 import argparse
@@ -74,6 +74,8 @@ def run(args) -> int:
         d = cfg.to_dict()
         d["tree"] = [list(p) for p in shipped.paths]
         d.setdefault("extra", {})["tree_expected_accept_length"] = round(shipped.expected_accept_length, 4)
+        # the table itself: the engine's adaptive policy expects each tree's acceptance from it
+        d["extra"]["rank_accuracy"] = [[round(a, 6) for a in row] for row in acc]
         cfg_path.write_text(json.dumps(d, indent=1))
         print(f"tree: the {shipped.nodes}-node tree stored in {cfg_path}", file=sys.stderr)
     return 0

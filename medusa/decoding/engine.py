@@ -277,8 +277,7 @@ class Engine:
             # forward costs its launches, several steps' worth
             self._prefills = PrefillGraphs(model, self.pool.max_active, self.max_seq_len, self.prefill_tokens,
                                            capture=self.step_mode == "graphs")
-        priors = {n: expected_accept_length(t.paths, prior_accuracies(max(t.max_depth, 1))) for n, t in self.trees.items()}
-        self.meter = AcceptanceMeter(priors)
+        self.meter = AcceptanceMeter(self._priors())
         self.cost = StepCostModel(step_cost)
         self._sampling_key: tuple = ()
         self._sampling: BatchSampling | None = None
@@ -298,6 +297,21 @@ class Engine:
         self._live: dict[str, _Live] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
+
+    def _priors(self) -> dict[str, float]:
+        """Each tree's expected acceptance before any is measured: from the heads' own held-out
+        accuracy table (heads.json "rank_accuracy", written by `medusa tree --heads`) when they
+        ship one, else from a generic profile (tree.prior_accuracies)."""
+        table = self.heads.config.extra.get("rank_accuracy") if self.heads is not None else None
+        out = {}
+        for n, t in self.trees.items():
+            ranks = 1 + max((r for p in t.paths for r in p), default=0)
+            if table and len(table) >= t.max_depth:  # ranks past the table's count as never right
+                acc = [[row[r] if r < len(row) else 0.0 for r in range(ranks)] for row in table]
+            else:
+                acc = prior_accuracies(max(t.max_depth, 1), max(10, ranks))
+            out[n] = expected_accept_length(t.paths, acc)
+        return out
 
     def _row_state(self) -> RowState:
         return RowState(self.cache, self.row_start, self.row_root, self.row_hidden, self.head_state, self.pool.rows,

@@ -481,3 +481,22 @@ def test_large_batches_keep_their_tree_choice_a_few_steps(tiny, monkeypatch):
     full = calls.count(n)
     assert 40 // engine_mod.CHOICE_STEPS <= full <= 40 // engine_mod.CHOICE_STEPS + 1
     assert eng.stats()["steps"] == 39  # the first token comes from the prefill
+
+
+def test_acceptance_priors_come_from_the_heads_accuracy_table(tiny):
+    """Heads that ship their held-out accuracy table (heads.json "rank_accuracy") give the policy
+    each tree's expected acceptance before any is measured; others get the generic profile."""
+    from medusa.decoding.tree import expected_accept_length, prior_accuracies
+
+    heads = random_heads(tiny, "medusa")
+    t = TREES["tree"]
+    plain = Engine(tiny, heads, t, max_batch=2, max_seq_len=64, trees={t.name: t})
+    assert plain.stats()["acceptance"][t.name] == round(expected_accept_length(t.paths, prior_accuracies(3)), 3)
+    table = [[0.5, 0.2], [0.4, 0.1], [0.3, 0.1]]
+    heads.config.extra["rank_accuracy"] = table
+    try:
+        eng = Engine(tiny, heads, t, max_batch=2, max_seq_len=64, trees={t.name: t})
+    finally:
+        del heads.config.extra["rank_accuracy"]
+    # tree7: (0,) (1,) (0,0) (0,1) (1,0) (0,0,0) -> 1 + .5 + .2 + .5*.4 + .5*.1 + .2*.4 + .5*.4*.3
+    assert eng.stats()["acceptance"][t.name] == pytest.approx(1 + .5 + .2 + .2 + .05 + .08 + .06, abs=1e-3)
