@@ -55,9 +55,9 @@ DEFAULT_MAX_SEQ_LEN = 2048
 SPEC_MARGIN = 0.1  # a tree must promise 10% more tokens/s than plain decoding (adaptive.choose_tree): under
 # load speculation also costs what step times miss (catching Hydra++ up, rows finishing out of step and so
 # more prefill forwards); a 25% margin did not fix concurrency 64 on an H100 and cost gains at 4 and 16
-LEARN_MAX_BATCH = 8  # largest batch whose steps explore trees and re-measure acceptance
+KEEP_MIN_BATCH = 9  # batches of this many rows or more keep their tree choice CHOICE_STEPS steps (see _choose)
 REFRESH_EVERY = 256  # plain steps after which the most promising tree runs once to re-measure acceptance
-CHOICE_STEPS = 8  # a large batch (> LEARN_MAX_BATCH) keeps its tree choice this many steps while its size holds
+CHOICE_STEPS = 8
 
 
 # ------------------------------------------------------------------ public types
@@ -690,29 +690,30 @@ class Engine:
             name, reason = "ar", "every row has speculation off"
         elif "on" in modes:
             name, reason = self.default_tree.name, "a row asked for speculation on: the default tree"
-        elif (n > LEARN_MAX_BATCH and self._memo is not None and self._memo[0] == (n, modes.count("auto"))
+        elif (n >= KEEP_MIN_BATCH and self._memo is not None and self._memo[0] == (n, modes.count("auto"))
               and self._steps - self._memo[1] < CHOICE_STEPS):
             # a large batch of the same size and switches keeps its choice a few steps: working it out
             # costs host time, and the measurements it rests on move slowly
             name, reason, rates = self._memo[2:]
         else:
-            # acceptance does not depend on the batch: learn it (try promising trees, re-measure now
-            # and then) while batches are small, where a speculative step is cheap and desynchronises
-            # few rows; large batches use what was learnt
-            learn = n <= LEARN_MAX_BATCH
-            accept = self.meter.optimistic if learn else self.meter.expected
-            options = [TreeOption(t, tr.num_nodes, accept(t)) for t, tr in self.trees.items()]
+            # acceptance does not depend on the batch: a tree not yet measured on `explore` rows is
+            # expected to do what the heads' accuracy table says (AcceptanceMeter.optimistic), so a
+            # promising tree gets tried; a large batch measures it in one step
+            options = [TreeOption(t, tr.num_nodes, self.meter.optimistic(t)) for t, tr in self.trees.items()]
             c: Choice = choose_tree(n, modes.count("auto"), options, self.cost, SPEC_MARGIN)
             name, reason, rates = c.tree, c.reason, c.rates
-            if learn and name == "ar" and self._steps - self._last_spec_step >= REFRESH_EVERY:
+            if name == "ar" and self._steps - self._last_spec_step >= REFRESH_EVERY:
                 # acceptance is only measured while speculating: re-measure now and then (with the
                 # tree closest to winning), or one bad stretch would keep the engine plain forever
                 spec = [(r, t) for t, r in rates.items() if r is not None and self.trees[t].num_nodes > 1]
                 name = max(spec)[1] if spec else self.default_tree.name
                 reason = f"re-measuring acceptance with {name} ({REFRESH_EVERY} plain steps in a row)"
             rates = {k: (round(v, 1) if v is not None else None) for k, v in rates.items()}
-            measured = c.tokens_per_s > 0 and name == c.tree  # (not a step that explores or re-measures)
-            self._memo = ((n, modes.count("auto")), self._steps, name, reason, rates) if measured else None
+            # keep only a choice resting on measurements (not a step that explores a cost or an
+            # acceptance, or re-measures)
+            settled = (c.tokens_per_s > 0 and name == c.tree
+                       and (self.trees[name].num_nodes == 1 or self.meter.count.get(name, 0) >= self.meter.explore))
+            self._memo = ((n, modes.count("auto")), self._steps, name, reason, rates) if settled else None
         tree = self.trees[name]
         if tree.num_nodes > 1 and max(x.kv_len for x in lives) + tree.max_depth >= self.max_pos:
             tree, reason = self.trees["ar"], "a row is at the end of the model's context: plain decoding"

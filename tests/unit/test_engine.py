@@ -459,7 +459,7 @@ def test_generate_concurrency_matches_one_at_a_time(capsys, tmp_path):
 
 
 def test_large_batches_keep_their_tree_choice_a_few_steps(tiny, monkeypatch):
-    """Above LEARN_MAX_BATCH rows the policy is worked out once per CHOICE_STEPS steps while the
+    """From KEEP_MIN_BATCH rows up the policy is worked out once per CHOICE_STEPS steps while the
     batch size holds (host time per step), and again at once when the batch size changes."""
     import medusa.decoding.engine as engine_mod
 
@@ -473,7 +473,7 @@ def test_large_batches_keep_their_tree_choice_a_few_steps(tiny, monkeypatch):
         return choose(batch, *args, **kwargs)
 
     monkeypatch.setattr(engine_mod, "choose_tree", counting)
-    n = engine_mod.LEARN_MAX_BATCH + 2
+    n = engine_mod.KEEP_MIN_BATCH + 1
     eng = Engine(tiny, heads, t, max_batch=n, max_seq_len=96, trees={t.name: t},
                  step_cost={(b, k): 0.001 * b * k for b in (1, 16) for k in (1, 7)})  # plain always wins
     hs = [eng.submit(Request(p, max_new_tokens=40, stop_token_ids=())) for p in prompts(n, seed=4)]
