@@ -34,7 +34,7 @@ case "${1:-1}" in
   echo "== concurrency, graphs"; timeout ${TABLE_TIMEOUT:-420} python3 -m medusa.cli bench --concurrency 1,4,16,64 --modes ar,spec,auto --requests 128 --max-new-tokens 128 --name concurrency-graphs-gpu --out $R 2>&1 | quiet | tail -18
   python3 -c "
 import json; d=json.load(open('$R/concurrency-graphs-gpu.json'))
-for r in d["rows"]: print(r["mode"], r["concurrency"], r["tokens_per_s"], r.get("speedup_vs_ar"), r.get("mean_accepted"), r["engine_steps"], r["engine_time_s"], r["prefill_forwards"], r["seconds"])"
+for r in d['rows']: print(r['mode'], r['concurrency'], r['tokens_per_s'], r.get('speedup_vs_ar'), r.get('mean_accepted'), r['engine_steps'], r['engine_time_s'], r['prefill_forwards'], r['seconds'])"
   ;;
 6)
   echo "== decode, 20 prompts x 256"; timeout 400 python3 -m medusa.cli bench --modes ar,medusa,hydra --limit 20 --max-new-tokens 256 --name mt_bench-20-gpu --out $R 2>&1 | quiet | tail -9
