@@ -287,6 +287,7 @@ class Engine:
         self._tree_steps: collections.Counter = collections.Counter()  # tree -> steps run with it
         self._time = {"prefill": 0.0, "prefills": 0, "step": 0.0, "busy": 0.0, "catch_up": 0.0, "catch_ups": 0}
         self._last_spec_step = 0
+        self._speculating = False  # the last step used a tree
         self._last_error: str | None = None
         # threading: _mu guards the inbox (waiting queue, cancels, ids); _step_lock the decode state
         self._mu = threading.Lock()
@@ -590,8 +591,6 @@ class Engine:
         now = time.perf_counter()
         for live, root in zip(admitted, roots):  # emit only now: a request that ends frees (swaps) rows
             live.t_first = now
-            # the heads have seen a reused prefix; the prompt waits in row_deferred (step.catch_up)
-            live.seen = live.reused if self.row_deferred is not None else len(live.req.prompt_ids)
             self._emit(live, [root])
         return bool(admitted)
 
@@ -656,8 +655,12 @@ class Engine:
         body = None
         if self._prefills is not None and not any(x.reused for x in group) and self._prefills.shape(k, T):
             body = lambda t: self._prefills.run(t, row_cache)  # noqa: E731
-        defer = self.row_deferred[rows] if self.row_deferred is not None else None
+        # while the engine decodes plainly, the prompt waits in row_deferred for speculation to
+        # resume (step.catch_up); while it speculates, the heads see it now (only these rows)
+        defer = self.row_deferred[rows] if self.row_deferred is not None and not self._speculating else None
         st = prefill(self.model, self.heads, row_cache, tokens, start, sampling, u, hs, lengths, body, defer)
+        for x in group:  # a reused prefix was seen in the session's earlier turns
+            x.seen = x.reused if defer is not None else len(x.req.prompt_ids)
         write_back(self.head_state, st.head_state, r0, r0 + k, self.pool.rows)
         self.row_start[rows], self.row_root[rows], self.row_hidden[rows] = st.start, st.root, st.last_hidden
         return st.root.tolist()
@@ -740,8 +743,10 @@ class Engine:
         if N > 1 and any(off):
             max_accept = torch.tensor([0 if o else D for o in off], dtype=torch.long, device=dev)  # [n]
         committed_max = max(x.kv_len for x in lives)  # known on the host: no sync
-        if N > 1 and self.row_deferred is not None and any(x.seen < x.kv_len for x in lives):
-            self._catch_up(0, [x.seen for x in lives], [x.kv_len for x in lives])
+        behind = [i for i, x in enumerate(lives) if x.seen < x.kv_len] if N > 1 and self.row_deferred is not None else []
+        if behind:  # only the span of rows that are behind (admitted rows sit at the end)
+            lo, hi = behind[0], behind[-1] + 1
+            self._catch_up(lo, [x.seen for x in lives[lo:hi]], [x.kv_len for x in lives[lo:hi]])
         t0 = time.perf_counter()
         if self._graphs is not None:
             pad = [self.pool.length[r] for r in range(n, self._graphs.bucket(n))]
@@ -760,6 +765,7 @@ class Engine:
             write_back(self.head_state, state.head_state, 0, n, self.pool.rows)
         dt = time.perf_counter() - t0
         self._time["step"] += dt
+        self._speculating = N > 1
         if N > 1:
             self._last_spec_step = self._steps
         self._steps += 1

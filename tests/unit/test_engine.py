@@ -335,7 +335,7 @@ def test_plain_steps_defer_the_heads_observation_without_changing_proposals(tiny
         return Choice("tree7" if turn["n"] % 3 == 0 else "ar", 0.0, "test", {})
 
     monkeypatch.setattr(engine_mod, "choose_tree", alternate)
-    ps = prompts(3, seed=18)
+    ps = prompts(5, seed=18)
     proposals = []
     propose = heads.propose
 
@@ -345,27 +345,38 @@ def test_plain_steps_defer_the_heads_observation_without_changing_proposals(tiny
         return cand
 
     monkeypatch.setattr(heads, "propose", spy)
+    prefills = []  # whether each prefill deferred (the engine was decoding plainly) or not (speculating)
+    real_prefill = engine_mod.prefill
+
+    def prefill(*args):
+        prefills.append(args[-1] is not None)
+        return real_prefill(*args)
+
+    monkeypatch.setattr(engine_mod, "prefill", prefill)
 
     def run(defer: bool):
         turn["n"] = 0
         proposals.clear()
+        prefills.clear()
         eng = Engine(tiny, heads, t, max_batch=3, max_seq_len=96, trees={t.name: t})
         if not defer:
             eng.row_deferred = None
-        hs = [eng.submit(Request(p, max_new_tokens=18, stop_token_ids=(), session_id=f"d{i}")) for i, p in enumerate(ps)]
+        hs = [eng.submit(Request(p, max_new_tokens=n, stop_token_ids=(), session_id=f"d{i}"))
+              for i, (p, n) in enumerate(zip(ps, (18, 18, 6, 9, 12)))]  # rows finish apart: later prompts join
         res = drain(eng, hs)
         nxt = ps[0] + res[0][0] + [4, 2]
         res.append(eng.submit(Request(nxt, max_new_tokens=18, stop_token_ids=(), session_id="d0")).result())
-        return res, nxt, list(proposals)
+        return res, nxt, list(proposals), list(prefills)
 
-    lazy, nxt, prop_lazy = run(True)
-    eager, _, prop_eager = run(False)
+    lazy, nxt, prop_lazy, deferred = run(True)
+    assert True in deferred and False in deferred  # prompts admitted both while plain and while speculating
+    eager, _, prop_eager, _ = run(False)
     assert len(prop_lazy) > 3 and prop_lazy == prop_eager  # the draft heads proposed the very same candidates
     for (out_l, st_l), (out_e, st_e) in zip(lazy, eager):
         assert out_l == out_e and st_l.steps == st_e.steps and st_l.mean_accepted == pytest.approx(st_e.mean_accepted)
     assert lazy[-1][1].reused_tokens > 0
-    for p, (out, _) in zip(ps + [nxt], lazy):
-        assert out == alone(tiny, p, heads, t, 18, stop=())
+    for p, n, (out, _) in zip(ps + [nxt], (18, 18, 6, 9, 12, 18), lazy):
+        assert out == alone(tiny, p, heads, t, n, stop=())
 
 
 def test_admissions_coalesce_while_rows_run(tiny):
