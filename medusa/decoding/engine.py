@@ -37,7 +37,7 @@ from typing import AsyncIterator, Iterator
 import torch
 
 from medusa.decoding.batch_graphs import BatchGraphs, RowState
-from medusa.decoding.adaptive import AcceptanceMeter, Choice, StepCostModel, TreeOption, choose_tree
+from medusa.decoding.adaptive import AcceptanceMeter, Choice, StepCostModel, TreeOption, batch_bucket, choose_tree
 from medusa.decoding.prefill_graphs import PrefillGraphs
 from medusa.decoding.kv_pool import RowPool, Swap, state_rows, swap_cache_rows, swap_state_rows, write_back
 from medusa.decoding.sampling import BatchSampling, SamplingParams, draw_uniforms
@@ -288,6 +288,7 @@ class Engine:
         self._time = {"prefill": 0.0, "prefills": 0, "step": 0.0, "busy": 0.0, "catch_up": 0.0, "catch_ups": 0}
         self._last_spec_step = 0
         self._speculating = False  # the last step used a tree
+        self._plain_at: dict[int, int] = {}  # batch bucket -> last plain step (see _choose)
         self._last_error: str | None = None
         # threading: _mu guards the inbox (waiting queue, cancels, ids); _step_lock the decode state
         self._mu = threading.Lock()
@@ -711,6 +712,10 @@ class Engine:
                 spec = [(r, t) for t, r in rates.items() if r is not None and self.trees[t].num_nodes > 1]
                 name = max(spec)[1] if spec else self.default_tree.name
                 reason = f"re-measuring acceptance with {name} ({REFRESH_EVERY} plain steps in a row)"
+            elif name != "ar" and self._steps - self._plain_at.get(batch_bucket(n), -REFRESH_EVERY) >= REFRESH_EVERY:
+                # the other way round: a step's cost grows with the contexts, and a warm-up seed of
+                # plain decoding's cost, scaled by how the trees' own costs grew, can be far off
+                name, reason = "ar", f"re-measuring plain decoding's step cost at batch {batch_bucket(n)}"
             rates = {k: (round(v, 1) if v is not None else None) for k, v in rates.items()}
             # keep only a choice resting on measurements (not a step that explores a cost or an
             # acceptance, or re-measures)
@@ -766,6 +771,8 @@ class Engine:
         dt = time.perf_counter() - t0
         self._time["step"] += dt
         self._speculating = N > 1
+        if N == 1:
+            self._plain_at[batch_bucket(n)] = self._steps
         if N > 1:
             self._last_spec_step = self._steps
         self._steps += 1

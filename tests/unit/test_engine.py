@@ -511,3 +511,22 @@ def test_acceptance_priors_come_from_the_heads_accuracy_table(tiny):
         del heads.config.extra["rank_accuracy"]
     # tree7: (0,) (1,) (0,0) (0,1) (1,0) (0,0,0) -> 1 + .5 + .2 + .5*.4 + .5*.1 + .2*.4 + .5*.4*.3
     assert eng.stats()["acceptance"][t.name] == pytest.approx(1 + .5 + .2 + .2 + .05 + .08 + .06, abs=1e-3)
+
+
+def test_speculating_engine_re_measures_plain_cost_now_and_then(tiny, monkeypatch):
+    """While speculation wins, one plain step per REFRESH_EVERY steps (and one on a batch size's
+    first speculative step) keeps plain decoding's cost measured rather than estimated."""
+    import medusa.decoding.engine as engine_mod
+
+    from medusa.decoding.adaptive import Choice
+
+    monkeypatch.setattr(engine_mod, "REFRESH_EVERY", 6)
+    heads = random_heads(tiny, "medusa")
+    t = TREES["chain"]
+    monkeypatch.setattr(engine_mod, "choose_tree", lambda *a, **k: Choice(t.name, 1.0, "test: the tree wins", {}))
+    eng = Engine(tiny, heads, t, max_batch=2, max_seq_len=96, trees={t.name: t})
+    for h in [eng.submit(Request(p, max_new_tokens=40, stop_token_ids=())) for p in prompts(2, seed=8)]:
+        h.result()
+    st = eng.stats()
+    plain, spec = st["steps_by_tree"].get("ar", 0), st["steps_by_tree"].get(t.name, 0)
+    assert spec > plain >= 1 and abs(plain - st["steps"] / 6) <= 2
