@@ -596,10 +596,12 @@ class Engine:
         return bool(admitted)
 
     def _admit_now(self) -> bool:
-        """Coalesce admissions while rows run: every prefill forward has a fixed cost (about 25 ms
-        of launches on a GPU, more than a batched step), so a lone arrival waits until admit_group
-        requests wait (max_batch / 4) or the oldest has waited admit_wait_steps steps (16; TGI's max-waiting-tokens
-        idea). Without running rows, or with admit_wait_steps 0, admission is immediate."""
+        """Coalesce admissions while rows run: every prefill forward has a fixed cost (a graph
+        replay and the copy of its KV on a GPU, plus the draft heads' eager prefix layer while the
+        engine speculates), so admission waits until admit_group requests (max_batch / 4) can be
+        admitted together (as many waiting and as many free rows) or the oldest has waited
+        admit_wait_steps steps (16; TGI's max-waiting-tokens idea). Without running rows, or with
+        admit_wait_steps 0, admission is immediate."""
         if not self.pool.n_active or not self.admit_wait_steps:
             return True
         with self._mu:
@@ -607,7 +609,8 @@ class Engine:
                 return False
             waiting, oldest = len(self._waiting), self._waiting[0].queued_step
         room = self.pool.max_active - self.pool.n_active
-        return waiting >= min(room, self.admit_group) or self._steps - oldest >= self.admit_wait_steps
+        # a deep queue waits for room too: rows freed one at a time would each cost a forward
+        return min(waiting, room) >= self.admit_group or self._steps - oldest >= self.admit_wait_steps
 
     def _fits(self, group: list[_Live]) -> bool:
         T = max(len(x.req.prompt_ids) - x.reused for x in group)

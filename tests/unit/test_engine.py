@@ -401,6 +401,23 @@ def test_admissions_coalesce_while_rows_run(tiny):
         assert h.result()[0] == alone(tiny, p, n=n, stop=())
 
 
+def test_a_deep_queue_waits_for_room_to_admit_a_group(tiny):
+    """Many requests waiting but one free row: rows freed one at a time are admitted in groups
+    of admit_group (or after admit_wait_steps), not one prefill forward each."""
+    eng = Engine(tiny, None, max_batch=8, max_seq_len=64, prefill_tokens=4096, admit_wait_steps=50)
+    assert eng.admit_group == 2
+    ps = prompts(12, seed=21)
+    hs = [eng.submit(Request(p, max_new_tokens=4 + i, stop_token_ids=())) for i, p in enumerate(ps)]  # finish one by one
+    eng.step()
+    assert eng.pool.n_active == 8
+    while eng.step():
+        pass
+    # every admission while rows ran took two requests at once
+    assert eng.stats()["prefill_forwards"] == 1 + 2
+    for i, (p, h) in enumerate(zip(ps, hs)):
+        assert h.result()[0] == alone(tiny, p, n=4 + i, stop=())
+
+
 def test_session_evicted_lru_falls_back(tiny):
     eng = Engine(tiny, None, max_batch=1, kv_budget_tokens=2 * 48, max_seq_len=48)  # 2 rows, 1 running
     ps = prompts(3, seed=9, hi=10)
