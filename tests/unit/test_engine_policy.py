@@ -80,7 +80,7 @@ def test_acceptance_meter_scales_unmeasured_trees_by_measured_ones():
     m.record("chain", [1, 2, 1, 2])  # mean 1.5: half the prior's gain
     assert m.expected("chain") == pytest.approx(1.5)
     assert m.expected("tree64") == pytest.approx(1.0 + 0.25 * 4.0)
-    m.record("chain", [3] * 200)  # exponential average follows a change
+    m.record("chain", [3] * 600)  # exponential average follows a change (10 steps of 64 rows)
     assert m.expected("chain") > 2.9
 
 
