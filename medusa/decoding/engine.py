@@ -3,9 +3,10 @@ preallocated KV pool, each request with its own sampling, stopping and speculati
 
 One scheduler iteration (`Engine.step`):
   1. apply cancellations (a cancelled request's row is freed at once);
-  2. admit waiting requests while a pool row is free (while rows run, a lone arrival waits a
-     few steps for company): the admitted rows prefill together in padded forwards on a view of
-     their cache rows (`step.prefill` with start > 0 where a kept session holds a prefix);
+  2. admit waiting requests while a pool row is free (while rows run, arrivals wait a few steps
+     for company): the admitted rows prefill together in padded forwards on a view of their cache
+     rows (`step.prefill` with start > 0 where a kept session holds a prefix); fresh prompts run
+     at bucketed shapes, as CUDA graphs on a GPU (prefill_graphs.py);
   3. one batched verification step (`step.speculate`) over all running rows: the running rows
      are kept in rows 0 .. n-1 of the pool (see kv_pool.py), so the step runs on a zero-copy
      view of them (on a GPU, as the CUDA graph of the batch bucket, idle rows padding it: see
@@ -276,7 +277,7 @@ class Engine:
             # fresh prompts prefill at bucketed shapes too (as graphs on a GPU): an eager prefill
             # forward costs its launches, several steps' worth
             self._prefills = PrefillGraphs(model, self.pool.max_active, self.max_seq_len, self.prefill_tokens,
-                                           capture=self.step_mode == "graphs")
+                                           capture=self.step_mode == "graphs", heads=heads)
         self.meter = AcceptanceMeter(self._priors())
         self.cost = StepCostModel(step_cost)
         self._sampling_key: tuple = ()
@@ -656,13 +657,17 @@ class Engine:
         row_cache = KVCache(self.cache.k[:, rows], self.cache.v[:, rows])  # writes land in the pool
         hs = state_rows(self.head_state, r0, r0 + k, self.pool.rows)
         start = torch.tensor([x.reused for x in group], dtype=torch.long, device=dev)
-        body = None
+        body, heads = None, self.heads
         if self._prefills is not None and not any(x.reused for x in group) and self._prefills.shape(k, T):
-            body = lambda t: self._prefills.run(t, row_cache)  # noqa: E731
-        # while the engine decodes plainly, the prompt waits in row_deferred for speculation to
-        # resume (step.catch_up); while it speculates, the heads see it now (only these rows)
-        defer = self.row_deferred[rows] if self.row_deferred is not None and not self._speculating else None
-        st = prefill(self.model, self.heads, row_cache, tokens, start, sampling, u, hs, lengths, body, defer)
+            body = lambda t: self._prefills.run(t, row_cache, lengths, hs)  # noqa: E731
+            if self._prefills.observes:
+                heads = None  # the graph showed the heads the prompts
+        # eager: while the engine decodes plainly, the prompt waits in row_deferred for speculation
+        # to resume (step.catch_up); while it speculates, the heads see it now (only these rows)
+        defer = None
+        if heads is not None and self.row_deferred is not None and not self._speculating:
+            defer = self.row_deferred[rows]
+        st = prefill(self.model, heads, row_cache, tokens, start, sampling, u, hs, lengths, body, defer)
         for x in group:  # a reused prefix was seen in the session's earlier turns
             x.seen = x.reused if defer is not None else len(x.req.prompt_ids)
         write_back(self.head_state, st.head_state, r0, r0 + k, self.pool.rows)

@@ -237,3 +237,21 @@ def write_back(obj: Any, view: Any, lo: int, hi: int, rows: int) -> None:
         vk = dict(_children(view) or [])
         for k, x in _children(obj) or []:
             write_back(x, vk.get(k), lo, hi, rows)
+
+
+def copy_state_prefix(dst: Any, src: Any, k: int, T: int, src_rows: int) -> None:
+    """Copy rows 0 .. k-1 of `src` (a state of src_rows rows; of its KV caches, the first T slots)
+    into `dst`, a state (or view) of k rows, in place."""
+    if src is None or dst is None:
+        return
+    if isinstance(src, KVCache):
+        if src.k.shape[1] == src_rows:
+            dst.k[:, :k, :, :T].copy_(src.k[:, :k, :, :T])
+            dst.v[:, :k, :, :T].copy_(src.v[:, :k, :, :T])
+    elif isinstance(src, torch.Tensor):
+        if _per_row(src, src_rows):
+            dst[:k].copy_(src[:k])
+    else:
+        into = dict(_children(dst) or [])
+        for name, x in _children(src) or []:
+            copy_state_prefix(into.get(name), x, k, T, src_rows)

@@ -10,8 +10,10 @@ The graph runs the model over a staging KV cache of R rows x Tb slots that start
 at position 0, then writes the final hidden states to a static buffer; after the replay the
 first T slots of the k real rows are copied into the engine's pool rows. What the padding
 (rows k .. R-1, positions T .. Tb-1) computes is never read: rows do not mix, and causal
-attention keeps padding positions out of every real token's view. Rows with a reused prefix
-prefill eagerly (they attend to KV already in the pool).
+attention keeps padding positions out of every real token's view. Draft heads with state
+(Hydra++) observe the prompt inside the same graph, into a staging head state whose first T
+slots are copied likewise. Rows with a reused prefix prefill eagerly (they attend to KV
+already in the pool).
 
 All shapes share one staging buffer (views of its first R*Tb token slots), one token buffer,
 one hidden-state buffer and one graph memory pool: prefills run one at a time.
@@ -22,6 +24,7 @@ import torch
 
 from medusa.decoding.batch_graphs import batch_buckets
 from medusa.decoding.graphs import capture
+from medusa.decoding.kv_pool import copy_state_prefix, state_rows, write_back
 from medusa.decoding.step import attention_mask
 from medusa.model.kv_cache import KVCache
 
@@ -34,9 +37,10 @@ def length_buckets(max_len: int) -> tuple[int, ...]:
 
 
 class PrefillGraphs:
-    def __init__(self, model, max_rows: int, max_len: int, capacity: int, capture: bool = True):
+    def __init__(self, model, max_rows: int, max_len: int, capacity: int, capture: bool = True, heads=None):
         """max_rows: most prompts one prefill takes; max_len: longest prompt; capacity: most
-        token slots (R x Tb, padding included) of one prefill, at least max_len."""
+        token slots (R x Tb, padding included) of one prefill, at least max_len; heads: draft
+        heads whose state (if any) sees the prompts in the graph."""
         if capture and model.device.type != "cuda":
             raise RuntimeError("CUDA graphs need the model on a CUDA device")
         self.model = model
@@ -51,6 +55,9 @@ class PrefillGraphs:
             self._v = torch.zeros_like(self._k)
             self._tokens = torch.zeros(self.capacity, dtype=torch.long, device=dev)
             self._hidden = torch.zeros(self.capacity * cfg.hidden_size, dtype=model.dtype, device=dev)
+            self._lengths = torch.ones(self.row_buckets[-1], dtype=torch.long, device=dev)  # [max_rows]
+            self.heads = heads
+            self._head_state = heads.new_state(self.row_buckets[-1], self.len_buckets[-1], model) if heads is not None else None
         self.graphs: dict[tuple[int, int], object] = {}  # (R, Tb) -> replay
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.captures = 0
@@ -86,7 +93,18 @@ class PrefillGraphs:
         positions = torch.arange(Tb, device=dev)[None].expand(R, Tb)  # [R, Tb]
         mask = attention_mask(torch.zeros(R, dtype=torch.long, device=dev),
                               torch.ones(Tb, Tb, dtype=torch.bool, device=dev).tril(), Tb)  # [R, Tb, Tb]
-        hidden.copy_(self.model(tokens, positions, stage, positions, mask, logits_for=None).hidden)
+        h = self.model(tokens, positions, stage, positions, mask, logits_for=None).hidden
+        hidden.copy_(h)
+        if self._head_state is not None:
+            rows = self.row_buckets[-1]
+            hs = state_rows(self._head_state, 0, R, rows)
+            self.heads.observe(hs, h, positions, self._lengths[:R], kv_len=Tb)
+            write_back(self._head_state, hs, 0, R, rows)
+
+    @property
+    def observes(self) -> bool:
+        """Whether run() also shows the prompts to the draft heads' state."""
+        return self._head_state is not None
 
     def _replay(self, R: int, Tb: int) -> tuple[object, bool]:
         g = self.graphs.get((R, Tb))
@@ -104,18 +122,24 @@ class PrefillGraphs:
         with torch.inference_mode():
             return self._replay(R, Tb)[1]
 
-    def run(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Prefill k fresh prompts (tokens [k, T], right-padded), writing their K/V into slots
-        0 .. T-1 of `cache` (the k pool rows' view). Returns the final hidden states [k, T, D]
+    def run(self, tokens: torch.Tensor, cache: KVCache, lengths: torch.Tensor | None = None,
+            head_state=None) -> torch.Tensor:
+        """Prefill k fresh prompts (tokens [k, T], right-padded; lengths [k]), writing their K/V
+        into slots 0 .. T-1 of `cache` (the k pool rows' view) and, when `observes`, the heads'
+        state into `head_state` (the same rows' view). Returns the final hidden states [k, T, D]
         (a view of a buffer the next prefill overwrites)."""
         k, T = tokens.shape
         R, Tb = self.shape(k, T)
         tok, stage, hidden = self._views(R, Tb)
         tok[:k, :T].copy_(tokens)  # the rest holds earlier tokens: valid ids that only padding sees
+        if self.observes:
+            self._lengths[:k].copy_(lengths if lengths is not None else torch.full((k,), T))
         if self.capture:
             self._replay(R, Tb)[0]()
         else:
             self._forward(R, Tb)
         cache.k[:, :, :, :T].copy_(stage.k[:, :k, :, :T])
         cache.v[:, :, :, :T].copy_(stage.v[:, :k, :, :T])
+        if self.observes:
+            copy_state_prefix(head_state, self._head_state, k, T, self.row_buckets[-1])
         return hidden[:k, :T]

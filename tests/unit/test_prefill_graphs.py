@@ -39,14 +39,18 @@ def test_bucketed_prefill_equals_direct(head_type):
     lengths = torch.tensor([len(p) for p in ids])
     start = torch.zeros(k, dtype=torch.long)
     sampling = BatchSampling.stack([SamplingParams()] * k, "cpu")
-    pg = PrefillGraphs(model, max_rows=4, max_len=64, capacity=256, capture=False)
-    pg.run(torch.tensor(prompts(4, seed=9, lo=40, hi=40)), model.new_cache(4, 80))  # leaves stale buffers behind
+    pg = PrefillGraphs(model, max_rows=4, max_len=64, capacity=256, capture=False, heads=heads)
+    assert pg.observes == (head_type == "hydra++")  # heads with state see the prompt in the graph
+    old = torch.tensor(prompts(4, seed=9, lo=40, hi=40))
+    pg.run(old, model.new_cache(4, 80), torch.full((4,), 40), heads.new_state(4, 80, model))  # stale buffers
 
     def run(body: bool):
         cache = model.new_cache(k, 80)
-        st = prefill(model, heads, cache, tokens, start, sampling, None, None, lengths,
-                     (lambda t: pg.run(t, cache)) if body else None)
-        return cache, st
+        hs = heads.new_state(k, 80, model)
+        if not body:
+            return cache, prefill(model, heads, cache, tokens, start, sampling, None, hs, lengths)
+        return cache, prefill(model, None if pg.observes else heads, cache, tokens, start, sampling, None, hs, lengths,
+                              lambda t: pg.run(t, cache, lengths, hs))
 
     (c0, s0), (c1, s1) = run(False), run(True)
     assert torch.equal(s0.root, s1.root) and torch.equal(s0.start, s1.start)
