@@ -187,7 +187,9 @@ def test_tree_command_writes_trees_and_ships_one(tmp_path):
                  "--heads", str(heads_dir), "--ship-nodes", "4"]) == 0
     t6 = json.loads((tmp_path / "trees" / "tree6.json").read_text())
     assert t6["nodes"] == 6 and t6["expected_accept_length"] == pytest.approx(2.26)
-    assert HeadsConfig.from_dict(json.loads((heads_dir / "heads.json").read_text())).tree == [[0], [1], [0, 0]]
+    shipped = HeadsConfig.from_dict(json.loads((heads_dir / "heads.json").read_text()))
+    assert shipped.tree == [[0], [1], [0, 0]]
+    assert shipped.extra["rank_accuracy"] == [[0.6, 0.2], [0.5, 0.1]]  # the engine's acceptance priors
     (tmp_path / "bad.json").write_text("{}")
     assert main(["tree", "--accuracies", str(tmp_path / "bad.json"), "--out", str(tmp_path / "t2")]) == 2
 
