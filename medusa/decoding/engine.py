@@ -410,13 +410,14 @@ class Engine:
                 raise RequestError(f"unknown tree {n!r}: the engine has {', '.join(self.trees)}")
         limit = min(max_kv_len or self.max_seq_len, self.max_seq_len)
         timer = self._graphs or BatchGraphs(self.model, self.heads, self._row_state(), self.pool.max_active, capture=False)
-        todo = []
+        todo = []  # captures, each a call returning whether it captured a graph
         if self._graphs is not None:
             for n in names:
                 tree = self.trees[n]
                 kvs = sorted({timer.kv_len(k, tree.num_nodes) for k in [*range(0, limit, 64), limit]})
-                todo += [(tree, b, kv) for b in timer.buckets for kv in kvs]
-            todo += [(None, R, Tb) for R, Tb in self._prefills.shapes(limit)]
+                todo += [lambda t=tree, b=b, kv=kv: timer.prepare(t, b, kv, self._idle_lengths(b))
+                         for b in timer.buckets for kv in kvs]
+            todo += [lambda R=R, Tb=Tb: self._prefills.prepare(R, Tb) for R, Tb in self._prefills.shapes(limit)]
         timed = sorted({"ar", *names}, key=lambda n: self.trees[n].num_nodes)
         if not measure or self.heads is None or len(timed) < 2:
             timed = []
@@ -430,13 +431,14 @@ class Engine:
             else:
                 time.sleep(0.01)
 
+    def _idle_lengths(self, b: int) -> list[int]:
+        """The valid KV length of each of rows 0 .. b-1 (warm-up steps write only past it)."""
+        return [self.pool.length[r] for r in range(b)]
+
     def _prepare(self, timer: BatchGraphs, todo: list, timed: list[str], limit: int, total: int, progress) -> int:
         done = captured = 0
-        for tree, b, kv in todo:
-            if tree is None:  # a prefill bucket: b rows, kv tokens
-                captured += self._prefills.prepare(b, kv)
-            else:
-                captured += timer.prepare(tree, b, kv, [self.pool.length[r] for r in range(b)])
+        for job in todo:
+            captured += job()
             done += 1
             if progress is not None:
                 progress(done, total)
@@ -448,7 +450,7 @@ class Engine:
                 if plain is not None and last >= self.meter.optimistic(n) * plain:
                     continue  # costs at least `last`: cannot beat plain decoding
                 kv = timer.kv_len(min(limit, 256), tree.num_nodes)
-                last = timer.time_step(tree, b, kv, [self.pool.length[r] for r in range(b)])
+                last = timer.time_step(tree, b, kv, self._idle_lengths(b))
                 plain = last if plain is None else plain
                 self.cost.seed(b, tree.num_nodes, last)
                 if progress is not None:
@@ -779,10 +781,10 @@ class Engine:
         dt = time.perf_counter() - t0
         self._time["step"] += dt
         self._speculating = N > 1
-        if N == 1:
-            self._plain_at[batch_bucket(n)] = self._steps
         if N > 1:
             self._last_spec_step = self._steps
+        else:
+            self._plain_at[batch_bucket(n)] = self._steps
         self._steps += 1
         self._tree_steps[tree.name] += 1
         if not captured:  # a capturing step's time is not the step's cost

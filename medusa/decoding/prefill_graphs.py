@@ -49,9 +49,9 @@ class PrefillGraphs:
         self.len_buckets = length_buckets(max_len)
         self.capacity = max(capacity, self.len_buckets[-1])
         cfg, dev = model.cfg, model.device
-        per_token = cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
+        self._per_token = cfg.num_layers * cfg.num_kv_heads * cfg.head_dim  # K (or V) values per token slot
         with torch.inference_mode():
-            self._k = torch.zeros(self.capacity * per_token, dtype=model.dtype, device=dev)
+            self._k = torch.zeros(self.capacity * self._per_token, dtype=model.dtype, device=dev)
             self._v = torch.zeros_like(self._k)
             self._tokens = torch.zeros(self.capacity, dtype=torch.long, device=dev)
             self._hidden = torch.zeros(self.capacity * cfg.hidden_size, dtype=model.dtype, device=dev)
@@ -80,7 +80,7 @@ class PrefillGraphs:
     def _views(self, R: int, Tb: int) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
         cfg = self.model.cfg
         shape = (cfg.num_layers, R, cfg.num_kv_heads, Tb, cfg.head_dim)
-        n = R * Tb * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
+        n = R * Tb * self._per_token
         stage = KVCache(self._k[:n].view(shape), self._v[:n].view(shape))  # [L, R, Hkv, Tb, Dh]
         tokens = self._tokens[: R * Tb].view(R, Tb)
         hidden = self._hidden[: R * Tb * cfg.hidden_size].view(R, Tb, cfg.hidden_size)
