@@ -161,20 +161,21 @@ def test_prometheus_metrics_are_exported(cluster):
     want = {"ray_medusa_generated_tokens_total", "ray_medusa_time_to_first_token_seconds_bucket",
             "ray_medusa_accepted_length_bucket", "ray_medusa_inter_token_latency_seconds_bucket",
             "ray_medusa_engine_queue_depth", "ray_medusa_requests_total"}
-    deadline = time.monotonic() + 40  # metrics are pushed to the node's exporter every few seconds
+    deadline = time.monotonic() + 60  # metrics are pushed to the node's exporter every few seconds
     while True:
         try:
             body = urllib.request.urlopen(f"http://127.0.0.1:{cluster['metrics_port']}/metrics", timeout=5).read().decode()
         except OSError:
             body = ""
         names = {line.split("{")[0] for line in body.splitlines() if line.startswith("ray_medusa_")}
-        if want <= names:
+        tenants = {part.split('"')[1] for line in body.splitlines() if line.startswith("ray_medusa_generated_tokens_total")
+                   for part in line.split(",") if part.startswith("tenant=")}
+        # Earlier tests' tenants may already be exported while this one's push is still on its way:
+        # wait for both the names and this tenant's label.
+        if want <= names and "zeta" in tenants:
             break
-        assert time.monotonic() < deadline, f"missing metrics: {sorted(want - names)}"
+        assert time.monotonic() < deadline, f"missing metrics: {sorted(want - names)}; tenants seen: {sorted(tenants)}"
         time.sleep(2)
-    tenants = {part.split('"')[1] for line in body.splitlines() if line.startswith("ray_medusa_generated_tokens_total")
-               for part in line.split(",") if part.startswith("tenant=")}
-    assert "zeta" in tenants
 
 
 def test_a_vanished_replicas_session_is_reassigned_and_reprefilled(cluster):
