@@ -26,7 +26,7 @@ from medusa.heads.base import DraftHeads, HeadsConfig
 from medusa.heads.medusa import ResBlock
 from medusa.model.config import ModelConfig
 from medusa.model.kv_cache import KVCache
-from medusa.model.llama import Block
+from medusa.model.llama import Block, fold_gqa_mask
 
 
 class HydraHead(nn.Module):
@@ -138,9 +138,11 @@ class HydraHeads(DraftHeads):
 
     def _prefix(self, hidden, positions, cache: KVCache, slots, mask, cos_t, sin_t) -> torch.Tensor:
         """Run the prefix layer. hidden [B, A, D], positions/slots [B, A], mask [B, A, S]."""
-        cos = cos_t[positions][:, None].to(hidden.dtype)  # [B, 1, A, Dh]
-        sin = sin_t[positions][:, None].to(hidden.dtype)
-        return self.prefix(hidden, cos, sin, 0, cache, slots, mask[:, None], mask.shape[-1])  # [B, A, D]
+        cos = cos_t[positions][:, :, None].to(hidden.dtype)  # [B, A, 1, Dh]
+        sin = sin_t[positions][:, :, None].to(hidden.dtype)
+        attn = self.prefix.self_attn
+        return self.prefix(hidden, cos, sin, 0, cache, slots, fold_gqa_mask(mask, attn.n_heads // attn.n_kv),
+                           mask.shape[-1])  # [B, A, D]
 
     def summary(self, hidden: torch.Tensor, base) -> torch.Tensor:
         """Teacher-forcing summaries s_t over whole sequences: hidden [B, T, D] -> [B, T, D]

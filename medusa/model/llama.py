@@ -36,9 +36,34 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # one fused kernel on a GPU (seven elementwise and reduction kernels written out); it
+        # accumulates in float32 and rounds once, where HF rounds before the weight's multiply
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def fold_gqa_mask(mask: torch.Tensor, rep: int) -> torch.Tensor:
+    """[B, N, S] bool -> [B, 1, rep * N, S]: the mask for the folded query rows of grouped-query
+    attention (row r * N + n is query head r of a kv head, token n). Built once per forward."""
+    mask = mask[:, None]
+    return mask.repeat(1, 1, rep, 1) if rep > 1 else mask
+
+
+def _fuse_linears(*lins: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate the linears' weights (and biases) along the output dim and make each linear's
+    parameters views of the result: one GEMM reads them all, and the memory is not doubled."""
+    weight = torch.cat([lin.weight.detach() for lin in lins])
+    has_bias = [lin.bias is not None for lin in lins]
+    bias = torch.cat([lin.bias.detach() for lin in lins]) if all(has_bias) else None
+    if any(has_bias) and bias is None:
+        raise ValueError("cannot fuse linears of which only some have a bias")
+    at = 0
+    for lin in lins:
+        n = lin.weight.shape[0]
+        lin.weight = nn.Parameter(weight[at: at + n], requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias[at: at + n], requires_grad=False)
+        at += n
+    return weight, bias
 
 
 class Attention(nn.Module):
@@ -50,32 +75,44 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.register_buffer("qkv_weight", None, persistent=False)  # set by fuse(): q, k, v in one GEMM
+        self.register_buffer("qkv_bias", None, persistent=False)
+
+    def fuse(self) -> None:
+        """Inference: one GEMM for q, k and v (see Transformer.fuse_projections)."""
+        self.qkv_weight, self.qkv_bias = _fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def project(self, x, cos, sin):
-        """Pure part: q, k, v with RoPE applied (a unit that compilers may fuse)."""
+        """Pure part: q [B, N, H, Dh], k and v [B, N, Hkv, Dh], RoPE applied to q and k together
+        (a unit that compilers may fuse). cos/sin [B, N, 1, Dh]."""
         B, N, _ = x.shape
-        q = self.q_proj(x).view(B, N, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, N, Dh]
-        k = self.k_proj(x).view(B, N, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, N, Dh]
-        v = self.v_proj(x).view(B, N, self.n_kv, self.head_dim).transpose(1, 2)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        H, Hkv, Dh = self.n_heads, self.n_kv, self.head_dim
+        if self.qkv_weight is not None:
+            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        else:
+            qkv = torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
+        qkv = qkv.view(B, N, H + 2 * Hkv, Dh)
+        qk = apply_rope(qkv[:, :, : H + Hkv], cos, sin)  # [B, N, H + Hkv, Dh]
+        return qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:]
 
     def forward(self, x, cos, sin, layer: int, cache: KVCache, slots, mask, kv_len: int):
+        """mask: [B, 1, rep * N, S] bool, folded by `fold_gqa_mask` (rep = query heads per kv head)."""
         B, N, _ = x.shape
+        H, Hkv, Dh = self.n_heads, self.n_kv, self.head_dim
         q, k, v = self.project(x, cos, sin)
         cache.write(layer, slots, k, v)
         keys = cache.k[layer][:, :, :kv_len]  # [B, Hkv, S, Dh]
         values = cache.v[layer][:, :, :kv_len]
-        rep = self.n_heads // self.n_kv
-        if rep > 1:  # grouped-query attention: fold each kv head's query heads into its query rows (no K/V copies)
-            q = q.reshape(B, self.n_kv, rep * N, self.head_dim)  # query row r * N + n = head kv * rep + r, token n
-            mask = mask.repeat(1, 1, rep, 1)  # [B, 1, rep * N, S]
+        # grouped-query attention: each kv head's query heads are folded into its query rows
+        # (row r * N + n = head kv * rep + r, token n), so K and V are never copied per head
+        q = q.transpose(1, 2).reshape(B, Hkv, (H // Hkv) * N, Dh)
         if q.is_cuda and sdpa_kernel is not None:
             with sdpa_kernel(_SDPA_BACKENDS):
                 out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B, Hkv, rep * N, Dh]
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        out = out.reshape(B, self.n_heads, N, self.head_dim)  # [B, H, N, Dh]
-        return self.o_proj(out.transpose(1, 2).reshape(B, N, self.n_heads * self.head_dim))
+        out = out.reshape(B, H, N, Dh)
+        return self.o_proj(out.transpose(1, 2).reshape(B, N, H * Dh))
 
 
 class MLP(nn.Module):
@@ -85,9 +122,17 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(d, f, bias=False)
         self.up_proj = nn.Linear(d, f, bias=False)
         self.down_proj = nn.Linear(f, d, bias=False)
+        self.register_buffer("gate_up_weight", None, persistent=False)  # set by fuse(): gate and up in one GEMM
+
+    def fuse(self) -> None:
+        self.gate_up_weight, _ = _fuse_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_weight is not None:
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -101,6 +146,10 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, layer, cache, slots, mask, kv_len):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, slots, mask, kv_len)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def fuse(self) -> None:
+        self.self_attn.fuse()
+        self.mlp.fuse()
 
 
 @dataclass(frozen=True)
@@ -131,6 +180,16 @@ class Transformer(nn.Module):
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
+    def fuse_projections(self) -> "Transformer":
+        """For inference: q/k/v and gate/up of every layer become one GEMM each (a decode step is
+        launch-bound on a GPU: 3 fewer kernels per layer). The separate projections' weights stay
+        as views of the fused ones, so anything reading them by name still works; call it after
+        the weights are loaded and placed (a later `.to()` would copy views and fused weights
+        apart). Not for training: the fused weights are buffers, outside autograd."""
+        for layer in self.layers:
+            layer.fuse()
+        return self
+
     @property
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
@@ -153,9 +212,9 @@ class Transformer(nn.Module):
     ) -> ForwardOut:
         kv_len = mask.shape[-1]
         x = self.embed_tokens(tokens)  # [B, N, D]
-        cos = self.rope_cos[positions][:, None].to(x.dtype)  # [B, 1, N, Dh]
-        sin = self.rope_sin[positions][:, None].to(x.dtype)
-        attn_mask = mask[:, None]  # [B, 1, N, S]
+        cos = self.rope_cos[positions][:, :, None].to(x.dtype)  # [B, N, 1, Dh]
+        sin = self.rope_sin[positions][:, :, None].to(x.dtype)
+        attn_mask = fold_gqa_mask(mask, self.cfg.num_heads // self.cfg.num_kv_heads)  # [B, 1, rep * N, S]
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, i, cache, slots, attn_mask, kv_len)
         h = self.norm(x)  # [B, N, D]

@@ -34,16 +34,21 @@ def inv_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.
 
 
 def rope_table(max_pos: int, head_dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables [max_pos, head_dim] in float32."""
+    """cos and signed-sin tables [max_pos, head_dim] in float32. The rotation's sign is folded
+    into the sine (its first half negated), so `apply_rope` needs no negation kernel."""
     inv = inv_frequencies(head_dim, theta, scaling)
     t = torch.arange(max_pos, dtype=torch.float64)
     freqs = torch.outer(t, inv)  # [P, Dh/2]
     emb = torch.cat([freqs, freqs], dim=-1)  # [P, Dh]
-    return emb.cos().float(), emb.sin().float()
+    sin = emb.sin()
+    sin[:, : head_dim // 2] *= -1
+    return emb.cos().float(), sin.float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, N, Dh]; cos/sin [B, 1, N, Dh] gathered at the tokens' positions."""
+    """x [..., Dh] (any layout, e.g. [B, N, heads, Dh]); cos and signed sin broadcastable to it,
+    in x's dtype. HF's x * cos + rotate_half(x) * sin in three kernels: rotate_half(x) is the
+    swapped halves of x times the sign folded into `sin`."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    return torch.addcmul(x * cos, swapped, sin)
