@@ -9,6 +9,7 @@ engine's default tree), `auto` (the engine's load-adaptive choice). Knows nothin
 progress bars."""
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -91,42 +92,73 @@ def run_level(engine, prompts: list[list[int]], concurrency: int, max_new_tokens
     }
 
 
+def _engine_delta(before: dict, after: dict) -> dict:
+    """What an engine did between two `stats()` snapshots (one timed run)."""
+    return {"engine_steps": after["steps"] - before["steps"],
+            "engine_time_s": {k: round(v - before["time_s"].get(k, 0.0), 6) for k, v in after["time_s"].items()},
+            "prefill_forwards": after["prefill_forwards"] - before["prefill_forwards"],
+            "catch_ups": after["catch_ups"] - before["catch_ups"],
+            "steps_by_tree": {k: v - before["steps_by_tree"].get(k, 0) for k, v in after["steps_by_tree"].items()
+                              if v - before["steps_by_tree"].get(k, 0)}}
+
+
 def run_concurrency(model, heads, tree, prompts: list[list[int]], levels: list[int], modes: list[str],
                     max_new_tokens: int, eos: tuple[int, ...], requests: int | None = None,
                     step_cost: dict | None = None, on_done: Callable[[], None] | None = None,
-                    step_mode: str | None = None, on_prepare: Callable[[int, int], None] | None = None) -> list[dict]:
-    """One row per (mode, level). Each level gets a fresh engine (max_batch = level), its CUDA
-    graphs captured before the clock starts (Engine.warmup; nothing on a CPU), and one untimed
-    warm-up request. on_prepare(done, total) follows each engine's warm-up."""
+                    step_mode: str | None = None, on_prepare: Callable[[int, int], None] | None = None,
+                    repeats: int = 1) -> list[dict]:
+    """One row per (mode, level). Each level gets one fresh engine per mode (max_batch = level),
+    its CUDA graphs captured before the clock starts (Engine.warmup; nothing on a CPU), and one
+    untimed warm-up request. Then `repeats` rounds time every mode's engine in turn (the order
+    reversed every other round), so that the modes see the same machine state side by side.
+    A row reports the run of median tokens/s, every run's tokens/s, and `speedup_vs_ar`: the
+    median over rounds of the run's tokens/s over the `ar` run of the same round.
+    on_prepare(done, total) follows each engine's warm-up."""
     from medusa.decoding.engine import Engine, Request
 
+    if repeats < 1:
+        raise RequestError(f"--repeats must be >= 1, got {repeats}")
     longest = max(len(p) for p in prompts) + max_new_tokens
+    spec_of = {"ar": "off", "spec": "on", "auto": "auto"}
     rows = []
-    for mode in modes:
-        for c in levels:
-            n = requests or max(8, 2 * c)
-            batch = [prompts[i % len(prompts)] for i in range(n)]
-            engine = Engine(model, None if mode == "ar" else heads, None if mode == "ar" else tree,
-                            max_batch=c, max_seq_len=longest, step_cost=step_cost, step_mode=step_mode)
-            spec = "off" if mode == "ar" else ("on" if mode == "spec" else "auto")
-            engine.warmup(longest, ["ar"] if mode == "ar" else [engine.default_tree.name] if mode == "spec" else None,
-                          measure=mode == "auto", progress=on_prepare)
-            engine.start()
-            try:
+    for c in levels:
+        n = requests or max(8, 2 * c)
+        batch = [prompts[i % len(prompts)] for i in range(n)]
+        engines = {}
+        try:
+            for mode in modes:
+                engine = Engine(model, None if mode == "ar" else heads, None if mode == "ar" else tree,
+                                max_batch=c, max_seq_len=longest, step_cost=step_cost, step_mode=step_mode)
+                engines[mode] = engine
+                engine.warmup(longest, ["ar"] if mode == "ar" else [engine.default_tree.name] if mode == "spec" else None,
+                              measure=mode == "auto", progress=on_prepare)
+                engine.start()
                 engine.submit(Request(batch[0], max_new_tokens=min(8, max_new_tokens), stop_token_ids=eos,
-                                      speculation=spec)).result()
-                row = run_level(engine, batch, c, max_new_tokens, spec, eos, on_done)
-                st = engine.stats()  # (the warm-up request included)
-                row.update(step_mode=engine.step_mode, engine_steps=st["steps"], engine_time_s=st["time_s"],
-                           prefill_forwards=st["prefill_forwards"], catch_ups=st["catch_ups"])
-            finally:
+                                      speculation=spec_of[mode])).result()
+            runs: dict[str, list[dict]] = {mode: [] for mode in modes}
+            for rnd in range(repeats):
+                for mode in (modes if rnd % 2 == 0 else modes[::-1]):
+                    engine = engines[mode]
+                    before = engine.stats()
+                    row = run_level(engine, batch, c, max_new_tokens, spec_of[mode], eos, on_done)
+                    row.update(step_mode=engine.step_mode, **_engine_delta(before, engine.stats()))
+                    runs[mode].append(row)
+        finally:
+            for engine in engines.values():
                 engine.stop()
-            rows.append({"mode": mode, **row})
-    by_level = {r["concurrency"]: r for r in rows if r["mode"] == "ar"}
-    for r in rows:
-        base = by_level.get(r["concurrency"])
-        r["speedup_vs_ar"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3) if base and base["tokens_per_s"] else None
-    return rows
+        for mode in modes:
+            speeds = [r["tokens_per_s"] or 0.0 for r in runs[mode]]
+            mid = sorted(range(repeats), key=lambda i: speeds[i])[(repeats - 1) // 2]
+            row = {"mode": mode, **runs[mode][mid], "repeats": repeats, "tokens_per_s_runs": speeds}
+            if "ar" in runs:
+                ratios = [s / a["tokens_per_s"] for s, a in zip(speeds, runs["ar"]) if a["tokens_per_s"]]
+                row["speedup_vs_ar"] = round(statistics.median(ratios), 3) if ratios else None
+                row["speedup_vs_ar_runs"] = [round(x, 3) for x in ratios]
+            else:
+                row["speedup_vs_ar"] = None
+            rows.append(row)
+    order = {m: i for i, m in enumerate(modes)}
+    return sorted(rows, key=lambda r: (order[r["mode"]], levels.index(r["concurrency"])))
 
 
 def concurrency_markdown(doc: dict) -> str:
@@ -134,8 +166,11 @@ def concurrency_markdown(doc: dict) -> str:
 
     lines = [f"### Concurrency on {doc['device']}", ""]
     lines += header_lines(doc)
+    repeats = max((r.get("repeats", 1) for r in doc["rows"]), default=1)
     lines += ["", f"Model {doc['model']}, dtype {doc['dtype']}, heads {doc['heads']}, tree {doc['tree']}, "
-              f"{doc['dataset']} prompts, up to {doc['max_new_tokens']} new tokens, closed loop.", ""]
+              f"{doc['dataset']} prompts, up to {doc['max_new_tokens']} new tokens, closed loop"
+              + (f"; {repeats} runs per cell, the modes' warm engines alternating: tokens/s is the median run, "
+                 "vs ar the median of the runs' ratios to the ar run beside them." if repeats > 1 else "."), ""]
     lines.append("| mode | concurrency | requests | total tokens/s | vs ar | latency p50 (s) | latency p99 (s) "
                  "| TTFT p50 (s) | accepted/step | trees |")
     lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")

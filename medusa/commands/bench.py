@@ -46,6 +46,8 @@ def register(sub) -> None:
     c = p.add_argument_group("concurrency (--concurrency)")
     c.add_argument("--concurrency", default=None, help="comma list of concurrent request counts, e.g. 1,4,16,64")
     c.add_argument("--requests", type=int, default=None, help="requests per level (default: 2 x concurrency, >= 8)")
+    c.add_argument("--repeats", type=int, default=1,
+                   help="timed runs per cell; the modes' warm engines alternate, and the ratios to ar are taken run by run")
     c.add_argument("--step-cost-table", help="a `medusa bench --step-cost` JSON for the engine's adaptive speculation")
     g = p.add_argument_group("serving overhead (--through grpc)")
     g.add_argument("--through", choices=["grpc"], default=None,
@@ -312,6 +314,8 @@ def run_concurrency(args) -> int:
         raise RequestError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.requests is not None and args.requests < 1:
         raise RequestError(f"--requests must be >= 1, got {args.requests}")
+    if args.repeats < 1:
+        raise RequestError(f"--repeats must be >= 1, got {args.repeats}")
     table = None
     if args.step_cost_table:
         try:
@@ -329,7 +333,7 @@ def run_concurrency(args) -> int:
     if stack.heads is None and modes != ["ar"]:
         raise RequestError("no draft heads available for the spec/auto modes")
     env = environment(dev)
-    total = len(modes) * sum(args.requests or max(8, 2 * c) for c in levels)
+    total = len(modes) * args.repeats * sum(args.requests or max(8, 2 * c) for c in levels)
     bar = tqdm(total=total, desc="concurrency", unit="req", file=sys.stderr)
 
     def preparing(done: int, total: int) -> None:  # each engine's warm-up (graph captures, step timing)
@@ -337,7 +341,8 @@ def run_concurrency(args) -> int:
 
     rows = cc.run_concurrency(stack.model, stack.heads, stack.tree, ids, levels, modes, args.max_new_tokens, eos,
                               requests=args.requests, step_cost=cc.step_cost_table(table, max(map(len, ids))),
-                              on_done=bar.update, step_mode="eager" if args.no_graphs else None, on_prepare=preparing)
+                              on_done=bar.update, step_mode="eager" if args.no_graphs else None, on_prepare=preparing,
+                              repeats=args.repeats)
     bar.close()
     doc = {
         "kind": "concurrency", "dataset": label, **env, "model": stack.source.name,

@@ -7,7 +7,7 @@
 #   bash scripts/gpu/measure.sh 4   # all 80 prompts with torch.compile; adaptive speculation under concurrency
 #   bash scripts/gpu/measure.sh 5   # GPU tests; the engine (CUDA graphs per batch bucket) under concurrency, ar/spec/auto
 #   bash scripts/gpu/measure.sh 6   # batch-1 decode on 20 prompts (ar, Medusa, Hydra++)
-#   bash scripts/gpu/measure.sh 7   # GPU tests; plain vs auto at concurrency 64, alternating runs (c64_repeats.py)
+#   bash scripts/gpu/measure.sh 7   # GPU tests; plain vs auto at concurrency 64, warm engines alternating (bench --repeats)
 #   bash scripts/gpu/measure.sh 8   # host-time profile of the engine's scheduler at batch 64, plain and adaptive
 source scripts/gpu/env.sh
 R=/tmp/res; mkdir -p $R
@@ -42,7 +42,7 @@ for r in d['rows']: print(r['mode'], r['concurrency'], r['tokens_per_s'], r.get(
   ;;
 7)
   echo "== GPU tests"; timeout 240 python3 -m pytest -q -s -x ${GPU_TESTS:-tests/gpu} 2>&1 | grep -v "^{" | tail -8
-  echo "== concurrency 64, ar vs auto alternating"; timeout 330 python3 scripts/gpu/c64_repeats.py --repeats ${REPEATS:-3} --out $R/concurrency64-alternating-gpu.json 2>&1 | quiet | tail -12
+  echo "== concurrency 64, ar vs auto alternating"; timeout 330 python3 -m medusa.cli bench --concurrency 64 --modes ar,auto --requests 256 --repeats ${REPEATS:-3} --max-new-tokens 128 --name concurrency64-alternating-gpu --out $R 2>&1 | quiet | tail -8
   ;;
 8)
   echo "== engine host profile"; timeout 300 python3 scripts/gpu/profile_engine.py 2>&1 | tee $R/profile-engine-gpu.txt | grep -v "^$" | head -90

@@ -154,3 +154,33 @@ def test_percentile_and_dataset_lookup(tmp_path, monkeypatch):
         resolve_dataset("mt_bench")
     with pytest.raises(RequestError, match="neither"):
         resolve_dataset(str(tmp_path / "missing.jsonl"))
+
+
+def test_concurrency_repeats_alternate_warm_engines_and_ratio_run_by_run():
+    """--repeats: every mode's engine is timed `repeats` times at each level, and `vs ar` is the
+    median of the ratios to the ar run of the same round (not a ratio of medians)."""
+    import statistics
+
+    from medusa.decoding.tree import build_tree, chain
+    from medusa.heads.io import untrained_heads
+    from tests.conftest import tiny_model
+
+    model = tiny_model(seed=5, vocab=16)
+    heads = untrained_heads(model, num_heads=2)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9, 3]]
+    rows = cc.run_concurrency(model, heads, build_tree(chain(2), "chain2"), prompts, [1, 2], ["ar", "spec"],
+                              max_new_tokens=5, eos=(), requests=3, repeats=3)
+    assert [(r["mode"], r["concurrency"]) for r in rows] == [("ar", 1), ("ar", 2), ("spec", 1), ("spec", 2)]
+    ar = {r["concurrency"]: r for r in rows if r["mode"] == "ar"}
+    for r in rows:
+        assert r["repeats"] == 3 and len(r["tokens_per_s_runs"]) == 3
+        assert r["tokens_per_s"] == statistics.median(r["tokens_per_s_runs"])
+        assert r["requests"] == 3 and r["new_tokens"] == 15  # each timed run: every request to its length
+        assert r["engine_steps"] > 0 and sum(r["steps_by_tree"].values()) == r["engine_steps"]
+        ratios = [s / a for s, a in zip(r["tokens_per_s_runs"], ar[r["concurrency"]]["tokens_per_s_runs"])]
+        assert r["speedup_vs_ar_runs"] == [round(x, 3) for x in ratios]
+        assert r["speedup_vs_ar"] == round(statistics.median(ratios), 3)
+    assert all(r["speedup_vs_ar"] == 1.0 for r in ar.values())
+    assert set(rows[2]["steps_by_tree"]) == {"chain2"}  # speculation on: every timed step used the tree
+    with pytest.raises(RequestError, match="--repeats"):
+        cc.run_concurrency(model, heads, None, prompts, [1], ["ar"], 5, (), repeats=0)
