@@ -4,8 +4,11 @@
 #
 # Resumable and split in two stages, each fitting one 9-minute GPU call (every step is bounded
 # by `timeout`, and distill / train stop on their own time limits, keeping what they made):
-#   bash scripts/train_default_heads.sh 1    # self-distillation (~7.5 min)
+#   bash scripts/train_default_heads.sh 1    # self-distillation (~7.5 min; rerun to continue)
 #   bash scripts/train_default_heads.sh 2    # training, accuracy, trees, assets (~8 min)
+# or, with longer training, stage 2 in two calls:
+#   bash scripts/train_default_heads.sh 2a   # training only
+#   bash scripts/train_default_heads.sh 2b   # accuracy, trees, assets, MT-Bench check
 # Rerunning a stage continues where it stopped (distill skips done ids; train resumes its checkpoint;
 # finished steps are skipped).
 #
@@ -16,8 +19,9 @@
 #   WORK     scratch folder kept between calls on a warm machine [.cache/heads_run]
 #   OUT      folder the GPU tool returns [out_heads]
 #   ASSETS   where the finished heads go [medusa/assets/heads]
-#   DATA_GZ  distilled data from a stage-1 $OUT, used when $WORK has none [distill.jsonl.gz]
-#   DISTILL_SECONDS [360]  MEDUSA_SECONDS [120]  HYDRA_SECONDS [200]  N_PROMPTS [12000]  BATCH [128]
+#   DATA_GZ  distilled data from a stage-1 $OUT (or its parts DATA_GZ.part-*), used when $WORK has none [distill.jsonl.gz]
+#   HEADS    which heads stage 2 trains and ships [medusa hydra]
+#   DISTILL_SECONDS [360]  MEDUSA_SECONDS [120]  HYDRA_SECONDS [200]  N_PROMPTS [20000: every prompt]  BATCH [128]
 #   MAX_NEW [512]  BATCH_TOKENS [16384]  EVAL_BATCHES [40]  MT_LIMIT [4]  MT_TOKENS [128]  PY [python3]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +41,8 @@ DATA_GZ=${DATA_GZ:-distill.jsonl.gz}
 DISTILL_SECONDS=${DISTILL_SECONDS:-360}
 MEDUSA_SECONDS=${MEDUSA_SECONDS:-120}
 HYDRA_SECONDS=${HYDRA_SECONDS:-200}
-N_PROMPTS=${N_PROMPTS:-12000}
+N_PROMPTS=${N_PROMPTS:-20000}
+HEADS=${HEADS:-medusa hydra}
 BATCH=${BATCH:-128}
 MAX_NEW=${MAX_NEW:-512}
 BATCH_TOKENS=${BATCH_TOKENS:-16384}
@@ -56,7 +61,9 @@ stage1() {
     --out "$WORK/distill.jsonl" --limit "$N_PROMPTS" --max-new-tokens $MAX_NEW --sample-fraction 0.3 --temperature 0.7 \
     --batch "$BATCH" --time-limit "$DISTILL_SECONDS" 2>&1 | tr '\r' '\n' | grep -v '^distilling' | tail -5 | tee -a "$WORK/pipeline.log" || log "distill stopped (timeout or error); the data so far is kept"
   log "distilled records: $(wc -l < "$WORK/distill.jsonl")"
-  gzip -1 -c "$WORK/distill.jsonl" > "$OUT/distill.jsonl.gz"
+  # the GPU tool returns files of at most 16 MiB: the data comes back in parts (cat them to rejoin)
+  rm -f "$OUT"/distill.jsonl.gz.part-*
+  gzip -6 -c "$WORK/distill.jsonl" | split -b 15000000 -d - "$OUT/distill.jsonl.gz.part-"
 }
 
 train_heads() {  # name, seconds, train args...
@@ -77,15 +84,31 @@ eval_and_tree() {  # name
     --out "$WORK/$name.trees" --heads "$WORK/$name" --ship-nodes 64 2>&1 | tee -a "$WORK/pipeline.log"
 }
 
-stage2() {
+stage2a() {
   if [[ ! -s $WORK/distill.jsonl ]]; then
-    [[ -f $DATA_GZ ]] || { echo "no distilled data: run stage 1, or put its distill.jsonl.gz at $DATA_GZ" >&2; exit 2; }
-    gunzip -c "$DATA_GZ" > "$WORK/distill.jsonl"
+    if [[ -f $DATA_GZ ]]; then
+      gunzip -c "$DATA_GZ" > "$WORK/distill.jsonl"
+    elif compgen -G "$DATA_GZ.part-*" > /dev/null; then
+      cat "$DATA_GZ".part-* | gunzip -c > "$WORK/distill.jsonl"
+    else
+      echo "no distilled data: run stage 1, or put its distill.jsonl.gz (or its parts) at $DATA_GZ" >&2; exit 2
+    fi
   fi
-  log "stage 2 on $(wc -l < "$WORK/distill.jsonl") records"
-  train_heads medusa "$MEDUSA_SECONDS" --head-type medusa --num-heads 5 --num-layers 1 --lr 1e-3 --teacher-weight 0
-  train_heads hydra "$HYDRA_SECONDS" --head-type hydra++ --num-heads 4 --num-layers 2 --prefix-intermediate 512 --lr 1e-3 --teacher-weight 1
-  for name in medusa hydra; do
+  log "stage 2 on $(wc -l < "$WORK/distill.jsonl") records, heads: $HEADS"
+  for name in $HEADS; do
+    case $name in
+      medusa) train_heads medusa "$MEDUSA_SECONDS" --head-type medusa --num-heads 5 --num-layers 1 --lr 1e-3 --teacher-weight 0 ;;
+      hydra) train_heads hydra "$HYDRA_SECONDS" --head-type hydra++ --num-heads 4 --num-layers 2 --prefix-intermediate 512 --lr 1e-3 --teacher-weight 1 ;;
+      *) echo "unknown heads $name (HEADS takes medusa and/or hydra)" >&2; exit 2 ;;
+    esac
+  done
+}
+
+stage2b() {
+  for name in $HEADS; do
+    [[ -f $WORK/$name/.done ]] || { echo "$name is not trained: run stage 2a first" >&2; exit 2; }
+  done
+  for name in $HEADS; do
     eval_and_tree "$name"
     mkdir -p "$ASSETS/$name"
     cp "$WORK/$name/heads.safetensors" "$WORK/$name/heads.json" "$ASSETS/$name/"
@@ -94,7 +117,7 @@ stage2() {
   done
   du -b "$ASSETS"/*/heads.safetensors | tee -a "$WORK/pipeline.log"
   if [[ -f $MTBENCH ]]; then
-    for name in medusa hydra; do
+    for name in $HEADS; do
       log "measured: $name heads, $MT_LIMIT MT-Bench prompts x $MT_TOKENS tokens"
       timeout 60 $PY -m medusa.cli generate --model "$MODEL" --heads "$ASSETS/$name" --prompt-file "$MTBENCH" --limit "$MT_LIMIT" \
         --max-new-tokens "$MT_TOKENS" --json > "$WORK/$name.mtbench8.jsonl" 2>/dev/null || true
@@ -107,14 +130,17 @@ print(f"{sys.argv[1]}: {len(rows)} prompts, mean accepted {accepted / max(steps,
 EOF
     done
   fi
-  tar -czf "$OUT/report.tar.gz" -C "$WORK" pipeline.log medusa/train.json hydra/train.json medusa.accuracy.json \
-    hydra.accuracy.json medusa.trees hydra.trees $(cd "$WORK" && ls *.mtbench8.jsonl 2>/dev/null)
+  local files=(pipeline.log)
+  for name in $HEADS; do files+=("$name/train.json" "$name.accuracy.json" "$name.trees"); done
+  tar -czf "$OUT/report.tar.gz" -C "$WORK" "${files[@]}" $(cd "$WORK" && ls *.mtbench8.jsonl 2>/dev/null)
   log "stage 2 done: $OUT holds the heads (copy *.heads.* into $ASSETS/<name>/) and report.tar.gz"
 }
 
 case $STAGE in
   1) stage1 ;;
-  2) stage2 ;;
-  all) stage1; stage2 ;;
-  *) echo "usage: $0 [1|2|all]" >&2; exit 2 ;;
+  2) stage2a; stage2b ;;
+  2a) stage2a ;;
+  2b) stage2b ;;
+  all) stage1; stage2a; stage2b ;;
+  *) echo "usage: $0 [1|2|2a|2b|all]" >&2; exit 2 ;;
 esac
