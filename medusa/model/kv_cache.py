@@ -28,11 +28,13 @@ class KVCache:
         return self.k.shape[3]
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store new keys/values. slots [B, N] cache slots; k, v [B, N, kv_heads, head_dim]."""
-        rows = torch.arange(slots.shape[0], device=slots.device)[:, None]  # [B, 1]
-        # advanced indices (rows, slots) around a slice put the [B, N] dims first: [B, N, H, Dh]
-        self.k[layer][rows, :, slots] = k
-        self.v[layer][rows, :, slots] = v
+        """Store new keys/values. slots [B, N] cache slots (a slot named twice in a row, such as
+        a scratch slot, keeps one of its values); k, v [B, N, kv_heads, head_dim]. One scatter
+        kernel each, with no index arithmetic per layer."""
+        B, N, H, Dh = k.shape
+        idx = slots[:, None, :, None].expand(B, H, N, Dh)  # [B, H, N, Dh] (a view)
+        self.k[layer].scatter_(2, idx, k.transpose(1, 2))
+        self.v[layer].scatter_(2, idx, v.transpose(1, 2))
 
     def commit_path(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Move each row's accepted tree slots into place, for every layer at once.
