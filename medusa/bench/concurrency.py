@@ -111,8 +111,9 @@ def run_concurrency(model, heads, tree, prompts: list[list[int]], levels: list[i
     its CUDA graphs captured before the clock starts (Engine.warmup; nothing on a CPU), and one
     untimed warm-up request. Then `repeats` rounds time every mode's engine in turn (the order
     reversed every other round), so that the modes see the same machine state side by side.
-    A row reports the run of median tokens/s, every run's tokens/s, and `speedup_vs_ar`: the
-    median over rounds of the run's tokens/s over the `ar` run of the same round.
+    A row reports the run of median tokens/s (the lower of the two middle runs when `repeats` is
+    even), every run's tokens/s, and `speedup_vs_ar`: the median over rounds of the run's tokens/s
+    over the `ar` run of the same round.
     on_prepare(done, total) follows each engine's warm-up."""
     from medusa.decoding.engine import Engine, Request
 
@@ -169,7 +170,8 @@ def concurrency_markdown(doc: dict) -> str:
     repeats = max((r.get("repeats", 1) for r in doc["rows"]), default=1)
     lines += ["", f"Model {doc['model']}, dtype {doc['dtype']}, heads {doc['heads']}, tree {doc['tree']}, "
               f"{doc['dataset']} prompts, up to {doc['max_new_tokens']} new tokens, closed loop"
-              + (f"; {repeats} runs per cell, the modes' warm engines alternating: tokens/s is the median run, "
+              + (f"; {repeats} runs per cell, the modes' warm engines alternating: tokens/s is the median run "
+                 "(the lower middle one for an even count), "
                  "vs ar the median of the runs' ratios to the ar run beside them." if repeats > 1 else "."), ""]
     lines.append("| mode | concurrency | requests | total tokens/s | vs ar | latency p50 (s) | latency p99 (s) "
                  "| TTFT p50 (s) | accepted/step | trees |")

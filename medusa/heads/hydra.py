@@ -26,7 +26,7 @@ from medusa.heads.base import DraftHeads, HeadsConfig
 from medusa.heads.medusa import ResBlock
 from medusa.model.config import ModelConfig
 from medusa.model.kv_cache import KVCache
-from medusa.model.llama import Block, fold_gqa_mask
+from medusa.model.llama import Block
 
 
 class HydraHead(nn.Module):
@@ -140,8 +140,7 @@ class HydraHeads(DraftHeads):
         """Run the prefix layer. hidden [B, A, D], positions/slots [B, A], mask [B, A, S]."""
         cos = cos_t[positions][:, :, None].to(hidden.dtype)  # [B, A, 1, Dh]
         sin = sin_t[positions][:, :, None].to(hidden.dtype)
-        attn = self.prefix.self_attn
-        return self.prefix(hidden, cos, sin, 0, cache, slots, fold_gqa_mask(mask, attn.n_heads // attn.n_kv),
+        return self.prefix(hidden, cos, sin, 0, cache, slots, self.prefix.self_attn.fold_mask(mask),
                            mask.shape[-1])  # [B, A, D]
 
     def summary(self, hidden: torch.Tensor, base) -> torch.Tensor:

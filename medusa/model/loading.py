@@ -141,11 +141,7 @@ def load_model(
     # the RoPE tables are non-persistent float32 buffers: build them on the real device
     cos, sin = rope_table(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
-    model.eval().requires_grad_(False)
-    if device.type == "cuda":
-        # one GEMM for q/k/v and one for gate/up: fewer launches for a launch-bound GPU step. Not
-        # on a CPU, where the fused GEMMs measured 8-12% slower at 16-64 query tokens (2 cores)
-        model.fuse_projections()
+    model.eval().requires_grad_(False).fuse_projections_where_faster()
     return model, src
 
 
