@@ -59,7 +59,7 @@ stage1() {
   timeout $((DISTILL_SECONDS + 90)) $PY -m medusa.cli distill --model "$MODEL" \
     --prompts "$PROMPTS"/sharegpt_first_turns.jsonl "$PROMPTS"/code_alpaca_2k.json "$PROMPTS"/gsm8k_train.jsonl "$PROMPTS"/alpaca_en_demo.json \
     --out "$WORK/distill.jsonl" --limit "$N_PROMPTS" --max-new-tokens $MAX_NEW --sample-fraction 0.3 --temperature 0.7 \
-    --batch "$BATCH" --time-limit "$DISTILL_SECONDS" 2>&1 | tr '\r' '\n' | grep -v '^distilling' | tail -5 | tee -a "$WORK/pipeline.log" || log "distill stopped (timeout or error); the data so far is kept"
+    --batch "$BATCH" --time-limit "$DISTILL_SECONDS" 2>&1 | tr '\r' '\n' | grep -v -E '^(distilling|tokenizing)' | tail -5 | tee -a "$WORK/pipeline.log" || log "distill stopped (timeout or error); the data so far is kept"
   log "distilled records: $(wc -l < "$WORK/distill.jsonl")"
   # the GPU tool returns files of at most 16 MiB: the data comes back in parts (cat them to rejoin)
   rm -f "$OUT"/distill.jsonl.gz.part-*
