@@ -7,12 +7,15 @@ verification pass needs. The model does not know about trees, heads, batching po
 parallelism or compilation; those are applied from outside."""
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medusa.errors import ModelLoadError
 from medusa.model.config import ModelConfig
 from medusa.model.kv_cache import KVCache
 from medusa.model.rope import apply_rope, rope_table
@@ -29,6 +32,70 @@ except ImportError:  # pragma: no cover
     sdpa_kernel = None
 
 
+# Attention at the decode step's small shapes. The step passes a boolean mask, so SDPA runs the
+# memory-efficient kernel, which gives each (row, kv head, 64 query rows) one block that walks the
+# whole KV span alone: at batch 1 that is 3 blocks on a GPU of 132 SMs, about 18 us per layer at
+# 256 KV slots and 55 us at 1024 (H200). Two batched GEMMs and a float32 softmax spread the work
+# over the GPU at a cost that grows with the score matrix instead. "auto" (the default) picks the
+# cheaper by the cost model below, fitted to scripts/gpu/attention_bench.py on an H200 (in
+# microseconds: efficient ~ (5 + 0.055 * S) * max(1, blocks / SMs), matmul ~ 12 + 10 per million
+# scores); "sdpa" and "matmul" force one (environment: MEDUSA_ATTENTION). CPUs take SDPA.
+ATTENTION = os.environ.get("MEDUSA_ATTENTION", "auto")
+ATTENTION_CHOICES = ("auto", "sdpa", "matmul")
+
+
+def check_attention_setting() -> None:
+    """Raise a user-facing error for an unknown attention setting (checked when a model loads)."""
+    if ATTENTION not in ATTENTION_CHOICES:
+        raise ModelLoadError(f"MEDUSA_ATTENTION must be one of {', '.join(ATTENTION_CHOICES)}, got {ATTENTION!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+_OUT_DTYPE: list[bool] = []  # whether bmm takes out_dtype here (probed once, outside graph capture)
+
+
+def _bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with a float32 result (bfloat16 and float16 inputs accumulate in float32 anyway)."""
+    if a.dtype != torch.float32 and a.is_cuda:
+        if not _OUT_DTYPE:
+            try:
+                torch.bmm(a[:1, :1], b[:1, :, :1], out_dtype=torch.float32)
+                _OUT_DTYPE.append(True)
+            except (TypeError, RuntimeError, NotImplementedError):
+                _OUT_DTYPE.append(False)
+        if _OUT_DTYPE[0]:
+            return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a.float(), b.float())
+
+
+def attend_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SDPA's result for q [B, Hkv, R, Dh], k and v [B, Hkv, S, Dh], mask [B, 1, R, S] bool
+    (True: attend), with the scores and the softmax in float32."""
+    B, Hkv, R, Dh = q.shape
+    S = k.shape[2]
+    scores = _bmm_f32(q.reshape(B * Hkv, R, Dh), k.reshape(B * Hkv, S, Dh).transpose(1, 2)).view(B, Hkv, R, S)
+    scores = scores.masked_fill_(mask.logical_not(), float("-inf")).mul_(Dh ** -0.5)
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v)
+
+
+def use_matmul_attention(q: torch.Tensor, kv_len: int) -> bool:
+    """Whether `Attention.forward` takes `attend_matmul` for folded queries q [B, Hkv, R, Dh]."""
+    if ATTENTION != "auto":
+        return ATTENTION == "matmul"
+    if not q.is_cuda:
+        return False
+    B, Hkv, R, _ = q.shape
+    blocks = B * Hkv * -(-R // 64)
+    efficient_us = (5 + 0.055 * kv_len) * max(1.0, blocks / _sm_count(q.device))
+    matmul_us = 12 + 10e-6 * B * Hkv * R * kv_len
+    return matmul_us < efficient_us
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -38,7 +105,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # one fused kernel on a GPU (seven elementwise and reduction kernels written out); it
         # accumulates in float32 and rounds once, where HF rounds before the weight's multiply
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # a float32 weight under bfloat16 autocast (head training) is cast to the input's dtype:
+        # mixed dtypes have no fused kernel and fall back with a warning
+        w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), w, self.eps)
 
 
 def _fuse_linears(*lins: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -110,7 +180,9 @@ class Attention(nn.Module):
         # grouped-query attention: each kv head's query heads are folded into its query rows
         # (row r * N + n = head kv * rep + r, token n), so K and V are never copied per head
         q = q.transpose(1, 2).reshape(B, Hkv, self.rep * N, Dh)
-        if q.is_cuda and sdpa_kernel is not None:
+        if use_matmul_attention(q, kv_len):
+            out = attend_matmul(q, keys, values, mask)
+        elif q.is_cuda and sdpa_kernel is not None:
             with sdpa_kernel(_SDPA_BACKENDS):
                 out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B, Hkv, rep * N, Dh]
         else:

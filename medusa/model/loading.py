@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from medusa.errors import ModelLoadError
 from medusa.model.config import ModelConfig
-from medusa.model.llama import Transformer
+from medusa.model.llama import Transformer, check_attention_setting
 from medusa.model.rope import rope_table
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -102,6 +102,7 @@ def load_model(
     progress: Progress | None = None,
 ) -> tuple[Transformer, ModelSource]:
     """Build the model and load its weights. dtype defaults to float32 on CPU, bfloat16 on GPU."""
+    check_attention_setting()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     src = resolve(path, progress=progress)

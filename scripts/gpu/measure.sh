@@ -9,6 +9,7 @@
 #   bash scripts/gpu/measure.sh 6   # batch-1 decode on 20 prompts (ar, Medusa, Hydra++)
 #   bash scripts/gpu/measure.sh 7   # GPU tests; plain vs auto at concurrency 64, warm engines alternating (bench --repeats)
 #   bash scripts/gpu/measure.sh 8   # host-time profile of the engine's scheduler at batch 64, plain and adaptive
+#   bash scripts/gpu/measure.sh 9   # attention kernels at the step's shapes; graphed step with SDPA vs auto attention; per-operator profile
 source scripts/gpu/env.sh
 R=/tmp/res; mkdir -p $R
 quiet() { grep -v -E "run\]|run, |cell\]|cell, |req\]|req, |^\s*$|triton_mm|AUTOTUNE" ; }
@@ -46,6 +47,11 @@ for r in d['rows']: print(r['mode'], r['concurrency'], r['tokens_per_s'], r.get(
   ;;
 8)
   echo "== engine host profile"; timeout 300 python3 scripts/gpu/profile_engine.py 2>&1 | tee $R/profile-engine-gpu.txt | grep -v "^$" | head -90
+  ;;
+9)
+  echo "== attention kernels"; timeout 150 python3 scripts/gpu/attention_bench.py --out $R/attention-bench.json 2>&1 | tail -26
+  echo "== profile, SDPA attention"; MEDUSA_ATTENTION=sdpa timeout 60 python3 scripts/gpu/profile_step.py --out $R/profile-step-sdpa.json 2>&1 | tail -4
+  echo "== profile, auto attention, per operator"; timeout 100 python3 scripts/gpu/profile_step.py --ops --out $R/profile-step-auto.json 2>&1 | grep -v "^{" | tail -40
   ;;
 esac
 tar -czf $OUT/results-${1:-1}.tgz -C $R .

@@ -6,8 +6,10 @@ For the AR step and each shipped head set with its tree, after a 200-token promp
   replay    median GPU time of one graph replay alone (CUDA events, 200 back-to-back replays)
   kernels   number of kernels in one replay and the sum of their GPU durations (torch.profiler)
 so wall - replay is host overhead, replay - kernel sum is launch gaps inside the graph.
+With --ops, the same step once more, eagerly, on a scratch copy of the state, with the GPU time
+of each aten operator (what launched the kernels; the graph replay shows kernel names only).
 
-  python3 scripts/gpu/profile_step.py [--compile MODE]
+  python3 scripts/gpu/profile_step.py [--compile MODE] [--ops]
 """
 from __future__ import annotations
 
@@ -21,17 +23,56 @@ from torch.profiler import ProfilerActivity, profile
 
 from medusa.bench.decode import graph_runner
 from medusa.decoding.graphs import compile_blocks, kv_bucket
+from medusa.decoding.kv_pool import scratch_state
 from medusa.decoding.sampling import BatchSampling, SamplingParams
-from medusa.decoding.step import prefill
+from medusa.decoding.step import DecodeState, prefill, speculate
 from medusa.decoding.tree import build_tree, load_tree
+from medusa.model import llama
 from medusa.runtime import load_stack, resolve_heads
+
+
+def op_profile(model, heads, tree, runner, committed: int, top: int = 30) -> list[dict]:
+    """GPU time per aten operator (self time, summed over calls) of one eager step at the graph's
+    KV bucket, run on scratch copies of the per-row state (the cache slots it writes lie past
+    the committed tokens)."""
+    kv_len = kv_bucket(committed + tree.num_nodes, runner.max_len)
+    dev_tree = tree.to(model.device)
+
+    def once():
+        st = DecodeState(runner.cache, runner.start.clone(), runner.root.clone(), runner.last_hidden.clone(),
+                         scratch_state(runner.head_state, 1))
+        speculate(model, heads, dev_tree, st, runner.sampling, None, kv_len=kv_len)
+
+    once()
+    torch.cuda.synchronize()
+    verbose = torch._C._profiler._ExperimentalConfig(verbose=True)  # keeps Python frames on operator events
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True, experimental_config=verbose) as prof:
+        once()
+        torch.cuda.synchronize()
+    agg: dict[str, list] = {}
+    for e in prof.events():
+        us = getattr(e, "self_device_time_total", 0.0)
+        if us <= 0 or not e.name.startswith("aten::"):
+            continue
+        # the operator and the innermost line of ours that called it
+        ours = next((f.split("medusa/", 1)[-1] for f in (e.stack or []) if "medusa/" in f and "profile_step" not in f), "?")
+        a = agg.setdefault(f"{e.name} @ {ours}", [0, 0.0])
+        a[0] += 1
+        a[1] += us / 1000.0
+    rows = [{"op": k, "calls": n, "ms": round(ms, 4)} for k, (n, ms) in agg.items()]
+    rows.sort(key=lambda r: -r["ms"])
+    return rows[:top]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--compile", default=None, metavar="MODE", help="torch.compile mode for the per-layer pieces (default, max-autotune-no-cudagraphs, ...)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--attention", choices=("sdpa", "matmul", "auto"), default=None, help="medusa.model.llama.ATTENTION for this run")
+    ap.add_argument("--ops", action="store_true", help="also attribute an eager step's GPU time to aten operators")
     args = ap.parse_args()
+    if args.attention:
+        llama.ATTENTION = args.attention
     stack = load_stack(heads="none", progress=False)
     model = stack.model
     if args.compile:
@@ -81,11 +122,16 @@ def main() -> None:
             top = {}
             for e in kern:
                 top[e.name[:60]] = top.get(e.name[:60], 0.0) + e.device_time / 1000.0
+            ops = op_profile(model, heads, tree, runner, committed) if args.ops else None
         row = {"mode": name, "nodes": tree.num_nodes, "wall_ms": 1000 * statistics.median(walls[10:]),
                "replay_ms": replay_ms, "kernels": len(kern), "kernel_sum_ms": ksum,
                "top_kernels_ms": dict(sorted(top.items(), key=lambda kv: -kv[1])[:8])}
+        if ops is not None:
+            row["top_ops"] = ops
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k != "top_ops"}), flush=True)
+        for op in ops or []:
+            print(f"  {op['op'][:100]:100s} {op['calls']:5d} calls {op['ms']:7.3f} ms")
         del runner
         torch.cuda.empty_cache()
     print("\n| mode | nodes | step wall (ms) | graph replay (ms) | kernels | kernel time (ms) |")
@@ -94,7 +140,7 @@ def main() -> None:
         print(f"| {r['mode']} | {r['nodes']} | {r['wall_ms']:.3f} | {r['replay_ms']:.3f} | {r['kernels']} | {r['kernel_sum_ms']:.3f} |")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "compile": args.compile, "rows": rows}, f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name(), "compile": args.compile, "attention": llama.ATTENTION, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -57,3 +57,21 @@ def test_graph_speed_report(gpu_stack, mt_texts):
     print({k: (round(v[0], 1), round(v[1], 2)) for k, v in rows.items()})
     assert all(v[0] > 0 for v in rows.values())
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matmul_attention_equals_sdpa_on_gpu(dtype):
+    """The small-shape attention path (float32 scores out of a reduced-precision GEMM) matches
+    SDPA's memory-efficient kernel at the step's shapes."""
+    import torch.nn.functional as F
+
+    from medusa.model.llama import attend_matmul
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for B, R, S in ((1, 3, 256), (4, 192, 1024), (64, 3, 512)):
+        q, k, v = (torch.randn(B, 3, n, 64, device="cuda", dtype=dtype, generator=g) for n in (R, S, S))
+        seen = torch.randint(1, S, (B,), device="cuda", generator=g)
+        mask = (torch.arange(S, device="cuda")[None] < seen[:, None])[:, None, None, :].expand(B, 1, R, S)
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(attend_matmul(q, k, v, mask).float(), ref, rtol=tol, atol=tol)

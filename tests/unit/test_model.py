@@ -56,3 +56,41 @@ def test_rope_with_folded_sign_equals_rotate_half():
     c, s, ss = cos[pos][:, :, None], sin[pos][:, :, None], sin_signed[pos][:, :, None]
     rotate_half = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     torch.testing.assert_close(apply_rope(x, c, ss), x * c + rotate_half * s)
+
+
+def test_matmul_attention_equals_sdpa(monkeypatch):
+    """The GPU's small-shape attention path (two GEMMs, float32 softmax) gives SDPA's outputs,
+    over a whole forward whose mask has rows with different visible spans (a second turn)."""
+    from medusa.model import llama
+
+    model = tiny_model(seed=5, vocab=16)
+    tokens = torch.randint(0, 16, (3, 9), generator=torch.Generator().manual_seed(1))
+    cache = model.new_cache(3, 32)
+    start = torch.tensor([0, 4, 11])  # rows that already hold 0, 4 and 11 tokens
+    pos = start[:, None] + torch.arange(9)
+    mask = attention_mask(start, torch.ones(9, 9, dtype=torch.bool).tril(), 24)
+
+    def run(kind):
+        monkeypatch.setattr(llama, "ATTENTION", kind)
+        c = model.new_cache(3, 32)
+        c.k.copy_(cache.k)
+        c.v.copy_(cache.v)
+        with torch.inference_mode():
+            return model(tokens, pos, c, pos, mask).logits, c
+
+    ref, ref_cache = run("sdpa")
+    out, out_cache = run("matmul")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_cache.k, ref_cache.k)
+    # on a CPU the automatic choice keeps SDPA
+    monkeypatch.setattr(llama, "ATTENTION", "auto")
+    assert not llama.use_matmul_attention(torch.zeros(1, 3, 3, 8), 256)
+
+
+def test_unknown_attention_setting_is_a_load_error(monkeypatch):
+    from medusa.errors import ModelLoadError
+    from medusa.model import llama
+
+    monkeypatch.setattr(llama, "ATTENTION", "flash")
+    with pytest.raises(ModelLoadError, match="MEDUSA_ATTENTION"):
+        llama.check_attention_setting()

@@ -1,0 +1,98 @@
+"""Attention kernels at the decode step's shapes, on a GPU (default model: 3 kv heads, 3 query
+heads per kv head, head dim 64, bfloat16).
+
+The step folds each kv head's query heads into its query rows ([B, Hkv, rep * N, Dh]) and
+passes a boolean mask, so SDPA cannot use flash attention and picks the memory-efficient
+kernel, which launches one block per 64 query rows of each (row, kv head): at batch 1 that is
+3 blocks on a GPU of 132 SMs. This times the candidates inside CUDA graphs (30 calls per
+replay, one per layer, as in the step) and prints microseconds per call:
+
+  efficient  SDPA, memory-efficient kernel (what SDPA picks for a boolean mask)
+  math       SDPA, math backend
+  cudnn      SDPA, cuDNN backend (where it takes the shape)
+  matmul     the model's small-shape path (medusa.model.llama.attend_matmul): two batched
+             GEMMs and a float32 softmax; MEDUSA_ATTENTION=auto picks it where it is faster
+
+  python3 scripts/gpu/attention_bench.py [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from medusa.model.llama import attend_matmul
+
+LAYERS = 30
+
+
+def sdpa_with(backend):
+    def fn(q, k, v, mask):
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return fn
+
+
+def time_graph(fn, q, k, v, mask, replays: int = 30) -> float | None:
+    try:
+        for _ in range(2):
+            fn(q, k, v, mask)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(LAYERS):
+                fn(q, k, v, mask)
+        g.replay()
+        torch.cuda.synchronize()
+    except Exception as e:  # a backend that does not take this shape
+        print(f"  ({type(e).__name__}: {str(e).splitlines()[0][:90]})")
+        return None
+    times = []
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(replays):
+        e0.record()
+        g.replay()
+        e1.record()
+        torch.cuda.synchronize()
+        times.append(e0.elapsed_time(e1) * 1000 / LAYERS)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    Hkv, rep, Dh = 3, 3, 64
+    kinds = {"efficient": sdpa_with(SDPBackend.EFFICIENT_ATTENTION), "math": sdpa_with(SDPBackend.MATH),
+             "cudnn": sdpa_with(SDPBackend.CUDNN_ATTENTION), "matmul": attend_matmul}
+    rows = []
+    print("| batch | tree nodes | KV slots | " + " | ".join(kinds) + " | max abs diff matmul vs efficient |")
+    print("|---:|---:|---:|" + "---:|" * len(kinds) + "---:|")
+    for B in (1, 4, 16, 64):
+        for N in (1, 16, 64):
+            for S in (256, 1024):
+                g = torch.Generator(device=dev).manual_seed(0)
+                q = torch.randn(B, Hkv, rep * N, Dh, device=dev, dtype=dt, generator=g)
+                k = torch.randn(B, Hkv, S, Dh, device=dev, dtype=dt, generator=g)
+                v = torch.randn(B, Hkv, S, Dh, device=dev, dtype=dt, generator=g)
+                seen = S // 2 + torch.randint(0, S // 2 - N, (B,), device=dev, generator=g)
+                mask = (torch.arange(S, device=dev)[None, :] < seen[:, None])[:, None, None, :].expand(B, 1, rep * N, S)
+                mask = mask.contiguous()
+                t = {name: time_graph(fn, q, k, v, mask) for name, fn in kinds.items()}
+                diff = (attend_matmul(q, k, v, mask).float() - kinds["efficient"](q, k, v, mask).float()).abs().max().item()
+                row = {"batch": B, "nodes": N, "kv": S, "us": t, "max_abs_diff": diff}
+                rows.append(row)
+                cells = " | ".join("-" if x is None else f"{x:.1f}" for x in t.values())
+                print(f"| {B} | {N} | {S} | {cells} | {diff:.4f} |", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
