@@ -55,20 +55,22 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-_OUT_DTYPE: list[bool] = []  # whether bmm takes out_dtype here (probed once, outside graph capture)
+@functools.lru_cache(maxsize=None)
+def _bmm_takes_out_dtype(device: torch.device) -> bool:
+    """Whether this torch's bmm takes out_dtype on `device` (probed once, at the first
+    attention call, which comes before any graph capture: capture warms up eagerly)."""
+    a = torch.zeros(1, 1, 1, device=device, dtype=torch.bfloat16)
+    try:
+        torch.bmm(a, a, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return True
 
 
 def _bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with a float32 result (bfloat16 and float16 inputs accumulate in float32 anyway)."""
-    if a.dtype != torch.float32 and a.is_cuda:
-        if not _OUT_DTYPE:
-            try:
-                torch.bmm(a[:1, :1], b[:1, :, :1], out_dtype=torch.float32)
-                _OUT_DTYPE.append(True)
-            except (TypeError, RuntimeError, NotImplementedError):
-                _OUT_DTYPE.append(False)
-        if _OUT_DTYPE[0]:
-            return torch.bmm(a, b, out_dtype=torch.float32)
+    if a.dtype != torch.float32 and a.is_cuda and _bmm_takes_out_dtype(a.device):
+        return torch.bmm(a, b, out_dtype=torch.float32)
     return torch.bmm(a.float(), b.float())
 
 
@@ -104,9 +106,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # one fused kernel on a GPU (seven elementwise and reduction kernels written out); it
-        # accumulates in float32 and rounds once, where HF rounds before the weight's multiply
-        # a float32 weight under bfloat16 autocast (head training) is cast to the input's dtype:
-        # mixed dtypes have no fused kernel and fall back with a warning
+        # accumulates in float32 and rounds once, where HF rounds before the weight's multiply.
+        # A float32 weight under bfloat16 autocast (head training) is cast to the input's dtype:
+        # mixed dtypes have no fused kernel and fall back with a warning.
         w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         return F.rms_norm(x, (x.shape[-1],), w, self.eps)
 

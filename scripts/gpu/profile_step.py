@@ -9,7 +9,7 @@ so wall - replay is host overhead, replay - kernel sum is launch gaps inside the
 With --ops, the same step once more, eagerly, on a scratch copy of the state, with the GPU time
 of each aten operator (what launched the kernels; the graph replay shows kernel names only).
 
-  python3 scripts/gpu/profile_step.py [--compile MODE] [--ops]
+  [MEDUSA_ATTENTION=auto|sdpa|matmul] python3 scripts/gpu/profile_step.py [--compile MODE] [--ops]
 """
 from __future__ import annotations
 
@@ -68,11 +68,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--compile", default=None, metavar="MODE", help="torch.compile mode for the per-layer pieces (default, max-autotune-no-cudagraphs, ...)")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--attention", choices=("sdpa", "matmul", "auto"), default=None, help="medusa.model.llama.ATTENTION for this run")
     ap.add_argument("--ops", action="store_true", help="also attribute an eager step's GPU time to aten operators")
     args = ap.parse_args()
-    if args.attention:
-        llama.ATTENTION = args.attention
     stack = load_stack(heads="none", progress=False)
     model = stack.model
     if args.compile:
