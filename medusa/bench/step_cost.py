@@ -145,8 +145,7 @@ def _forward_fn(model: Transformer, context: int, n: int, graphs: bool) -> Calla
     tree = query_tree(n)
     kv_len = -(-(context + n) // KV_BUCKET) * KV_BUCKET
     cache = model.new_cache(1, kv_len)
-    cache.k.normal_(0, 1)
-    cache.v.normal_(0, 1)
+    cache.kv.normal_(0, 1)
     start = torch.tensor([context], device=dev)
     tokens = torch.randint(0, cfg.vocab_size, (1, n), device=dev)  # [1, N]
     positions = start[:, None] + tree.depth.to(dev)  # [1, N]

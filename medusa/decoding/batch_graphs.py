@@ -60,7 +60,7 @@ class _Bucket:
 class RowState:
     """The engine's per-row tensors over all pool rows (the step reads and updates rows 0 .. Bb-1)."""
 
-    cache: KVCache  # [L, rows, Hkv, row_len, Dh]
+    cache: KVCache  # kv [L, 2, rows, Hkv, row_len, Dh]
     start: torch.Tensor  # [rows] long
     root: torch.Tensor  # [rows] long
     hidden: torch.Tensor  # [rows, D]

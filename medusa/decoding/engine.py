@@ -46,7 +46,6 @@ from medusa.decoding.step import DecodeState, catch_up, kv_round, prefill, specu
 from medusa.decoding.stopping import stop_cut
 from medusa.decoding.tree import NAMED_TREES, Tree, expected_accept_length, load_tree, prior_accuracies
 from medusa.errors import RequestError, TreeError
-from medusa.model.kv_cache import KVCache
 
 SPECULATION = ("auto", "on", "off")
 STEP_MODES = ("eager", "padded", "graphs")  # graphs: CUDA graphs per batch bucket (the default on a GPU);
@@ -246,7 +245,7 @@ class Engine:
             raise RequestError(f"kv_budget_tokens={kv_budget_tokens} holds no row of max_seq_len={self.max_seq_len} tokens")
         self.pool = RowPool(rows, max_batch)
         with torch.inference_mode():
-            self.cache = model.new_cache(rows, self.row_len)  # [L, rows, Hkv, row_len, Dh]
+            self.cache = model.new_cache(rows, self.row_len)  # kv [L, 2, rows, Hkv, row_len, Dh]
             self.head_state = heads.new_state(rows, self.row_len, model) if heads is not None else None
             self.row_start = torch.zeros(rows, dtype=torch.long, device=self.device)  # [rows]
             self.row_root = torch.zeros(rows, dtype=torch.long, device=self.device)  # [rows]
@@ -656,7 +655,7 @@ class Engine:
             u = torch.stack([x.uniforms.at(0, torch.zeros(1, dtype=torch.long, device=dev), 0)
                              if x.uniforms is not None else zero for x in group])  # [k, 1]
         rows = slice(r0, r0 + k)
-        row_cache = KVCache(self.cache.k[:, rows], self.cache.v[:, rows])  # writes land in the pool
+        row_cache = self.cache.rows(r0, r0 + k)  # writes land in the pool
         hs = state_rows(self.head_state, r0, r0 + k, self.pool.rows)
         start = torch.tensor([x.reused for x in group], dtype=torch.long, device=dev)
         body, heads = None, self.heads
@@ -770,7 +769,7 @@ class Engine:
             rows = torch.cat([acc.length[:n, None], acc.tokens[:n]], 1).tolist()  # one host sync
         else:
             captured = False
-            state = DecodeState(KVCache(self.cache.k[:, :n], self.cache.v[:, :n]), self.row_start[:n],
+            state = DecodeState(self.cache.rows(0, n), self.row_start[:n],
                                 self.row_root[:n], self.row_hidden[:n], state_rows(self.head_state, 0, n, self.pool.rows))
             kv_len = kv_round(committed_max + N, self.row_len)
             defer = self.row_deferred[:n] if self.row_deferred is not None and N == 1 else None

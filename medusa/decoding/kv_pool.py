@@ -147,15 +147,15 @@ def swap_cache_rows(cache: KVCache, s: Swap) -> None:
     """Exchange the valid KV slots of rows a and b (copies only len_a / len_b slots)."""
     if s.len_a == 0 and s.len_b == 0:
         return
-    for t in (cache.k, cache.v):
-        tmp = t[:, s.a, :, : s.len_a].clone()  # [L, H, len_a, Dh]
-        t[:, s.a, :, : s.len_b] = t[:, s.b, :, : s.len_b]
-        t[:, s.b, :, : s.len_a] = tmp
+    t = cache.kv
+    tmp = t[:, :, s.a, :, : s.len_a].clone()  # [L, 2, H, len_a, Dh]
+    t[:, :, s.a, :, : s.len_b] = t[:, :, s.b, :, : s.len_b]
+    t[:, :, s.b, :, : s.len_a] = tmp
 
 
 # Draft-head state (DraftHeads.new_state(rows, ...)) is opaque here: a value, a KVCache, a tensor,
 # or a dataclass / list / tuple / dict of these. A tensor is per-row when its first dimension is
-# the state's row count (a KVCache: its second); anything else (RoPE tables, ...) is shared.
+# the state's row count (a KVCache: its batch); anything else (RoPE tables, ...) is shared.
 
 def _per_row(t: torch.Tensor, rows: int) -> bool:
     return t.dim() >= 1 and t.shape[0] == rows
@@ -176,9 +176,8 @@ def swap_state_rows(obj: Any, a: int, b: int, rows: int) -> None:
     if obj is None or a == b:
         return
     if isinstance(obj, KVCache):
-        for t in (obj.k, obj.v):
-            if t.shape[1] == rows:
-                t[:, [a, b]] = t[:, [b, a]]
+        if obj.batch == rows:
+            obj.kv[:, :, [a, b]] = obj.kv[:, :, [b, a]]
     elif isinstance(obj, torch.Tensor):
         if _per_row(obj, rows):
             obj[[a, b]] = obj[[b, a]]
@@ -212,7 +211,7 @@ def state_rows(obj: Any, lo: int, hi: int, rows: int) -> Any:
     """A view of rows lo .. hi-1 of `obj`. In-place writes to the view land in the pool; a head
     family that rebinds a field instead needs `write_back` after the call."""
     return _map_state(obj, lambda t: t[lo:hi] if _per_row(t, rows) else t,
-                      lambda c: KVCache(c.k[:, lo:hi], c.v[:, lo:hi]) if c.k.shape[1] == rows else c)
+                      lambda c: c.rows(lo, hi) if c.batch == rows else c)
 
 
 def scratch_state(obj: Any, rows: int) -> Any:
@@ -227,9 +226,8 @@ def write_back(obj: Any, view: Any, lo: int, hi: int, rows: int) -> None:
     if obj is None or view is None or obj is view:
         return
     if isinstance(obj, KVCache):
-        for t, u in ((obj.k, view.k), (obj.v, view.v)):
-            if t.shape[1] == rows and u.data_ptr() != t[:, lo:hi].data_ptr():
-                t[:, lo:hi] = u
+        if obj.batch == rows and view.kv.data_ptr() != obj.kv[:, :, lo:hi].data_ptr():
+            obj.kv[:, :, lo:hi] = view.kv
     elif isinstance(obj, torch.Tensor):
         if _per_row(obj, rows) and view.data_ptr() != obj[lo:hi].data_ptr():
             obj[lo:hi] = view
@@ -245,9 +243,8 @@ def copy_state_prefix(dst: Any, src: Any, k: int, T: int, src_rows: int) -> None
     if src is None or dst is None:
         return
     if isinstance(src, KVCache):
-        if src.k.shape[1] == src_rows:
-            dst.k[:, :k, :, :T].copy_(src.k[:, :k, :, :T])
-            dst.v[:, :k, :, :T].copy_(src.v[:, :k, :, :T])
+        if src.batch == src_rows:
+            dst.kv[:, :, :k, :, :T].copy_(src.kv[:, :, :k, :, :T])
     elif isinstance(src, torch.Tensor):
         if _per_row(src, src_rows):
             dst[:k].copy_(src[:k])

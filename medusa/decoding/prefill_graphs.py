@@ -49,10 +49,9 @@ class PrefillGraphs:
         self.len_buckets = length_buckets(max_len)
         self.capacity = max(capacity, self.len_buckets[-1])
         cfg, dev = model.cfg, model.device
-        self._per_token = cfg.num_layers * cfg.num_kv_heads * cfg.head_dim  # K (or V) values per token slot
+        self._per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim  # K and V values per token slot
         with torch.inference_mode():
-            self._k = torch.zeros(self.capacity * self._per_token, dtype=model.dtype, device=dev)
-            self._v = torch.zeros_like(self._k)
+            self._kv = torch.zeros(self.capacity * self._per_token, dtype=model.dtype, device=dev)
             self._tokens = torch.zeros(self.capacity, dtype=torch.long, device=dev)
             self._hidden = torch.zeros(self.capacity * cfg.hidden_size, dtype=model.dtype, device=dev)
             self._lengths = torch.ones(self.row_buckets[-1], dtype=torch.long, device=dev)  # [max_rows]
@@ -79,9 +78,8 @@ class PrefillGraphs:
 
     def _views(self, R: int, Tb: int) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
         cfg = self.model.cfg
-        shape = (cfg.num_layers, R, cfg.num_kv_heads, Tb, cfg.head_dim)
-        n = R * Tb * self._per_token
-        stage = KVCache(self._k[:n].view(shape), self._v[:n].view(shape))  # [L, R, Hkv, Tb, Dh]
+        shape = (cfg.num_layers, 2, R, cfg.num_kv_heads, Tb, cfg.head_dim)
+        stage = KVCache(self._kv[: R * Tb * self._per_token].view(shape))
         tokens = self._tokens[: R * Tb].view(R, Tb)
         hidden = self._hidden[: R * Tb * cfg.hidden_size].view(R, Tb, cfg.hidden_size)
         return tokens, stage, hidden
@@ -138,8 +136,7 @@ class PrefillGraphs:
             self._replay(R, Tb)[0]()
         else:
             self._forward(R, Tb)
-        cache.k[:, :, :, :T].copy_(stage.k[:, :k, :, :T])
-        cache.v[:, :, :, :T].copy_(stage.v[:, :k, :, :T])
+        cache.kv[:, :, :, :, :T].copy_(stage.kv[:, :, :k, :, :T])
         if self.observes:
             copy_state_prefix(head_state, self._head_state, k, T, self.row_buckets[-1])
         return hidden[:k, :T]

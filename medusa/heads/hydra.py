@@ -138,10 +138,8 @@ class HydraHeads(DraftHeads):
 
     def _prefix(self, hidden, positions, cache: KVCache, slots, mask, cos_t, sin_t) -> torch.Tensor:
         """Run the prefix layer. hidden [B, A, D], positions/slots [B, A], mask [B, A, S]."""
-        cos = cos_t[positions][:, :, None].to(hidden.dtype)  # [B, A, 1, Dh]
-        sin = sin_t[positions][:, :, None].to(hidden.dtype)
-        return self.prefix(hidden, cos, sin, 0, cache, slots, self.prefix.self_attn.fold_mask(mask),
-                           mask.shape[-1])  # [B, A, D]
+        inp = self.prefix.self_attn.inputs(hidden.dtype, cos_t, sin_t, positions, slots, mask)
+        return self.prefix(hidden, inp, 0, cache)  # [B, A, D]
 
     def summary(self, hidden: torch.Tensor, base) -> torch.Tensor:
         """Teacher-forcing summaries s_t over whole sequences: hidden [B, T, D] -> [B, T, D]

@@ -74,28 +74,46 @@ def _bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.float(), b.float())
 
 
-def attend_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """SDPA's result for q [B, Hkv, R, Dh], k and v [B, Hkv, S, Dh], mask [B, 1, R, S] bool
-    (True: attend), with the scores and the softmax in float32."""
+def attend_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor,
+                  scale: float = 1.0) -> torch.Tensor:
+    """SDPA's result for q [B, Hkv, R, Dh], k and v [B, Hkv, S, Dh], hidden [B, 1, R, S] bool
+    (True: may NOT attend; the inverse of SDPA's mask), with the scores and the softmax in
+    float32. The model passes queries already scaled (`Attention.inputs`), so scale = 1."""
     B, Hkv, R, Dh = q.shape
     S = k.shape[2]
     scores = _bmm_f32(q.reshape(B * Hkv, R, Dh), k.reshape(B * Hkv, S, Dh).transpose(1, 2)).view(B, Hkv, R, S)
-    scores = scores.masked_fill_(mask.logical_not(), float("-inf")).mul_(Dh ** -0.5)
+    scores = scores.masked_fill_(hidden, float("-inf"))
+    if scale != 1.0:
+        scores = scores.mul_(scale)
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.matmul(probs, v)
 
 
-def use_matmul_attention(q: torch.Tensor, kv_len: int) -> bool:
-    """Whether `Attention.forward` takes `attend_matmul` for folded queries q [B, Hkv, R, Dh]."""
+def use_matmul_attention(batch: int, kv_heads: int, rows: int, kv_len: int, device: torch.device) -> bool:
+    """Whether attention over [batch, kv_heads, rows] folded query rows and kv_len cache slots
+    takes `attend_matmul` (else SDPA)."""
     if ATTENTION != "auto":
         return ATTENTION == "matmul"
-    if not q.is_cuda:
+    if device.type != "cuda":
         return False
-    B, Hkv, R, _ = q.shape
-    blocks = B * Hkv * -(-R // 64)
-    efficient_us = (5 + 0.055 * kv_len) * max(1.0, blocks / _sm_count(q.device))
-    matmul_us = 12 + 10e-6 * B * Hkv * R * kv_len
+    blocks = batch * kv_heads * -(-rows // 64)
+    efficient_us = (5 + 0.055 * kv_len) * max(1.0, blocks / _sm_count(device))
+    matmul_us = 12 + 10e-6 * batch * kv_heads * rows * kv_len
     return matmul_us < efficient_us
+
+
+@dataclass(frozen=True)
+class LayerInputs:
+    """What every attention layer of one forward pass shares, built once (`Attention.inputs`)
+    rather than in each layer."""
+
+    cos: torch.Tensor  # [B, N, H + 2 Hkv, Dh] per-head RoPE tables in the activations' dtype (below)
+    sin: torch.Tensor  # signed sine (rope.py)
+    rows: torch.Tensor  # [B, 1] row index of the cache write
+    slots: torch.Tensor  # [B, N] cache slots where the new K/V go
+    mask: torch.Tensor  # [B, 1, rep * N, S] bool over folded query rows: True = visible for SDPA, True = hidden for matmul
+    matmul: bool  # attention path: attend_matmul (else SDPA)
+    kv_len: int  # S
 
 
 class RMSNorm(nn.Module):
@@ -149,46 +167,67 @@ class Attention(nn.Module):
 
     def fold_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """[B, N, S] bool -> [B, 1, rep * N, S]: the mask for `forward`'s folded query rows
-        (row r * N + n is query head r of a kv head, token n). Build it once per forward pass:
-        every layer of one shape takes the same."""
+        (row r * N + n is query head r of a kv head, token n)."""
         mask = mask[:, None]
         return mask.repeat(1, 1, self.rep, 1) if self.rep > 1 else mask
+
+    def inputs(self, dtype: torch.dtype, cos_t: torch.Tensor, sin_t: torch.Tensor, positions: torch.Tensor,
+               slots: torch.Tensor, mask: torch.Tensor) -> LayerInputs:
+        """Everything the layers of one forward share, from RoPE tables cos_t / sin_t [P, Dh]
+        (float32), positions and slots [B, N] and mask [B, N, S] bool (may query n see slot s).
+
+        The RoPE tables cover every head of the fused projection's output, so that one set of
+        elementwise kernels rotates the contiguous q/k/v tensor (faster than rotating its
+        strided q/k part): the query heads' rows are scaled by Dh^-0.5, so the queries come
+        out pre-scaled for the softmax (a power of two for Dh = 64 or 256: the same numbers),
+        and the value heads' rows are the identity (cos 1, sin 0: v passes through exactly).
+        The attention path is chosen here, once, and the mask built in the form it takes."""
+        B, N, S = mask.shape
+        H, Hkv, Dh = self.n_heads, self.n_kv, self.head_dim
+        cos, sin = cos_t[positions][:, :, None], sin_t[positions][:, :, None]  # [B, N, 1, Dh] float32
+        scale = Dh ** -0.5
+        ident = cos.new_ones(1, 1, 1, 1).expand(B, N, Hkv, Dh)
+        cos = torch.cat((cos.mul(scale).expand(B, N, H, Dh), cos.expand(B, N, Hkv, Dh), ident), dim=2)
+        sin = torch.cat((sin.mul(scale).expand(B, N, H, Dh), sin.expand(B, N, Hkv, Dh), cos.new_zeros(1, 1, 1, 1).expand(B, N, Hkv, Dh)),
+                        dim=2)
+        matmul = use_matmul_attention(B, Hkv, self.rep * N, S, mask.device)
+        folded = self.fold_mask(mask.logical_not() if matmul else mask)
+        rows = torch.arange(B, device=slots.device)[:, None]
+        return LayerInputs(cos.to(dtype), sin.to(dtype), rows, slots, folded, matmul, S)
 
     def fuse(self) -> None:
         """Inference: one GEMM for q, k and v (see Transformer.fuse_projections)."""
         self.qkv_weight, self.qkv_bias = _fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def project(self, x, cos, sin):
-        """Pure part: q [B, N, H, Dh], k and v [B, N, Hkv, Dh], RoPE applied to q and k together
-        (a unit that compilers may fuse). cos/sin [B, N, 1, Dh]."""
+        """Pure part: q [B, N, H, Dh] (pre-scaled) and k, v [B, N, 2 Hkv, Dh], RoPE applied by
+        the per-head tables of `inputs` (a unit that compilers may fuse)."""
         B, N, _ = x.shape
         H, Hkv, Dh = self.n_heads, self.n_kv, self.head_dim
         if self.qkv_weight is not None:
             qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
         else:
             qkv = torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
-        qkv = qkv.view(B, N, H + 2 * Hkv, Dh)
-        qk = apply_rope(qkv[:, :, : H + Hkv], cos, sin)  # [B, N, H + Hkv, Dh]
-        return qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:]
+        qkv = apply_rope(qkv.view(B, N, H + 2 * Hkv, Dh), cos, sin)
+        return qkv[:, :, :H], qkv[:, :, H:]
 
-    def forward(self, x, cos, sin, layer: int, cache: KVCache, slots, mask, kv_len: int):
-        """mask: [B, 1, rep * N, S] bool, from `fold_mask`."""
+    def forward(self, x, inp: LayerInputs, layer: int, cache: KVCache):
         B, N, _ = x.shape
         H, Hkv, Dh = self.n_heads, self.n_kv, self.head_dim
-        q, k, v = self.project(x, cos, sin)
-        cache.write(layer, slots, k, v)
-        keys = cache.k[layer][:, :, :kv_len]  # [B, Hkv, S, Dh]
-        values = cache.v[layer][:, :, :kv_len]
+        q, kv = self.project(x, inp.cos, inp.sin)
+        cache.write(layer, inp.rows, inp.slots, kv)
+        keys = cache.k[layer][:, :, :inp.kv_len]  # [B, Hkv, S, Dh]
+        values = cache.v[layer][:, :, :inp.kv_len]
         # grouped-query attention: each kv head's query heads are folded into its query rows
         # (row r * N + n = head kv * rep + r, token n), so K and V are never copied per head
         q = q.transpose(1, 2).reshape(B, Hkv, self.rep * N, Dh)
-        if use_matmul_attention(q, kv_len):
-            out = attend_matmul(q, keys, values, mask)
+        if inp.matmul:
+            out = attend_matmul(q, keys, values, inp.mask)
         elif q.is_cuda and sdpa_kernel is not None:
             with sdpa_kernel(_SDPA_BACKENDS):
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B, Hkv, rep * N, Dh]
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=inp.mask, scale=1.0)  # [B, Hkv, rep * N, Dh]
         else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=inp.mask, scale=1.0)
         out = out.reshape(B, H, N, Dh)
         return self.o_proj(out.transpose(1, 2).reshape(B, N, H * Dh))
 
@@ -206,11 +245,16 @@ class MLP(nn.Module):
         self.gate_up_weight, _ = _fuse_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x):
-        if self.gate_up_weight is not None:
-            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        if self.gate_up_weight is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # fused (a GPU): the GEMM writes [2F, M], so gate and up are contiguous halves and the
+        # elementwise kernels vectorise; slicing [M, 2F] gives strided halves instead (H200,
+        # scripts/gpu/step_ops_bench.py: 13.7 -> 11.4 us per MLP at 64 tokens, equal at 1)
+        M = x.shape[:-1]
+        gate_up = torch.mm(self.gate_up_weight, x.reshape(-1, x.shape[-1]).t())  # [2F, M]
+        f = gate_up.shape[0] // 2
+        h = F.silu(gate_up[:f]).mul_(gate_up[f:])  # [F, M]
+        return F.linear(h.t(), self.down_proj.weight).view(*M, -1)
 
 
 class Block(nn.Module):
@@ -221,8 +265,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, layer, cache, slots, mask, kv_len):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, slots, mask, kv_len)
+    def forward(self, x, inp: LayerInputs, layer: int, cache: KVCache):
+        x = x + self.self_attn(self.input_layernorm(x), inp, layer, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def fuse(self) -> None:
@@ -294,13 +338,10 @@ class Transformer(nn.Module):
         mask: torch.Tensor,  # [B, N, S] bool: may query n see cache slot s (S = kv_len)
         logits_for: torch.Tensor | None | str = "all",  # "all" | None (no logits) | [B, M] indices into N
     ) -> ForwardOut:
-        kv_len = mask.shape[-1]
         x = self.embed_tokens(tokens)  # [B, N, D]
-        cos = self.rope_cos[positions][:, :, None].to(x.dtype)  # [B, N, 1, Dh]
-        sin = self.rope_sin[positions][:, :, None].to(x.dtype)
-        attn_mask = self.layers[0].self_attn.fold_mask(mask)  # [B, 1, rep * N, S], the same for every layer
+        inp = self.layers[0].self_attn.inputs(x.dtype, self.rope_cos, self.rope_sin, positions, slots, mask)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, i, cache, slots, attn_mask, kv_len)
+            x = layer(x, inp, i, cache)
         h = self.norm(x)  # [B, N, D]
         if logits_for is None:
             return ForwardOut(h, None)

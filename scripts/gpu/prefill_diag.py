@@ -20,7 +20,7 @@ def one(T: int, B: int = 1) -> float:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     with torch.inference_mode():
-        prefill(model, None, type(cache)(cache.k[:, :B], cache.v[:, :B]), toks, torch.zeros(B, dtype=torch.long, device="cuda"),
+        prefill(model, None, cache.rows(0, B), toks, torch.zeros(B, dtype=torch.long, device="cuda"),
                 BatchSampling.stack([SamplingParams()] * B, "cuda"), None)
     torch.cuda.synchronize()
     return (time.perf_counter() - t0) * 1e3

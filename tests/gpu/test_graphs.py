@@ -74,4 +74,4 @@ def test_matmul_attention_equals_sdpa_on_gpu(dtype):
         mask = (torch.arange(S, device="cuda")[None] < seen[:, None])[:, None, None, :].expand(B, 1, R, S)
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
         tol = 1e-5 if dtype == torch.float32 else 2e-2
-        torch.testing.assert_close(attend_matmul(q, k, v, mask).float(), ref, rtol=tol, atol=tol)
+        torch.testing.assert_close(attend_matmul(q, k, v, ~mask, scale=64 ** -0.5).float(), ref, rtol=tol, atol=tol)

@@ -181,7 +181,7 @@ def test_pool_random_walk_never_leaks():
 
 
 def test_tensor_row_helpers():
-    cache = KVCache(torch.arange(2 * 3 * 1 * 4 * 1.0).view(2, 3, 1, 4, 1), torch.zeros(2, 3, 1, 4, 1))
+    cache = KVCache(torch.stack([torch.arange(2 * 3 * 1 * 4 * 1.0).view(2, 3, 1, 4, 1), torch.zeros(2, 3, 1, 4, 1)], 1))
     before = cache.k.clone()
     swap_cache_rows(cache, Swap(0, 2, 2, 3))
     assert torch.equal(cache.k[:, 0, :, :3], before[:, 2, :, :3]) and torch.equal(cache.k[:, 2, :, :2], before[:, 0, :, :2])

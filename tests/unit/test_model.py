@@ -73,8 +73,7 @@ def test_matmul_attention_equals_sdpa(monkeypatch):
     def run(kind):
         monkeypatch.setattr(llama, "ATTENTION", kind)
         c = model.new_cache(3, 32)
-        c.k.copy_(cache.k)
-        c.v.copy_(cache.v)
+        c.kv.copy_(cache.kv)
         with torch.inference_mode():
             return model(tokens, pos, c, pos, mask).logits, c
 
@@ -84,7 +83,7 @@ def test_matmul_attention_equals_sdpa(monkeypatch):
     torch.testing.assert_close(out_cache.k, ref_cache.k)
     # on a CPU the automatic choice keeps SDPA
     monkeypatch.setattr(llama, "ATTENTION", "auto")
-    assert not llama.use_matmul_attention(torch.zeros(1, 3, 3, 8), 256)
+    assert not llama.use_matmul_attention(1, 3, 3, 256, torch.device("cpu"))
 
 
 def test_unknown_attention_setting_is_a_load_error(monkeypatch):
@@ -94,3 +93,51 @@ def test_unknown_attention_setting_is_a_load_error(monkeypatch):
     monkeypatch.setattr(llama, "ATTENTION", "flash")
     with pytest.raises(ModelLoadError, match="MEDUSA_ATTENTION"):
         llama.check_attention_setting()
+
+
+def test_layer_inputs_rotate_q_and_k_scale_q_and_pass_v_through():
+    """One set of per-head RoPE tables rotates the whole q/k/v projection: q comes out rotated
+    and scaled by Dh^-0.5 (the softmax scale), k rotated, v unchanged, bit for bit."""
+    model = tiny_model(seed=7, vocab=16)
+    attn = model.layers[0].self_attn
+    H, Hkv, Dh = attn.n_heads, attn.n_kv, attn.head_dim
+    B, N = 2, 5
+    x = torch.randn(B, N, model.cfg.hidden_size)
+    pos = torch.tensor([[0, 1, 2, 3, 4], [9, 10, 10, 11, 12]])
+    mask = torch.ones(B, N, 16, dtype=torch.bool)
+    inp = attn.inputs(x.dtype, model.rope_cos, model.rope_sin, pos, pos, mask)
+    q, kv = attn.project(x, inp.cos, inp.sin)
+    cos, sin = model.rope_cos[pos][:, :, None], model.rope_sin[pos][:, :, None]
+    raw_q = attn.q_proj(x).view(B, N, H, Dh)
+    raw_k = attn.k_proj(x).view(B, N, Hkv, Dh)
+    raw_v = attn.v_proj(x).view(B, N, Hkv, Dh)
+    torch.testing.assert_close(q, apply_rope(raw_q, cos, sin) * Dh ** -0.5)
+    torch.testing.assert_close(kv[:, :, :Hkv], apply_rope(raw_k, cos, sin))
+    assert torch.equal(kv[:, :, Hkv:], raw_v)
+    assert inp.rows.shape == (B, 1) and inp.kv_len == 16 and not inp.matmul  # a CPU keeps SDPA
+
+
+def test_kv_write_into_a_view_of_rows():
+    """The one-kernel K/V write lands at each row's slots through a view of some pool rows
+    (the engine's step runs on such views) and touches nothing else; a path commit moves
+    keys and values together."""
+    from medusa.model.kv_cache import KVCache
+
+    L, R, Hkv, S, Dh = 2, 4, 3, 10, 4
+    pool = KVCache(torch.zeros(L, 2, R, Hkv, S, Dh))
+    view = pool.rows(1, 3)  # rows 1 and 2
+    slots = torch.tensor([[2, 3, 4], [7, 8, 9]])
+    new = torch.randn(2, 3, 2 * Hkv, Dh)  # [B, N, keys' heads then values' heads, Dh]
+    view.write(1, torch.arange(2)[:, None], slots, new)
+    for b in range(2):
+        for n in range(3):
+            s = int(slots[b, n])
+            assert torch.equal(pool.k[1, 1 + b, :, s], new[b, n, :Hkv])
+            assert torch.equal(pool.v[1, 1 + b, :, s], new[b, n, Hkv:])
+    assert pool.kv[0].abs().sum() == 0 and pool.kv[:, :, [0, 3]].abs().sum() == 0
+    assert int((pool.kv != 0).sum()) == int((new != 0).sum())  # nothing written anywhere else
+    # commit: row 0 of the view keeps slots 3, 4 as 0, 1 (every layer, K and V alike)
+    before = pool.kv.clone()
+    view.commit_path(torch.tensor([[3, 4], [7, 8]]), torch.tensor([[0, 1], [7, 8]]))
+    assert torch.equal(pool.kv[:, :, 1, :, 0:2], before[:, :, 1, :, 3:5])
+    assert torch.equal(pool.kv[:, :, 2], before[:, :, 2])
