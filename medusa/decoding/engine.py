@@ -44,7 +44,8 @@ from medusa.decoding.kv_pool import RowPool, Swap, state_rows, swap_cache_rows, 
 from medusa.decoding.sampling import BatchSampling, SamplingParams, draw_uniforms
 from medusa.decoding.step import DecodeState, catch_up, kv_round, prefill, speculate
 from medusa.decoding.stopping import stop_cut
-from medusa.decoding.tree import NAMED_TREES, Tree, expected_accept_length, load_tree, prior_accuracies
+from medusa.decoding.tree import (NAMED_TREES, Tree, accepted_within, expected_accept_length, load_tree,
+                                  nodes_inside, prior_accuracies)
 from medusa.errors import RequestError, TreeError
 
 SPECULATION = ("auto", "on", "off")
@@ -237,6 +238,12 @@ class Engine:
         self.vocab = cfg.vocab_size
         self.max_pos = cfg.max_position_embeddings
         self.trees, self.default_tree = self._trees(heads, tree, trees)
+        # the smaller trees each tree holds: a step over a tree measures their acceptance too, on the
+        # same tokens (tree.accepted_within), so the policy compares trees on equal terms instead of
+        # on whichever stretch of text each one happened to run
+        self._inside = {big: [(n, inside) for n, t in self.trees.items()
+                              if 1 < t.num_nodes < b.num_nodes and (inside := nodes_inside(b, t)) is not None]
+                        for big, b in self.trees.items() if b.num_nodes > 2}
         self.max_seq_len = min(max_seq_len or DEFAULT_MAX_SEQ_LEN, self.max_pos)
         n_max = max(t.num_nodes for t in self.trees.values())
         self.row_len = self.max_seq_len + n_max + 1  # room for the last step's tree slots
@@ -766,7 +773,7 @@ class Engine:
             pad = [self.pool.length[r] for r in range(n, self._graphs.bucket(n))]
             acc, captured = self._graphs.run(tree, n, committed_max, sampling, self._sampling_key, uniforms,
                                              max_accept, pad)
-            rows = torch.cat([acc.length[:n, None], acc.tokens[:n]], 1).tolist()  # one host sync
+            rows = torch.cat([acc.length[:n, None], acc.tokens[:n], acc.path[:n]], 1).tolist()  # one host sync
         else:
             captured = False
             state = DecodeState(self.cache.rows(0, n), self.row_start[:n],
@@ -774,7 +781,7 @@ class Engine:
             kv_len = kv_round(committed_max + N, self.row_len)
             defer = self.row_deferred[:n] if self.row_deferred is not None and N == 1 else None
             acc = speculate(self.model, self.heads, tree, state, sampling, uniforms, max_accept, kv_len=kv_len, defer=defer)
-            rows = torch.cat([acc.length[:, None], acc.tokens], 1).tolist()  # one host sync
+            rows = torch.cat([acc.length[:, None], acc.tokens, acc.path], 1).tolist()  # one host sync
             self.row_start[:n], self.row_root[:n], self.row_hidden[:n] = state.start, state.root, state.last_hidden
             write_back(self.head_state, state.head_state, 0, n, self.pool.rows)
         dt = time.perf_counter() - t0
@@ -788,8 +795,12 @@ class Engine:
         self._tree_steps[tree.name] += 1
         if not captured:  # a capturing step's time is not the step's cost
             self.cost.record(n, N, dt)
-        if N > 1:
-            self.meter.record(tree.name, [row[0] + 1 for row, o in zip(rows, off) if not o])
+        if N > 1:  # rows: [accepted, D + 1 tokens, D + 1 path node ids]
+            spec = [row for row, o in zip(rows, off) if not o]
+            self.meter.record(tree.name, [row[0] + 1 for row in spec])
+            if not sampling.any_typical:
+                for sub, inside in self._inside.get(tree.name, ()):
+                    self.meter.record(sub, [1 + accepted_within(row[D + 3: D + 3 + row[0]], inside) for row in spec])
         for i, (live, row) in enumerate(zip(lives, rows)):  # before any release swaps rows
             self.pool.length[i] = live.kv_len + row[0] + 1
         for live, row in zip(lives, rows):

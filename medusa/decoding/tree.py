@@ -93,6 +93,35 @@ def chain(depth: int) -> list[Path_]:
     return [(0,) * d for d in range(1, depth + 1)]
 
 
+# ------------------------------------------------------------------ trees inside trees
+
+def nodes_inside(big: Tree, small: Tree) -> tuple[bool, ...] | None:
+    """Which of `big`'s nodes (by node id) belong to `small`, when every path of `small` is a
+    path of `big`; else None."""
+    inside = set(small.paths)
+    if not inside <= set(big.paths):
+        return None
+    return (True,) + tuple(p in inside for p in big.paths)
+
+
+def accepted_within(path: list[int], inside: tuple[bool, ...]) -> int:
+    """Candidates a sub-tree would have accepted in the step that verified its enclosing tree
+    and accepted `path` (the accepted node ids after the root, in order); inside: `nodes_inside`.
+
+    Exact for the greedy and the sampling rules: a node is accepted when its candidate equals
+    the one target token drawn at its parent, and siblings carry distinct candidates, so the
+    compatible nodes form a single chain from the root. A node's candidate depends only on its
+    path, so the sub-tree's candidates are the same, and it accepts the part of that chain it
+    holds (a prefix: a sub-tree holds the ancestors of its nodes). Typical acceptance may take
+    several children of one node: there it is a lower bound."""
+    n = 0
+    for node in path:
+        if not inside[node]:
+            break
+        n += 1
+    return n
+
+
 # ------------------------------------------------------------------ tree search
 
 def expected_accept_length(paths, acc) -> float:

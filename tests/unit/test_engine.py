@@ -546,3 +546,16 @@ def test_speculating_engine_re_measures_plain_cost_now_and_then(tiny, monkeypatc
     st = eng.stats()
     plain, spec = st["steps_by_tree"].get("ar", 0), st["steps_by_tree"].get(t.name, 0)
     assert spec > plain >= 1 and abs(plain - st["steps"] / 6) <= 2
+
+
+def test_a_step_measures_the_trees_inside_its_tree(tiny, tiny_heads):
+    """Steps over a tree also measure the acceptance of the smaller trees it holds (on the same
+    tokens), never one it does not hold; each measurement lies within what the sub-tree can accept."""
+    big = TREES["tree"]  # tree7 holds chain (0,), (0, 0), (0, 0, 0) and the 2-node tree (0,)
+    inner = {"chain3": TREES["chain"], "pair": build_tree([(0,)], "pair"), "other": build_tree([(2,)], "other")}
+    eng = Engine(tiny, tiny_heads, big, max_batch=3, max_seq_len=64, trees={big.name: big, **inner})
+    drain(eng, [eng.submit(Request(p, max_new_tokens=16, speculation="on")) for p in prompts(3, seed=4)])
+    counts = eng.meter.count
+    assert counts.get("tree7", 0) > 0 and counts.get("chain3") == counts["tree7"] == counts.get("pair")
+    assert "other" not in counts  # (2,) is not a path of tree7
+    assert 1.0 <= eng.meter.mean["pair"] <= 2.0 and 1.0 <= eng.meter.mean["chain3"] <= eng.meter.mean["tree7"]

@@ -143,3 +143,47 @@ def test_batched_engine_with_hydra_heads_equals_plain_greedy(head_type):
     outs = [h.result() for h in handles]
     assert [tokens for tokens, _ in outs] == plain
     assert max(stats.mean_accepted for _, stats in outs) > 1.0, "no guess accepted: multi-token commits untested"
+
+
+@pytest.mark.parametrize("head_type", ["hydra", "hydra++"])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_a_sub_tree_accepts_what_its_enclosing_tree_shows(head_type, sampled):
+    """The engine measures every smaller tree inside the verified one from the accepted path
+    (tree.accepted_within). That must be what the smaller tree accepts when it runs the same
+    step itself, for greedy rows and for sampled rows (uniforms drawn per depth, as the engine
+    draws them)."""
+    import copy
+
+    from medusa.decoding.sampling import BatchSampling, SamplingParams
+    from medusa.decoding.step import prefill, speculate
+    from medusa.decoding.tree import accepted_within, nodes_inside
+
+    base = tiny_model(seed=4)
+    heads = random_heads(base, head_type, std=0.6, seed=5)
+    acc_table = prior_accuracies(3, 6)
+    big = build_tree(search_tree(acc_table, 32), name="big")
+    subs = [build_tree(p, name=n) for n, p in (("chain", chain(3)), ("t4", search_tree(acc_table, 4)),
+                                               ("t8", search_tree(acc_table, 8)), ("t16", search_tree(acc_table, 16)))]
+    subs = [(t, nodes_inside(big, t)) for t in subs]
+    assert sum(inside is not None for _, inside in subs) >= 3
+    params = SamplingParams(temperature=0.9, top_p=0.95, rule="sample") if sampled else SamplingParams()
+    sampling = BatchSampling.stack([params] * 2, "cpu")
+    g = torch.Generator().manual_seed(11)
+    prompt = torch.randint(0, 61, (2, 6), generator=g)
+    with torch.inference_mode():
+        state = prefill(base, heads, base.new_cache(2, 96), prompt, torch.zeros(2, dtype=torch.long), sampling,
+                        torch.rand(2, 1, generator=g) if sampled else None)
+        seen = 0
+        for _ in range(12):
+            per_depth = torch.rand(2, big.max_depth + 1, generator=g)  # one draw per output position
+            ref = copy.deepcopy(state)
+            acc = speculate(base, heads, big, state, sampling, per_depth[:, big.depth] if sampled else None)
+            for t, inside in subs:
+                if inside is None:
+                    continue
+                alone = speculate(base, heads, t, copy.deepcopy(ref), sampling, per_depth[:, t.depth] if sampled else None)
+                for b in range(2):
+                    n = int(acc.length[b])
+                    assert accepted_within(acc.path[b, 1:1 + n].tolist(), inside) == int(alone.length[b]), (t.name, b)
+                    seen += int(alone.length[b])
+    assert seen > 0  # the sub-trees accepted something, so the check compared real paths
