@@ -747,6 +747,7 @@ class Engine:
         return tree
 
     def _decode(self) -> None:
+        t_in, caught = time.perf_counter(), self._time["catch_up"]
         n = self.pool.n_active
         lives = self._rows[:n]
         tree = self._choose(lives)
@@ -793,8 +794,6 @@ class Engine:
             self._plain_at[batch_bucket(n)] = self._steps
         self._steps += 1
         self._tree_steps[tree.name] += 1
-        if not captured:  # a capturing step's time is not the step's cost
-            self.cost.record(n, N, dt)
         if N > 1:  # rows: [accepted, D + 1 tokens, D + 1 path node ids]
             spec = [row for row, o in zip(rows, off) if not o]
             self.meter.record(tree.name, [row[0] + 1 for row in spec])
@@ -811,6 +810,13 @@ class Engine:
             live.step_tokens += k
             live.tree = tree.name
             self._emit(live, row[1:1 + k])
+        if not captured:  # a capturing step's time is not the step's cost
+            # the policy weighs a step's whole cost to the scheduler: choosing the tree, the step,
+            # recording acceptance, emitting tokens and finishing requests, less the Hydra++ catch-up
+            # (not the step's). At batch 64 on an H200 the host work outside the steps was 1.8 ms
+            # per step of the adaptive engine against 0.76 ms of a plain one, and counting only
+            # the step made trees look 10% better than plain decoding where they were at parity
+            self.cost.record(n, N, time.perf_counter() - t_in - (self._time["catch_up"] - caught))
 
     # -------------------------------------------------------------- output
     def _emit(self, live: _Live, new: list[int]) -> None:

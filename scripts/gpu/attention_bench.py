@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from medusa.model.llama import attend_matmul
+from step_ops_bench import graph_us  # this folder: scripts/gpu
 
 LAYERS = 30
 
@@ -37,29 +37,14 @@ def sdpa_with(backend):
     return fn
 
 
-def time_graph(fn, q, k, v, mask, replays: int = 30) -> float | None:
+def time_graph(fn, q, k, v, mask) -> float | None:
+    """Microseconds per call in a graph of LAYERS calls, or None where the backend does not take
+    the shape."""
     try:
-        for _ in range(2):
-            fn(q, k, v, mask)
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(LAYERS):
-                fn(q, k, v, mask)
-        g.replay()
-        torch.cuda.synchronize()
+        return graph_us(lambda: fn(q, k, v, mask), calls=LAYERS)
     except Exception as e:  # a backend that does not take this shape
         print(f"  ({type(e).__name__}: {str(e).splitlines()[0][:90]})")
         return None
-    times = []
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(replays):
-        e0.record()
-        g.replay()
-        e1.record()
-        torch.cuda.synchronize()
-        times.append(e0.elapsed_time(e1) * 1000 / LAYERS)
-    return statistics.median(times)
 
 
 def main() -> None:
