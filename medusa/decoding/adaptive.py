@@ -118,10 +118,11 @@ def batch_bucket(b: int) -> int:
 
 class StepCostModel:
     """Seconds per step of B rows x N nodes (the engine records a step's whole cost to its
-    scheduler: the step, then recording and emitting what it accepted). A given table {(batch, nodes): seconds} (from
-    `medusa bench --step-cost`, whose rows are batch-1 forwards over N query tokens) is read as
-    a function of the tokens per forward, B x N, interpolated linearly (proportional past the
-    largest measured forward): a wide tree at batch 1 costs what many rows of one token cost.
+    scheduler: the step, then recording and emitting what it accepted). A given table
+    {(batch, nodes): seconds} (from `medusa bench --step-cost`, whose rows are batch-1 forwards
+    over N query tokens) is read as a function of the tokens per forward, B x N, interpolated
+    linearly (proportional past the largest measured forward): a wide tree at batch 1 costs what
+    many rows of one token cost.
     The engine's own step times (per batch bucket and N) take over once measured. Without
     either, a combination is estimated linearly over N from two trees measured at the same
     batch size, else None (the policy then measures it)."""

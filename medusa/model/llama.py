@@ -111,7 +111,7 @@ class LayerInputs:
     sin: torch.Tensor  # signed sine (rope.py)
     rows: torch.Tensor  # [B, 1] row index of the cache write
     slots: torch.Tensor  # [B, N] cache slots where the new K/V go
-    mask: torch.Tensor  # [B, 1, rep * N, S] bool over folded query rows: True = visible for SDPA, True = hidden for matmul
+    mask: torch.Tensor  # [B, 1, rep * N, S] bool over folded query rows: True = visible (SDPA) / hidden (matmul)
     matmul: bool  # attention path: attend_matmul (else SDPA)
     kv_len: int  # S
 
@@ -184,16 +184,18 @@ class Attention(nn.Module):
         The attention path is chosen here, once, and the mask built in the form it takes."""
         B, N, S = mask.shape
         H, Hkv, Dh = self.n_heads, self.n_kv, self.head_dim
-        cos, sin = cos_t[positions][:, :, None], sin_t[positions][:, :, None]  # [B, N, 1, Dh] float32
         scale = Dh ** -0.5
-        ident = cos.new_ones(1, 1, 1, 1).expand(B, N, Hkv, Dh)
-        cos = torch.cat((cos.mul(scale).expand(B, N, H, Dh), cos.expand(B, N, Hkv, Dh), ident), dim=2)
-        sin = torch.cat((sin.mul(scale).expand(B, N, H, Dh), sin.expand(B, N, Hkv, Dh), cos.new_zeros(1, 1, 1, 1).expand(B, N, Hkv, Dh)),
-                        dim=2)
+
+        def per_head(table: torch.Tensor, v_value: float) -> torch.Tensor:  # [P, Dh] -> [B, N, H + 2 Hkv, Dh]
+            t = table[positions][:, :, None]  # [B, N, 1, Dh] float32
+            v = t.new_full((1, 1, 1, 1), v_value).expand(B, N, Hkv, Dh)
+            return torch.cat((t.mul(scale).expand(B, N, H, Dh), t.expand(B, N, Hkv, Dh), v), dim=2).to(dtype)
+
+        cos, sin = per_head(cos_t, 1.0), per_head(sin_t, 0.0)
         matmul = use_matmul_attention(B, Hkv, self.rep * N, S, mask.device)
         folded = self.fold_mask(mask.logical_not() if matmul else mask)
         rows = torch.arange(B, device=slots.device)[:, None]
-        return LayerInputs(cos.to(dtype), sin.to(dtype), rows, slots, folded, matmul, S)
+        return LayerInputs(cos, sin, rows, slots, folded, matmul, S)
 
     def fuse(self) -> None:
         """Inference: one GEMM for q, k and v (see Transformer.fuse_projections)."""
@@ -225,7 +227,8 @@ class Attention(nn.Module):
             out = attend_matmul(q, keys, values, inp.mask)
         elif q.is_cuda and sdpa_kernel is not None:
             with sdpa_kernel(_SDPA_BACKENDS):
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=inp.mask, scale=1.0)  # [B, Hkv, rep * N, Dh]
+                # [B, Hkv, rep * N, Dh]; the queries came pre-scaled
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=inp.mask, scale=1.0)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=inp.mask, scale=1.0)
         out = out.reshape(B, H, N, Dh)
