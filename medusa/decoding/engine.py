@@ -4,9 +4,10 @@ preallocated KV pool, each request with its own sampling, stopping and speculati
 One scheduler iteration (`Engine.step`):
   1. apply cancellations (a cancelled request's row is freed at once);
   2. admit waiting requests while a pool row is free (while rows run, arrivals wait a few steps
-     for company): the admitted rows prefill together in padded forwards on a view of their cache
-     rows (`step.prefill` with start > 0 where a kept session holds a prefix); fresh prompts run
-     at bucketed shapes, as CUDA graphs on a GPU (prefill_graphs.py);
+     for company): the admitted rows prefill in padded forwards on a view of their cache rows
+     (`step.prefill` with start > 0 where a kept session holds a prefix); fresh prompts, sorted
+     by length and split where padding would cost more than another forward, run at bucketed
+     shapes, as CUDA graphs on a GPU (prefill_graphs.py);
   3. one batched verification step (`step.speculate`) over all running rows: the running rows
      are kept in rows 0 .. n-1 of the pool (see kv_pool.py), so the step runs on a zero-copy
      view of them (on a GPU, as the CUDA graph of the batch bucket, idle rows padding it: see
@@ -39,7 +40,7 @@ import torch
 
 from medusa.decoding.batch_graphs import BatchGraphs, RowState
 from medusa.decoding.adaptive import AcceptanceMeter, Choice, StepCostModel, TreeOption, batch_bucket, choose_tree
-from medusa.decoding.prefill_graphs import PrefillGraphs
+from medusa.decoding.prefill_graphs import FIXED_TOKENS, PrefillGraphs, plan_groups
 from medusa.decoding.kv_pool import RowPool, Swap, state_rows, swap_cache_rows, swap_state_rows, write_back
 from medusa.decoding.sampling import BatchSampling, SamplingParams, draw_uniforms
 from medusa.decoding.step import DecodeState, catch_up, kv_round, prefill, speculate
@@ -403,8 +404,9 @@ class Engine:
         """Prepare for traffic; call it before the first request (it waits for running rows).
         1. With CUDA graphs: capture the greedy step of every batch bucket x tree (default: all
            the engine's trees) x KV bucket up to max_kv_len (default: max_seq_len), and the
-           prefill of every (rows, prompt length) bucket up to max_kv_len, so that no request
-           waits for a capture (sampled steps are captured on first use).
+           prefill of every (rows, prompt length) bucket up to max_kv_len (timing its replay, for
+           the split of admitted prompts into forwards), so that no request waits for a capture
+           (sampled steps are captured on first use).
         2. measure (with draft heads): time one step of each batch bucket x tree on idle rows and
            give the times to the adaptive policy, which then never spends a request's step on
            finding a cost out. Per bucket, trees are timed smallest first; one that could not
@@ -423,7 +425,7 @@ class Engine:
                 kvs = sorted({timer.kv_len(k, tree.num_nodes) for k in [*range(0, limit, 64), limit]})
                 todo += [lambda t=tree, b=b, kv=kv: timer.prepare(t, b, kv, self._idle_lengths(b))
                          for b in timer.buckets for kv in kvs]
-            todo += [lambda R=R, Tb=Tb: self._prefills.prepare(R, Tb) for R, Tb in self._prefills.shapes(limit)]
+            todo += [lambda R=R, Tb=Tb: self._prefills.prepare(R, Tb, measure=True) for R, Tb in self._prefills.shapes(limit)]
         timed = sorted({"ar", *names}, key=lambda n: self.trees[n].num_nodes)
         if not measure or self.heads is None or len(timed) < 2:
             timed = []
@@ -573,23 +575,32 @@ class Engine:
         return bool(waiting or running)
 
     def _admit(self) -> bool:
-        """Admit waiting requests while rows are free, then prefill them: together in padded
-        groups (one forward each) when prefill_tokens allows, else one by one."""
-        admitted: list[_Live] = []
+        """Admit waiting requests while rows are free, then prefill them in groups of consecutive
+        rows, one padded forward each. Fresh prompts come first, sorted by length and cut where
+        the padding saved outweighs a forward's fixed cost (prefill_graphs.plan_groups); requests
+        continuing a kept session follow, joining the last group while it fits."""
         if not self._admit_now():
             return False
-        while self.pool.can_admit():
-            with self._mu:
-                if not self._waiting:
-                    break
-                live = self._waiting.popleft()
+        with self._mu:
+            batch = [self._waiting.popleft()
+                     for _ in range(min(len(self._waiting), self.pool.max_active - self.pool.n_active))]
+        if not batch:
+            return False
+        batch.sort(key=lambda x: (x.req.session_id in self.pool.lru, len(x.req.prompt_ids)))  # stable: FIFO ties
+        admitted: list[_Live] = []
+        for live in batch:  # each takes the next row: the admitted rows are consecutive, in this order
             adm = self.pool.admit(live.req.request_id, live.req.prompt_ids, live.req.session_id)
             self._apply_swaps(adm.swaps)
             live.row, live.reused = adm.row, adm.reused
             self._rows[adm.row] = live
             admitted.append(live)
+        fresh = next((i for i, x in enumerate(admitted) if x.reused), len(admitted))
         groups: list[list[_Live]] = []
-        for live in admitted:  # rows are consecutive: a group is a contiguous block of rows
+        i = 0
+        for k in plan_groups([len(x.req.prompt_ids) for x in admitted[:fresh]], self._prefill_cost):
+            groups.append(admitted[i:i + k])
+            i += k
+        for live in admitted[fresh:]:
             if groups and self._fits(groups[-1] + [live]):
                 groups[-1].append(live)
             else:
@@ -620,6 +631,12 @@ class Engine:
         room = self.pool.max_active - self.pool.n_active
         # a deep queue waits for room too: rows freed one at a time would each cost a forward
         return min(waiting, room) >= self.admit_group or self._steps - oldest >= self.admit_wait_steps
+
+    def _prefill_cost(self, k: int, T: int) -> float | None:
+        """One prefill forward's cost for plan_groups: k fresh prompts of up to T tokens."""
+        if self._prefills is not None:
+            return self._prefills.cost(k, T)
+        return FIXED_TOKENS + k * T if k == 1 or k * T <= self.prefill_tokens else None
 
     def _fits(self, group: list[_Live]) -> bool:
         T = max(len(x.req.prompt_ids) - x.reused for x in group)

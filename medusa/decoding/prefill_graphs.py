@@ -17,8 +17,19 @@ already in the pool).
 
 All shapes share one staging buffer (views of its first R*Tb token slots), one token buffer,
 one hidden-state buffer and one graph memory pool: prefills run one at a time.
-`capture=False` runs the same padded forward eagerly (the CPU tests use it)."""
+`capture=False` runs the same padded forward eagerly (the CPU tests use it).
+
+Prompts admitted together are split into forwards by `plan_groups`: sorted by length, then cut
+where the padding saved outweighs a forward's fixed cost (`cost`: each bucket's replay time as
+measured at warm-up, else a fixed cost plus one per padded token slot). One forward over every
+prompt pads each to the longest: chat prompts are short with a long tail (MT-Bench: median 68
+tokens, longest 402), so 16 of them in one forward would mostly compute padding."""
 from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Callable
 
 import torch
 
@@ -29,6 +40,34 @@ from medusa.decoding.step import attention_mask
 from medusa.model.kv_cache import KVCache
 
 MIN_LEN_BUCKET = 16
+FIXED_TOKENS = 1024  # a prefill forward's fixed cost in padded token slots, until bucket times are measured
+
+
+def plan_groups(lengths: list[int], cost: Callable[[int, int], float | None]) -> list[int]:
+    """Cut prompts, in the given order, into consecutive groups that each share one padded
+    forward, minimising the summed cost. lengths: each prompt's new tokens (sort them first:
+    then a group's padding is the least the cut allows); cost(k, T): the cost of one forward
+    over k prompts of up to T tokens, None when they cannot share one (a group's cost must not
+    fall as it grows). A prompt alone is always allowed. Returns the group sizes, in order."""
+    n = len(lengths)
+    best = [0.0] + [math.inf] * n  # best[i]: the cheapest split of the first i prompts
+    cut = list(range(-1, n))  # cut[i]: where the last group of that split starts (at first: alone)
+    for i in range(1, n + 1):
+        T = 0
+        for j in range(i - 1, -1, -1):  # the last group is prompts j .. i-1
+            T = max(T, lengths[j])
+            c = cost(i - j, T)
+            if c is None and i - j > 1:
+                break  # more prompts, or longer ones, fit no better
+            c = 0.0 if c is None else c  # a prompt no forward takes runs alone whatever the split
+            if best[j] + c < best[i]:
+                best[i], cut[i] = best[j] + c, j
+    sizes = []
+    i = n
+    while i > 0:
+        sizes.append(i - cut[i])
+        i = cut[i]
+    return sizes[::-1]
 
 
 def length_buckets(max_len: int) -> tuple[int, ...]:
@@ -60,6 +99,8 @@ class PrefillGraphs:
         self.graphs: dict[tuple[int, int], object] = {}  # (R, Tb) -> replay
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.captures = 0
+        self.times: dict[tuple[int, int], float] = {}  # (R, Tb) -> seconds of one replay (measured at warm-up)
+        self._fit: tuple[float, float] = (float(FIXED_TOKENS), 1.0)  # cost = a + b * R * Tb when unmeasured
 
     # -------------------------------------------------------------- shapes
     def shape(self, k: int, T: int) -> tuple[int, int] | None:
@@ -112,13 +153,49 @@ class PrefillGraphs:
         self.captures += 1
         return g, True
 
+    def cost(self, k: int, T: int) -> float | None:
+        """What one prefill forward of k prompts of up to T tokens costs (for plan_groups): its
+        bucket's measured replay time, else a + b * R * Tb (fitted to the measured buckets, or
+        FIXED_TOKENS + R * Tb before any was measured). None when the bucket exceeds the capacity."""
+        shape = self.shape(k, T)
+        if shape is None:
+            return None
+        t = self.times.get(shape)
+        if t is not None:
+            return t
+        a, b = self._fit
+        return a + b * shape[0] * shape[1]
+
     # -------------------------------------------------------------- use
-    def prepare(self, R: int, Tb: int) -> bool:
-        """Capture the bucket's graph ahead of traffic. Returns whether one was captured."""
+    def prepare(self, R: int, Tb: int, measure: bool = False, repeats: int = 3) -> bool:
+        """Capture the bucket's graph ahead of traffic; with measure, also time its replay (the
+        median of `repeats`, for `cost`). Returns whether a graph was captured."""
         if not self.capture:
             return False
         with torch.inference_mode():
-            return self._replay(R, Tb)[1]
+            replay, captured = self._replay(R, Tb)
+            if measure:
+                times = []
+                for _ in range(repeats):  # replays write only the staging buffers
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    replay()
+                    torch.cuda.synchronize()
+                    times.append(time.perf_counter() - t0)
+                self.times[(R, Tb)] = statistics.median(times)
+                self._refit()
+        return captured
+
+    def _refit(self) -> None:
+        """Least squares of the measured times over R * Tb token slots (for unmeasured buckets)."""
+        pts = [(R * Tb, t) for (R, Tb), t in self.times.items()]
+        xs = {x for x, _ in pts}
+        if len(xs) < 2:
+            return
+        mx, my = statistics.fmean(x for x, _ in pts), statistics.fmean(t for _, t in pts)
+        b = sum((x - mx) * (t - my) for x, t in pts) / sum((x - mx) ** 2 for x, _ in pts)
+        b = max(b, 1e-12)
+        self._fit = (max(my - b * mx, 0.0), b)
 
     def run(self, tokens: torch.Tensor, cache: KVCache, lengths: torch.Tensor | None = None,
             head_state=None) -> torch.Tensor:

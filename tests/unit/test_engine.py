@@ -286,6 +286,27 @@ def test_grouped_prefill_mixes_reused_prefixes_and_lengths(tiny, tiny_heads, mon
         assert out == alone(tiny, p, tiny_heads, t, 12, stop=())
 
 
+def test_admitted_prompts_prefill_sorted_by_length_in_the_cheapest_split(tiny, monkeypatch):
+    """Prompts admitted together are sorted by length and cut into forwards by plan_groups: short
+    ones share a short bucket instead of padding to the longest; output is unchanged."""
+    from medusa.decoding.prefill_graphs import PrefillGraphs
+
+    eng = Engine(tiny, None, max_batch=8, max_seq_len=96, step_mode="padded", prefill_tokens=512)
+    shapes = []
+    real = PrefillGraphs.run
+    monkeypatch.setattr(PrefillGraphs, "run", lambda self, t, *a, **k: shapes.append(tuple(t.shape)) or real(self, t, *a, **k))
+    short, long = prompts(6, seed=31, lo=4, hi=12), prompts(2, seed=32, lo=70, hi=80)
+    ps = [long[0], *short[:3], long[1], *short[3:]]  # arrival order mixes them
+    hs = [eng.submit(Request(p, max_new_tokens=6, stop_token_ids=())) for p in ps]
+    res = drain(eng, hs)
+    # all eight in one forward would be 8 x 96 slots, over the capacity; arrival order would pad
+    # short prompts to 96 beside the long ones
+    assert shapes == [(6, max(map(len, short))), (2, max(map(len, long)))]
+    assert eng.stats()["prefill_forwards"] == 2
+    for p, (out, _) in zip(ps, res):
+        assert out == alone(tiny, p, n=6, stop=())
+
+
 def test_kept_sessions_are_bounded_below_the_context_end(tiny):
     """A session kept at the end of the context keeps at most keep_cap tokens (so a padding row's
     tree stays inside the cache and the model's positions); its next turn still decodes right."""
