@@ -190,28 +190,34 @@ def _hf(hf_model, eos: tuple[int, ...], device: torch.device):
 
 # ------------------------------------------------------------------ assembling and running
 
-def graph_runner(model, heads, longest: int, max_nodes: int):
+def graph_runner(model, heads, longest: int, max_nodes: int, longest_prompt: int | None = None):
     """A batch-1 CUDA-graph runner (medusa.decoding.graphs) for sequences up to `longest`
-    tokens and trees up to `max_nodes` nodes; None off CUDA."""
+    tokens and trees up to `max_nodes` nodes, its prompt graphs captured up to longest_prompt
+    tokens (so that no timed request pays a capture); None off CUDA."""
     if model.device.type != "cuda":
         return None
     from medusa.decoding.graphs import GraphRunner, kv_bucket
 
     cap = model.cfg.max_position_embeddings + max_nodes + 1
     need = min(model.cfg.max_position_embeddings, longest) + max_nodes + 1
-    return GraphRunner(model, heads, batch=1, max_len=kv_bucket(need, cap))
+    runner = GraphRunner(model, heads, batch=1, max_len=kv_bucket(need, cap))
+    if longest_prompt:
+        runner.prepare_prefill(longest_prompt)
+    return runner
 
 
 def prepare_modes(specs: list[ModeSpec], model, source, eos: tuple[int, ...], cli_tree: str | None = None,
                   hf_loader: Callable[[], object] | None = None,
-                  graphs_longest: int | None = None) -> tuple[list[Mode], dict[str, str]]:
+                  graphs_longest: int | None = None,
+                  longest_prompt: int | None = None) -> tuple[list[Mode], dict[str, str]]:
     """Build a runner per mode. graphs_longest: replay our decode steps as CUDA graphs (on a
-    CUDA device) for sequences up to this many tokens; None runs them eagerly.
+    CUDA device) for sequences up to this many tokens, prompts up to longest_prompt tokens;
+    None runs them eagerly.
     Returns (modes, skipped: label -> reason)."""
     modes, skipped, heads_cache = [], {}, {}
 
     def runner(heads, tree: Tree):
-        return graph_runner(model, heads, graphs_longest, tree.num_nodes) if graphs_longest else None
+        return graph_runner(model, heads, graphs_longest, tree.num_nodes, longest_prompt) if graphs_longest else None
 
     for spec in specs:
         if spec.kind == "ar":

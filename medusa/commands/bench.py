@@ -172,7 +172,8 @@ def run_decode(args) -> int:
 
         compile_blocks(model)
     modes, skipped = decode.prepare_modes(specs, model, src, eos, cli_tree=args.tree,
-                                          graphs_longest=longest if graphs else None)
+                                          graphs_longest=longest if graphs else None,
+                                          longest_prompt=max(len(i) for i in ids))
     for lab, why in skipped.items():
         print(f"medusa bench: {lab}: {why}", file=sys.stderr)
     if not modes:

@@ -96,8 +96,13 @@ def generate(
         cache = runner.cache if graphed else model.new_cache(1, max_len)
         tokens = torch.tensor([prompt_ids], dtype=torch.long, device=dev)
         head_state = runner.head_state if graphed else None
-        state = prefill(model, heads, cache, tokens, torch.zeros(1, dtype=torch.long, device=dev), sampling, uniforms(1),
-                        head_state=head_state)
+        body, lengths, seeing = None, None, heads  # graphed: the prompt's forward replays its bucket's graph
+        if graphed and runner.prefills.shape(1, len(prompt_ids)) is not None:
+            lengths = torch.tensor([len(prompt_ids)], device=dev)
+            body = lambda t: runner.prefills.run(t, cache, lengths, head_state)  # noqa: E731
+            seeing = None if runner.prefills.observes else heads  # the graph showed the heads the prompt
+        state = prefill(model, seeing, cache, tokens, torch.zeros(1, dtype=torch.long, device=dev), sampling, uniforms(1),
+                        head_state=head_state, lengths=lengths, body=body)
         if graphed:
             runner.load(state, sampling)
         out: list[int] = [int(state.root[0])]
@@ -120,8 +125,9 @@ def generate(
                 acc = runner.step(tree, len(prompt_ids) + len(out) - 1, uniforms(tree.num_nodes))
             else:
                 acc = speculate(model, heads, tree, state, sampling, uniforms(tree.num_nodes))
-            n = int(acc.length[0]) + 1
-            chunk_tokens = acc.tokens[0, :n].tolist()
+            row = torch.cat([acc.length[:1], acc.tokens[0]]).tolist()  # one host sync: [accepted, D + 1 tokens]
+            n = row[0] + 1
+            chunk_tokens = row[1:1 + n]
             produced = n
             out.extend(chunk_tokens)
             stats.steps += 1

@@ -38,6 +38,8 @@ def test_graphed_spec_equals_eager_ar(gpu_stack, mt_texts, tree):
         out, st = decode(s, ids, s.heads, tree, runner)
         assert out == ref
     assert runner.graphs, "no graph was captured"
+    # the prompts' forwards replayed graphs too (Hydra++: with the heads' prefix layer inside)
+    assert runner.prefills.graphs and ar_runner.prefills.graphs
 
 
 def test_graph_speed_report(gpu_stack, mt_texts):
