@@ -54,6 +54,7 @@ class _Bucket:
     max_accept: torch.Tensor  # [Bb] long
     uniforms: dict[int, torch.Tensor] = field(default_factory=dict)  # N -> [Bb, N]
     loaded: object = None  # key of the sampling rows now in the buffers
+    capped: object = None  # (running rows, depth) when max_accept holds the plain cap (no row off)
 
 
 @dataclass(frozen=True)
@@ -146,35 +147,39 @@ class BatchGraphs:
         cap = None
         if N > 1:
             cap = b.max_accept
-            if max_accept is None:
-                cap[:n].fill_(tree.max_depth)
-            else:
+            if max_accept is not None:
                 cap[:n].copy_(max_accept)
-            cap[n:].zero_()
+                cap[n:].zero_()
+                b.capped = None
+            elif b.capped != (n, tree.max_depth):  # the usual case, unchanged since the last step: no launches
+                cap[:n].fill_(tree.max_depth)
+                cap[n:].zero_()
+                b.capped = (n, tree.max_depth)
         kv_len = self.kv_len(committed_max, N)
-        state = self._view(Bb)
-        after = self._after(Bb)
         if not self.capture:
+            state = self._view(Bb)
             acc = speculate(self.model, self.heads, tree, state, s, u, cap, kv_len=kv_len, defer=self._defer(tree, Bb))
             R.start[:Bb], R.root[:Bb], R.hidden[:Bb] = state.start, state.root, state.last_hidden
-            after(state)
+            self._after(Bb)(state)
             return acc, False
-        g, captured = self._graph(tree, Bb, kv_len, state, s, u, cap, after)
+        g, captured = self._graph(tree, Bb, kv_len, s, u, cap)
         g.graph.replay()
         return g.acc, captured
 
-    def _graph(self, tree: Tree, Bb: int, kv_len: int, state: DecodeState, s: BatchSampling,
-               u: torch.Tensor | None, cap: torch.Tensor | None, after) -> tuple[_Captured, bool]:
+    def _graph(self, tree: Tree, Bb: int, kv_len: int, s: BatchSampling, u: torch.Tensor | None,
+               cap: torch.Tensor | None) -> tuple[_Captured, bool]:
+        """The graph of (tree, Bb, kv_len, sampling kind), captured over views of rows 0 .. Bb-1
+        on first use (a replay needs no views: host time per step)."""
         tkey = (tree.name, tree.paths)
-        dtree = self.trees.get(tkey)
-        if dtree is None:
-            dtree = self.trees[tkey] = tree.to(self.rows.start.device)
         key = (tkey, Bb, kv_len, s.any_random, s.any_typical)
         g = self.graphs.get(key)
         if g is not None:
             return g, False
-        g = self.graphs[key] = capture_step(self.model, self.heads, dtree, kv_len, state, s, u, cap, self.pool, after,
-                                            self._defer(tree, Bb))
+        dtree = self.trees.get(tkey)
+        if dtree is None:
+            dtree = self.trees[tkey] = tree.to(self.rows.start.device)
+        g = self.graphs[key] = capture_step(self.model, self.heads, dtree, kv_len, self._view(Bb), s, u, cap, self.pool,
+                                            self._after(Bb), self._defer(tree, Bb))
         self.captures += 1
         return g, True
 
@@ -187,10 +192,10 @@ class BatchGraphs:
         self.rows.start[:Bb].copy_(torch.tensor(lengths, dtype=torch.long))
         return self._view(Bb)
 
-    def _greedy_graph(self, tree: Tree, Bb: int, kv_len: int, state: DecodeState) -> tuple[_Captured, bool]:
+    def _greedy_graph(self, tree: Tree, Bb: int, kv_len: int) -> tuple[_Captured, bool]:
         b = self._bucket(Bb)
         cap = b.max_accept if tree.num_nodes > 1 else None
-        return self._graph(tree, Bb, kv_len, state, self._static(b), None, cap, self._after(Bb))
+        return self._graph(tree, Bb, kv_len, self._static(b), None, cap)
 
     def prepare(self, tree: Tree, Bb: int, kv_len: int, lengths: list[int]) -> bool:
         """Capture the greedy step for (tree, Bb, kv_len) ahead of traffic, while no row runs.
@@ -198,7 +203,8 @@ class BatchGraphs:
         Returns whether a graph was captured (False: it existed, or graphs are off)."""
         if not self.capture:
             return False
-        return self._greedy_graph(tree, Bb, kv_len, self._idle_state(Bb, lengths))[1]
+        self._idle_state(Bb, lengths)
+        return self._greedy_graph(tree, Bb, kv_len)[1]
 
     def time_step(self, tree: Tree, Bb: int, kv_len: int, lengths: list[int], repeats: int = 3) -> float:
         """Median seconds of a greedy step over Bb idle rows (a replay of its graph, or the padded
@@ -210,7 +216,7 @@ class BatchGraphs:
             state = self._idle_state(Bb, lengths)
             t0 = time.perf_counter()
             if self.capture:
-                g, _ = self._greedy_graph(tree, Bb, kv_len, state)
+                g, _ = self._greedy_graph(tree, Bb, kv_len)
                 g.graph.replay()
                 acc = g.acc
             else:

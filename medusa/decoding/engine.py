@@ -57,7 +57,6 @@ DEFAULT_MAX_SEQ_LEN = 2048
 SPEC_MARGIN = 0.1  # a tree must promise 10% more tokens/s than plain decoding (adaptive.choose_tree): under
 # load speculation also costs what step times miss (catching Hydra++ up, rows finishing out of step and so
 # more prefill forwards); a 25% margin did not fix concurrency 64 on an H100 and cost gains at 4 and 16
-KEEP_MIN_BATCH = 9  # batches of this many rows or more keep their tree choice CHOICE_STEPS steps (see _choose)
 REFRESH_EVERY = 256  # plain steps after which the most promising tree runs once to re-measure acceptance
 CHOICE_STEPS = 8
 
@@ -727,10 +726,11 @@ class Engine:
             name, reason = "ar", "every row has speculation off"
         elif "on" in modes:
             name, reason = self.default_tree.name, "a row asked for speculation on: the default tree"
-        elif (n >= KEEP_MIN_BATCH and self._memo is not None and self._memo[0] == (n, modes.count("auto"))
+        elif (self._memo is not None and self._memo[0] == (n, modes.count("auto"))
               and self._steps - self._memo[1] < CHOICE_STEPS):
-            # a large batch of the same size and switches keeps its choice a few steps: working it out
-            # costs host time, and the measurements it rests on move slowly
+            # a batch of the same size and switches keeps its choice a few steps: working it out
+            # costs host time while the GPU waits (0.1 ms a step on an H200's host, 4% of a batch-1
+            # Hydra++ step), and the measurements it rests on move slowly
             name, reason, rates = self._memo[2:]
         else:
             # acceptance does not depend on the batch: a tree not yet measured on `explore` rows is

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import heapq
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 
@@ -35,17 +36,17 @@ class Tree:
     def num_nodes(self) -> int:
         return len(self.paths) + 1
 
-    @property
+    @cached_property  # the engine asks every step
     def max_depth(self) -> int:
         return max((len(p) for p in self.paths), default=0)
 
-    @property
+    @cached_property
     def topk(self) -> int:
         return 1 + max((max(p) for p in self.paths), default=0)
 
     def to(self, device) -> "Tree":
-        kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
-        return Tree(**kw)
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Tree(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
 
     def to_json(self) -> str:
         return json.dumps({"name": self.name, "paths": [list(p) for p in self.paths]})

@@ -507,9 +507,10 @@ def test_generate_concurrency_matches_one_at_a_time(capsys, tmp_path):
     assert main(["generate", "--prompt-file", str(f), "--concurrency", "0"]) == 2
 
 
-def test_large_batches_keep_their_tree_choice_a_few_steps(tiny, monkeypatch):
-    """From KEEP_MIN_BATCH rows up the policy is worked out once per CHOICE_STEPS steps while the
-    batch size holds (host time per step), and again at once when the batch size changes."""
+@pytest.mark.parametrize("n", [1, 10])
+def test_a_batch_keeps_its_tree_choice_a_few_steps(tiny, monkeypatch, n):
+    """The policy is worked out once per CHOICE_STEPS steps while the batch size holds (host
+    time per step), and again at once when the batch size changes."""
     import medusa.decoding.engine as engine_mod
     from medusa.decoding.adaptive import Choice
 
@@ -522,7 +523,6 @@ def test_large_batches_keep_their_tree_choice_a_few_steps(tiny, monkeypatch):
         return Choice("ar", 100.0, "test: plain wins", {"ar": 100.0, t.name: 50.0})
 
     monkeypatch.setattr(engine_mod, "choose_tree", counting)
-    n = engine_mod.KEEP_MIN_BATCH + 1
     eng = Engine(tiny, heads, t, max_batch=n, max_seq_len=96, trees={t.name: t})
     hs = [eng.submit(Request(p, max_new_tokens=40, stop_token_ids=())) for p in prompts(n, seed=4)]
     drain(eng, hs)
