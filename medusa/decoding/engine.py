@@ -424,7 +424,8 @@ class Engine:
                 kvs = sorted({timer.kv_len(k, tree.num_nodes) for k in [*range(0, limit, 64), limit]})
                 todo += [lambda t=tree, b=b, kv=kv: timer.prepare(t, b, kv, self._idle_lengths(b))
                          for b in timer.buckets for kv in kvs]
-            todo += [lambda R=R, Tb=Tb: self._prefills.prepare(R, Tb, measure=True) for R, Tb in self._prefills.shapes(limit)]
+            todo += [lambda R=R, Tb=Tb: self._prefills.prepare(R, Tb, measure=True)
+                     for R, Tb in self._prefills.shapes(limit)]
         timed = sorted({"ar", *names}, key=lambda n: self.trees[n].num_nodes)
         if not measure or self.heads is None or len(timed) < 2:
             timed = []

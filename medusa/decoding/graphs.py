@@ -7,8 +7,8 @@ the whole verification step (heads, base forward over every tree node, acceptanc
 with no host synchronisation; the caller reads the accepted length back once per step.
 The prompt's forward replays the graph of its length bucket too (prefill_graphs.py, one row):
 an eager prefill costs its kernel launches, about as long as six decode steps of the default
-model on an H200 (median time to first token 16 ms). Where capture is impossible (no CUDA, or heads that synchronise), the
-runner reports it and callers decode eagerly."""
+model on an H200 (median time to first token 16 ms). Where capture is impossible (no CUDA, or
+heads that synchronise), the runner reports it and callers decode eagerly."""
 from __future__ import annotations
 
 from dataclasses import dataclass
