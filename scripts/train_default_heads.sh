@@ -23,6 +23,10 @@
 #   HEADS    which heads stage 2 trains and ships [medusa hydra]
 #   DISTILL_SECONDS [360]  MEDUSA_SECONDS [120]  HYDRA_SECONDS [200]  N_PROMPTS [20000: every prompt]  BATCH [128]
 #   MAX_NEW [512]  BATCH_TOKENS [16384]  EVAL_BATCHES [40]  MT_LIMIT [4]  MT_TOKENS [128]  PY [python3]
+#   INIT_HEADS  continue training these heads (a folder, or medusa | hydra for the shipped ones) [none: new heads]
+#   HYDRA_LR [1e-3]  MEDUSA_LR [1e-3]
+#   DISTILL_SEED [0]  another seed shuffles the prompts otherwise (another subset within a time limit) and
+#               samples other responses; the held-out split (a hash of the prompt id) stays the same
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:-all}
@@ -50,6 +54,9 @@ EVAL_BATCHES=${EVAL_BATCHES:-40}
 MT_LIMIT=${MT_LIMIT:-4}
 MT_TOKENS=${MT_TOKENS:-128}
 PY=${PY:-python3}
+HYDRA_LR=${HYDRA_LR:-1e-3}
+DISTILL_SEED=${DISTILL_SEED:-0}
+MEDUSA_LR=${MEDUSA_LR:-1e-3}
 ASSETS=${ASSETS:-medusa/assets/heads}
 mkdir -p "$WORK" "$OUT"
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$WORK/pipeline.log" >&2; }
@@ -59,7 +66,7 @@ stage1() {
   timeout $((DISTILL_SECONDS + 90)) $PY -m medusa.cli distill --model "$MODEL" \
     --prompts "$PROMPTS"/sharegpt_first_turns.jsonl "$PROMPTS"/code_alpaca_2k.json "$PROMPTS"/gsm8k_train.jsonl "$PROMPTS"/alpaca_en_demo.json \
     --out "$WORK/distill.jsonl" --limit "$N_PROMPTS" --max-new-tokens $MAX_NEW --sample-fraction 0.3 --temperature 0.7 \
-    --batch "$BATCH" --time-limit "$DISTILL_SECONDS" 2>&1 | tr '\r' '\n' | grep -v -E '^(distilling|tokenizing)' | tail -5 | tee -a "$WORK/pipeline.log" || log "distill stopped (timeout or error); the data so far is kept"
+    --batch "$BATCH" --time-limit "$DISTILL_SECONDS" --seed "$DISTILL_SEED" 2>&1 | tr '\r' '\n' | grep -v -E '^(distilling|tokenizing)' | tail -5 | tee -a "$WORK/pipeline.log" || log "distill stopped (timeout or error); the data so far is kept"
   log "distilled records: $(wc -l < "$WORK/distill.jsonl")"
   # the GPU tool returns files of at most 16 MiB: the data comes back in parts (cat them to rejoin)
   rm -f "$OUT"/distill.jsonl.gz.part-*
@@ -69,6 +76,11 @@ stage1() {
 train_heads() {  # name, seconds, train args...
   local name=$1 secs=$2; shift 2
   if [[ -f $WORK/$name/heads.json && -f $WORK/$name/.done ]]; then log "train $name: done already"; return; fi
+  if [[ -n ${INIT_HEADS:-} ]]; then
+    local init=$INIT_HEADS
+    [[ $init == medusa || $init == hydra || -d $init ]] || init=$INIT_HEADS/$name  # a folder of both
+    set -- "$@" --init-heads "$init"
+  fi
   log "train $name: ${secs}s $*"
   timeout $((secs + 75)) $PY -m medusa.cli train --model "$MODEL" --data "$WORK/distill.jsonl" --out "$WORK/$name" \
     --time-limit "$secs" --epochs 20 --batch-tokens $BATCH_TOKENS --max-len 1024 --warmup 30 --checkpoint-every 100 --eval-batches 10 "$@" \
@@ -97,8 +109,8 @@ stage2a() {
   log "stage 2 on $(wc -l < "$WORK/distill.jsonl") records, heads: $HEADS"
   for name in $HEADS; do
     case $name in
-      medusa) train_heads medusa "$MEDUSA_SECONDS" --head-type medusa --num-heads 5 --num-layers 1 --lr 1e-3 --teacher-weight 0 ;;
-      hydra) train_heads hydra "$HYDRA_SECONDS" --head-type hydra++ --num-heads 4 --num-layers 2 --prefix-intermediate 512 --lr 1e-3 --teacher-weight 1 ;;
+      medusa) train_heads medusa "$MEDUSA_SECONDS" --head-type medusa --num-heads 5 --num-layers 1 --lr "$MEDUSA_LR" --teacher-weight 0 ;;
+      hydra) train_heads hydra "$HYDRA_SECONDS" --head-type hydra++ --num-heads 4 --num-layers 2 --prefix-intermediate 512 --lr "$HYDRA_LR" --teacher-weight 1 ;;
       *) echo "unknown heads $name (HEADS takes medusa and/or hydra)" >&2; exit 2 ;;
     esac
   done

@@ -1,6 +1,7 @@
 """`medusa train`: train Medusa-1, Hydra or Hydra++ heads on distilled data over the frozen
-base model; resumable from the checkpoint in --out; writes heads.safetensors + heads.json
-(and train.json: the recipe and the evaluation history)."""
+base model, new or (--init-heads) continuing from trained ones; resumable from the checkpoint
+in --out; writes heads.safetensors + heads.json (and train.json: the recipe and the
+evaluation history)."""
 from __future__ import annotations
 
 import argparse
@@ -21,9 +22,12 @@ def register(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, help="distilled JSONL (medusa distill)")
     p.add_argument("--out", required=True, help="output folder (heads + checkpoint; rerun to resume)")
-    p.add_argument("--head-type", choices=HEAD_TYPES, default="medusa")
-    p.add_argument("--num-heads", type=int, default=4)
-    p.add_argument("--num-layers", type=int, default=1, help="residual blocks per head (Hydra: MLP depth)")
+    p.add_argument("--init-heads", metavar="DIR",
+                   help="start from these trained heads (a heads folder, or default | medusa | hydra for the shipped ones); "
+                        "their shape is kept, so the four shape options below may only repeat it")
+    p.add_argument("--head-type", choices=HEAD_TYPES, default=None, help="(default: medusa)")
+    p.add_argument("--num-heads", type=int, default=None, help="(default: 4)")
+    p.add_argument("--num-layers", type=int, default=None, help="residual blocks per head, Hydra: MLP depth (default: 1)")
     p.add_argument("--prefix-intermediate", type=int, default=None, help="Hydra++ prefix layer MLP width (default: the base's)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50, help="warm-up steps")
@@ -50,15 +54,51 @@ def build_new_heads(args, model, source_name: str):
     from medusa.heads.hydra import prefix_extra
     from medusa.heads.io import build_heads, fingerprint
 
-    if args.num_heads < 1 or args.num_layers < 1:
+    head_type = args.head_type or "medusa"
+    num_heads = 4 if args.num_heads is None else args.num_heads
+    num_layers = 1 if args.num_layers is None else args.num_layers
+    if num_heads < 1 or num_layers < 1:
         raise RequestError("--num-heads and --num-layers must be >= 1")
-    extra = prefix_extra(model, args.prefix_intermediate) if args.head_type == "hydra++" else {}
-    cfg = HeadsConfig(args.head_type, args.num_heads, args.num_layers, model.cfg.hidden_size, model.cfg.vocab_size,
+    extra = prefix_extra(model, args.prefix_intermediate) if head_type == "hydra++" else {}
+    cfg = HeadsConfig(head_type, num_heads, num_layers, model.cfg.hidden_size, model.cfg.vocab_size,
                       fingerprint(model), source_name, extra=extra)
     import torch
 
     torch.manual_seed(args.seed)
     return build_heads(cfg, model)
+
+
+def load_init_heads(args, model):
+    """The heads named by --init-heads, checked against the base model (fingerprint) and against
+    any shape option given with them; their searched tree is dropped (retrained heads need
+    their own: `medusa tree`)."""
+    from safetensors.torch import load_file
+
+    from medusa.heads.io import WEIGHTS, load_heads
+    from medusa.runtime import SHIPPED_HEADS, shipped_heads_dir
+
+    spec = args.init_heads
+    if spec in ("default", *SHIPPED_HEADS):
+        names = SHIPPED_HEADS if spec == "default" else (spec,)
+        folder = next((d for d in map(shipped_heads_dir, names) if d is not None), None)
+        if folder is None:
+            raise RequestError(f"--init-heads {spec}: no shipped {spec} heads in this installation")
+    else:
+        folder = Path(spec)
+    heads = load_heads(folder, model)  # checks the files and the base model's fingerprint
+    heads.float().load_state_dict(load_file(str(folder / WEIGHTS)))  # the stored values exactly (no detour through bfloat16)
+    c = heads.config
+    given = {"--head-type": (args.head_type, c.head_type), "--num-heads": (args.num_heads, c.num_heads),
+             "--num-layers": (args.num_layers, c.num_layers)}
+    if args.prefix_intermediate is not None:
+        given["--prefix-intermediate"] = (args.prefix_intermediate, int(c.extra.get("prefix", {}).get("intermediate_size", -1)))
+    for flag, (want, have) in given.items():
+        if want is not None and want != have:
+            raise RequestError(f"{flag} {want} does not match the heads in {folder} ({have}); "
+                               f"leave it out to continue training them as they are")
+    if c.tree is not None:
+        heads.config = dataclasses.replace(c, tree=None)
+    return heads
 
 
 def run(args) -> int:
@@ -70,9 +110,8 @@ def run(args) -> int:
     from medusa.training.data import read_records, split
     from medusa.training.trainer import TrainConfig, Trainer
 
-    teacher = args.teacher_weight if args.teacher_weight is not None else (1.0 if args.head_type == "hydra++" else 0.0)
-    if not 0.0 <= teacher <= 1.0:
-        raise RequestError(f"--teacher-weight must be in [0, 1], got {teacher}")
+    if args.teacher_weight is not None and not 0.0 <= args.teacher_weight <= 1.0:
+        raise RequestError(f"--teacher-weight must be in [0, 1], got {args.teacher_weight}")
     if args.lr <= 0 or args.batch_tokens < 1 or args.max_len < 4:
         raise RequestError("--lr, --batch-tokens and --max-len must be positive (max-len >= 4)")
     records = read_records(args.data)
@@ -81,7 +120,9 @@ def run(args) -> int:
         raise RequestError(f"{args.data} holds no training records")
     stack = load_stack(args.model, heads="none", dtype=args.dtype, device=args.device)
     model = stack.model
-    heads = build_new_heads(args, model, stack.source.name)
+    heads = load_init_heads(args, model) if args.init_heads else build_new_heads(args, model, stack.source.name)
+    head_type = heads.config.head_type
+    teacher = args.teacher_weight if args.teacher_weight is not None else (1.0 if head_type == "hydra++" else 0.0)
     cfg = TrainConfig(lr=args.lr, warmup_steps=args.warmup, weight_decay=args.weight_decay, epochs=args.epochs,
                       max_steps=args.max_steps, max_tokens=args.batch_tokens, max_len=args.max_len, head_decay=args.head_decay,
                       teacher_weight=teacher, seed=args.seed, time_limit=args.time_limit, checkpoint_every=args.checkpoint_every,
@@ -90,10 +131,12 @@ def run(args) -> int:
     trainer = Trainer(model, heads, train, held, cfg, checkpoint_dir=out / "ckpt")
     resumed = trainer.load_checkpoint()
     n_params = sum(p.numel() for p in heads.parameters())
-    print(f"train: {args.head_type} x{args.num_heads} ({n_params / 1e6:.2f}M params) on {len(train)} records "
+    print(f"train: {head_type} x{heads.config.num_heads} ({n_params / 1e6:.2f}M params) on {len(train)} records "
           f"({sum(len(r.response_ids) for r in train)} response tokens), {len(held)} held out, device {model.device}"
-          + (f", resumed at step {trainer.state.step}" if resumed else ""), file=sys.stderr)
-    bar = tqdm(total=trainer.state.total_steps, initial=trainer.state.step, desc=f"training {args.head_type}", unit="step")
+          + (f", from the heads in {args.init_heads}" if args.init_heads else "")
+          + (f", resumed at step {trainer.state.step}" if resumed else "")
+          + ("" if trainer.recompute else ", logits kept for backward"), file=sys.stderr)
+    bar = tqdm(total=trainer.state.total_steps, initial=trainer.state.step, desc=f"training {head_type}", unit="step")
 
     def on_step(m: dict) -> None:
         if bar.total != m["total_steps"]:
@@ -112,7 +155,7 @@ def run(args) -> int:
     save_heads(heads.to(DTYPES[args.save_dtype]), out)
     recipe = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "train": dataclasses.asdict(cfg),
               "records": len(train), "heldout_records": len(held), "response_tokens": sum(len(r.response_ids) for r in train),
-              "params": n_params, "steps": state.step, "epochs_done": state.epoch, "seconds_this_run": round(time.perf_counter() - t0, 1),
+              "params": n_params, "init_heads": args.init_heads, "recompute_logits": trainer.recompute, "steps": state.step, "epochs_done": state.epoch, "seconds_this_run": round(time.perf_counter() - t0, 1),
               "device": str(model.device) + (f" ({torch.cuda.get_device_name()})" if model.device.type == "cuda" else ""),
               "history": state.history}
     (out / "train.json").write_text(json.dumps(recipe, indent=1))

@@ -6,7 +6,8 @@ The alignment, in one place (t = position of the last token the head has seen):
 - Medusa / Hydra head i at t guesses token t+2+i (`head_targets`);
 - Hydra head i at t also reads the embeddings of tokens t+1 .. t+1+i (`path_embeddings`),
   which at inference are the root and the tree path above the guessed node;
-- the teacher distribution for head i at t is the base model's at t+1+i (`teacher_hidden`).
+- the teacher distribution for head i at t is the base model's at t+1+i (`teacher_rows`); the
+  positions any head needs are those followed by a response token (`teacher_positions`).
 
 Knows nothing of optimisers, data files or trees."""
 from __future__ import annotations
@@ -38,9 +39,16 @@ def path_embeddings(base, tokens: torch.Tensor, head: int) -> torch.Tensor:
     return torch.stack([shift_left(emb, j, 0.0) for j in range(1, head + 2)], dim=2)
 
 
-def teacher_hidden(hidden: torch.Tensor, head: int) -> torch.Tensor:
-    """[B, T, D]: the base hidden state whose LM-head distribution head `head` learns at t."""
-    return shift_left(hidden, 1 + head, 0.0)
+def teacher_positions(target_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: positions s whose base distribution some head learns (token s+1 is a
+    response token). Head i's valid positions t map into them: s = t+1+i, token t+2+i."""
+    return shift_left(target_mask, 1, False)
+
+
+def teacher_rows(row: torch.Tensor, head: int) -> torch.Tensor:
+    """[B, T]: for every position t, the teacher row (of `row` [B, T], from
+    losses.teacher_probs) of the base distribution head `head` learns at t: position t+1+head."""
+    return shift_left(row, 1 + head, -1)
 
 
 @torch.no_grad()

@@ -2,9 +2,11 @@
 (soft cross-entropy against the base model's distribution at the matching position), and
 per-head weights decaying with the head's distance.
 
-The LM head over a 49k vocabulary dominates memory, so losses run on the valid positions
-only, in row chunks, under activation checkpointing (logits are recomputed in backward).
-Knows nothing of data files, optimisers or trees."""
+The LM head over a 49k vocabulary dominates the cost. The teacher distribution of a position
+is the same for every head that learns it, so it is computed once per batch
+(`teacher_probs`) and each head reads its rows by index. Losses run on the valid positions
+only, in row chunks; with `checkpointed` the head's logits are recomputed in backward (less
+memory, one more LM-head pass). Knows nothing of data files, optimisers or trees."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,35 +30,52 @@ class HeadLoss:
     rows: int
 
 
-def _chunk_loss(z, targets, teacher_h, lm, teacher_lm, teacher_weight: float):
+@torch.no_grad()
+def teacher_probs(hidden: torch.Tensor, needed: torch.Tensor, teacher_lm) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base distribution at every needed position, computed once: hidden [B, T, D], needed
+    [B, T] bool -> (probs [N, V] float32, row [B, T] long: the row of position (b, t) in probs,
+    -1 where not needed). teacher_lm: [.., D] -> [.., V]."""
+    hs = hidden[needed]  # [N, D]
+    N = hs.shape[0]
+    probs = hidden.new_zeros(0, 0, dtype=torch.float32)
+    for a in range(0, N, CHUNK_ROWS):
+        q = F.softmax(teacher_lm(hs[a: a + CHUNK_ROWS]).float(), dim=-1)
+        if a == 0:
+            probs = q.new_empty(N, q.shape[-1])
+        probs[a: a + q.shape[0]] = q
+    row = torch.full(needed.shape, -1, dtype=torch.long, device=hidden.device)
+    row[needed] = torch.arange(N, device=hidden.device)
+    return probs, row
+
+
+def _chunk_loss(z, targets, q_rows, q_all, lm, teacher_weight: float):
     logits = lm(z).float()  # [M, V]
     logp = F.log_softmax(logits, dim=-1)
     loss = torch.zeros((), device=z.device)
     if teacher_weight < 1.0:
         loss = loss + (1.0 - teacher_weight) * F.nll_loss(logp, targets, reduction="sum")
     if teacher_weight > 0.0:
-        with torch.no_grad():
-            q = F.softmax(teacher_lm(teacher_h).float(), dim=-1)  # [M, V]
-        loss = loss - teacher_weight * (q * logp).sum()
+        loss = loss - teacher_weight * (q_all[q_rows] * logp).sum()
     correct = (logits.detach().argmax(-1) == targets).sum()
     return loss, correct
 
 
-def head_loss(z: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, lm, teacher_lm=None,
-              teacher_h: torch.Tensor | None = None, teacher_weight: float = 0.0, checkpointed: bool = True) -> HeadLoss:
-    """z [B, T, D] head features, targets/valid [B, T], teacher_h [B, T, D] (base hidden at the
-    matching position) -> mean loss over valid rows. lm / teacher_lm: [.., D] -> [.., V]."""
+def head_loss(z: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, lm, teacher: torch.Tensor | None = None,
+              teacher_row: torch.Tensor | None = None, teacher_weight: float = 0.0, checkpointed: bool = True) -> HeadLoss:
+    """z [B, T, D] head features, targets/valid [B, T] -> mean loss over the valid rows.
+    lm: [.., D] -> [.., V]. With teacher_weight > 0: teacher [N, V] (`teacher_probs`) and
+    teacher_row [B, T], the row of the matching base distribution for every position."""
     zs = z[valid]  # [M, D]
     ts = targets[valid]  # [M]
-    hs = teacher_h[valid] if teacher_weight > 0 else None
     M = zs.shape[0]
     if M == 0:
         return HeadLoss(z.sum() * 0.0, torch.zeros((), dtype=torch.long, device=z.device), 0)
+    rows = teacher_row[valid] if teacher_weight > 0 else ts  # [M] (unused without a teacher)
     total = torch.zeros((), device=z.device)
     correct = torch.zeros((), dtype=torch.long, device=z.device)
     for a in range(0, M, CHUNK_ROWS):
-        args = (zs[a: a + CHUNK_ROWS], ts[a: a + CHUNK_ROWS], hs[a: a + CHUNK_ROWS] if hs is not None else None)
-        fn = lambda z_, t_, h_: _chunk_loss(z_, t_, h_, lm, teacher_lm, teacher_weight)  # noqa: E731
+        args = (zs[a: a + CHUNK_ROWS], ts[a: a + CHUNK_ROWS], rows[a: a + CHUNK_ROWS])
+        fn = lambda z_, t_, r_: _chunk_loss(z_, t_, r_, teacher, lm, teacher_weight)  # noqa: E731
         loss, c = checkpoint(fn, *args, use_reentrant=False) if (checkpointed and torch.is_grad_enabled()) else fn(*args)
         total = total + loss
         correct = correct + c

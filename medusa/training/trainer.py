@@ -19,8 +19,8 @@ from typing import Callable
 import torch
 
 from medusa.training.data import Record, iterate_batches, plan_batches
-from medusa.training.features import base_hidden, head_features, head_lm, head_targets, teacher_hidden
-from medusa.training.losses import head_loss, head_weights
+from medusa.training.features import base_hidden, head_features, head_lm, head_targets, teacher_positions, teacher_rows
+from medusa.training.losses import head_loss, head_weights, teacher_probs
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class TrainConfig:
     time_limit: float | None = None  # seconds; fit the schedule to it
     checkpoint_every: int = 200  # steps (0: only at the end)
     eval_batches: int = 40  # held-out batches per evaluation (0: all)
+    recompute_logits: bool | None = None  # recompute head logits in backward (None: only when memory is short)
 
 
 @dataclass
@@ -76,12 +77,24 @@ class Trainer:
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
         self.weights = head_weights(heads.config.num_heads, cfg.head_decay)
+        self.recompute = cfg.recompute_logits if cfg.recompute_logits is not None else not self._logits_fit()
         self.state = TrainState()
         per_epoch = len(self._plan(0))
         self.state.total_steps = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
         self.ckpt = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir else None
 
     # ------------------------------------------------------------------ pieces
+
+    def _logits_fit(self) -> bool:
+        """Whether every head's logits for a full batch can stay in memory for backward: the
+        log-probabilities and the teacher rows they meet (float32, [rows, V] each), per head,
+        plus the shared teacher table, within 70% of the free GPU memory. CPUs recompute."""
+        if self.device.type != "cuda":
+            return False
+        V = self.heads.config.vocab_size
+        need = self.cfg.max_tokens * V * 4 * (2 * self.heads.config.num_heads + 1)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return need < 0.7 * free
 
     def _plan(self, epoch: int) -> list[list[int]]:
         return plan_batches(self.train_records, self.cfg.max_tokens, self.cfg.max_len, self.cfg.seed, epoch)
@@ -90,14 +103,17 @@ class Trainer:
         """Weighted loss and per-head (loss, correct, rows) on one batch."""
         tokens, mask = tokens.to(self.device), mask.to(self.device)
         hidden = base_hidden(self.base, tokens)  # [B, T, D], no grad
+        tw = self.cfg.teacher_weight
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            # the base distribution at each position, once for all heads
+            teacher, row = teacher_probs(hidden, teacher_positions(mask), self.base.lm_head) if tw > 0 else (None, None)
             feats = head_features(self.heads, self.base, tokens, hidden)  # K x [B, T, D]
             per_head = []
             total = torch.zeros((), device=self.device)
             for i, z in enumerate(feats):
                 targets, valid = head_targets(tokens, mask, i)
-                hl = head_loss(z, targets, valid, lambda x, i=i: head_lm(self.heads, i, x, self.base),
-                               self.base.lm_head, teacher_hidden(hidden, i), self.cfg.teacher_weight)
+                hl = head_loss(z, targets, valid, lambda x, i=i: head_lm(self.heads, i, x, self.base), teacher,
+                               teacher_rows(row, i) if tw > 0 else None, tw, checkpointed=self.recompute)
                 total = total + self.weights[i] * hl.loss
                 per_head.append(hl)
         return total / sum(self.weights), per_head

@@ -19,7 +19,9 @@ from medusa.training.accuracy import HeadAccuracy, head_accuracy, trees_for_budg
 from medusa.training.data import (Record, collate, mix_prompts, plan_batches, read_prompt_file, read_records, sampled_mode,
                                   split)
 from medusa.training.distill import DistillJob, distill
-from medusa.training.features import base_hidden, head_features, head_targets, path_embeddings, teacher_hidden
+from medusa.training.features import (base_hidden, head_features, head_targets, path_embeddings, shift_left, teacher_positions,
+                                      teacher_rows)
+from medusa.training.losses import head_loss, teacher_probs
 from medusa.training.trainer import TrainConfig, Trainer, lr_at
 
 V = 37
@@ -81,8 +83,8 @@ def test_hydra_inputs_are_the_path_embeddings():
         for t in range(6 - 2 - i):  # positions with a target
             for j in range(i + 1):
                 torch.testing.assert_close(pe[0, t, j], emb[t + 1 + j])  # tokens t+1 .. t+1+i
-    hidden = torch.arange(6.0)[None, :, None].expand(1, 6, 4)
-    assert teacher_hidden(hidden, 1)[0, :4, 0].tolist() == [2.0, 3.0, 4.0, 5.0]  # head 1 at t: base at t+2
+    row = torch.arange(6)[None]
+    assert teacher_rows(row, 1)[0].tolist() == [2, 3, 4, 5, -1, -1]  # head 1 at t: base at t+2
 
 
 def test_medusa_features_are_the_blocks_on_the_hidden_state():
@@ -92,6 +94,47 @@ def test_medusa_features_are_the_blocks_on_the_hidden_state():
     hidden = base_hidden(base, tokens)
     feats = head_features(heads, base, tokens, hidden)
     torch.testing.assert_close(feats[0], hidden)  # zero-initialised residual blocks: z = h
+
+
+def test_the_shared_teacher_table_gives_each_head_the_base_distribution_at_t_plus_1_plus_i():
+    base = tiny_base()
+    heads = new_heads(base, "hydra++")
+    torch.manual_seed(1)
+    for p_ in heads.parameters():
+        torch.nn.init.normal_(p_, std=0.1)
+    b = collate(pattern_records(3), 64)
+    tokens, mask = b.tokens, b.target_mask
+    hidden = base_hidden(base, tokens)
+    table, row = teacher_probs(hidden, teacher_positions(mask), base.lm_head)
+    assert table.shape == (int(teacher_positions(mask).sum()), V)
+    feats = head_features(heads, base, tokens, hidden)
+    for i, z in enumerate(feats):
+        targets, valid = head_targets(tokens, mask, i)
+        assert bool((teacher_rows(row, i)[valid] >= 0).all())  # every valid row has its teacher
+        # reference: the base distribution at t+1+i, computed directly for this head
+        q = torch.softmax(base.lm_head(shift_left(hidden, 1 + i, 0.0)[valid]), -1)
+        logp = torch.log_softmax(base.lm_head(z[valid]), -1)
+        want = -(q * logp).sum() / int(valid.sum())
+        got = head_loss(z, targets, valid, base.lm_head, table, teacher_rows(row, i), 1.0).loss
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("teacher_weight", [0.0, 0.5, 1.0])
+def test_kept_and_recomputed_logits_give_the_same_step(teacher_weight):
+    base = tiny_base()
+    records = pattern_records(8)
+    runs = []
+    for recompute in (True, False):
+        cfg = TrainConfig(lr=1e-2, warmup_steps=1, max_steps=2, max_tokens=200, teacher_weight=teacher_weight,
+                          recompute_logits=recompute)
+        t = Trainer(base, new_heads(base, "hydra++", seed=3), records, [], cfg)
+        assert t.recompute is recompute
+        t.fit()
+        runs.append(t.heads.state_dict())
+    for name, a in runs[0].items():
+        torch.testing.assert_close(a, runs[1][name], msg=name)
+    assert TrainConfig().recompute_logits is None
+    assert Trainer(base, new_heads(base, "medusa"), records, [], TrainConfig()).recompute  # a CPU recomputes
 
 
 # ------------------------------------------------------------------ training
@@ -295,3 +338,47 @@ def test_distill_time_limit_keeps_long_prefixes_and_stops_submitting(tmp_path):
     s = distill(eng, jobs, tmp_path / "d.jsonl", window=3, time_limit=0.2)
     assert len(eng.requests) == 3 and s.written == 3 and s.failed == 7
     assert all(r.response_ids == [7] * 40 for r in read_records(tmp_path / "d.jsonl"))
+
+
+# ------------------------------------------------------------------ `medusa train --init-heads`
+
+
+def _train_cli(capsys, *args):
+    from medusa.cli import main
+
+    code = main(["train", *args])
+    _, err = capsys.readouterr()
+    return code, err
+
+
+def test_train_continues_from_the_shipped_heads(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from medusa.runtime import shipped_heads_dir
+
+    shipped = shipped_heads_dir("hydra")
+    if shipped is None:
+        pytest.skip("no shipped Hydra++ heads")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(Record(f"r{i}", "greedy", [1, 2 + i, 3], [(7 * i + 11 * k) % 1000 + 5 for k in range(20)]).to_json() + "\n"
+                            for i in range(8)))
+    out = tmp_path / "heads"
+    common = ["--data", str(data), "--out", str(out), "--max-steps", "1", "--batch-tokens", "256", "--max-len", "32",
+              "--warmup", "1", "--heldout", "0", "--eval-batches", "1", "--dtype", "float32", "--device", "cpu"]
+    code, err = _train_cli(capsys, *common, "--init-heads", "hydra", "--lr", "1e-3")
+    assert code == 0, err
+    assert "from the heads in hydra" in err
+    old, new = load_file(str(shipped / "heads.safetensors")), load_file(str(out / "heads.safetensors"))
+    assert old.keys() == new.keys()
+    moved = 0
+    for k in old:  # one AdamW step of at most ~lr from the shipped weights, not a fresh start
+        torch.testing.assert_close(new[k].float(), old[k].float(), atol=3e-3, rtol=3e-3, msg=k)
+        moved += int(not torch.equal(new[k], old[k]))
+    assert moved > 0
+    cfg = json.loads((out / "heads.json").read_text())
+    assert cfg["head_type"] == "hydra++" and cfg["num_layers"] == 2 and cfg["tree"] is None  # the tree is searched anew
+    # a shape option that contradicts the heads is a one-line user error, exit code 2
+    code, err = _train_cli(capsys, *common, "--out", str(tmp_path / "other"), "--init-heads", "hydra", "--num-layers", "3")
+    assert code == 2 and "--num-layers 3 does not match" in err and "Traceback" not in err
+    code, err = _train_cli(capsys, *common, "--out", str(tmp_path / "other"), "--init-heads", str(tmp_path / "missing"))
+    assert code == 2 and "is not a heads folder" in err
