@@ -70,8 +70,9 @@ def build_new_heads(args, model, source_name: str):
 
 def load_init_heads(args, model):
     """The heads named by --init-heads, checked against the base model (fingerprint) and against
-    any shape option given with them; their searched tree is dropped (retrained heads need
-    their own: `medusa tree`)."""
+    any shape option given with them. Their searched tree and accuracy table describe the old
+    weights and are dropped (retrained heads get their own from `medusa eval heads` and
+    `medusa tree`)."""
     from safetensors.torch import load_file
 
     from medusa.heads.io import WEIGHTS, load_heads
@@ -96,8 +97,8 @@ def load_init_heads(args, model):
         if want is not None and want != have:
             raise RequestError(f"{flag} {want} does not match the heads in {folder} ({have}); "
                                f"leave it out to continue training them as they are")
-    if c.tree is not None:
-        heads.config = dataclasses.replace(c, tree=None)
+    stale = ("tree_expected_accept_length", "rank_accuracy")
+    heads.config = dataclasses.replace(c, tree=None, extra={k: v for k, v in c.extra.items() if k not in stale})
     return heads
 
 

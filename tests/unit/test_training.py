@@ -376,7 +376,8 @@ def test_train_continues_from_the_shipped_heads(tmp_path, capsys):
         moved += int(not torch.equal(new[k], old[k]))
     assert moved > 0
     cfg = json.loads((out / "heads.json").read_text())
-    assert cfg["head_type"] == "hydra++" and cfg["num_layers"] == 2 and cfg["tree"] is None  # the tree is searched anew
+    assert cfg["head_type"] == "hydra++" and cfg["num_layers"] == 2 and cfg["extra"]["prefix"]["intermediate_size"] == 512
+    assert cfg["tree"] is None and "rank_accuracy" not in cfg["extra"]  # the old weights' tree and table are dropped
     # a shape option that contradicts the heads is a one-line user error, exit code 2
     code, err = _train_cli(capsys, *common, "--out", str(tmp_path / "other"), "--init-heads", "hydra", "--num-layers", "3")
     assert code == 2 and "--num-layers 3 does not match" in err and "Traceback" not in err
