@@ -68,8 +68,11 @@ def _bmm_takes_out_dtype(device: torch.device) -> bool:
 
 
 def _bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with a float32 result (bfloat16 and float16 inputs accumulate in float32 anyway)."""
-    if a.dtype != torch.float32 and a.is_cuda and _bmm_takes_out_dtype(a.device):
+    """a @ b with a float32 result (bfloat16 and float16 inputs accumulate in float32 anyway).
+    bmm's out_dtype form has no backward, so a forward that trains (head training runs the
+    Hydra++ prefix layer with gradients) takes the float32 copies instead."""
+    grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+    if a.dtype != torch.float32 and a.is_cuda and not grad and _bmm_takes_out_dtype(a.device):
         return torch.bmm(a, b, out_dtype=torch.float32)
     return torch.bmm(a.float(), b.float())
 

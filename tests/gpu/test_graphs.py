@@ -77,3 +77,21 @@ def test_matmul_attention_equals_sdpa_on_gpu(dtype):
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(attend_matmul(q, k, v, ~mask, scale=64 ** -0.5).float(), ref, rtol=tol, atol=tol)
+
+
+def test_matmul_attention_trains_on_gpu():
+    """Head training runs the Hydra++ prefix layer with gradients: the matmul attention path
+    must have a backward there (bmm's float32-output form has none), with SDPA's gradients."""
+    import torch.nn.functional as F
+
+    from medusa.model.llama import attend_matmul
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q, k, v = (torch.randn(2, 3, n, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_() for n in (8, 32, 32))
+    mask = torch.ones(8, 32, dtype=torch.bool, device="cuda").tril(24)[None, None].expand(2, 1, 8, 32)
+    attend_matmul(q, k, v, ~mask, scale=64 ** -0.5).float().square().sum().backward()
+    got = [t.grad.float() for t in (q, k, v)]
+    q2, k2, v2 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    F.scaled_dot_product_attention(q2, k2, v2, attn_mask=mask).square().sum().backward()
+    for a, b in zip(got, (q2.grad, k2.grad, v2.grad)):
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
