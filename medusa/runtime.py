@@ -28,6 +28,13 @@ def shipped_heads_dir(name: str) -> Path | None:
     return p if (p / "heads.json").is_file() else None
 
 
+def shipped_heads_dirs(spec: str) -> list[Path]:
+    """The shipped heads folders `spec` names ("default": each shipped family, in preference
+    order; "medusa" / "hydra": that one), those present in this installation."""
+    names = SHIPPED_HEADS if spec == "default" else (spec,)
+    return [d for d in map(shipped_heads_dir, names) if d is not None]
+
+
 def parse_dtype(name: str | None, device: torch.device) -> torch.dtype | None:
     if name in (None, "auto"):
         return None
@@ -54,15 +61,12 @@ def resolve_heads(spec: str | None, model, source: ModelSource):
     if spec == "none":
         return None, "none"
     if spec in ("default", *SHIPPED_HEADS):
-        names = SHIPPED_HEADS if spec == "default" else (spec,)
-        for name in names:
-            d = shipped_heads_dir(name)
-            if d is not None:
-                try:
-                    return load_heads(d, model), name
-                except HeadsMismatchError:
-                    if spec != "default" or source.gguf is None:
-                        raise
+        for d in shipped_heads_dirs(spec):
+            try:
+                return load_heads(d, model), d.name
+            except HeadsMismatchError:
+                if spec != "default" or source.gguf is None:
+                    raise
         if spec != "default":
             raise HeadsMismatchError(f"no shipped {spec} heads in this installation")
         return untrained_heads(model), "untrained"

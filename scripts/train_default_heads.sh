@@ -55,8 +55,8 @@ MT_LIMIT=${MT_LIMIT:-4}
 MT_TOKENS=${MT_TOKENS:-128}
 PY=${PY:-python3}
 HYDRA_LR=${HYDRA_LR:-1e-3}
-DISTILL_SEED=${DISTILL_SEED:-0}
 MEDUSA_LR=${MEDUSA_LR:-1e-3}
+DISTILL_SEED=${DISTILL_SEED:-0}
 ASSETS=${ASSETS:-medusa/assets/heads}
 mkdir -p "$WORK" "$OUT"
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$WORK/pipeline.log" >&2; }

@@ -73,21 +73,20 @@ def load_init_heads(args, model):
     any shape option given with them. Their searched tree and accuracy table describe the old
     weights and are dropped (retrained heads get their own from `medusa eval heads` and
     `medusa tree`)."""
-    from safetensors.torch import load_file
+    import torch
 
-    from medusa.heads.io import WEIGHTS, load_heads
-    from medusa.runtime import SHIPPED_HEADS, shipped_heads_dir
+    from medusa.heads.io import load_heads
+    from medusa.runtime import SHIPPED_HEADS, shipped_heads_dirs
 
     spec = args.init_heads
     if spec in ("default", *SHIPPED_HEADS):
-        names = SHIPPED_HEADS if spec == "default" else (spec,)
-        folder = next((d for d in map(shipped_heads_dir, names) if d is not None), None)
-        if folder is None:
+        found = shipped_heads_dirs(spec)
+        if not found:
             raise RequestError(f"--init-heads {spec}: no shipped {spec} heads in this installation")
+        folder = found[0]
     else:
         folder = Path(spec)
-    heads = load_heads(folder, model)  # checks the files and the base model's fingerprint
-    heads.float().load_state_dict(load_file(str(folder / WEIGHTS)))  # the stored values exactly (no detour through bfloat16)
+    heads = load_heads(folder, model, dtype=torch.float32)  # checks the files and the base model's fingerprint
     c = heads.config
     given = {"--head-type": (args.head_type, c.head_type), "--num-heads": (args.num_heads, c.num_heads),
              "--num-layers": (args.num_layers, c.num_layers)}

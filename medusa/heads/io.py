@@ -56,7 +56,9 @@ def save_heads(heads: DraftHeads, folder: str | Path) -> Path:
     return folder
 
 
-def load_heads(folder: str | Path, base) -> DraftHeads:
+def load_heads(folder: str | Path, base, dtype: torch.dtype | None = None) -> DraftHeads:
+    """The heads in `folder`, checked against `base`, on its device in `dtype` (default: the
+    base's; training asks for float32, which holds the stored values exactly)."""
     folder = Path(folder)
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
         raise HeadsMismatchError(f"{folder} is not a heads folder ({CONFIG} and {WEIGHTS} expected)")
@@ -77,7 +79,7 @@ def load_heads(folder: str | Path, base) -> DraftHeads:
         heads.load_state_dict(load_file(str(folder / WEIGHTS)))
     except RuntimeError as e:
         raise HeadsMismatchError(f"{folder / WEIGHTS} does not match {CONFIG}: {e}") from None
-    return heads.to(device=base.device, dtype=base.dtype).eval().requires_grad_(False)
+    return heads.to(device=base.device, dtype=dtype or base.dtype).eval().requires_grad_(False)
 
 
 def untrained_heads(base, num_heads: int = 4, num_layers: int = 1, name: str = "") -> DraftHeads:
