@@ -1,4 +1,4 @@
-"""`medusa generate|chat|distill|train|eval|tree|bench|serve`.
+"""`medusa generate|chat|distill|train|eval|tree|vocab|bench|serve`.
 
 Errors caused by the user's input (MedusaError) print one line and exit with code 2."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 from medusa.errors import MedusaError
 
 # subcommand modules under medusa.commands; a missing one is skipped (added by later issues)
-COMMANDS = ("generate", "chat", "distill", "train", "eval", "tree", "bench", "serve")
+COMMANDS = ("generate", "chat", "distill", "train", "eval", "tree", "vocab", "bench", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,6 +25,8 @@
 #   MAX_NEW [512]  BATCH_TOKENS [16384]  EVAL_BATCHES [40]  MT_LIMIT [4]  MT_TOKENS [128]  PY [python3]
 #   INIT_HEADS  continue training these heads (a folder, or medusa | hydra for the shipped ones) [none: new heads]
 #   HYDRA_LR [1e-3]  MEDUSA_LR [1e-3]
+#   DRAFT_VOCAB [0]  restrict the trained heads' proposals to this many of the most frequent response tokens
+#               (medusa train --draft-vocab; 0: the whole vocabulary)
 #   DISTILL_SEED [0]  another seed shuffles the prompts otherwise (another subset within a time limit) and
 #               samples other responses; the held-out split (a hash of the prompt id) stays the same
 set -euo pipefail
@@ -57,6 +59,7 @@ PY=${PY:-python3}
 HYDRA_LR=${HYDRA_LR:-1e-3}
 MEDUSA_LR=${MEDUSA_LR:-1e-3}
 DISTILL_SEED=${DISTILL_SEED:-0}
+DRAFT_VOCAB=${DRAFT_VOCAB:-0}
 ASSETS=${ASSETS:-medusa/assets/heads}
 mkdir -p "$WORK" "$OUT"
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$WORK/pipeline.log" >&2; }
@@ -83,7 +86,7 @@ train_heads() {  # name, seconds, train args...
   fi
   log "train $name: ${secs}s $*"
   timeout $((secs + 75)) $PY -m medusa.cli train --model "$MODEL" --data "$WORK/distill.jsonl" --out "$WORK/$name" \
-    --time-limit "$secs" --epochs 20 --batch-tokens $BATCH_TOKENS --max-len 1024 --warmup 30 --checkpoint-every 100 --eval-batches 10 "$@" \
+    --time-limit "$secs" --epochs 20 --batch-tokens $BATCH_TOKENS --max-len 1024 --warmup 30 --checkpoint-every 100 --eval-batches 10 --draft-vocab "$DRAFT_VOCAB" "$@" \
     2>&1 | tr '\r' '\n' | grep -v '^training' | tee -a "$WORK/pipeline.log"
   touch "$WORK/$name/.done"
 }

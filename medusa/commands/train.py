@@ -43,6 +43,9 @@ def register(sub) -> None:
     p.add_argument("--time-limit", type=float, default=None, help="seconds; the schedule is fitted to it")
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--eval-batches", type=int, default=40, help="held-out batches per evaluation (0: all)")
+    p.add_argument("--draft-vocab", type=int, default=0,
+                   help="restrict the saved heads' proposals to the N tokens most frequent in the training responses "
+                        "(0: the whole vocabulary; `medusa vocab` sets it later)")
     p.add_argument("--save-dtype", choices=("float16", "bfloat16", "float32"), default="float16")
     p.add_argument("--seed", type=int, default=0)
     add_model_args(p, heads=False)
@@ -98,6 +101,7 @@ def load_init_heads(args, model):
                                f"leave it out to continue training them as they are")
     stale = ("tree_expected_accept_length", "rank_accuracy")
     heads.config = dataclasses.replace(c, tree=None, extra={k: v for k, v in c.extra.items() if k not in stale})
+    heads.set_draft_vocab(None, model)  # chosen again from this run's data (--draft-vocab)
     return heads
 
 
@@ -107,7 +111,7 @@ def run(args) -> int:
 
     from medusa.heads.io import save_heads
     from medusa.runtime import DTYPES, load_stack
-    from medusa.training.data import read_records, split
+    from medusa.training.data import draft_vocab_from, read_records, split
     from medusa.training.trainer import TrainConfig, Trainer
 
     if args.teacher_weight is not None and not 0.0 <= args.teacher_weight <= 1.0:
@@ -118,6 +122,8 @@ def run(args) -> int:
     train, held = split(records, args.heldout)
     if not train:
         raise RequestError(f"{args.data} holds no training records")
+    if args.draft_vocab < 0:
+        raise RequestError(f"--draft-vocab must be >= 0, got {args.draft_vocab}")
     stack = load_stack(args.model, heads="none", dtype=args.dtype, device=args.device)
     model = stack.model
     heads = load_init_heads(args, model) if args.init_heads else build_new_heads(args, model, stack.source.name)
@@ -152,6 +158,11 @@ def run(args) -> int:
     state = trainer.fit(on_step, on_eval)
     bar.close()
     heads.eval().requires_grad_(False)
+    if args.draft_vocab:
+        ids, coverage = draft_vocab_from(train, model.cfg.vocab_size, min(args.draft_vocab, model.cfg.vocab_size))
+        heads.set_draft_vocab(ids, model, coverage)
+        print(f"train: proposals restricted to {ids.numel()} tokens ({100 * coverage:.2f}% of the training responses)",
+              file=sys.stderr)
     save_heads(heads.to(DTYPES[args.save_dtype]), out)
     recipe = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "train": dataclasses.asdict(cfg),
               "records": len(train), "heldout_records": len(held), "response_tokens": sum(len(r.response_ids) for r in train),

@@ -31,11 +31,79 @@ class HeadsConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def checked_draft_vocab(ids, vocab_size: int) -> torch.Tensor:
+    """ids as a flat long tensor, or ValueError unless they are 1 to vocab_size distinct ids
+    below vocab_size."""
+    ids = torch.as_tensor(ids, dtype=torch.long).flatten().contiguous()
+    if ids.numel() < 1 or int(ids.min()) < 0 or int(ids.max()) >= vocab_size or ids.unique().numel() != ids.numel():
+        raise ValueError(f"a draft vocabulary is 1 to {vocab_size} distinct token ids below {vocab_size}")
+    return ids
+
+
 class DraftHeads(nn.Module):
     """Base class. A family implements `propose`; families with state of their own (Hydra++'s
-    prefix layer KV) override `new_state` and `observe`."""
+    prefix layer KV) override `new_state` and `observe`.
+
+    Draft vocabulary (optional, config.extra["draft_vocab"] = F): the heads propose only among
+    F token ids (the tokens most frequent in their training responses, `draft_vocab_from`), so
+    that each head's LM-head GEMM and top-k run over F rows of the vocabulary instead of all V.
+    Verification still scores the whole vocabulary, so output is unchanged; only proposals of
+    tokens outside the set are lost. The ids are stored with the weights; the F rows of the LM
+    head(s) are gathered once (`bind_draft_vocab`) into a buffer that is not saved."""
 
     config: HeadsConfig
+    lm_heads: nn.ModuleList | None  # own LM head per head, or None: the base model's (shared, frozen)
+    draft_vocab: torch.Tensor | None  # [F] long token ids
+    draft_weight: torch.Tensor | None  # [1 or K, F, D]: LM-head rows of draft_vocab (shared or per head)
+
+    def _init_draft_vocab(self) -> None:
+        """Called by a family's __init__ (after self.config is set)."""
+        n = int(self.config.extra.get("draft_vocab", 0) or 0)
+        self.register_buffer("draft_vocab", torch.zeros(n, dtype=torch.long) if n else None)
+        self.register_buffer("draft_weight", None, persistent=False)
+
+    def lm_logits(self, i: int, z: torch.Tensor, base) -> torch.Tensor:
+        """Head i's logits over the whole vocabulary: z [..., D] -> [..., V]."""
+        return self.lm_heads[i](z) if self.lm_heads is not None else base.lm_head(z)
+
+    def bind_draft_vocab(self, base) -> None:
+        """Gather the draft vocabulary's LM-head rows (after the weights are loaded or set)."""
+        if self.draft_vocab is None:
+            self.draft_weight = None
+            return
+        ids = self.draft_vocab
+        with torch.no_grad():
+            if self.lm_heads is not None:
+                w = torch.stack([h.weight.detach()[ids.to(h.weight.device)] for h in self.lm_heads])
+            else:
+                w = base.lm_head.weight.detach()[ids.to(base.lm_head.weight.device)][None]
+        self.draft_weight = w.contiguous()
+
+    def set_draft_vocab(self, ids: torch.Tensor | None, base, coverage: float | None = None) -> None:
+        """Restrict proposals to token ids `ids` [F] (None: the whole vocabulary again);
+        coverage (the share of training tokens they hold) is recorded in the config."""
+        extra = {k: v for k, v in self.config.extra.items() if k not in ("draft_vocab", "draft_vocab_coverage")}
+        if ids is None:
+            self.draft_vocab = None
+        else:
+            ids = checked_draft_vocab(ids, self.config.vocab_size)
+            dev = next((t.device for t in self.parameters()), base.lm_head.weight.device)
+            self.draft_vocab = ids.to(dev)
+            extra["draft_vocab"] = int(ids.numel())
+            if coverage is not None:
+                extra["draft_vocab_coverage"] = round(float(coverage), 6)
+        self.config = dataclasses.replace(self.config, extra=extra)
+        self.bind_draft_vocab(base)
+
+    def draft_topk(self, i: int, z: torch.Tensor, base, k: int) -> torch.Tensor:
+        """The token ids of head i's k best guesses, best first: z [..., D] -> [..., k] long.
+        With a draft vocabulary, the best among its tokens."""
+        if self.draft_vocab is None:
+            return self.lm_logits(i, z, base).topk(k, dim=-1).indices
+        if self.draft_weight is None:  # not bound yet (the first, eager call: graphs capture later)
+            self.bind_draft_vocab(base)
+        w = self.draft_weight[i if self.draft_weight.shape[0] > 1 else 0]
+        return self.draft_vocab[torch.nn.functional.linear(z, w).topk(k, dim=-1).indices]
 
     def new_state(self, batch: int, max_len: int, base) -> Any:
         """Per-request state kept between steps (explicit, never a module attribute)."""

@@ -128,13 +128,10 @@ class HydraHeads(DraftHeads):
                     h.weight.data.copy_(base_lm_head)
         else:
             self.lm_heads = None
+        self._init_draft_vocab()
         self._plans: dict = {}
 
     # ------------------------------------------------------------------ shared pieces
-
-    def lm_logits(self, i: int, z: torch.Tensor, base) -> torch.Tensor:
-        """z [..., D] of head i -> [..., V]."""
-        return self.lm_heads[i](z) if self.lm_heads is not None else base.lm_head(z)
 
     def _prefix(self, hidden, positions, cache: KVCache, slots, mask, cos_t, sin_t) -> torch.Tensor:
         """Run the prefix layer. hidden [B, A, D], positions/slots [B, A], mask [B, A, S]."""
@@ -198,6 +195,6 @@ class HydraHeads(DraftHeads):
             P = lv.parents.shape[0]
             embeds = base.embed_tokens(cand[:, lv.chains])  # [B, P, d, D]
             z = self.head_hidden(lv.head, s[:, None].expand(B, P, s.shape[-1]).to(embeds.dtype), embeds)  # [B, P, D]
-            top = self.lm_logits(lv.head, z, base).topk(lv.topk, dim=-1).indices  # [B, P, k]
+            top = self.draft_topk(lv.head, z, base, lv.topk)  # [B, P, k]
             cand[:, lv.children] = top[:, lv.child_parent, lv.child_rank]
         return cand

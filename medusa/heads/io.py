@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from medusa.errors import HeadsMismatchError
-from medusa.heads.base import DraftHeads, HeadsConfig
+from medusa.heads.base import DraftHeads, HeadsConfig, checked_draft_vocab
 
 WEIGHTS, CONFIG = "heads.safetensors", "heads.json"
 
@@ -79,7 +79,36 @@ def load_heads(folder: str | Path, base, dtype: torch.dtype | None = None) -> Dr
         heads.load_state_dict(load_file(str(folder / WEIGHTS)))
     except RuntimeError as e:
         raise HeadsMismatchError(f"{folder / WEIGHTS} does not match {CONFIG}: {e}") from None
-    return heads.to(device=base.device, dtype=dtype or base.dtype).eval().requires_grad_(False)
+    heads = heads.to(device=base.device, dtype=dtype or base.dtype).eval().requires_grad_(False)
+    heads.bind_draft_vocab(base)
+    return heads
+
+
+def write_draft_vocab(folder: str | Path, ids: torch.Tensor | None, coverage: float | None = None) -> HeadsConfig:
+    """Store (or with None remove) a draft vocabulary in a heads folder, in place: the ids go
+    into heads.safetensors next to the weights (which keep their stored dtype), the size and
+    coverage into heads.json. Returns the new config."""
+    folder = Path(folder)
+    try:
+        config = HeadsConfig.from_dict(json.loads((folder / CONFIG).read_text()))
+        state = load_file(str(folder / WEIGHTS))
+    except (OSError, json.JSONDecodeError, TypeError) as e:
+        raise HeadsMismatchError(f"{folder} is not a readable heads folder ({CONFIG} and {WEIGHTS}): {e}") from None
+    extra = {k: v for k, v in config.extra.items() if k not in ("draft_vocab", "draft_vocab_coverage")}
+    state.pop("draft_vocab", None)
+    if ids is not None:
+        try:
+            ids = checked_draft_vocab(ids, config.vocab_size)
+        except ValueError as e:
+            raise HeadsMismatchError(str(e)) from None
+        state["draft_vocab"] = ids
+        extra["draft_vocab"] = int(ids.numel())
+        if coverage is not None:
+            extra["draft_vocab_coverage"] = round(float(coverage), 6)
+    config = HeadsConfig.from_dict({**config.to_dict(), "extra": extra})
+    save_file(state, str(folder / WEIGHTS))
+    (folder / CONFIG).write_text(json.dumps(config.to_dict(), indent=1))
+    return config
 
 
 def untrained_heads(base, num_heads: int = 4, num_layers: int = 1, name: str = "") -> DraftHeads:

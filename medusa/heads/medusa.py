@@ -33,22 +33,19 @@ class MedusaHeads(DraftHeads):
                     h.weight.data.copy_(base_lm_head)
         else:
             self.lm_heads = None
+        self._init_draft_vocab()
 
     def head_logits(self, hidden: torch.Tensor, base) -> torch.Tensor:
         """hidden [..., D] -> [..., K, V]."""
-        out = []
-        for i, block in enumerate(self.blocks):
-            h = block(hidden)
-            out.append(self.lm_heads[i](h) if self.lm_heads is not None else base.lm_head(h))
-        return torch.stack(out, dim=-2)
+        return torch.stack([self.lm_logits(i, block(hidden), base) for i, block in enumerate(self.blocks)], dim=-2)
 
     def propose(self, state, last_hidden, root, tree, base) -> torch.Tensor:
         B = root.shape[0]
         if tree.num_nodes == 1:
             return root[:, None]
         K = tree.max_depth
-        logits = self.head_logits(last_hidden, base)[:, :K]  # [B, K, V]
-        top = logits.topk(tree.topk, dim=-1).indices  # [B, K, topk]
+        top = torch.stack([self.draft_topk(i, self.blocks[i](last_hidden), base, tree.topk) for i in range(K)],
+                          dim=1)  # [B, K, topk]
         head, rank = tree.head.to(root.device), tree.rank.to(root.device)
         cand = top[:, head.clamp_min(0), rank]  # [B, N]
         cand[:, 0] = root

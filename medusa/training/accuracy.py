@@ -11,7 +11,7 @@ import torch
 
 from medusa.decoding.tree import expected_accept_length, search_tree
 from medusa.training.data import Record, iterate_batches, plan_batches
-from medusa.training.features import base_hidden, head_features, head_lm, head_targets
+from medusa.training.features import base_hidden, head_features, head_targets
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def head_accuracy(heads, base, records: list[Record], *, topk: int = 10, max_tok
             feats = head_features(heads, base, tokens, hidden)
             for i, z in enumerate(feats):
                 targets, valid = head_targets(tokens, mask, i)
-                top = head_lm(heads, i, z[valid], base).topk(topk, dim=-1).indices  # [M, k]
+                top = heads.draft_topk(i, z[valid], base, topk)  # [M, k] (within the draft vocabulary, as decoding)
                 first = (top == targets[valid][:, None]).long().cumsum(-1).clamp_max(1)  # [M, k] in top-(r+1)
                 hits[i] += first.sum(0)
                 rows[i] += first.shape[0]

@@ -152,6 +152,23 @@ def split(records: list[Record], heldout: float) -> tuple[list[Record], list[Rec
     return train, held
 
 
+def draft_vocab_from(records: list[Record], vocab_size: int, size: int) -> tuple[torch.Tensor, float]:
+    """The `size` token ids most frequent among the records' responses (ties: the lower id), in
+    id order, and the share of response tokens they cover. What heads restricted to them
+    (DraftHeads.set_draft_vocab) can still propose."""
+    if not 1 <= size <= vocab_size:
+        raise RequestError(f"a draft vocabulary holds 1 to {vocab_size} tokens, not {size}")
+    ids = torch.tensor([t for r in records for t in r.response_ids], dtype=torch.long)
+    if ids.numel() == 0:
+        raise RequestError("no response tokens to count")
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+        raise RequestError(f"the records hold token ids outside this model's vocabulary of {vocab_size}")
+    counts = torch.bincount(ids, minlength=vocab_size)
+    order = torch.argsort(-counts, stable=True)  # by count, ties in id order
+    keep = order[:size].sort().values
+    return keep, float(counts[keep].sum()) / ids.numel()
+
+
 # ------------------------------------------------------------------ batches
 
 @dataclass(frozen=True)

@@ -74,6 +74,4 @@ def head_features(heads, base, tokens: torch.Tensor, hidden: torch.Tensor) -> li
 
 def head_lm(heads, i: int, z: torch.Tensor, base) -> torch.Tensor:
     """Head i's logits from its features: z [..., D] -> [..., V]."""
-    if getattr(heads, "lm_heads", None) is not None:
-        return heads.lm_heads[i](z)
-    return base.lm_head(z)
+    return heads.lm_logits(i, z, base)

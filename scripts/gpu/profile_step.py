@@ -17,6 +17,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -69,17 +70,19 @@ def main() -> None:
     ap.add_argument("--compile", default=None, metavar="MODE", help="torch.compile mode for the per-layer pieces (default, max-autotune-no-cudagraphs, ...)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--ops", action="store_true", help="also attribute an eager step's GPU time to aten operators")
+    ap.add_argument("--heads", default="ar,medusa,hydra",
+                    help="comma list: ar, the shipped medusa / hydra, or heads folders (each with its own tree)")
     args = ap.parse_args()
     stack = load_stack(heads="none", progress=False)
     model = stack.model
     if args.compile:
         compile_blocks(model, mode=args.compile)
     rows = []
-    for name in ("ar", "medusa", "hydra"):
+    for name in args.heads.split(","):
         heads, tree = None, load_tree("ar")
         if name != "ar":
             heads, _ = resolve_heads(name, model, stack.source)
-            tree = build_tree(heads.config.tree, name=f"{name}-tree")
+            tree = build_tree(heads.config.tree, name=f"{Path(name).name}-tree")
         runner = graph_runner(model, heads, 1024, tree.num_nodes)
         sampling = BatchSampling.stack([SamplingParams()], model.device)
         prompt = torch.randint(0, model.cfg.vocab_size, (1, 200), device=model.device)

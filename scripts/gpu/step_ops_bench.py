@@ -16,7 +16,11 @@ prints microseconds per call and checks that each candidate equals the current c
          1,024-wide chunk, then of the survivors), "chunkmax" (top-k of the k chunks with the
          largest maxima)
 
-  python3 scripts/gpu/step_ops_bench.py [--out FILE]
+  draft  a head's LM-head GEMM and top-k over a draft vocabulary of F rows (the F most frequent
+         tokens; F = V is the whole vocabulary) and the map back to token ids, as
+         DraftHeads.draft_topk runs them, at the tree levels' row counts
+
+  python3 scripts/gpu/step_ops_bench.py [--out FILE] [--only mlp,rope,kv,mask,topk,draft]
 """
 from __future__ import annotations
 
@@ -238,10 +242,27 @@ def bench_topk(rows):
             print(json.dumps(r), flush=True)
 
 
+def bench_draft(rows):
+    w_full = torch.randn(V, D, device=DEV, dtype=BF) * 0.05
+    for F_ in (V, 32768, 16384, 8192, 4096):
+        ids = torch.randperm(V, device=DEV)[:F_].sort().values
+        w = w_full[ids].contiguous()
+        for P, k in ((1, 10), (4, 10), (8, 8), (11, 5)):
+            z = torch.randn(P, D, device=DEV, dtype=BF)
+
+            def draft():
+                return ids[F.linear(z, w).topk(k, dim=-1).indices]
+
+            r = {"op": "draft", "F": F_, "P": P, "k": k, "us": graph_us(draft, calls=4),
+                 "gemm_us": graph_us(lambda: F.linear(z, w), calls=4)}
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
-    ap.add_argument("--only", default="mlp,rope,kv,mask,topk")
+    ap.add_argument("--only", default="mlp,rope,kv,mask,topk,draft")
     args = ap.parse_args()
     rows: list[dict] = []
     with torch.inference_mode():

@@ -365,10 +365,13 @@ def test_train_continues_from_the_shipped_heads(tmp_path, capsys):
     out = tmp_path / "heads"
     common = ["--data", str(data), "--out", str(out), "--max-steps", "1", "--batch-tokens", "256", "--max-len", "32",
               "--warmup", "1", "--heldout", "0", "--eval-batches", "1", "--dtype", "float32", "--device", "cpu"]
-    code, err = _train_cli(capsys, *common, "--init-heads", "hydra", "--lr", "1e-3")
+    code, err = _train_cli(capsys, *common, "--init-heads", "hydra", "--lr", "1e-3", "--draft-vocab", "40")
     assert code == 0, err
-    assert "from the heads in hydra" in err
+    assert "from the heads in hydra" in err and "proposals restricted to 40 tokens" in err
     old, new = load_file(str(shipped / "heads.safetensors")), load_file(str(out / "heads.safetensors"))
+    old.pop("draft_vocab", None)
+    responses = {t for line in data.read_text().splitlines() for t in json.loads(line)["response_ids"]}
+    assert set(new.pop("draft_vocab").tolist()) <= responses  # chosen again from this run's data
     assert old.keys() == new.keys()
     moved = 0
     for k in old:  # one AdamW step of at most ~lr from the shipped weights, not a fresh start
@@ -378,6 +381,7 @@ def test_train_continues_from_the_shipped_heads(tmp_path, capsys):
     cfg = json.loads((out / "heads.json").read_text())
     assert cfg["head_type"] == "hydra++" and cfg["num_layers"] == 2 and cfg["extra"]["prefix"]["intermediate_size"] == 512
     assert cfg["tree"] is None and "rank_accuracy" not in cfg["extra"]  # the old weights' tree and table are dropped
+    assert cfg["extra"]["draft_vocab"] == 40
     # a shape option that contradicts the heads is a one-line user error, exit code 2
     code, err = _train_cli(capsys, *common, "--out", str(tmp_path / "other"), "--init-heads", "hydra", "--num-layers", "3")
     assert code == 2 and "--num-layers 3 does not match" in err and "Traceback" not in err
