@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from medusa.kernels.topk import topk_ids
+
 
 @dataclass(frozen=True)
 class HeadsConfig:
@@ -99,11 +101,11 @@ class DraftHeads(nn.Module):
         """The token ids of head i's k best guesses, best first: z [..., D] -> [..., k] long.
         With a draft vocabulary, the best among its tokens."""
         if self.draft_vocab is None:
-            return self.lm_logits(i, z, base).topk(k, dim=-1).indices
+            return topk_ids(self.lm_logits(i, z, base), k)
         if self.draft_weight is None:  # not bound yet (the first, eager call: graphs capture later)
             self.bind_draft_vocab(base)
         w = self.draft_weight[i if self.draft_weight.shape[0] > 1 else 0]
-        return self.draft_vocab[torch.nn.functional.linear(z, w).topk(k, dim=-1).indices]
+        return topk_ids(torch.nn.functional.linear(z, w), k, self.draft_vocab)
 
     def new_state(self, batch: int, max_len: int, base) -> Any:
         """Per-request state kept between steps (explicit, never a module attribute)."""

@@ -17,8 +17,8 @@ prints microseconds per call and checks that each candidate equals the current c
          largest maxima)
 
   draft  a head's LM-head GEMM and top-k over a draft vocabulary of F rows (the F most frequent
-         tokens; F = V is the whole vocabulary) and the map back to token ids, as
-         DraftHeads.draft_topk runs them, at the tree levels' row counts
+         tokens; F = V is the whole vocabulary) and the map back to token ids: "us" with
+         torch.topk, "kernel_us" with medusa.kernels.topk (Triton), at the tree levels' row counts
 
   python3 scripts/gpu/step_ops_bench.py [--out FILE] [--only mlp,rope,kv,mask,topk,draft]
 """
@@ -30,6 +30,8 @@ import statistics
 
 import torch
 import torch.nn.functional as F
+
+from medusa.kernels.topk import topk_ids
 
 LAYERS = 30
 D, H, HKV, DH, FF, V = 576, 9, 3, 64, 1536, 49152
@@ -253,8 +255,15 @@ def bench_draft(rows):
             def draft():
                 return ids[F.linear(z, w).topk(k, dim=-1).indices]
 
+            def kernel():
+                return topk_ids(F.linear(z, w), k, ids, kernel=True)
+
+            logits = F.linear(z, w)
+            a, b = draft(), kernel()
+            if not torch.equal(logits.gather(1, torch.searchsorted(ids, a)), logits.gather(1, torch.searchsorted(ids, b))):
+                print(f"  !! draft kernel F={F_} P={P} k={k}: other values than torch.topk")
             r = {"op": "draft", "F": F_, "P": P, "k": k, "us": graph_us(draft, calls=4),
-                 "gemm_us": graph_us(lambda: F.linear(z, w), calls=4)}
+                 "kernel_us": graph_us(kernel, calls=4), "gemm_us": graph_us(lambda: F.linear(z, w), calls=4)}
             rows.append(r)
             print(json.dumps(r), flush=True)
 

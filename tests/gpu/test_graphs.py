@@ -95,3 +95,20 @@ def test_matmul_attention_trains_on_gpu():
     F.scaled_dot_product_attention(q2, k2, v2, attn_mask=mask).square().sum().backward()
     for a, b in zip(got, (q2.grad, k2.grad, v2.grad)):
         torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_kernel_equals_torch_topk_on_gpu(dtype):
+    """The heads' Triton top-k (medusa.kernels.topk) gives torch.topk's values, best first, at
+    the heads' shapes (a few rows of a whole or draft vocabulary), with the token-id map."""
+    pytest.importorskip("triton")
+    from medusa.kernels.topk import topk_ids
+
+    g = torch.Generator(device="cuda").manual_seed(2)
+    for P, F_, k in ((1, 49152, 10), (11, 32768, 5), (64, 32768, 10), (3, 1000, 1)):
+        x = torch.randn(P, F_, device="cuda", generator=g).to(dtype)
+        ids = torch.randperm(49152, device="cuda", generator=g)[:F_]
+        got = topk_ids(x, k, kernel=True)
+        assert got.shape == (P, k)
+        torch.testing.assert_close(x.gather(1, got), x.topk(k, dim=-1).values, rtol=0, atol=0)
+        assert torch.equal(topk_ids(x, k, ids, kernel=True), ids[got])

@@ -46,3 +46,16 @@ def test_ray_redis_otel_only_in_services_and_grpc_only_at_the_edge():
         if "grpc" in mods and not rel.startswith(grpc_ok):
             bad.append(rel)
     assert not bad, bad
+
+
+def test_kernels_import_only_torch_and_triton():
+    """medusa/kernels holds the optional Triton kernels; the core reaches them only through
+    their torch-fallback wrappers (Triton is imported lazily, inside a function)."""
+    bad = {}
+    for f in files("medusa/kernels"):
+        extra = {m for m in imports(f) if m not in {"torch", "triton", "medusa"} and m not in sys.stdlib_module_names}
+        if extra:
+            bad[str(f.relative_to(ROOT))] = sorted(extra)
+        top_level = {n.names[0].name.split(".")[0] for n in ast.parse(f.read_text()).body if isinstance(n, ast.Import)}
+        assert "triton" not in top_level, f"{f}: triton must be imported lazily"
+    assert not bad, bad
