@@ -33,6 +33,9 @@ class HeadsConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+DRAFT_VOCAB_KEYS = ("draft_vocab", "draft_vocab_coverage")  # config.extra entries of a draft vocabulary
+
+
 def checked_draft_vocab(ids, vocab_size: int) -> torch.Tensor:
     """ids as a flat long tensor, or ValueError unless they are 1 to vocab_size distinct ids
     below vocab_size."""
@@ -84,7 +87,7 @@ class DraftHeads(nn.Module):
     def set_draft_vocab(self, ids: torch.Tensor | None, base, coverage: float | None = None) -> None:
         """Restrict proposals to token ids `ids` [F] (None: the whole vocabulary again);
         coverage (the share of training tokens they hold) is recorded in the config."""
-        extra = {k: v for k, v in self.config.extra.items() if k not in ("draft_vocab", "draft_vocab_coverage")}
+        extra = {k: v for k, v in self.config.extra.items() if k not in DRAFT_VOCAB_KEYS}
         if ids is None:
             self.draft_vocab = None
         else:

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from medusa.errors import HeadsMismatchError
-from medusa.heads.base import DraftHeads, HeadsConfig, checked_draft_vocab
+from medusa.heads.base import DRAFT_VOCAB_KEYS, DraftHeads, HeadsConfig, checked_draft_vocab
 
 WEIGHTS, CONFIG = "heads.safetensors", "heads.json"
 
@@ -92,9 +94,9 @@ def write_draft_vocab(folder: str | Path, ids: torch.Tensor | None, coverage: fl
     try:
         config = HeadsConfig.from_dict(json.loads((folder / CONFIG).read_text()))
         state = load_file(str(folder / WEIGHTS))
-    except (OSError, json.JSONDecodeError, TypeError) as e:
+    except (OSError, json.JSONDecodeError, TypeError, SafetensorError) as e:
         raise HeadsMismatchError(f"{folder} is not a readable heads folder ({CONFIG} and {WEIGHTS}): {e}") from None
-    extra = {k: v for k, v in config.extra.items() if k not in ("draft_vocab", "draft_vocab_coverage")}
+    extra = {k: v for k, v in config.extra.items() if k not in DRAFT_VOCAB_KEYS}
     state.pop("draft_vocab", None)
     if ids is not None:
         try:
@@ -106,8 +108,14 @@ def write_draft_vocab(folder: str | Path, ids: torch.Tensor | None, coverage: fl
         if coverage is not None:
             extra["draft_vocab_coverage"] = round(float(coverage), 6)
     config = HeadsConfig.from_dict({**config.to_dict(), "extra": extra})
-    save_file(state, str(folder / WEIGHTS))
-    (folder / CONFIG).write_text(json.dumps(config.to_dict(), indent=1))
+    # each file is replaced whole (written beside it, then renamed), so an interruption leaves
+    # either the old or the new file, never a torn one
+    tmp = folder / f".{WEIGHTS}.tmp{os.getpid()}"
+    save_file(state, str(tmp))
+    os.replace(tmp, folder / WEIGHTS)
+    tmp = folder / f".{CONFIG}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(config.to_dict(), indent=1))
+    os.replace(tmp, folder / CONFIG)
     return config
 
 

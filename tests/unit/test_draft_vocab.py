@@ -157,3 +157,7 @@ def test_vocab_command(tmp_path, capsys):
         assert message in err and "Traceback" not in err
     assert main(["vocab", "--heads", str(tmp_path), "--data", str(data), "--size", "5"]) == 2
     assert "not a heads folder" in capsys.readouterr().err
+    (folder / "heads.safetensors").write_bytes(b"not safetensors")
+    assert main(["vocab", "--heads", str(folder), "--data", str(data), "--size", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "not a readable heads folder" in err and "Traceback" not in err
