@@ -2,8 +2,10 @@
 
 For the AR step and each shipped head set with its tree, after a 200-token prompt:
   wall      median host time of one `GraphRunner.step` plus the read-back of the accepted
-            length (what the decode loop pays per step)
-  replay    median GPU time of one graph replay alone (CUDA events, 200 back-to-back replays)
+            length (what the decode loop pays per step), over 60 steps from the prompt on
+  replay    mean GPU time of one graph replay alone (CUDA events, 200 back-to-back replays), at
+            --at committed tokens for every mode (one KV bucket; results before this option
+            timed each mode where its 60 steps ended, which depends on its acceptance)
   kernels   number of kernels in one replay and the sum of their GPU durations (torch.profiler)
 so wall - replay is host overhead, replay - kernel sum is launch gaps inside the graph.
 With --ops, the same step once more, eagerly, on a scratch copy of the state, with the GPU time
@@ -70,6 +72,8 @@ def main() -> None:
     ap.add_argument("--compile", default=None, metavar="MODE", help="torch.compile mode for the per-layer pieces (default, max-autotune-no-cudagraphs, ...)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--ops", action="store_true", help="also attribute an eager step's GPU time to aten operators")
+    ap.add_argument("--at", type=int, default=384,
+                    help="committed tokens at which every mode's graph replay is timed (the same KV bucket for all)")
     ap.add_argument("--heads", default="ar,medusa,hydra",
                     help="comma list: ar, the shipped medusa / hydra, or heads folders (each with its own tree)")
     args = ap.parse_args()
@@ -98,10 +102,17 @@ def main() -> None:
                 n = int(acc.length[0]) + 1
                 walls.append(time.perf_counter() - t)
                 committed += n
-            # time the graph of the current KV bucket from a fixed start: each replay advances
-            # `start`, so it is put back before each one (one tiny copy kernel, timed with it)
+            # time the graph at the same context for every mode (--at committed tokens, so the
+            # same KV bucket: where the 60 steps ended depends on acceptance, and a larger bucket
+            # costs more, e.g. softmax kernels of 0.1 ms more per step between 448 and 576 slots);
+            # the cache slots past what was committed hold finite left-overs, which only the
+            # timing sees. Each replay advances `start`, so it is put back before each one (one
+            # tiny copy kernel, timed with it)
+            committed = args.at
+            runner.start.fill_(committed)
             saved = runner.start.clone()
             runner.step(tree, committed)
+            runner.start.copy_(saved)
             key = ((tree.name, tree.paths), kv_bucket(committed + tree.num_nodes, runner.max_len), False, False)
             g = runner.graphs[key].graph
             torch.cuda.synchronize()
@@ -123,7 +134,7 @@ def main() -> None:
             for e in kern:
                 top[e.name[:60]] = top.get(e.name[:60], 0.0) + e.device_time / 1000.0
             ops = op_profile(model, heads, tree, runner, committed) if args.ops else None
-        row = {"mode": name, "nodes": tree.num_nodes, "wall_ms": 1000 * statistics.median(walls[10:]),
+        row = {"mode": name, "nodes": tree.num_nodes, "at": args.at, "wall_ms": 1000 * statistics.median(walls[10:]),
                "replay_ms": replay_ms, "kernels": len(kern), "kernel_sum_ms": ksum,
                "top_kernels_ms": dict(sorted(top.items(), key=lambda kv: -kv[1])[:8])}
         if ops is not None:
