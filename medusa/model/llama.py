@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from medusa.errors import ModelLoadError
+from medusa.kernels.attention import available as tree_attention_available
+from medusa.kernels.attention import tree_attention
 from medusa.model.config import ModelConfig
 from medusa.model.kv_cache import KVCache
 from medusa.model.rope import apply_rope, rope_table
@@ -40,8 +42,11 @@ except ImportError:  # pragma: no cover
 # cheaper by the cost model below, fitted to scripts/gpu/attention_bench.py on an H200 (in
 # microseconds: efficient ~ (5 + 0.055 * S) * max(1, blocks / SMs), matmul ~ 12 + 10 per million
 # scores); "sdpa" and "matmul" force one (environment: MEDUSA_ATTENTION). CPUs take SDPA.
+# "triton" takes medusa.kernels.attention (one kernel per layer, no layout copies) where it runs
+# (CUDA with Triton; otherwise auto's choice). It is opt-in until measured against auto on a GPU.
 ATTENTION = os.environ.get("MEDUSA_ATTENTION", "auto")
-ATTENTION_CHOICES = ("auto", "sdpa", "matmul")
+ATTENTION_CHOICES = ("auto", "sdpa", "matmul", "triton")
+TRITON_MAX_TOKENS = 128  # the Triton path takes forwards of at most this many new tokens per row
 
 
 def check_attention_setting() -> None:
@@ -95,7 +100,7 @@ def attend_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: tor
 def use_matmul_attention(batch: int, kv_heads: int, rows: int, kv_len: int, device: torch.device) -> bool:
     """Whether attention over [batch, kv_heads, rows] folded query rows and kv_len cache slots
     takes `attend_matmul` (else SDPA)."""
-    if ATTENTION != "auto":
+    if ATTENTION in ("sdpa", "matmul"):
         return ATTENTION == "matmul"
     if device.type != "cuda":
         return False
@@ -117,6 +122,7 @@ class LayerInputs:
     mask: torch.Tensor  # [B, 1, rep * N, S] bool over folded query rows: True = visible (SDPA) / hidden (matmul)
     matmul: bool  # attention path: attend_matmul (else SDPA)
     kv_len: int  # S
+    visible: torch.Tensor | None = None  # [B, N, S] bool, set when the Triton kernel is to run (MEDUSA_ATTENTION=triton)
 
 
 class RMSNorm(nn.Module):
@@ -196,9 +202,14 @@ class Attention(nn.Module):
 
         cos, sin = per_head(cos_t, 1.0), per_head(sin_t, 0.0)
         matmul = use_matmul_attention(B, Hkv, self.rep * N, S, mask.device)
+        # the folded mask also serves the Triton path's fallback (a forward with gradients)
         folded = self.fold_mask(mask.logical_not() if matmul else mask)
         rows = torch.arange(B, device=slots.device)[:, None]
-        return LayerInputs(cos, sin, rows, slots, folded, matmul, S)
+        # decode steps only: the kernel walks every cache block for every query block (no causal
+        # skipping), which a long prompt's prefill would pay for
+        triton = ATTENTION == "triton" and N <= TRITON_MAX_TOKENS and tree_attention_available(mask.device)
+        visible = mask.contiguous() if triton else None
+        return LayerInputs(cos, sin, rows, slots, folded, matmul, S, visible)
 
     def fuse(self) -> None:
         """Inference: one GEMM for q, k and v (see Transformer.fuse_projections)."""
@@ -223,6 +234,9 @@ class Attention(nn.Module):
         cache.write(layer, inp.rows, inp.slots, kv)
         keys = cache.k[layer][:, :, :inp.kv_len]  # [B, Hkv, S, Dh]
         values = cache.v[layer][:, :, :inp.kv_len]
+        if inp.visible is not None and not (torch.is_grad_enabled() and x.requires_grad):
+            # one kernel: reads q in its [B, N, H, Dh] layout, writes o_proj's
+            return self.o_proj(tree_attention(q, keys, values, inp.visible).view(B, N, H * Dh))
         # grouped-query attention: each kv head's query heads are folded into its query rows
         # (row r * N + n = head kv * rep + r, token n), so K and V are never copied per head
         q = q.transpose(1, 2).reshape(B, Hkv, self.rep * N, Dh)

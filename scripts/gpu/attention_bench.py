@@ -13,6 +13,12 @@ replay, one per layer, as in the step) and prints microseconds per call:
   matmul     the model's small-shape path (medusa.model.llama.attend_matmul): two batched
              GEMMs and a float32 softmax; MEDUSA_ATTENTION=auto picks it where it is faster
 
+and, from the queries as the fused projection leaves them ([B, N, H, Dh], a strided view) to the
+output in the layout o_proj reads ([B, N, H * Dh]), i.e. with the layout copies a layer pays:
+
+  matmul+copies  the folding copy, attend_matmul, the copy back (what a layer runs today)
+  triton         medusa.kernels.attention.tree_attention (MEDUSA_ATTENTION=triton): one kernel
+
   python3 scripts/gpu/attention_bench.py [--out FILE]
 """
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from medusa.kernels.attention import tree_attention
 from medusa.model.llama import attend_matmul
 from step_ops_bench import graph_us  # this folder: scripts/gpu
 
@@ -57,8 +64,9 @@ def main() -> None:
              "cudnn": sdpa_with(SDPBackend.CUDNN_ATTENTION),
              "matmul": lambda q, k, v, mask: attend_matmul(q, k, v, ~mask, scale=Dh ** -0.5)}
     rows = []
-    print("| batch | tree nodes | KV slots | " + " | ".join(kinds) + " | max abs diff matmul vs efficient |")
-    print("|---:|---:|---:|" + "---:|" * len(kinds) + "---:|")
+    names = [*kinds, "matmul+copies", "triton"]
+    print("| batch | tree nodes | KV slots | " + " | ".join(names) + " | max abs diff matmul vs efficient | triton vs matmul |")
+    print("|---:|---:|---:|" + "---:|" * len(names) + "---:|---:|")
     for B in (1, 4, 16, 64):
         for N in (1, 16, 64):
             for S in (256, 1024):
@@ -71,10 +79,27 @@ def main() -> None:
                 mask = mask.contiguous()
                 t = {name: time_graph(fn, q, k, v, mask) for name, fn in kinds.items()}
                 diff = (kinds["matmul"](q, k, v, mask).float() - kinds["efficient"](q, k, v, mask).float()).abs().max().item()
-                row = {"batch": B, "nodes": N, "kv": S, "us": t, "max_abs_diff": diff}
+                # the same queries in the projection's layout: token-major, a view of q/k/v
+                qkv = torch.empty(B, N, Hkv * (rep + 2), Dh, device=dev, dtype=dt)
+                q4 = qkv[:, :, :Hkv * rep]
+                q4.copy_(q.view(B, Hkv, rep, N, Dh).permute(0, 3, 1, 2, 4).reshape(B, N, Hkv * rep, Dh))
+                visible = mask[:, 0, :N].contiguous()  # [B, N, S] (every folded row of a token sees the same)
+
+                def with_copies():
+                    folded = q4.transpose(1, 2).reshape(B, Hkv, rep * N, Dh)
+                    out = attend_matmul(folded, k, v, ~mask, scale=1.0)
+                    return out.reshape(B, Hkv * rep, N, Dh).transpose(1, 2).reshape(B, N, Hkv * rep * Dh)
+
+                def fused():
+                    return tree_attention(q4, k, v, visible).view(B, N, Hkv * rep * Dh)
+
+                t["matmul+copies"] = graph_us(with_copies, calls=LAYERS)
+                t["triton"] = graph_us(fused, calls=LAYERS)
+                diff_triton = (fused().float() - with_copies().float()).abs().max().item()
+                row = {"batch": B, "nodes": N, "kv": S, "us": t, "max_abs_diff": diff, "max_abs_diff_triton": diff_triton}
                 rows.append(row)
                 cells = " | ".join("-" if x is None else f"{x:.1f}" for x in t.values())
-                print(f"| {B} | {N} | {S} | {cells} | {diff:.4f} |", flush=True)
+                print(f"| {B} | {N} | {S} | {cells} | {diff:.4f} | {diff_triton:.4f} |", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)

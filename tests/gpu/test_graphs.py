@@ -112,3 +112,44 @@ def test_topk_kernel_equals_torch_topk_on_gpu(dtype):
         assert got.shape == (P, k)
         torch.testing.assert_close(x.gather(1, got), x.topk(k, dim=-1).values, rtol=0, atol=0)
         assert torch.equal(topk_ids(x, k, ids, kernel=True), ids[got])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_attention_equals_the_matmul_path_on_gpu(dtype):
+    """medusa.kernels.attention at the step's shapes (queries as the projection leaves them,
+    tree-shaped visibility) against attend_matmul with the model's layout copies."""
+    pytest.importorskip("triton")
+    from medusa.decoding.step import attention_mask
+    from medusa.kernels.attention import tree_attention
+    from medusa.model.llama import attend_matmul
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for B, N, S in ((1, 1, 256), (1, 64, 1024), (4, 16, 512), (64, 4, 320)):
+        qkv = torch.randn(B, N, 15, 64, device="cuda", dtype=dtype, generator=g) * 0.3
+        q = qkv[:, :, :9]
+        k, v = (torch.randn(B, 3, S, 64, device="cuda", dtype=dtype, generator=g) for _ in range(2))
+        start = torch.randint(1, S - N, (B,), device="cuda", generator=g)
+        local = torch.ones(N, N, dtype=torch.bool, device="cuda").tril()
+        local &= torch.rand(N, N, device="cuda", generator=g) < 0.6
+        local |= torch.eye(N, dtype=torch.bool, device="cuda")
+        visible = attention_mask(start, local, S)
+        hidden = (~visible)[:, None].repeat(1, 1, 3, 1)
+        ref = attend_matmul(q.transpose(1, 2).reshape(B, 3, 3 * N, 64), k, v, hidden).reshape(B, 9, N, 64).transpose(1, 2)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(tree_attention(q, k, v, visible).float(), ref.float(), rtol=tol, atol=tol)
+
+
+def test_graphed_spec_equals_eager_ar_with_triton_attention(gpu_stack, mt_texts, monkeypatch):
+    """MEDUSA_ATTENTION=triton through the graphed decode loop: speculative greedy output equals
+    plain greedy output (float32), the kernel captured in the graphs."""
+    pytest.importorskip("triton")
+    from medusa.model import llama
+
+    monkeypatch.setattr(llama, "ATTENTION", "triton")
+    s = gpu_stack
+    runner = GraphRunner(s.model, s.heads, batch=1, max_len=1024)
+    for t in mt_texts[:3]:
+        ids = s.tokenizer.encode_prompt(t)
+        ref, _ = decode(s, ids, None, None)
+        assert decode(s, ids, s.heads, "tree64", runner)[0] == ref
+    assert runner.graphs

@@ -1,6 +1,7 @@
-"""medusa.kernels: the Triton top-k against torch.topk, run by Triton's interpreter on CPU
-tensors in a child process (the interpreter is chosen when Triton is first imported); skipped
-where Triton is not installed. tests/gpu runs the compiled kernel."""
+"""medusa.kernels: the Triton top-k against torch.topk and the Triton attention against the
+model's own attention, run by Triton's interpreter on CPU tensors in a child process (the
+interpreter is chosen when Triton is first imported); skipped where Triton is not installed.
+tests/gpu runs the compiled kernels."""
 from __future__ import annotations
 
 import os
@@ -37,11 +38,87 @@ CHECKS = textwrap.dedent('''
 ''')
 
 
-def test_topk_kernel_gives_torch_topk_best_first_under_the_interpreter():
+ATTENTION_CHECKS = textwrap.dedent('''
+    import torch
+    from medusa.decoding.step import attention_mask
+    from medusa.kernels.attention import tree_attention
+    from medusa.model import llama
+    from tests.conftest import tiny_model
+
+    g = torch.Generator().manual_seed(0)
+
+    def folded_reference(q, k, v, visible):  # the model's matmul path, with its layout copies
+        B, N, H, Dh = q.shape
+        Hkv = k.shape[1]
+        rep = H // Hkv
+        hidden = (~visible)[:, None].repeat(1, 1, rep, 1)
+        out = llama.attend_matmul(q.transpose(1, 2).reshape(B, Hkv, rep * N, Dh), k, v, hidden)
+        return out.reshape(B, H, N, Dh).transpose(1, 2)
+
+    for B, N, Hkv, rep, S, Dh in ((1, 1, 3, 3, 37, 16), (2, 5, 2, 2, 70, 16), (2, 9, 1, 4, 130, 32)):
+        qkv = torch.randn(B, N, Hkv * (rep + 2), Dh, generator=g)
+        q = qkv[:, :, :Hkv * rep]  # a strided view, as the fused projection leaves it
+        cache = torch.randn(2, B, Hkv, S + 11, Dh, generator=g)
+        start = torch.randint(1, S - N, (B,), generator=g)
+        local = (torch.rand(N, N, generator=g) < 0.5) | torch.eye(N, dtype=torch.bool)  # any ancestor pattern
+        visible = attention_mask(start, local, S)
+        got = tree_attention(q, cache[0][:, :, :S], cache[1][:, :, :S], visible)
+        assert got.shape == (B, N, Hkv * rep, Dh) and got.is_contiguous()
+        torch.testing.assert_close(got, folded_reference(q, cache[0][:, :, :S], cache[1][:, :, :S], visible),
+                                   rtol=1e-5, atol=1e-5)
+
+    # through a whole forward (MEDUSA_ATTENTION=triton, the kernel let run on CPU tensors here):
+    # rows with different visible spans, equal to SDPA's forward
+    model = tiny_model(seed=5, vocab=16, head_dim=16)
+    tokens = torch.randint(0, 16, (3, 9), generator=g)
+    start = torch.tensor([0, 4, 11])
+    pos = start[:, None] + torch.arange(9)
+    mask = attention_mask(start, torch.ones(9, 9, dtype=torch.bool).tril(), 24)
+
+    def run(kind):
+        llama.ATTENTION = kind
+        with torch.inference_mode():
+            return model(tokens, pos, model.new_cache(3, 32), pos, mask).logits
+
+    llama.tree_attention_available = lambda device: True
+    torch.testing.assert_close(run("triton"), run("sdpa"), rtol=1e-5, atol=1e-5)
+    print("checked")
+''')
+
+
+def _interpreted(script: str) -> None:
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-c", CHECKS], env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0 and "checked" in r.stdout, r.stderr[-3000:]
+
+
+def test_topk_kernel_gives_torch_topk_best_first_under_the_interpreter():
+    _interpreted(CHECKS)
+
+
+def test_attention_kernel_equals_the_models_attention_under_the_interpreter():
+    _interpreted(ATTENTION_CHECKS)
+
+
+def test_triton_attention_setting_falls_back_where_the_kernel_cannot_run(monkeypatch):
+    """MEDUSA_ATTENTION=triton on a CPU (or without Triton) runs auto's path, same outputs."""
+    from medusa.decoding.step import attention_mask
+    from medusa.model import llama
+    from tests.conftest import tiny_model
+
+    model = tiny_model(seed=3, vocab=16)
+    tokens = torch.randint(0, 16, (2, 5), generator=torch.Generator().manual_seed(4))
+    pos = torch.arange(5)[None].expand(2, 5)
+    mask = attention_mask(torch.zeros(2, dtype=torch.long), torch.ones(5, 5, dtype=torch.bool).tril(), 8)
+
+    def run(kind):
+        monkeypatch.setattr(llama, "ATTENTION", kind)
+        llama.check_attention_setting()
+        with torch.inference_mode():
+            return model(tokens, pos, model.new_cache(2, 8), pos, mask).logits
+
+    assert torch.equal(run("triton"), run("auto"))
 
 
 def test_torch_fallback_on_cpu_and_when_switched_off(monkeypatch):
