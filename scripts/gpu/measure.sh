@@ -10,6 +10,7 @@
 #   bash scripts/gpu/measure.sh 7   # GPU tests; plain vs auto at concurrency 64, warm engines alternating (bench --repeats)
 #   bash scripts/gpu/measure.sh 8   # host-time profile of the engine's scheduler at batch 64, plain and adaptive
 #   bash scripts/gpu/measure.sh 9   # attention kernels at the step's shapes; graphed step with SDPA vs auto attention; per-operator profile
+#   bash scripts/gpu/measure.sh 10  # the Triton kernels: GPU tests; attention candidates; step profile and all 80 prompts, auto vs triton attention
 source scripts/gpu/env.sh
 R=/tmp/res; mkdir -p $R
 quiet() { grep -v -E "run\]|run, |cell\]|cell, |req\]|req, |^\s*$|triton_mm|AUTOTUNE" ; }
@@ -52,6 +53,16 @@ for r in d['rows']: print(r['mode'], r['concurrency'], r['tokens_per_s'], r.get(
   echo "== attention kernels"; timeout 150 python3 scripts/gpu/attention_bench.py --out $R/attention-bench.json 2>&1 | tail -26
   echo "== profile, SDPA attention"; MEDUSA_ATTENTION=sdpa timeout 60 python3 scripts/gpu/profile_step.py --out $R/profile-step-sdpa.json 2>&1 | tail -4
   echo "== profile, auto attention, per operator"; timeout 100 python3 scripts/gpu/profile_step.py --ops --out $R/profile-step-auto.json 2>&1 | grep -v "^{" | tail -40
+  ;;
+10)
+  echo "== GPU tests of the kernels"; timeout 120 python3 -m pytest -q -x tests/gpu/test_graphs.py -k "topk or triton or graphed_spec" 2>&1 | tail -4
+  echo "== attention kernels"; timeout 150 python3 scripts/gpu/attention_bench.py --out $R/attention-bench-triton.json 2>&1 | tail -26
+  for A in auto triton; do
+    echo "== profile, $A attention"; MEDUSA_ATTENTION=$A timeout 60 python3 scripts/gpu/profile_step.py --heads ar,hydra --out $R/profile-step-$A.json 2>&1 | grep '^| '
+  done
+  for A in auto triton; do
+    echo "== all 80 prompts, $A attention"; MEDUSA_ATTENTION=$A timeout 120 python3 -m medusa.cli bench --modes ar,hydra --max-new-tokens 256 --name mt_bench-80-attention-$A-gpu --out $R 2>&1 | quiet | grep -E '^\| (ar|hydra) '
+  done
   ;;
 esac
 tar -czf $OUT/results-${1:-1}.tgz -C $R .
