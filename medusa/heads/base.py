@@ -100,15 +100,27 @@ class DraftHeads(nn.Module):
         self.config = dataclasses.replace(self.config, extra=extra)
         self.bind_draft_vocab(base)
 
+    def _draft_logits(self, i: int, z: torch.Tensor, base) -> torch.Tensor:
+        """Head i's logits over the draft vocabulary (or the whole one): z [..., D] -> [..., F]."""
+        if self.draft_vocab is None:
+            return self.lm_logits(i, z, base)
+        if self.draft_weight is None:  # not bound yet (the first, eager call: graphs capture later)
+            self.bind_draft_vocab(base)
+        return torch.nn.functional.linear(z, self.draft_weight[i if self.draft_weight.shape[0] > 1 else 0])
+
     def draft_topk(self, i: int, z: torch.Tensor, base, k: int) -> torch.Tensor:
         """The token ids of head i's k best guesses, best first: z [..., D] -> [..., k] long.
         With a draft vocabulary, the best among its tokens."""
-        if self.draft_vocab is None:
-            return topk_ids(self.lm_logits(i, z, base), k)
-        if self.draft_weight is None:  # not bound yet (the first, eager call: graphs capture later)
-            self.bind_draft_vocab(base)
-        w = self.draft_weight[i if self.draft_weight.shape[0] > 1 else 0]
-        return topk_ids(torch.nn.functional.linear(z, w), k, self.draft_vocab)
+        return topk_ids(self._draft_logits(i, z, base), k, self.draft_vocab)
+
+    def draft_topk_each(self, z: torch.Tensor, base, k: int) -> torch.Tensor:
+        """draft_topk for every head at once: z [..., K, D] holds head j's features at [..., j, :]
+        -> [..., K, k]. Heads sharing the LM head take one GEMM, and all take one top-k."""
+        if self.lm_heads is None:
+            logits = self._draft_logits(0, z, base)  # the same rows for every head
+        else:
+            logits = torch.stack([self._draft_logits(j, z[..., j, :], base) for j in range(z.shape[-2])], dim=-2)
+        return topk_ids(logits, k, self.draft_vocab)
 
     def new_state(self, batch: int, max_len: int, base) -> Any:
         """Per-request state kept between steps (explicit, never a module attribute)."""

@@ -44,8 +44,8 @@ class MedusaHeads(DraftHeads):
         if tree.num_nodes == 1:
             return root[:, None]
         K = tree.max_depth
-        top = torch.stack([self.draft_topk(i, self.blocks[i](last_hidden), base, tree.topk) for i in range(K)],
-                          dim=1)  # [B, K, topk]
+        z = torch.stack([self.blocks[i](last_hidden) for i in range(K)], dim=1)  # [B, K, D]
+        top = self.draft_topk_each(z, base, tree.topk)  # [B, K, topk]: one LM-head GEMM and one top-k
         head, rank = tree.head.to(root.device), tree.rank.to(root.device)
         cand = top[:, head.clamp_min(0), rank]  # [B, N]
         cand[:, 0] = root

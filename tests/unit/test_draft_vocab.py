@@ -43,6 +43,8 @@ def test_top_k_within_a_draft_vocabulary_is_the_full_top_k_without_the_other_tok
     z = torch.randn(5, 7, base.cfg.hidden_size, generator=torch.Generator().manual_seed(2))
     full = [heads.lm_logits(i, z, base) for i in range(3)]  # [5, 7, V] each
     assert torch.equal(heads.draft_topk(0, z, base, 4), full[0].topk(4, dim=-1).indices)  # no vocabulary: plain top-k
+    each = heads.draft_topk_each(z[:, :3], base, 4)
+    assert all(torch.equal(each[:, j], full[j][:, j].topk(4, dim=-1).indices) for j in range(3))
 
     keep = torch.randperm(V, generator=torch.Generator().manual_seed(3))[:23]
     heads.set_draft_vocab(keep, base)
@@ -52,6 +54,11 @@ def test_top_k_within_a_draft_vocabulary_is_the_full_top_k_without_the_other_tok
     for i in range(3):
         expected = full[i].masked_fill(outside, float("-inf")).topk(4, dim=-1).indices
         assert torch.equal(heads.draft_topk(i, z, base, 4), expected), f"head {i}"
+
+    # every head at once (Medusa's propose): head j's rows at [..., j, :], one GEMM and one top-k
+    each = heads.draft_topk_each(z[:, :3], base, 4)  # [5, 3, 4]
+    for j in range(3):
+        assert torch.equal(each[:, j], heads.draft_topk(j, z[:, j], base, 4)), f"head {j}"
 
     heads.set_draft_vocab(torch.randperm(V, generator=torch.Generator().manual_seed(4)), base)  # every token, shuffled
     assert torch.equal(heads.draft_topk(2, z, base, 4), full[2].topk(4, dim=-1).indices)
