@@ -61,11 +61,15 @@ class DraftHeads(nn.Module):
     draft_vocab: torch.Tensor | None  # [F] long token ids
     draft_weight: torch.Tensor | None  # [1 or K, F, D]: LM-head rows of draft_vocab (shared or per head)
 
-    def _init_draft_vocab(self) -> None:
-        """Called by a family's __init__ (after self.config is set)."""
-        n = int(self.config.extra.get("draft_vocab", 0) or 0)
-        self.register_buffer("draft_vocab", torch.zeros(n, dtype=torch.long) if n else None)
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("draft_vocab", None)  # sized by _init_draft_vocab, filled by loading
         self.register_buffer("draft_weight", None, persistent=False)
+
+    def _init_draft_vocab(self) -> None:
+        """Called by a family's __init__ once self.config is set: room for the stored ids."""
+        n = int(self.config.extra.get("draft_vocab", 0) or 0)
+        self.draft_vocab = torch.zeros(n, dtype=torch.long) if n else None
 
     def lm_logits(self, i: int, z: torch.Tensor, base) -> torch.Tensor:
         """Head i's logits over the whole vocabulary: z [..., D] -> [..., V]."""
