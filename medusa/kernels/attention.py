@@ -15,19 +15,18 @@ The queries come pre-scaled (`Attention.inputs`)."""
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+
+from medusa.kernels import enabled, triton_language
 
 
 @functools.lru_cache(maxsize=None)
 def _kernel():
     """The Triton kernel, or None where Triton is missing (built on first use)."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
+    if triton_language() is None:
         return None
+    triton, tl = triton_language()
 
     @triton.jit
     def tree_attention_fwd(q_ptr, k_ptr, v_ptr, vis_ptr, out_ptr,
@@ -77,9 +76,8 @@ def _kernel():
 
 
 def available(device: torch.device) -> bool:
-    """Whether the kernel runs for tensors on `device` (CUDA with Triton; MEDUSA_KERNELS=torch
-    turns every kernel off)."""
-    return device.type == "cuda" and os.environ.get("MEDUSA_KERNELS", "auto") != "torch" and _kernel() is not None
+    """Whether the kernel runs for tensors on `device` (medusa.kernels.enabled)."""
+    return enabled(device)
 
 
 def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:

@@ -11,9 +11,10 @@ changes only which candidate a tree node holds, never the decoded output."""
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+
+from medusa.kernels import enabled, triton_language
 
 # Rows of up to 32,768 values (a draft vocabulary) take the kernel: there it measured 21-31 us
 # against torch.topk's 44-50 us at 1-11 rows (H200, bfloat16, step_ops_bench.py "draft"). A whole
@@ -26,11 +27,9 @@ MAX_K = 64
 @functools.lru_cache(maxsize=None)
 def _kernel():
     """The Triton kernel, or None where Triton is missing (built on first use)."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
+    if triton_language() is None:
         return None
+    triton, tl = triton_language()
 
     @triton.jit
     def topk_rows(x_ptr, ids_ptr, out_ptr, n_cols, stride_x, K: tl.constexpr, BLOCK: tl.constexpr,
@@ -51,8 +50,8 @@ def _kernel():
 
 
 def _use_kernel(x: torch.Tensor, k: int) -> bool:
-    return (x.is_cuda and os.environ.get("MEDUSA_KERNELS", "auto") != "torch" and not x.requires_grad
-            and 1 <= k <= min(MAX_K, x.shape[-1]) and x.shape[-1] <= MAX_COLUMNS and _kernel() is not None)
+    return (enabled(x.device) and not x.requires_grad and 1 <= k <= min(MAX_K, x.shape[-1])
+            and x.shape[-1] <= MAX_COLUMNS)
 
 
 def topk_ids(x: torch.Tensor, k: int, ids: torch.Tensor | None = None, kernel: bool | None = None) -> torch.Tensor:
