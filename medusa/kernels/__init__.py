@@ -22,6 +22,18 @@ def triton_language():
     return triton, tl
 
 
+def triton_kernel(build):
+    """Decorator: `build(triton, tl)` defines and returns a Triton kernel; the decorated function
+    takes no arguments and returns build's result, built once on first use, or None where
+    Triton is not installed."""
+    @functools.lru_cache(maxsize=None)
+    def kernel():
+        mods = triton_language()
+        return None if mods is None else build(*mods)
+
+    return functools.wraps(build)(kernel)
+
+
 def enabled(device: torch.device) -> bool:
     """Whether the kernels may run for tensors on `device`: CUDA, Triton installed, and not
     turned off (MEDUSA_KERNELS=torch)."""

@@ -14,19 +14,14 @@ values' dtype before the value product (float32 inputs use IEEE float32 products
 The queries come pre-scaled (`Attention.inputs`)."""
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from medusa.kernels import enabled, triton_language
+from medusa.kernels import triton_kernel
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel():
-    """The Triton kernel, or None where Triton is missing (built on first use)."""
-    if triton_language() is None:
-        return None
-    triton, tl = triton_language()
+@triton_kernel
+def _kernel(triton, tl):
+    """The Triton kernel (built on first use; None where Triton is missing)."""
 
     @triton.jit
     def tree_attention_fwd(q_ptr, k_ptr, v_ptr, vis_ptr, out_ptr,
@@ -73,11 +68,6 @@ def _kernel():
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
     return tree_attention_fwd
-
-
-def available(device: torch.device) -> bool:
-    """Whether the kernel runs for tensors on `device` (medusa.kernels.enabled)."""
-    return enabled(device)
 
 
 def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:

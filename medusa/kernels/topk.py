@@ -10,11 +10,9 @@ Ties go to the lower column (torch.topk's order among ties is unspecified); a pr
 changes only which candidate a tree node holds, never the decoded output."""
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from medusa.kernels import enabled, triton_language
+from medusa.kernels import enabled, triton_kernel
 
 # Rows of up to 32,768 values (a draft vocabulary) take the kernel: there it measured 21-31 us
 # against torch.topk's 44-50 us at 1-11 rows (H200, bfloat16, step_ops_bench.py "draft"). A whole
@@ -24,12 +22,9 @@ MAX_COLUMNS = 32768
 MAX_K = 64
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel():
-    """The Triton kernel, or None where Triton is missing (built on first use)."""
-    if triton_language() is None:
-        return None
-    triton, tl = triton_language()
+@triton_kernel
+def _kernel(triton, tl):
+    """The Triton kernel (built on first use; None where Triton is missing)."""
 
     @triton.jit
     def topk_rows(x_ptr, ids_ptr, out_ptr, n_cols, stride_x, K: tl.constexpr, BLOCK: tl.constexpr,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medusa.errors import ModelLoadError
-from medusa.kernels.attention import available as tree_attention_available
+from medusa.kernels import enabled as kernels_enabled
 from medusa.kernels.attention import tree_attention
 from medusa.model.config import ModelConfig
 from medusa.model.kv_cache import KVCache
@@ -207,8 +207,8 @@ class Attention(nn.Module):
         rows = torch.arange(B, device=slots.device)[:, None]
         # decode steps only: the kernel walks every cache block for every query block (no causal
         # skipping), which a long prompt's prefill would pay for
-        triton = ATTENTION == "triton" and N <= TRITON_MAX_TOKENS and tree_attention_available(mask.device)
-        visible = mask.contiguous() if triton else None
+        triton = ATTENTION == "triton" and N <= TRITON_MAX_TOKENS and kernels_enabled(mask.device)
+        visible = mask if triton else None  # the kernel takes any strides
         return LayerInputs(cos, sin, rows, slots, folded, matmul, S, visible)
 
     def fuse(self) -> None:

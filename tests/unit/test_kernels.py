@@ -80,7 +80,7 @@ ATTENTION_CHECKS = textwrap.dedent('''
         with torch.inference_mode():
             return model(tokens, pos, model.new_cache(3, 32), pos, mask).logits
 
-    llama.tree_attention_available = lambda device: True
+    llama.kernels_enabled = lambda device: True
     torch.testing.assert_close(run("triton"), run("sdpa"), rtol=1e-5, atol=1e-5)
     print("checked")
 ''')
