@@ -33,16 +33,20 @@ class HeadsConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-DRAFT_VOCAB_KEYS = ("draft_vocab", "draft_vocab_coverage")  # config.extra entries of a draft vocabulary
-
-
-def checked_draft_vocab(ids, vocab_size: int) -> torch.Tensor:
-    """ids as a flat long tensor, or ValueError unless they are 1 to vocab_size distinct ids
-    below vocab_size."""
-    ids = torch.as_tensor(ids, dtype=torch.long).flatten().contiguous()
-    if ids.numel() < 1 or int(ids.min()) < 0 or int(ids.max()) >= vocab_size or ids.unique().numel() != ids.numel():
-        raise ValueError(f"a draft vocabulary is 1 to {vocab_size} distinct token ids below {vocab_size}")
-    return ids
+def with_draft_vocab(config: HeadsConfig, ids, coverage: float | None = None) -> tuple[HeadsConfig, torch.Tensor | None]:
+    """`config` with draft vocabulary `ids` recorded in its extra (size, and coverage: the share
+    of training tokens they hold), or with none (ids None), and the ids as a flat long tensor.
+    ValueError unless they are 1 to V distinct token ids below V."""
+    extra = {k: v for k, v in config.extra.items() if k not in ("draft_vocab", "draft_vocab_coverage")}
+    if ids is not None:
+        V = config.vocab_size
+        ids = torch.as_tensor(ids, dtype=torch.long).flatten().contiguous()
+        if ids.numel() < 1 or int(ids.min()) < 0 or int(ids.max()) >= V or ids.unique().numel() != ids.numel():
+            raise ValueError(f"a draft vocabulary is 1 to {V} distinct token ids below {V}")
+        extra["draft_vocab"] = int(ids.numel())
+        if coverage is not None:
+            extra["draft_vocab_coverage"] = round(float(coverage), 6)
+    return dataclasses.replace(config, extra=extra), ids
 
 
 class DraftHeads(nn.Module):
@@ -91,17 +95,9 @@ class DraftHeads(nn.Module):
     def set_draft_vocab(self, ids: torch.Tensor | None, base, coverage: float | None = None) -> None:
         """Restrict proposals to token ids `ids` [F] (None: the whole vocabulary again);
         coverage (the share of training tokens they hold) is recorded in the config."""
-        extra = {k: v for k, v in self.config.extra.items() if k not in DRAFT_VOCAB_KEYS}
-        if ids is None:
-            self.draft_vocab = None
-        else:
-            ids = checked_draft_vocab(ids, self.config.vocab_size)
-            dev = next((t.device for t in self.parameters()), base.lm_head.weight.device)
-            self.draft_vocab = ids.to(dev)
-            extra["draft_vocab"] = int(ids.numel())
-            if coverage is not None:
-                extra["draft_vocab_coverage"] = round(float(coverage), 6)
-        self.config = dataclasses.replace(self.config, extra=extra)
+        self.config, ids = with_draft_vocab(self.config, ids, coverage)
+        dev = next((t.device for t in self.parameters()), base.lm_head.weight.device)
+        self.draft_vocab = None if ids is None else ids.to(dev)
         self.bind_draft_vocab(base)
 
     def _draft_logits(self, i: int, z: torch.Tensor, base) -> torch.Tensor:

@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from medusa.errors import HeadsMismatchError
-from medusa.heads.base import DRAFT_VOCAB_KEYS, DraftHeads, HeadsConfig, checked_draft_vocab
+from medusa.heads.base import DraftHeads, HeadsConfig, with_draft_vocab
 
 WEIGHTS, CONFIG = "heads.safetensors", "heads.json"
 
@@ -96,18 +96,13 @@ def write_draft_vocab(folder: str | Path, ids: torch.Tensor | None, coverage: fl
         state = load_file(str(folder / WEIGHTS))
     except (OSError, json.JSONDecodeError, TypeError, SafetensorError) as e:
         raise HeadsMismatchError(f"{folder} is not a readable heads folder ({CONFIG} and {WEIGHTS}): {e}") from None
-    extra = {k: v for k, v in config.extra.items() if k not in DRAFT_VOCAB_KEYS}
+    try:
+        config, ids = with_draft_vocab(config, ids, coverage)
+    except ValueError as e:
+        raise HeadsMismatchError(str(e)) from None
     state.pop("draft_vocab", None)
     if ids is not None:
-        try:
-            ids = checked_draft_vocab(ids, config.vocab_size)
-        except ValueError as e:
-            raise HeadsMismatchError(str(e)) from None
         state["draft_vocab"] = ids
-        extra["draft_vocab"] = int(ids.numel())
-        if coverage is not None:
-            extra["draft_vocab_coverage"] = round(float(coverage), 6)
-    config = HeadsConfig.from_dict({**config.to_dict(), "extra": extra})
     # each file is replaced whole (written beside it, then renamed), so an interruption leaves
     # either the old or the new file, never a torn one
     tmp = folder / f".{WEIGHTS}.tmp{os.getpid()}"
