@@ -153,7 +153,7 @@ def main() -> int:
     ap.add_argument("--depthwise", default="64", help="node budgets of per-step trees with the static tree's nodes per depth")
     ap.add_argument("--json", dest="json_out")
     args = ap.parse_args()
-    nodes = [int(x) for x in args.nodes.split(",")]
+    nodes = [int(x) for x in args.nodes.split(",") if x]
     torch.set_grad_enabled(False)
     stack = load_stack(heads=args.heads, device="cpu", dtype="float32")
     env = environment(torch.device("cpu"))
@@ -187,7 +187,7 @@ def main() -> int:
         ranks = static_ranks(heads, model, s, seq, pos, args.topk)
         for name, paths in static.items():
             sums[name] += int(static_accept(ranks, paths).sum())
-        pool = grow(heads, model, s, seq, pos, [args.width] * K, args.topk)
+        pool = grow(heads, model, s, seq, pos, [args.width] * K, args.topk) if nodes else []
         for n in nodes:
             sums[f"dynamic{n}"] += int(walk(pool, global_choice(pool, n), seq, pos).sum())
         for name, widths in per_depth.items():  # fixed nodes per depth, the most probable of each depth

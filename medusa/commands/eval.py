@@ -28,10 +28,10 @@ def register(sub) -> None:
     h.set_defaults(func=run)
 
 
-def format_table(acc, head_type: str) -> str:
+def format_table(acc, head_type: str, scope: str = "held-out") -> str:
     k = len(acc.topk[0])
     cols = [c for c in (1, 2, 3, 5, 10) if c <= k]
-    lines = [f"{head_type} heads, {acc.tokens} held-out positions", "head  " + "  ".join(f"top-{c:<3d}" for c in cols)]
+    lines = [f"{head_type} heads, {acc.tokens} {scope} positions", "head  " + "  ".join(f"top-{c:<3d}" for c in cols)]
     for i, row in enumerate(acc.topk):
         lines.append(f"{i:>4d}  " + "  ".join(f"{row[c - 1]:7.3f}" for c in cols))
     return "\n".join(lines)
@@ -61,7 +61,13 @@ def run(args) -> int:
                         max_batches=args.max_batches, progress=bar.update)
     bar.close()
     ht = stack.heads.config.head_type
-    print(format_table(acc, ht))
+    print(format_table(acc, ht, "scored" if args.all else "held-out"))
+    tree = stack.heads.config.tree
+    if tree and acc.paths is not None:
+        from medusa.decoding.tree import counted_accept_length
+
+        print(f"the heads' {len(tree) + 1}-node tree accepts {counted_accept_length(tree, acc.paths, acc.tokens):.3f} "
+              f"tokens per step at these positions (greedy, teacher-forced)")
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps({"heads": stack.heads_name, "head_type": ht, **acc.to_dict()}, indent=1))

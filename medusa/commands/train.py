@@ -99,7 +99,7 @@ def load_init_heads(args, model):
         if want is not None and want != have:
             raise RequestError(f"{flag} {want} does not match the heads in {folder} ({have}); "
                                f"leave it out to continue training them as they are")
-    stale = ("tree_expected_accept_length", "rank_accuracy")
+    stale = ("tree_expected_accept_length", "tree_counted_accept_length", "rank_accuracy")
     heads.config = dataclasses.replace(c, tree=None, extra={k: v for k, v in c.extra.items() if k not in stale})
     heads.set_draft_vocab(None, model)  # chosen again from this run's data (--draft-vocab)
     return heads

@@ -159,6 +159,48 @@ def search_tree(acc, num_nodes: int) -> list[Path_]:
     return sorted(chosen, key=lambda p: (len(p), p))
 
 
+def path_counts(ranks: torch.Tensor, topk: int) -> dict[Path_, int]:
+    """Observed top-k index paths: ranks [M, K] holds, for each of M positions, the rank of the
+    true token in head d's top-k given the true path above it (topk or more: not in the top-k).
+    Returns, for every path (r_0, .., r_d), the number of positions whose ranks start with it
+    (counted up to each position's first miss)."""
+    counts: dict[Path_, int] = {}
+    hit = (ranks < topk).long().cumprod(-1).bool()  # [M, K]: heads 0..d all in their top-k
+    for d in range(ranks.shape[-1]):
+        paths, n = ranks[hit[:, d], : d + 1].unique(dim=0, return_counts=True)
+        counts.update({tuple(p): c for p, c in zip(paths.tolist(), n.tolist())})
+    return counts
+
+
+def search_tree_counts(counts: dict[Path_, int], num_nodes: int) -> list[Path_]:
+    """The tree of `num_nodes` nodes (root included) that accepts the most tokens on the observed
+    positions `counts` (path_counts): a node adds the positions whose true ranks pass through
+    it. Unlike search_tree, it uses the heads' joint behaviour (a head's rank given the ranks
+    above it), not independent per-rank accuracies. A path holds at most the positions of its
+    parent, so best-first is optimal; the frontier only offers children of chosen nodes, so the
+    result is a tree whatever the counts."""
+    if num_nodes < 1:
+        raise TreeError("a tree needs at least the root node")
+    children: dict[Path_, list[Path_]] = {}
+    for p in counts:
+        children.setdefault(p[:-1], []).append(p)
+    chosen: list[Path_] = []
+    frontier = [(-counts[p], len(p), p) for p in children.get((), [])]
+    heapq.heapify(frontier)
+    while frontier and len(chosen) < num_nodes - 1:
+        _, _, p = heapq.heappop(frontier)
+        chosen.append(p)
+        for c in children.get(p, []):
+            heapq.heappush(frontier, (-counts[c], len(c), c))
+    return sorted(chosen, key=lambda p: (len(p), p))
+
+
+def counted_accept_length(paths, counts: dict[Path_, int], positions: int) -> float:
+    """Mean accepted tokens per step (the root counts 1) of a tree on the observed positions:
+    a position accepts one token per node of the tree on its true path."""
+    return 1.0 + sum(counts.get(tuple(p), 0) for p in paths) / max(positions, 1)
+
+
 # ------------------------------------------------------------------ named trees and files
 
 NAMED_TREES = ("ar", "tree2", "tree4", "tree8", "chain", "tree16", "tree32", "tree64")  # small trees: large batches

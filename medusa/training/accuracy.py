@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from medusa.decoding.tree import expected_accept_length, search_tree
+from medusa.decoding.tree import Path_, counted_accept_length, expected_accept_length, path_counts, search_tree, search_tree_counts
 from medusa.training.data import Record, iterate_batches, plan_batches
 from medusa.training.features import base_hidden, head_features, head_targets
 
@@ -18,6 +18,7 @@ from medusa.training.features import base_hidden, head_features, head_targets
 class HeadAccuracy:
     topk: list[list[float]]  # [K][k]: P(target in head i's top-(r+1))
     tokens: int  # positions scored per head (head 0; later heads see slightly fewer)
+    paths: dict[Path_, int] | None = None  # tree.path_counts over the `tokens` positions of head 0
 
     @property
     def rank(self) -> list[list[float]]:
@@ -25,7 +26,13 @@ class HeadAccuracy:
         return [[row[0]] + [row[r] - row[r - 1] for r in range(1, len(row))] for row in self.topk]
 
     def to_dict(self) -> dict:
-        return {"tokens": self.tokens, "topk": self.topk, "rank": self.rank}
+        d = {"tokens": self.tokens, "topk": self.topk, "rank": self.rank}
+        if self.paths is not None:  # paths seen once are dropped: no tree worth searching holds them
+            d["path_counts"] = {",".join(map(str, p)): n for p, n in sorted(self.paths.items()) if n >= MIN_PATH_COUNT}
+        return d
+
+
+MIN_PATH_COUNT = 2
 
 
 @torch.no_grad()
@@ -34,6 +41,7 @@ def head_accuracy(heads, base, records: list[Record], *, topk: int = 10, max_tok
     K = heads.config.num_heads
     hits = torch.zeros(K, topk, dtype=torch.long, device=base.device)
     rows = torch.zeros(K, dtype=torch.long, device=base.device)
+    paths: dict[Path_, int] = {}
     plan = plan_batches(records, max_tokens, max_len, seed=0, epoch=0)[:max_batches]
     autocast = base.dtype != torch.float32
     for b in iterate_batches(records, plan, max_len):
@@ -41,29 +49,41 @@ def head_accuracy(heads, base, records: list[Record], *, topk: int = 10, max_tok
         hidden = base_hidden(base, tokens)
         with torch.autocast(base.device.type, dtype=torch.bfloat16, enabled=autocast):
             feats = head_features(heads, base, tokens, hidden)
+            _, start = head_targets(tokens, mask, 0)  # [B, T]: the positions a step may start at
+            ranks = torch.full((int(start.sum()), K), topk, dtype=torch.long, device=base.device)  # topk: a miss
             for i, z in enumerate(feats):
                 targets, valid = head_targets(tokens, mask, i)
                 top = heads.draft_topk(i, z[valid], base, topk)  # [M, k] (within the draft vocabulary, as decoding)
-                first = (top == targets[valid][:, None]).long().cumsum(-1).clamp_max(1)  # [M, k] in top-(r+1)
+                match = top == targets[valid][:, None]  # [M, k]
+                first = match.long().cumsum(-1).clamp_max(1)  # [M, k] in top-(r+1)
                 hits[i] += first.sum(0)
                 rows[i] += first.shape[0]
+                # the rank per start position (head i's valid positions are among head 0's)
+                rank = torch.where(match.any(-1), match.long().argmax(-1), topk)
+                ranks[:, i] = torch.full_like(start, topk, dtype=torch.long).masked_scatter(valid, rank)[start]
+        for p, n in path_counts(ranks.cpu(), topk).items():
+            paths[p] = paths.get(p, 0) + n
         if progress:
             progress(1)
     acc = (hits.double() / rows.clamp_min(1)[:, None].double()).tolist()
-    return HeadAccuracy([[round(a, 6) for a in row] for row in acc], int(rows[0]))
+    return HeadAccuracy([[round(a, 6) for a in row] for row in acc], int(rows[0]), paths)
 
 
 @dataclass(frozen=True)
 class SearchedTree:
     nodes: int
     paths: list[tuple[int, ...]]
-    expected_accept_length: float
+    expected_accept_length: float  # under independent per-rank accuracies (tree.expected_accept_length)
+    counted_accept_length: float | None = None  # on the observed positions (tree.counted_accept_length)
 
 
-def trees_for_budgets(rank_acc: list[list[float]], budgets: list[int]) -> list[SearchedTree]:
-    """The best tree per node budget (root included) and its expected accepted length."""
+def trees_for_budgets(rank_acc: list[list[float]], budgets: list[int], counts: dict[Path_, int] | None = None,
+                      positions: int = 0) -> list[SearchedTree]:
+    """The best tree per node budget (root included): searched on the observed paths `counts`
+    over `positions` positions when given (tree.search_tree_counts), else on the rank table."""
     out = []
     for n in budgets:
-        paths = search_tree(rank_acc, n)
-        out.append(SearchedTree(len(paths) + 1, paths, expected_accept_length(paths, rank_acc)))
+        paths = search_tree_counts(counts, n) if counts else search_tree(rank_acc, n)
+        counted = counted_accept_length(paths, counts, positions) if counts else None
+        out.append(SearchedTree(len(paths) + 1, paths, expected_accept_length(paths, rank_acc), counted))
     return out

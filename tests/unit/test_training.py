@@ -208,6 +208,35 @@ def test_accuracy_rank_conversion_and_bounds():
         assert all(0.0 <= a <= 1.0 for a in row) and row == sorted(row)
 
 
+def test_accuracy_counts_the_joint_rank_paths_of_the_same_positions():
+    from medusa.decoding.tree import path_counts
+
+    base = tiny_base()
+    heads = new_heads(base, "hydra", K=3)
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    records, k = pattern_records(8), 20
+    measured = head_accuracy(heads, base, records, topk=k, max_tokens=200)
+    # reference: one record at a time, position by position
+    rows = []
+    for r in records:
+        tokens = torch.tensor([r.prompt_ids + r.response_ids])
+        T, first = tokens.shape[1], len(r.prompt_ids)  # response tokens are first .. T-1
+        feats = head_features(heads, base, tokens, base_hidden(base, tokens))
+        for t in range(max(first - 2, 0), T - 2):
+            ranks = []
+            for i, z in enumerate(feats):
+                top = heads.draft_topk(i, z[0, t], base, k).tolist() if t + 2 + i < T else []
+                target = int(tokens[0, t + 2 + i]) if t + 2 + i < T else -1
+                ranks.append(top.index(target) if target in top else k)
+            rows.append(ranks)
+    assert len(rows) == measured.tokens
+    expected = path_counts(torch.tensor(rows), k)
+    assert measured.paths == expected and max(len(p) for p in expected) == 3  # every depth observed
+    saved = measured.to_dict()["path_counts"]
+    assert saved == {",".join(map(str, p)): c for p, c in expected.items() if c >= 2}
+
+
 def test_tree_search_matches_a_hand_calculation():
     rank = [[0.6, 0.2], [0.5, 0.1]]
     # path probabilities: (0) .6, (0,0) .3, (1) .2, (1,0) .1, (0,1) .06, (1,1) .02
@@ -235,6 +264,31 @@ def test_tree_command_writes_trees_and_ships_one(tmp_path):
     assert shipped.extra["rank_accuracy"] == [[0.6, 0.2], [0.5, 0.1]]  # the engine's acceptance priors
     (tmp_path / "bad.json").write_text("{}")
     assert main(["tree", "--accuracies", str(tmp_path / "bad.json"), "--out", str(tmp_path / "t2")]) == 2
+
+
+def test_tree_command_searches_on_observed_paths_when_it_has_them(tmp_path):
+    from medusa.cli import main
+
+    # the rank table says rank 1 of head 0 is rarely followed; the observed paths say it always is, at rank 0
+    doc = {"rank": [[0.6, 0.3], [0.5, 0.1]], "tokens": 10,
+           "path_counts": {"0": 6, "1": 3, "1,0": 3, "0,0": 1, "0,1": 1}}
+    (tmp_path / "acc.json").write_text(json.dumps(doc))
+    heads_dir = tmp_path / "heads"
+    heads_dir.mkdir()
+    (heads_dir / "heads.json").write_text(json.dumps(HeadsConfig("hydra", 2, 1, 32, V, "f" * 16).to_dict()))
+    assert main(["tree", "--accuracies", str(tmp_path / "acc.json"), "--nodes", "4", "--out", str(tmp_path / "c"),
+                 "--heads", str(heads_dir), "--ship-nodes", "4"]) == 0
+    counted = json.loads((tmp_path / "c" / "tree4.json").read_text())
+    assert counted["paths"] == [[0], [1], [1, 0]] and counted["counted_accept_length"] == pytest.approx(1 + 12 / 10)
+    shipped = json.loads((heads_dir / "heads.json").read_text())
+    assert shipped["tree"] == [[0], [1], [1, 0]] and shipped["extra"]["tree_counted_accept_length"] == pytest.approx(2.2)
+    assert main(["tree", "--accuracies", str(tmp_path / "acc.json"), "--nodes", "4", "--out", str(tmp_path / "i"),
+                 "--search", "independent"]) == 0
+    assert json.loads((tmp_path / "i" / "tree4.json").read_text())["paths"] == [[0], [1], [0, 0]]
+    (tmp_path / "bad.json").write_text(json.dumps({**doc, "path_counts": {"0,x": 1}}))
+    assert main(["tree", "--accuracies", str(tmp_path / "bad.json"), "--out", str(tmp_path / "b")]) == 2
+    (tmp_path / "none.json").write_text(json.dumps({"rank": doc["rank"]}))
+    assert main(["tree", "--accuracies", str(tmp_path / "none.json"), "--out", str(tmp_path / "n"), "--search", "counts"]) == 2
 
 
 # ------------------------------------------------------------------ data and distillation
@@ -387,3 +441,22 @@ def test_train_continues_from_the_shipped_heads(tmp_path, capsys):
     assert code == 2 and "--num-layers 3 does not match" in err and "Traceback" not in err
     code, err = _train_cli(capsys, *common, "--out", str(tmp_path / "other"), "--init-heads", str(tmp_path / "missing"))
     assert code == 2 and "is not a heads folder" in err
+
+
+def test_eval_heads_reports_rank_paths_and_the_trees_acceptance(tmp_path, capsys, stack):
+    from medusa.cli import main
+    from medusa.decoding.generate import generate
+
+    ids = stack.tokenizer.encode_prompt("Name three colours.", chat=True)
+    response = [t for c in generate(stack.model, ids, max_new_tokens=24) for t in c.tokens]
+    data = tmp_path / "d.jsonl"
+    data.write_text(Record("p:greedy", "greedy", ids, response).to_json() + "\n")
+    out = tmp_path / "acc.json"
+    assert main(["eval", "heads", "--heads", "hydra", "--data", str(data), "--all", "--json", str(out),
+                 "--device", "cpu", "--dtype", "float32"]) == 0
+    printed = capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert doc["tokens"] == len(response)  # a step may start before every response token
+    assert doc["path_counts"] and all(int(k.split(",")[0]) < 10 for k in doc["path_counts"])
+    line = next(x for x in printed.splitlines() if "tree accepts" in x)
+    assert 1.0 <= float(line.split("accepts ")[1].split()[0]) <= 5.0

@@ -87,3 +87,53 @@ def test_tree_search_matches_hand_calculation():
     lens = [expected_accept_length(search_tree(acc, n), acc) for n in range(1, 8)]
     assert lens == sorted(lens)
     assert expected_accept_length(search_tree(acc, 3), acc) >= expected_accept_length([(0,), (0, 0)], acc)
+
+
+def test_path_counts_count_every_prefix_up_to_the_first_miss():
+    from medusa.decoding.tree import path_counts
+
+    ranks = torch.tensor([[0, 1, 0], [0, 1, 3], [3, 0, 0], [1, 0, 0]])  # 3 = not in the top-3
+    assert path_counts(ranks, 3) == {(0,): 2, (0, 1): 2, (0, 1, 0): 1, (1,): 1, (1, 0): 1, (1, 0, 0): 1}
+
+
+def _brute_force_best(counts, n):
+    """Every prefix-closed set of n - 1 observed paths, the best total count (small cases only)."""
+    import itertools
+
+    best = -1
+    for combo in itertools.combinations(sorted(counts), n - 1):
+        s = set(combo)
+        if all(p[:-1] in s or len(p) == 1 for p in s):
+            best = max(best, sum(counts[p] for p in s))
+    return best
+
+
+def test_counted_search_is_optimal_and_uses_joint_behaviour():
+    from medusa.decoding.tree import counted_accept_length, path_counts, search_tree_counts
+
+    g = torch.Generator().manual_seed(0)
+    # joint behaviour the rank table cannot see: when head 0 is right at rank 1, head 1 is right at rank 2
+    rows = []
+    for _ in range(200):
+        r0 = int(torch.multinomial(torch.tensor([0.5, 0.3, 0.2]), 1, generator=g))
+        r1 = 2 if r0 == 1 else int(torch.multinomial(torch.tensor([0.6, 0.2, 0.1, 0.1]), 1, generator=g))
+        rows.append([r0, r1])
+    ranks = torch.tensor(rows)
+    counts = path_counts(ranks, 3)
+    for n in range(1, 8):
+        paths = search_tree_counts(counts, n)
+        assert len(paths) == min(n - 1, len(counts))
+        build_tree(paths)  # a valid tree: every node's parent is in it
+        assert sum(counts[p] for p in paths) == _brute_force_best(counts, len(paths) + 1)
+        # the counted length is what a step accepts at each position, walked directly
+        walked = 0
+        for r in rows:
+            d = 0
+            while d < 2 and tuple(r[: d + 1]) in set(paths):
+                d += 1
+            walked += d
+        assert counted_accept_length(paths, counts, len(rows)) == pytest.approx(1 + walked / len(rows))
+    assert (1, 2) in search_tree_counts(counts, 5)  # found from the joint counts
+    assert search_tree_counts({}, 4) == [] and search_tree_counts(counts, 1) == []
+    with pytest.raises(TreeError):
+        search_tree_counts(counts, 0)
