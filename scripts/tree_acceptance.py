@@ -30,12 +30,13 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medusa.bench.data import resolve_dataset  # noqa: E402
+from medusa.bench.data import data_dirs, resolve_dataset  # noqa: E402
 from medusa.bench.env import environment  # noqa: E402
-from medusa.commands.common import read_prompts  # noqa: E402
+from medusa.commands.common import Prompt, read_prompts  # noqa: E402
 from medusa.decoding.generate import generate  # noqa: E402
 from medusa.decoding.tree import load_tree, search_tree  # noqa: E402
 from medusa.runtime import load_stack  # noqa: E402
+from medusa.training.data import is_heldout, mix_prompts, read_prompt_file, sampled_mode  # noqa: E402
 from medusa.training.features import base_hidden  # noqa: E402
 
 
@@ -140,9 +141,29 @@ def depth_profile(paths) -> list[int]:
     return [sum(1 for p in paths if len(p) == d + 1) for d in range(K)]
 
 
+MIX = ("sharegpt_first_turns.jsonl", "code_alpaca_2k.json", "gsm8k_train.jsonl", "alpaca_en_demo.json")
+
+
+def heldout_prompts(spec: str, limit: int | None) -> list[Prompt]:
+    """`heldout` or `heldout:<file stem>`: prompts of the distillation mix (scripts/train_default_heads.sh,
+    in the order of its seed 0) whose records every training run held out (medusa train's
+    --heldout 0.02, distill's --sample-fraction 0.3), so the heads never trained on them."""
+    only = spec.partition(":")[2]
+    files = []
+    for name in MIX:
+        path = next((d / "prompts" / name for d in data_dirs() if (d / "prompts" / name).is_file()), None)
+        if path is None:
+            raise SystemExit(f"tree_acceptance: prompts/{name} not found under the shared data folder")
+        files.append(read_prompt_file(path))
+    out = [Prompt(p.id, p.text) for p in mix_prompts(files, seed=0)
+           if is_heldout(f"{p.id}:{sampled_mode(p.id, 0.3)}", 0.02) and (not only or p.id.split(":")[0] == only)]
+    return out[:limit]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default="mt_bench")
+    ap.add_argument("--dataset", default="mt_bench",
+                    help="mt_bench, a JSONL prompt file, or heldout[:<file stem>]: the distillation mix's held-out prompts")
     ap.add_argument("--limit", type=int, default=40)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--heads", default="hydra")
@@ -166,8 +187,8 @@ def main() -> int:
     for f in args.trees:
         t = load_tree(f)
         static[f"{Path(f).parent.name}/{t.name}"] = list(t.paths)
-    _, path = resolve_dataset(args.dataset)
-    prompts = read_prompts(path, args.limit)
+    prompts = heldout_prompts(args.dataset, args.limit) if args.dataset.startswith("heldout") else \
+        read_prompts(resolve_dataset(args.dataset)[1], args.limit)
     eos = tuple(sorted(set(model.cfg.eos_token_ids) | set(tok.eos_token_ids)))
     depthwise = [int(x) for x in args.depthwise.split(",") if x]
     per_depth = {f"depthwise{n}": depth_profile(static[f"static{n}"]) for n in depthwise if f"static{n}" in static}
