@@ -34,8 +34,9 @@ from medusa.bench.data import data_dirs, resolve_dataset  # noqa: E402
 from medusa.bench.env import environment  # noqa: E402
 from medusa.commands.common import Prompt, read_prompts  # noqa: E402
 from medusa.decoding.generate import generate  # noqa: E402
-from medusa.decoding.tree import load_tree, search_tree  # noqa: E402
+from medusa.decoding.tree import counted_accept_length, load_tree, path_counts, search_tree  # noqa: E402
 from medusa.runtime import load_stack  # noqa: E402
+from medusa.training.accuracy import true_rank  # noqa: E402
 from medusa.training.data import is_heldout, mix_prompts, read_prompt_file, sampled_mode  # noqa: E402
 from medusa.training.features import base_hidden  # noqa: E402
 
@@ -64,22 +65,8 @@ def static_ranks(heads, base, s: torch.Tensor, seq: torch.Tensor, pos: torch.Ten
     for d in range(K):
         chain = seq[pos[:, None] + 1 + torch.arange(d + 1)]  # tokens t+1 .. t+1+d
         _, ids = head_logprobs(heads, base, d, s[pos], chain, topk)
-        true = seq[pos + 2 + d]
-        hit = ids == true[:, None]
-        ranks.append(torch.where(hit.any(-1), hit.float().argmax(-1), torch.full_like(true, topk)))
+        ranks.append(true_rank(ids, seq[pos + 2 + d]))
     return torch.stack(ranks, 1)
-
-
-def static_accept(ranks: torch.Tensor, paths) -> torch.Tensor:
-    """[M] accepted candidates (beyond the root) of a static tree, given the true ranks."""
-    inside = set(paths)
-    acc = torch.zeros(ranks.shape[0], dtype=torch.long)
-    for m, row in enumerate(ranks.tolist()):
-        n = 0
-        while n < len(row) and tuple(row[: n + 1]) in inside:
-            n += 1
-        acc[m] = n
-    return acc
 
 
 @torch.no_grad()
@@ -193,7 +180,8 @@ def main() -> int:
     depthwise = [int(x) for x in args.depthwise.split(",") if x]
     per_depth = {f"depthwise{n}": depth_profile(static[f"static{n}"]) for n in depthwise if f"static{n}" in static}
     per_depth = {k: w + [0] * (K - len(w)) for k, w in per_depth.items()}
-    sums = {name: 0 for name in static} | {f"dynamic{n}": 0 for n in nodes} | {name: 0 for name in per_depth}
+    sums = {f"dynamic{n}": 0 for n in nodes} | {name: 0 for name in per_depth}
+    counts: dict = {}  # static trees: the positions' rank paths (tree.path_counts), over all prompts
     count = 0
     for p in tqdm(prompts, desc="prompts", unit="prompt"):
         ids = tok.encode_prompt(p.text, chat=True)
@@ -205,9 +193,8 @@ def main() -> int:
             continue
         hidden = base_hidden(model, seq[None])
         s = heads.summary(hidden, model)[0]  # [T, D]
-        ranks = static_ranks(heads, model, s, seq, pos, args.topk)
-        for name, paths in static.items():
-            sums[name] += int(static_accept(ranks, paths).sum())
+        for path, n in path_counts(static_ranks(heads, model, s, seq, pos, args.topk), args.topk).items():
+            counts[path] = counts.get(path, 0) + n
         pool = grow(heads, model, s, seq, pos, [args.width] * K, args.topk) if nodes else []
         for n in nodes:
             sums[f"dynamic{n}"] += int(walk(pool, global_choice(pool, n), seq, pos).sum())
@@ -217,7 +204,8 @@ def main() -> int:
         count += pos.numel()
     res = {**env, "dataset": args.dataset, "heads": stack.heads_name, "dtype": "float32",
            "max_new_tokens": args.max_new_tokens, "positions": count, "prompts": len(prompts), "width": args.width, "topk": args.topk,
-           "accepted_per_step": {k: round(1 + v / count, 4) for k, v in sums.items()}}
+           "accepted_per_step": {**{k: round(counted_accept_length(p, counts, count), 4) for k, p in static.items()},
+                                 **{k: round(1 + v / count, 4) for k, v in sums.items()}}}
     print(json.dumps(res, indent=1))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(res, indent=1) + "\n")

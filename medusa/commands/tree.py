@@ -38,8 +38,8 @@ def read_accuracies(path: str | Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def read_rank_accuracies(path: str | Path, data: dict | None = None) -> list[list[float]]:
-    data = read_accuracies(path) if data is None else data
+def read_rank_accuracies(path: str | Path, data: dict) -> list[list[float]]:
+    """The "rank" table of `data` (read from `path`, named in errors)."""
     acc = data.get("rank")
     if not (isinstance(acc, list) and acc and all(isinstance(r, list) and r for r in acc)):
         raise RequestError(f'{path}: expected {{"rank": [[p(head i right at rank r)] ...]}} (medusa eval heads --json)')

@@ -35,6 +35,13 @@ class HeadAccuracy:
 MIN_PATH_COUNT = 2
 
 
+def true_rank(top: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Rank of each target in its row of top-k ids: top [M, k], target [M] -> [M] long
+    (k where the target is not among them)."""
+    match = top == target[:, None]
+    return torch.where(match.any(-1), match.long().argmax(-1), top.shape[-1])
+
+
 @torch.no_grad()
 def head_accuracy(heads, base, records: list[Record], *, topk: int = 10, max_tokens: int = 16384, max_len: int = 1024,
                   max_batches: int | None = None, progress: Callable[[int], None] | None = None) -> HeadAccuracy:
@@ -54,12 +61,10 @@ def head_accuracy(heads, base, records: list[Record], *, topk: int = 10, max_tok
             for i, z in enumerate(feats):
                 targets, valid = head_targets(tokens, mask, i)
                 top = heads.draft_topk(i, z[valid], base, topk)  # [M, k] (within the draft vocabulary, as decoding)
-                match = top == targets[valid][:, None]  # [M, k]
-                first = match.long().cumsum(-1).clamp_max(1)  # [M, k] in top-(r+1)
-                hits[i] += first.sum(0)
-                rows[i] += first.shape[0]
+                rank = true_rank(top, targets[valid])  # [M]
+                hits[i] += torch.bincount(rank, minlength=topk + 1)[:topk].cumsum(0)  # [k]: in top-(r+1)
+                rows[i] += rank.shape[0]
                 # the rank per start position (head i's valid positions are among head 0's)
-                rank = torch.where(match.any(-1), match.long().argmax(-1), topk)
                 ranks[:, i] = torch.full_like(start, topk, dtype=torch.long).masked_scatter(valid, rank)[start]
         for p, n in path_counts(ranks.cpu(), topk).items():
             paths[p] = paths.get(p, 0) + n

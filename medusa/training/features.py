@@ -71,7 +71,3 @@ def head_features(heads, base, tokens: torch.Tensor, hidden: torch.Tensor) -> li
         return [heads.head_hidden(i, s, path_embeddings(base, tokens, i).to(s.dtype)) for i in range(K)]
     raise TypeError(f"no teacher forcing for {type(heads).__name__}")
 
-
-def head_lm(heads, i: int, z: torch.Tensor, base) -> torch.Tensor:
-    """Head i's logits from its features: z [..., D] -> [..., V]."""
-    return heads.lm_logits(i, z, base)

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from medusa.training.data import Record, iterate_batches, plan_batches
-from medusa.training.features import base_hidden, head_features, head_lm, head_targets, teacher_positions, teacher_rows
+from medusa.training.features import base_hidden, head_features, head_targets, teacher_positions, teacher_rows
 from medusa.training.losses import head_loss, head_weights, teacher_probs
 
 
@@ -112,7 +112,7 @@ class Trainer:
             total = torch.zeros((), device=self.device)
             for i, z in enumerate(feats):
                 targets, valid = head_targets(tokens, mask, i)
-                hl = head_loss(z, targets, valid, lambda x, i=i: head_lm(self.heads, i, x, self.base), teacher,
+                hl = head_loss(z, targets, valid, lambda x, i=i: self.heads.lm_logits(i, x, self.base), teacher,
                                teacher_rows(row, i) if tw > 0 else None, tw, checkpointed=self.recompute)
                 total = total + self.weights[i] * hl.loss
                 per_head.append(hl)
