@@ -147,6 +147,13 @@ def heldout_prompts(spec: str, limit: int | None) -> list[Prompt]:
     return out[:limit]
 
 
+def select_prompts(dataset: str, limit: int | None) -> list[Prompt]:
+    """--dataset: held-out prompts of the mix, MT-Bench or a JSONL file."""
+    if dataset.startswith("heldout"):
+        return heldout_prompts(dataset, limit)
+    return read_prompts(resolve_dataset(dataset)[1], limit)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="mt_bench",
@@ -160,7 +167,14 @@ def main() -> int:
     ap.add_argument("--trees", nargs="*", default=[], metavar="FILE", help="more static trees to score (tree JSON files)")
     ap.add_argument("--depthwise", default="64", help="node budgets of per-step trees with the static tree's nodes per depth")
     ap.add_argument("--json", dest="json_out")
+    ap.add_argument("--dump-prompts", metavar="FILE",
+                    help="write the selected prompts as JSONL ({id, prompt}: what `medusa bench --dataset FILE` reads) and stop")
     args = ap.parse_args()
+    if args.dump_prompts:
+        prompts = select_prompts(args.dataset, args.limit)
+        Path(args.dump_prompts).write_text("".join(json.dumps({"id": p.id, "prompt": p.text}) + "\n" for p in prompts))
+        print(f"wrote {len(prompts)} prompts to {args.dump_prompts}")
+        return 0
     nodes = [int(x) for x in args.nodes.split(",") if x]
     torch.set_grad_enabled(False)
     stack = load_stack(heads=args.heads, device="cpu", dtype="float32")
@@ -174,8 +188,7 @@ def main() -> int:
     for f in args.trees:
         t = load_tree(f)
         static[f"{Path(f).parent.name}/{t.name}"] = list(t.paths)
-    prompts = heldout_prompts(args.dataset, args.limit) if args.dataset.startswith("heldout") else \
-        read_prompts(resolve_dataset(args.dataset)[1], args.limit)
+    prompts = select_prompts(args.dataset, args.limit)
     eos = tuple(sorted(set(model.cfg.eos_token_ids) | set(tok.eos_token_ids)))
     depthwise = [int(x) for x in args.depthwise.split(",") if x]
     per_depth = {f"depthwise{n}": depth_profile(static[f"static{n}"]) for n in depthwise if f"static{n}" in static}

@@ -38,3 +38,9 @@ def enabled(device: torch.device) -> bool:
     """Whether the kernels may run for tensors on `device`: CUDA, Triton installed, and not
     turned off (MEDUSA_KERNELS=torch)."""
     return device.type == "cuda" and os.environ.get("MEDUSA_KERNELS", "auto") != "torch" and triton_language() is not None
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (what a kernel's programs spread over)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -17,9 +17,13 @@ and, from the queries as the fused projection leaves them ([B, N, H, Dh], a stri
 output in the layout o_proj reads ([B, N, H * Dh]), i.e. with the layout copies a layer pays:
 
   matmul+copies  the folding copy, attend_matmul, the copy back (what a layer runs today)
-  triton         medusa.kernels.attention.tree_attention (MEDUSA_ATTENTION=triton): one kernel
+  triton         medusa.kernels.attention.tree_attention (MEDUSA_ATTENTION=triton): one kernel, or
+                 two where the KV span is split (kv_splits)
+  triton-1part   the same kernel with the span never split
 
-  python3 scripts/gpu/attention_bench.py [--out FILE]
+and the choice MEDUSA_ATTENTION=auto makes at each shape from its fitted cost models.
+
+  python3 scripts/gpu/attention_bench.py [--kv 256,1024] [--batches 1,4,16,64] [--nodes 1,16,64] [--out FILE]
 """
 from __future__ import annotations
 
@@ -30,7 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from medusa.kernels.attention import tree_attention
+from medusa.kernels import sm_count
+from medusa.kernels.attention import block_rows, kv_splits, tree_attention
+from medusa.model import llama
 from medusa.model.llama import attend_matmul
 from step_ops_bench import graph_us  # this folder: scripts/gpu
 
@@ -57,19 +63,23 @@ def time_graph(fn, q, k, v, mask) -> float | None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--kv", default="256,1024", help="KV spans (slots)")
+    ap.add_argument("--batches", default="1,4,16,64")
+    ap.add_argument("--nodes", default="1,16,64", help="new tokens per row")
     args = ap.parse_args()
+    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     dev, dt = torch.device("cuda"), torch.bfloat16
     Hkv, rep, Dh = 3, 3, 64
     kinds = {"efficient": sdpa_with(SDPBackend.EFFICIENT_ATTENTION), "math": sdpa_with(SDPBackend.MATH),
              "cudnn": sdpa_with(SDPBackend.CUDNN_ATTENTION),
              "matmul": lambda q, k, v, mask: attend_matmul(q, k, v, ~mask, scale=Dh ** -0.5)}
     rows = []
-    names = [*kinds, "matmul+copies", "triton"]
-    print("| batch | tree nodes | KV slots | " + " | ".join(names) + " | max abs diff matmul vs efficient | triton vs matmul |")
-    print("|---:|---:|---:|" + "---:|" * len(names) + "---:|---:|")
-    for B in (1, 4, 16, 64):
-        for N in (1, 16, 64):
-            for S in (256, 1024):
+    names = [*kinds, "matmul+copies", "triton", "triton-1part"]
+    print("| batch | tree nodes | KV slots | " + " | ".join(names) + " | max abs diff matmul vs efficient | triton vs matmul | auto picks |")
+    print("|---:|---:|---:|" + "---:|" * len(names) + "---:|---:|---|")
+    for B in ints(args.batches):
+        for N in ints(args.nodes):
+            for S in ints(args.kv):
                 g = torch.Generator(device=dev).manual_seed(0)
                 q = torch.randn(B, Hkv, rep * N, Dh, device=dev, dtype=dt, generator=g)
                 k = torch.randn(B, Hkv, S, Dh, device=dev, dtype=dt, generator=g)
@@ -95,11 +105,18 @@ def main() -> None:
 
                 t["matmul+copies"] = graph_us(with_copies, calls=LAYERS)
                 t["triton"] = graph_us(fused, calls=LAYERS)
+                t["triton-1part"] = graph_us(lambda: tree_attention(q4, k, v, visible, splits=1), calls=LAYERS)
                 diff_triton = (fused().float() - with_copies().float()).abs().max().item()
-                row = {"batch": B, "nodes": N, "kv": S, "us": t, "max_abs_diff": diff, "max_abs_diff_triton": diff_triton}
+                if llama.use_triton_attention(B, Hkv, rep * N, S, Dh, dt, q.device):
+                    auto = "triton"
+                else:
+                    auto = "matmul" if llama.use_matmul_attention(B, Hkv, rep * N, S, q.device) else "efficient"
+                splits = kv_splits(B * Hkv * -(-rep * N // block_rows(rep * N)), S, sm_count(q.device))
+                row = {"batch": B, "nodes": N, "kv": S, "us": t, "max_abs_diff": diff, "max_abs_diff_triton": diff_triton,
+                       "auto": auto, "splits": splits}
                 rows.append(row)
                 cells = " | ".join("-" if x is None else f"{x:.1f}" for x in t.values())
-                print(f"| {B} | {N} | {S} | {cells} | {diff:.4f} | {diff_triton:.4f} |", flush=True)
+                print(f"| {B} | {N} | {S} | {cells} | {diff:.4f} | {diff_triton:.4f} | {auto} ({splits} part{'s' * (splits > 1)}) |", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)

@@ -11,6 +11,9 @@
 #   bash scripts/gpu/measure.sh 8   # host-time profile of the engine's scheduler at batch 64, plain and adaptive
 #   bash scripts/gpu/measure.sh 9   # attention kernels at the step's shapes; graphed step with SDPA vs auto attention; per-operator profile
 #   bash scripts/gpu/measure.sh 10  # the Triton kernels: GPU tests; attention candidates; step profile and all 80 prompts, auto vs triton attention
+#   bash scripts/gpu/measure.sh 11  # GPU tests (auto now takes the attention kernel in half precision); attention at long KV spans
+#   bash scripts/gpu/measure.sh 12  # held-out ShareGPT prompts, auto vs torch attention; engine concurrency with auto
+#   bash scripts/gpu/measure.sh 13  # split-KV attention: GPU tests; attention at 48 shapes; step profile; 80 prompts, auto vs torch
 source scripts/gpu/env.sh
 R=/tmp/res; mkdir -p $R
 quiet() { grep -v -E "run\]|run, |cell\]|cell, |req\]|req, |^\s*$|triton_mm|AUTOTUNE" ; }
@@ -55,13 +58,34 @@ for r in d['rows']: print(r['mode'], r['concurrency'], r['tokens_per_s'], r.get(
   echo "== profile, auto attention, per operator"; timeout 100 python3 scripts/gpu/profile_step.py --ops --out $R/profile-step-auto.json 2>&1 | grep -v "^{" | tail -40
   ;;
 10)
-  echo "== GPU tests of the kernels"; timeout 120 python3 -m pytest -q -x tests/gpu/test_graphs.py -k "topk or triton or graphed_spec" 2>&1 | tail -4
-  echo "== attention kernels"; timeout 150 python3 scripts/gpu/attention_bench.py --out $R/attention-bench-triton.json 2>&1 | tail -26
+  echo "== GPU tests of the kernels"; timeout 100 python3 -m pytest -q -x tests/gpu/test_graphs.py -k "topk or triton or graphed_spec" 2>&1 | tail -4
+  echo "== attention kernels"; timeout 90 python3 scripts/gpu/attention_bench.py --out $R/attention-bench-triton.json 2>&1 | tail -26
   for A in auto triton; do
-    echo "== profile, $A attention"; MEDUSA_ATTENTION=$A timeout 60 python3 scripts/gpu/profile_step.py --heads ar,hydra --out $R/profile-step-$A.json 2>&1 | grep '^| '
+    echo "== profile, $A attention"; MEDUSA_ATTENTION=$A timeout 50 python3 scripts/gpu/profile_step.py --heads ar,hydra --out $R/profile-step-$A.json 2>&1 | grep '^| '
   done
   for A in auto triton; do
     echo "== all 80 prompts, $A attention"; MEDUSA_ATTENTION=$A timeout 120 python3 -m medusa.cli bench --modes ar,hydra --max-new-tokens 256 --name mt_bench-80-attention-$A-gpu --out $R 2>&1 | quiet | grep -E '^\| (ar|hydra) '
+  done
+  ;;
+11)
+  echo "== GPU tests"; timeout 300 python3 -m pytest -q -x tests/gpu 2>&1 | tail -4
+  echo "== attention kernels, long spans"; timeout 200 python3 scripts/gpu/attention_bench.py --kv 2048,4096 --out $R/attention-bench-spans.json 2>&1 | tail -26
+  ;;
+12)
+  # prompts: 80 held-out ShareGPT first turns of the distillation mix, carried in .gpu/c (copied to /tmp/m), made with
+  #   python scripts/tree_acceptance.py --dataset heldout:sharegpt_first_turns --limit 80 --dump-prompts .gpu/c/sharegpt-heldout-80.jsonl
+  P=${PROMPTS:-/tmp/m/sharegpt-heldout-80.jsonl}
+  for A in auto torch; do
+    echo "== held-out ShareGPT, $A attention"; MEDUSA_ATTENTION=$A timeout 130 python3 -m medusa.cli bench --dataset $P --modes ar,hydra --max-new-tokens 256 --name sharegpt-heldout-80-attention-$A-gpu --out $R 2>&1 | quiet | grep -E '^\| (ar|hydra) '
+  done
+  echo "== concurrency, auto"; timeout 270 python3 -m medusa.cli bench --concurrency 1,4,16,64 --modes ar,auto --repeats 2 --max-new-tokens 128 --name concurrency-auto-attention-gpu --out $R 2>&1 | quiet | tail -12
+  ;;
+13)
+  echo "== GPU tests"; timeout 150 python3 -m pytest -q -x tests/gpu 2>&1 | tail -4
+  echo "== attention kernels"; timeout 190 python3 scripts/gpu/attention_bench.py --kv 256,1024,2048,4096 --out $R/attention-bench-split.json 2>&1 | grep -v "^  (" | tail -50
+  echo "== profile, auto attention"; timeout 45 python3 scripts/gpu/profile_step.py --heads ar,hydra --out $R/profile-step-split.json 2>&1 | grep '^| '
+  for A in auto torch; do
+    echo "== all 80 prompts, $A attention"; MEDUSA_ATTENTION=$A timeout 85 python3 -m medusa.cli bench --modes ar,hydra --max-new-tokens 256 --name mt_bench-80-split-$A-gpu --out $R 2>&1 | quiet | grep -E '^\| (ar|hydra) '
   done
   ;;
 esac

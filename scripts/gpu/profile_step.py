@@ -11,7 +11,7 @@ so wall - replay is host overhead, replay - kernel sum is launch gaps inside the
 With --ops, the same step once more, eagerly, on a scratch copy of the state, with the GPU time
 of each aten operator (what launched the kernels; the graph replay shows kernel names only).
 
-  [MEDUSA_ATTENTION=auto|sdpa|matmul] python3 scripts/gpu/profile_step.py [--compile MODE] [--ops]
+  [MEDUSA_ATTENTION=auto|torch|sdpa|matmul|triton] python3 scripts/gpu/profile_step.py [--compile MODE] [--ops]
 """
 from __future__ import annotations
 

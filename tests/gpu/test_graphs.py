@@ -124,7 +124,8 @@ def test_triton_attention_equals_the_matmul_path_on_gpu(dtype):
     from medusa.model.llama import attend_matmul
 
     g = torch.Generator(device="cuda").manual_seed(3)
-    for B, N, S in ((1, 1, 256), (1, 64, 1024), (4, 16, 512), (64, 4, 320)):
+    # the long spans at batch 1-4 run split (medusa.kernels.attention.kv_splits)
+    for B, N, S in ((1, 1, 256), (1, 64, 1024), (4, 16, 512), (64, 4, 320), (1, 1, 4096), (1, 64, 2048), (4, 4, 1000)):
         qkv = torch.randn(B, N, 15, 64, device="cuda", dtype=dtype, generator=g) * 0.3
         q = qkv[:, :, :9]
         k, v = (torch.randn(B, 3, S, 64, device="cuda", dtype=dtype, generator=g) for _ in range(2))
@@ -136,7 +137,8 @@ def test_triton_attention_equals_the_matmul_path_on_gpu(dtype):
         hidden = (~visible)[:, None].repeat(1, 1, 3, 1)
         ref = attend_matmul(q.transpose(1, 2).reshape(B, 3, 3 * N, 64), k, v, hidden).reshape(B, 9, N, 64).transpose(1, 2)
         tol = 1e-5 if dtype == torch.float32 else 2e-2
-        torch.testing.assert_close(tree_attention(q, k, v, visible).float(), ref.float(), rtol=tol, atol=tol)
+        for splits in (None, 1, 4):
+            torch.testing.assert_close(tree_attention(q, k, v, visible, splits=splits).float(), ref.float(), rtol=tol, atol=tol)
 
 
 def test_graphed_spec_equals_eager_ar_with_triton_attention(gpu_stack, mt_texts, monkeypatch):

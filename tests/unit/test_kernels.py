@@ -62,10 +62,22 @@ ATTENTION_CHECKS = textwrap.dedent('''
         start = torch.randint(1, S - N, (B,), generator=g)
         local = (torch.rand(N, N, generator=g) < 0.5) | torch.eye(N, dtype=torch.bool)  # any ancestor pattern
         visible = attention_mask(start, local, S)
-        got = tree_attention(q, cache[0][:, :, :S], cache[1][:, :, :S], visible)
-        assert got.shape == (B, N, Hkv * rep, Dh) and got.is_contiguous()
-        torch.testing.assert_close(got, folded_reference(q, cache[0][:, :, :S], cache[1][:, :, :S], visible),
-                                   rtol=1e-5, atol=1e-5)
+        ref = folded_reference(q, cache[0][:, :, :S], cache[1][:, :, :S], visible)
+        for splits in (None, 2, 4):  # None: one part on a CPU tensor
+            got = tree_attention(q, cache[0][:, :, :S], cache[1][:, :, :S], visible, splits=splits)
+            assert got.shape == (B, N, Hkv * rep, Dh) and got.is_contiguous()
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+    # a split span where the later parts see nothing (a short row in a long cache) and one
+    # that cuts a row's visible slots across parts
+    B, N, Hkv, rep, S, Dh = 2, 3, 3, 3, 600, 16
+    qkv = torch.randn(B, N, Hkv * (rep + 2), Dh, generator=g)
+    q = qkv[:, :, :Hkv * rep]
+    k, v = torch.randn(2, B, Hkv, S, Dh, generator=g)
+    visible = attention_mask(torch.tensor([40, 420]), torch.ones(N, N, dtype=torch.bool).tril(), S)
+    ref = folded_reference(q, k, v, visible)
+    for splits in (2, 4, 8):
+        torch.testing.assert_close(tree_attention(q, k, v, visible, splits=splits), ref, rtol=1e-5, atol=1e-5)
 
     # through a whole forward (MEDUSA_ATTENTION=triton, the kernel let run on CPU tensors here):
     # rows with different visible spans, equal to SDPA's forward

@@ -141,3 +141,67 @@ def test_kv_write_into_a_view_of_rows():
     view.commit_path(torch.tensor([[3, 4], [7, 8]]), torch.tensor([[0, 1], [7, 8]]))
     assert torch.equal(pool.kv[:, :, 1, :, 0:2], before[:, :, 1, :, 3:5])
     assert torch.equal(pool.kv[:, :, 2], before[:, :, 2])
+
+
+def test_auto_attention_picks_a_path_that_measured_near_the_fastest(monkeypatch):
+    """At each of the 48 shapes of the H200 attention benchmark (scripts/gpu/attention_bench.py:
+    batch 1-64, 1-64 new tokens, 256-4096 KV slots; the kernel with its split KV spans), the
+    path auto's fitted cost models pick (the Triton kernel, the GEMMs with the layer's layout
+    copies, or SDPA's efficient kernel) measured within 10% of the fastest of the three."""
+    import json
+    from pathlib import Path
+
+    from medusa.model import llama
+
+    monkeypatch.setattr(llama, "ATTENTION", "auto")
+    monkeypatch.setattr(llama, "kernels_enabled", lambda device: True)
+    monkeypatch.setattr(llama, "_sm_count", lambda device: 132)  # the H200 the models were fitted on
+    cuda = torch.device("cuda")  # a device object only: no GPU is touched
+    bench = Path(__file__).resolve().parents[2] / "benchmarks/results/attention-bench-split-h200.json"
+    rows = json.loads(bench.read_text())["rows"]
+    assert len(rows) == 48
+    for r in rows:
+        B, R, S, us = r["batch"], 3 * r["nodes"], r["kv"], r["us"]
+        if llama.use_triton_attention(B, 3, R, S, 64, torch.bfloat16, cuda):
+            got = us["triton"]
+        else:
+            got = us["matmul+copies"] if llama.use_matmul_attention(B, 3, R, S, cuda) else us["efficient"]
+        assert got <= 1.1 * min(us["triton"], us["matmul+copies"], us["efficient"]), r
+
+
+def test_auto_attention_keeps_the_kernel_to_shapes_and_dtypes_it_serves(monkeypatch):
+    from medusa.model import llama
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(llama, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(llama, "kernels_enabled", lambda device: device.type == "cuda")
+    monkeypatch.setattr(llama, "ATTENTION", "auto")
+    use = llama.use_triton_attention
+    assert use(1, 3, 3, 512, 64, torch.bfloat16, cuda) and use(1, 3, 3, 512, 64, torch.float16, cuda)
+    assert use(1, 3, 3, 8192, 64, torch.bfloat16, cuda)  # a long span is split over the SMs
+    assert not use(1, 3, 3, 512, 64, torch.float32, cuda)  # IEEE products without tensor cores
+    assert not use(1, 3, 3, 512, 80, torch.bfloat16, cuda)  # head dim the kernel does not take
+    assert not use(1, 3, 3, 512, 64, torch.bfloat16, torch.device("cpu"))
+    # the choice is the cost models': a kernel predicted slower is not taken
+    monkeypatch.setattr(llama, "triton_us", lambda *a: 1e9)
+    assert not use(1, 3, 3, 512, 64, torch.bfloat16, cuda)
+    monkeypatch.setattr(llama, "ATTENTION", "triton")
+    assert use(1, 3, 3, 8192, 64, torch.float32, cuda)
+    assert not use(1, 3, 3, 512, 80, torch.bfloat16, cuda)
+    monkeypatch.setattr(llama, "ATTENTION", "torch")
+    assert not use(1, 3, 3, 512, 64, torch.bfloat16, cuda)
+    llama.check_attention_setting()  # "torch" is a valid setting
+
+
+def test_kv_splits_spread_few_programs_over_the_gpu():
+    from medusa.kernels.attention import MIN_SPLIT, kv_splits
+
+    assert kv_splits(3, 256, 132) == 1  # a short span is not worth a second kernel
+    assert kv_splits(3, 1024, 132) == 4  # parts of at least MIN_SPLIT slots
+    assert kv_splits(3, 4096, 132) == 16  # at most MAX_SPLITS
+    assert kv_splits(48, 4096, 132) == 4  # until the programs fill the SMs
+    assert kv_splits(576, 4096, 132) == 1  # enough programs already
+    for programs in (1, 3, 9, 40, 200):
+        for span in (64, 300, 1000, 5000):
+            n = kv_splits(programs, span, 132)
+            assert n & (n - 1) == 0 and (n == 1 or span >= n * MIN_SPLIT)
