@@ -1,7 +1,9 @@
 """medusa.kernels: the Triton top-k against torch.topk and the Triton attention against the
 model's own attention, run by Triton's interpreter on CPU tensors in a child process (the
-interpreter is chosen when Triton is first imported); skipped where Triton is not installed.
-tests/gpu runs the compiled kernels."""
+interpreter is chosen when Triton is first imported); skipped where Triton is not installed
+(CI), and the attention check where the interpreter cannot run under the installed numpy (to run
+it here: PYTHONPATH=<triton 3.6 and numpy 2.2 installed with pip --target>). tests/gpu runs the
+compiled kernels."""
 from __future__ import annotations
 
 import os
@@ -100,8 +102,13 @@ ATTENTION_CHECKS = textwrap.dedent('''
 
 def _interpreted(script: str) -> None:
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    if r.returncode != 0 and "only 0-dimensional arrays can be converted to Python scalars" in r.stderr:
+        # Triton 3.6's interpreter passes integer arguments as one-element arrays and reads loop
+        # bounds with int(), which newer numpy refuses (seen with numpy 2.4; 2.2 runs it)
+        pytest.skip("Triton's interpreter cannot run loops with runtime bounds under this numpy")
     assert r.returncode == 0 and "checked" in r.stdout, r.stderr[-3000:]
 
 
