@@ -22,6 +22,8 @@ values' dtype before the value product (float32 inputs use IEEE float32 products
 The queries come pre-scaled (`Attention.inputs`)."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from medusa.kernels import sm_count, triton_kernel
@@ -48,6 +50,30 @@ def kv_splits(programs: int, kv_len: int, sms: int) -> int:
     while splits < MAX_SPLITS and programs * splits < sms and kv_len >= 2 * splits * MIN_SPLIT:
         splits *= 2
     return splits
+
+
+class LaunchPlan(NamedTuple):
+    """How a call is laid out: what tree_attention launches and medusa.model.llama's cost model
+    prices."""
+
+    block_m: int  # folded query rows per program
+    m_blocks: int  # programs per (row, kv head) along the folded rows
+    splits: int  # parts of the KV span, one program each
+    part: int  # slots per part (a multiple of BLOCK_N; the last part may hold fewer)
+
+    def programs(self, batch: int, kv_heads: int) -> int:
+        return batch * kv_heads * self.m_blocks * self.splits
+
+
+def launch_plan(batch: int, kv_heads: int, rows: int, kv_len: int, sms: int | None,
+                splits: int | None = None) -> LaunchPlan:
+    """The plan for [batch, kv_heads, rows] folded query rows over kv_len slots; splits given, or
+    `kv_splits` on a GPU of `sms` SMs, or 1 (sms None: not a GPU)."""
+    block_m = block_rows(rows)
+    m_blocks = -(-rows // block_m)
+    if splits is None:
+        splits = 1 if sms is None else kv_splits(batch * kv_heads * m_blocks, kv_len, sms)
+    return LaunchPlan(block_m, m_blocks, splits, -(-kv_len // (splits * BLOCK_N)) * BLOCK_N)
 
 
 @triton_kernel
@@ -156,11 +182,8 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: t
     if visible.stride(-1) != 1:
         visible = visible.contiguous()
     out = torch.empty(B, N, H, Dh, dtype=q.dtype, device=q.device)
-    block_m = block_rows(rep * N)
-    m_blocks = -(-rep * N // block_m)
-    if splits is None:
-        splits = kv_splits(B * Hkv * m_blocks, S, sm_count(q.device)) if q.is_cuda else 1
-    chunk = -(-S // (splits * BLOCK_N)) * BLOCK_N
+    plan = launch_plan(B, Hkv, rep * N, S, sm_count(q.device) if q.is_cuda else None, splits)
+    block_m, m_blocks, splits = plan.block_m, plan.m_blocks, plan.splits
     if splits > 1:
         part = torch.empty(B * Hkv * splits * m_blocks * block_m * Dh, dtype=torch.float32, device=q.device)
         stat = torch.empty(B * Hkv * splits * m_blocks * block_m * 2, dtype=torch.float32, device=q.device)
@@ -171,7 +194,7 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: t
         q, k, v, visible, out, part, stat,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), visible.stride(0), visible.stride(1),
-        out.stride(0), out.stride(1), out.stride(2), N, S, Hkv, chunk,
+        out.stride(0), out.stride(1), out.stride(2), N, S, Hkv, plan.part,
         REP=rep, DH=Dh, BLOCK_M=block_m, BLOCK_N=BLOCK_N, SPLITS=splits, IEEE=q.dtype == torch.float32, num_warps=4)
     if splits > 1:
         combine[(B * Hkv, m_blocks)](part, stat, out, out.stride(0), out.stride(1), out.stride(2), N, Hkv,

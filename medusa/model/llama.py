@@ -18,7 +18,7 @@ from torch import nn
 from medusa.errors import ModelLoadError
 from medusa.kernels import enabled as kernels_enabled
 from medusa.kernels import sm_count as _sm_count
-from medusa.kernels.attention import BLOCK_N, block_rows, kv_splits, takes_head_dim, tree_attention
+from medusa.kernels.attention import launch_plan, takes_head_dim, tree_attention
 from medusa.model.config import ModelConfig
 from medusa.model.kv_cache import KVCache
 from medusa.model.rope import apply_rope, rope_table
@@ -115,12 +115,9 @@ def triton_us(batch: int, kv_heads: int, rows: int, kv_len: int, sms: int) -> fl
     """Fitted time of medusa.kernels.attention: programs of (row, kv head, 16-64 folded query
     rows, part of the KV span) in waves over the SMs, each walking its part (a per-slot cost
     that grows with the rows it holds), plus the parts' combination when the span is split."""
-    block_m = block_rows(rows)
-    programs = batch * kv_heads * -(-rows // block_m)
-    splits = kv_splits(programs, kv_len, sms)
-    part = -(-kv_len // (splits * BLOCK_N)) * BLOCK_N
-    waves = -(-programs * splits // sms)
-    return 3.24 + part * waves * (0.0066 + 0.0042 * block_m / 64) + (3.15 if splits > 1 else 0.0)
+    plan = launch_plan(batch, kv_heads, rows, kv_len, sms)
+    waves = -(-plan.programs(batch, kv_heads) // sms)
+    return 3.24 + plan.part * waves * (0.0066 + 0.0042 * plan.block_m / 64) + (3.15 if plan.splits > 1 else 0.0)
 
 
 def use_matmul_attention(batch: int, kv_heads: int, rows: int, kv_len: int, device: torch.device) -> bool:
@@ -157,7 +154,7 @@ class LayerInputs:
     sin: torch.Tensor  # signed sine (rope.py)
     rows: torch.Tensor  # [B, 1] row index of the cache write
     slots: torch.Tensor  # [B, N] cache slots where the new K/V go
-    mask: torch.Tensor  # [B, 1, rep * N, S] bool over folded query rows: True = visible (SDPA) / hidden (matmul)
+    mask: torch.Tensor | None  # [B, 1, rep * N, S] bool over folded query rows: True = visible (SDPA) / hidden (matmul); None when the kernel runs without gradients
     matmul: bool  # attention path: attend_matmul (else SDPA)
     kv_len: int  # S
     visible: torch.Tensor | None = None  # [B, N, S] bool, set when the Triton kernel is to run
@@ -240,13 +237,13 @@ class Attention(nn.Module):
 
         cos, sin = per_head(cos_t, 1.0), per_head(sin_t, 0.0)
         matmul = use_matmul_attention(B, Hkv, self.rep * N, S, mask.device)
-        # the folded mask also serves the Triton path's fallback (a forward with gradients)
-        folded = self.fold_mask(mask.logical_not() if matmul else mask)
         rows = torch.arange(B, device=slots.device)[:, None]
         # decode steps only: the kernel walks every cache block for every query block (no causal
         # skipping), which a long prompt's prefill would pay for
         triton = N <= TRITON_MAX_TOKENS and use_triton_attention(B, Hkv, self.rep * N, S, Dh, dtype, mask.device)
         visible = mask if triton else None  # the kernel takes any strides
+        # the folded mask serves the torch paths, the kernel's included when gradients flow (`forward`)
+        folded = self.fold_mask(mask.logical_not() if matmul else mask) if not triton or torch.is_grad_enabled() else None
         return LayerInputs(cos, sin, rows, slots, folded, matmul, S, visible)
 
     def fuse(self) -> None:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from medusa.kernels import sm_count
-from medusa.kernels.attention import block_rows, kv_splits, tree_attention
+from medusa.kernels.attention import launch_plan, tree_attention
 from medusa.model import llama
 from medusa.model.llama import attend_matmul
 from step_ops_bench import graph_us  # this folder: scripts/gpu
@@ -111,7 +111,7 @@ def main() -> None:
                     auto = "triton"
                 else:
                     auto = "matmul" if llama.use_matmul_attention(B, Hkv, rep * N, S, q.device) else "efficient"
-                splits = kv_splits(B * Hkv * -(-rep * N // block_rows(rep * N)), S, sm_count(q.device))
+                splits = launch_plan(B, Hkv, rep * N, S, sm_count(q.device)).splits
                 row = {"batch": B, "nodes": N, "kv": S, "us": t, "max_abs_diff": diff, "max_abs_diff_triton": diff_triton,
                        "auto": auto, "splits": splits}
                 rows.append(row)
