@@ -25,6 +25,9 @@
 #   MAX_NEW [512]  BATCH_TOKENS [16384]  EVAL_BATCHES [40]  MT_LIMIT [4]  MT_TOKENS [128]  PY [python3]
 #   INIT_HEADS  continue training these heads (a folder, or medusa | hydra for the shipped ones) [none: new heads]
 #   HYDRA_LR [1e-3]  MEDUSA_LR [1e-3]
+#   HYDRA_LAYERS [2]  HYDRA_PREFIX [512]  Hydra++ MLP depth per head and prefix-layer MLP width; with INIT_HEADS,
+#               larger values grow those heads (new blocks start as the identity, `medusa train --init-heads`)
+#   SAMPLE_FRACTION [0.3]  share of the distilled responses sampled (temperature 0.7) instead of greedy
 #   DRAFT_VOCAB [0]  restrict the trained heads' proposals to this many of the most frequent response tokens
 #               (medusa train --draft-vocab; 0: the whole vocabulary)
 #   DISTILL_SEED [0]  another seed shuffles the prompts otherwise (another subset within a time limit) and
@@ -59,6 +62,9 @@ PY=${PY:-python3}
 HYDRA_LR=${HYDRA_LR:-1e-3}
 MEDUSA_LR=${MEDUSA_LR:-1e-3}
 DISTILL_SEED=${DISTILL_SEED:-0}
+SAMPLE_FRACTION=${SAMPLE_FRACTION:-0.3}
+HYDRA_LAYERS=${HYDRA_LAYERS:-2}
+HYDRA_PREFIX=${HYDRA_PREFIX:-512}
 DRAFT_VOCAB=${DRAFT_VOCAB:-0}
 ASSETS=${ASSETS:-medusa/assets/heads}
 mkdir -p "$WORK" "$OUT"
@@ -68,7 +74,7 @@ stage1() {
   log "distill: up to $N_PROMPTS prompts, ${DISTILL_SECONDS}s, batch $BATCH, model $MODEL"
   timeout $((DISTILL_SECONDS + 90)) $PY -m medusa.cli distill --model "$MODEL" \
     --prompts "$PROMPTS"/sharegpt_first_turns.jsonl "$PROMPTS"/code_alpaca_2k.json "$PROMPTS"/gsm8k_train.jsonl "$PROMPTS"/alpaca_en_demo.json \
-    --out "$WORK/distill.jsonl" --limit "$N_PROMPTS" --max-new-tokens $MAX_NEW --sample-fraction 0.3 --temperature 0.7 \
+    --out "$WORK/distill.jsonl" --limit "$N_PROMPTS" --max-new-tokens $MAX_NEW --sample-fraction $SAMPLE_FRACTION --temperature 0.7 \
     --batch "$BATCH" --time-limit "$DISTILL_SECONDS" --seed "$DISTILL_SEED" 2>&1 | tr '\r' '\n' | grep -v -E '^(distilling|tokenizing)' | tail -5 | tee -a "$WORK/pipeline.log" || log "distill stopped (timeout or error); the data so far is kept"
   log "distilled records: $(wc -l < "$WORK/distill.jsonl")"
   # the GPU tool returns files of at most 16 MiB: the data comes back in parts (cat them to rejoin)
@@ -113,7 +119,7 @@ stage2a() {
   for name in $HEADS; do
     case $name in
       medusa) train_heads medusa "$MEDUSA_SECONDS" --head-type medusa --num-heads 5 --num-layers 1 --lr "$MEDUSA_LR" --teacher-weight 0 ;;
-      hydra) train_heads hydra "$HYDRA_SECONDS" --head-type hydra++ --num-heads 4 --num-layers 2 --prefix-intermediate 512 --lr "$HYDRA_LR" --teacher-weight 1 ;;
+      hydra) train_heads hydra "$HYDRA_SECONDS" --head-type hydra++ --num-heads 4 --num-layers $HYDRA_LAYERS --prefix-intermediate $HYDRA_PREFIX --lr "$HYDRA_LR" --teacher-weight 1 ;;
       *) echo "unknown heads $name (HEADS takes medusa and/or hydra)" >&2; exit 2 ;;
     esac
   done
@@ -127,7 +133,9 @@ stage2b() {
     eval_and_tree "$name"
     mkdir -p "$ASSETS/$name"
     cp "$WORK/$name/heads.safetensors" "$WORK/$name/heads.json" "$ASSETS/$name/"
-    cp "$WORK/$name/heads.safetensors" "$OUT/$name.heads.safetensors"
+    # in parts under the GPU tool's 16 MiB per file (cat them to rejoin; one part for the shipped sizes)
+    rm -f "$OUT/$name.heads.safetensors".part-*
+    split -b 15000000 -d "$WORK/$name/heads.safetensors" "$OUT/$name.heads.safetensors.part-"
     cp "$WORK/$name/heads.json" "$OUT/$name.heads.json"
   done
   du -b "$ASSETS"/*/heads.safetensors | tee -a "$WORK/pipeline.log"
@@ -148,7 +156,7 @@ EOF
   local files=(pipeline.log)
   for name in $HEADS; do files+=("$name/train.json" "$name.accuracy.json" "$name.trees"); done
   tar -czf "$OUT/report.tar.gz" -C "$WORK" "${files[@]}" $(cd "$WORK" && ls *.mtbench8.jsonl 2>/dev/null)
-  log "stage 2 done: $OUT holds the heads (copy *.heads.* into $ASSETS/<name>/) and report.tar.gz"
+  log "stage 2 done: $OUT holds the heads (cat <name>.heads.safetensors.part-* > $ASSETS/<name>/heads.safetensors; <name>.heads.json too) and report.tar.gz"
 }
 
 case $STAGE in

@@ -24,7 +24,8 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (heads + checkpoint; rerun to resume)")
     p.add_argument("--init-heads", metavar="DIR",
                    help="start from these trained heads (a heads folder, or default | medusa | hydra for the shipped ones); "
-                        "their shape is kept, so the four shape options below may only repeat it")
+                        "their shape is kept, except that a larger --num-layers or --prefix-intermediate grows them "
+                        "(new blocks start as the identity, so the grown heads first compute what the old ones did)")
     p.add_argument("--head-type", choices=HEAD_TYPES, default=None, help="(default: medusa)")
     p.add_argument("--num-heads", type=int, default=None, help="(default: 4)")
     p.add_argument("--num-layers", type=int, default=None, help="residual blocks per head, Hydra: MLP depth (default: 1)")
@@ -78,7 +79,7 @@ def load_init_heads(args, model):
     `medusa tree`)."""
     import torch
 
-    from medusa.heads.io import load_heads
+    from medusa.heads.io import grow_heads, load_heads
     from medusa.runtime import SHIPPED_HEADS, shipped_heads_dirs
 
     spec = args.init_heads
@@ -91,14 +92,16 @@ def load_init_heads(args, model):
         folder = Path(spec)
     heads = load_heads(folder, model, dtype=torch.float32)  # checks the files and the base model's fingerprint
     c = heads.config
-    given = {"--head-type": (args.head_type, c.head_type), "--num-heads": (args.num_heads, c.num_heads),
-             "--num-layers": (args.num_layers, c.num_layers)}
-    if args.prefix_intermediate is not None:
-        given["--prefix-intermediate"] = (args.prefix_intermediate, int(c.extra.get("prefix", {}).get("intermediate_size", -1)))
+    given = {"--head-type": (args.head_type, c.head_type), "--num-heads": (args.num_heads, c.num_heads)}
     for flag, (want, have) in given.items():
         if want is not None and want != have:
             raise RequestError(f"{flag} {want} does not match the heads in {folder} ({have}); "
                                f"leave it out to continue training them as they are")
+    try:  # larger --num-layers / --prefix-intermediate grow the heads, computing the same at first
+        heads = grow_heads(heads, model, args.num_layers, args.prefix_intermediate)
+    except ValueError as e:
+        raise RequestError(f"--init-heads {folder}: {e}") from None
+    c = heads.config
     stale = ("tree_expected_accept_length", "tree_counted_accept_length", "rank_accuracy")
     heads.config = dataclasses.replace(c, tree=None, extra={k: v for k, v in c.extra.items() if k not in stale})
     heads.set_draft_vocab(None, model)  # chosen again from this run's data (--draft-vocab)

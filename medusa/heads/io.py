@@ -3,6 +3,7 @@ Heads record a fingerprint of the base weights they were trained on; loading the
 base model is refused with a clear message."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -84,6 +85,54 @@ def load_heads(folder: str | Path, base, dtype: torch.dtype | None = None) -> Dr
     heads = heads.to(device=base.device, dtype=dtype or base.dtype).eval().requires_grad_(False)
     heads.bind_draft_vocab(base)
     return heads
+
+
+def grow_heads(heads: DraftHeads, base, num_layers: int | None = None, prefix_intermediate: int | None = None) -> DraftHeads:
+    """Trained heads made larger without changing what they compute, to train on from there:
+    - `num_layers` adds residual blocks `x + SiLU(W x)` at the end of every head, W zero (so each
+      new block starts as the identity and still gets gradients through SiLU'(0) = 1/2);
+    - `prefix_intermediate` widens the Hydra++ prefix layer's MLP: the new gate and up rows keep
+      their random initialisation and the new down columns are zero, so the layer's output is
+      unchanged while every new weight gets gradients (all-zero rows would stay dead).
+    Shrinking is refused (ValueError). Returns new heads on the old ones' device and dtype, with
+    the same draft vocabulary, or `heads` itself when nothing grows."""
+    c = heads.config
+    layers = c.num_layers if num_layers is None else num_layers
+    extra = dict(c.extra)
+    if layers < c.num_layers:
+        raise ValueError(f"heads cannot shrink: they have {c.num_layers} layers, {layers} asked")
+    if prefix_intermediate is not None:
+        if "prefix" not in extra:
+            raise ValueError(f"{c.head_type} heads have no prefix layer to widen")
+        have = int(extra["prefix"]["intermediate_size"])
+        if prefix_intermediate < have:
+            raise ValueError(f"the prefix layer cannot shrink: its MLP is {have} wide, {prefix_intermediate} asked")
+        extra["prefix"] = {**extra["prefix"], "intermediate_size": int(prefix_intermediate)}
+    new_config = dataclasses.replace(c, num_layers=layers, extra=extra)
+    if new_config == c:
+        return heads
+    p = next(heads.parameters())
+    grown = build_heads(new_config, base).to(device=p.device, dtype=p.dtype)
+    old = heads.state_dict()
+    state = grown.state_dict()
+    for key, value in state.items():
+        if key not in old:
+            continue  # a new block: zero-initialised by its constructor
+        w = old[key]
+        if w.shape == value.shape:
+            state[key] = w
+        elif key.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight")):
+            value[: w.shape[0]] = w  # new rows: random
+        elif key.endswith("mlp.down_proj.weight"):
+            value.zero_()[:, : w.shape[1]] = w  # new columns: zero
+        else:
+            raise ValueError(f"cannot grow {key} from {tuple(w.shape)} to {tuple(value.shape)}")
+    unknown = set(old) - set(state)
+    if unknown:
+        raise ValueError(f"weights with no place in the grown heads: {sorted(unknown)}")
+    grown.load_state_dict(state)  # the draft vocabulary's ids included
+    grown.bind_draft_vocab(base)
+    return grown.train(heads.training).requires_grad_(any(q.requires_grad for q in heads.parameters()))
 
 
 def write_draft_vocab(folder: str | Path, ids: torch.Tensor | None, coverage: float | None = None) -> HeadsConfig:

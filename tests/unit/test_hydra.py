@@ -96,6 +96,49 @@ def test_save_load_roundtrip(tmp_path, head_type):
         torch.testing.assert_close(a, b, msg=n)
 
 
+@pytest.mark.parametrize("head_type", ["medusa", "hydra++"])
+def test_grown_heads_compute_what_the_old_ones_did_and_train(head_type):
+    """grow_heads adds identity blocks (and, for Hydra++, prefix MLP width whose new down columns
+    are zero): the teacher-forced logits, the proposals and the draft vocabulary stay the same,
+    and every new weight gets a gradient."""
+    from medusa.heads.io import grow_heads
+
+    base = tiny_model()
+    heads = random_heads(base, head_type, num_layers=2)
+    heads.set_draft_vocab(torch.arange(0, 61, 2), base)
+    width = prefix_extra(base)["prefix"]["intermediate_size"] if head_type == "hydra++" else None
+    grown = grow_heads(heads, base, num_layers=4, prefix_intermediate=None if width is None else width + 16)
+    assert grown.config.num_layers == 4 and torch.equal(grown.draft_vocab, heads.draft_vocab)
+    if width is not None:
+        assert grown.config.extra["prefix"]["intermediate_size"] == width + 16
+        assert grown.prefix.mlp.up_proj.weight[width:].abs().sum() > 0  # new rows random, not dead
+    hidden = torch.randn(1, 9, 32, generator=torch.Generator().manual_seed(5))
+    tree = build_tree(search_tree(prior_accuracies(3, 4), 12))
+    outs = []
+    for h in (heads, grown):
+        if head_type == "medusa":
+            torch.testing.assert_close(h(hidden, base), heads(hidden, base), atol=0, rtol=0)
+        else:
+            torch.testing.assert_close(h.summary(hidden, base), heads.summary(hidden, base), atol=0, rtol=0)
+        state = h.new_state(1, 32, base)
+        h.observe(state, hidden, torch.arange(9)[None], torch.tensor([9]))
+        outs.append(h.propose(state, hidden[:, -1], torch.tensor([7]), tree, base))
+    assert torch.equal(outs[0], outs[1])
+    # the new weights learn: gradients of a head loss reach every one of them
+    grown.train().requires_grad_(True)
+    s = hidden[:, -1] if head_type == "medusa" else grown.summary(hidden, base)[:, -1]
+    loss = sum(grown.lm_logits(i, grown.head_hidden(i, s, base.embed_tokens(torch.tensor([[3] * (i + 1)]))) if head_type != "medusa"
+                               else grown.blocks[i](s), base).logsumexp(-1).sum() for i in range(3))
+    loss.backward()
+    new = [n for n, _ in grown.named_parameters() if n not in dict(heads.named_parameters())]
+    assert new and all(grown.get_parameter(n).grad is not None and grown.get_parameter(n).grad.abs().sum() > 0 for n in new)
+    if width is not None:
+        assert grown.prefix.mlp.down_proj.weight.grad[:, width:].abs().sum() > 0
+    with pytest.raises(ValueError, match="cannot shrink"):
+        grow_heads(heads, base, num_layers=1)
+    assert grow_heads(heads, base) is heads
+
+
 @pytest.fixture(scope="module")
 def default_model():
     from medusa.model.loading import load_model

@@ -437,8 +437,21 @@ def test_train_continues_from_the_shipped_heads(tmp_path, capsys):
     assert cfg["tree"] is None and "rank_accuracy" not in cfg["extra"]  # the old weights' tree and table are dropped
     assert cfg["extra"]["draft_vocab"] == 40
     # a shape option that contradicts the heads is a one-line user error, exit code 2
-    code, err = _train_cli(capsys, *common, "--out", str(tmp_path / "other"), "--init-heads", "hydra", "--num-layers", "3")
-    assert code == 2 and "--num-layers 3 does not match" in err and "Traceback" not in err
+    code, err = _train_cli(capsys, *common, "--out", str(tmp_path / "other"), "--init-heads", "hydra", "--num-layers", "1")
+    assert code == 2 and "cannot shrink" in err and "Traceback" not in err
+    code, err = _train_cli(capsys, *common, "--out", str(tmp_path / "other"), "--init-heads", "hydra", "--head-type", "medusa")
+    assert code == 2 and "--head-type medusa does not match" in err and "Traceback" not in err
+    # larger shapes grow the shipped heads: the old weights kept, the new blocks and MLP width added
+    grown = tmp_path / "grown"
+    code, err = _train_cli(capsys, *common, "--out", str(grown), "--init-heads", "hydra", "--num-layers", "3",
+                           "--prefix-intermediate", "768")
+    assert code == 0, err
+    cfg = json.loads((grown / "heads.json").read_text())
+    assert cfg["num_layers"] == 3 and cfg["extra"]["prefix"]["intermediate_size"] == 768
+    new = load_file(str(grown / "heads.safetensors"))
+    assert new["heads.0.blocks.1.linear.weight"].shape == (576, 576) and new["prefix.mlp.down_proj.weight"].shape == (576, 768)
+    torch.testing.assert_close(new["heads.0.blocks.0.linear.weight"].float(), old["heads.0.blocks.0.linear.weight"].float(),
+                               atol=3e-3, rtol=3e-3)
     code, err = _train_cli(capsys, *common, "--out", str(tmp_path / "other"), "--init-heads", str(tmp_path / "missing"))
     assert code == 2 and "is not a heads folder" in err
 
