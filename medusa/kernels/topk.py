@@ -2,29 +2,61 @@
 
 The heads' top-k runs on 1 to ~16 rows of 32-49 k logits per tree level. torch.topk's
 radix-select launches several kernels per call there (about 40 us on an H200, four calls per
-Hydra++ step: scripts/gpu/step_ops_bench.py "draft"). Here one Triton program per row holds the
-row in registers and takes its maximum k times (an argmax, then that column masked), so a call
-is one kernel; the column -> token-id map of a draft vocabulary is applied in the same kernel.
+Hydra++ step: scripts/gpu/step_ops_bench.py "draft"). Here a Triton program holds a row, or a
+CHUNK-wide piece of it, in registers and takes its maximum k times (an argmax, then that column
+masked); for split rows a second kernel takes the k best of the pieces' candidates. The column ->
+token-id map of a draft vocabulary is applied in the last kernel.
 
 Ties go to the lower column (torch.topk's order among ties is unspecified); a proposal's order
 changes only which candidate a tree node holds, never the decoded output."""
 from __future__ import annotations
 
+import os
+
 import torch
 
+from medusa.errors import ModelLoadError
 from medusa.kernels import enabled, triton_kernel
 
-# Rows of up to 32,768 values (a draft vocabulary) take the kernel: there it measured 21-31 us
-# against torch.topk's 44-50 us at 1-11 rows (H200, bfloat16, step_ops_bench.py "draft"). A whole
-# 49,152-token row (one program over 65,536 slots) was slower than torch.topk at 1-4 rows (74
-# against 58-60 us), so heads without a draft vocabulary keep torch.topk.
-MAX_COLUMNS = 32768
+# One program per row walks the whole row K times: at 32,768 columns that beat torch.topk (21-31
+# against 44-50 us), but a row of 49,152 (65,536 slots) ran slower than torch.topk. Long rows now
+# split: each program takes the top K of one CHUNK-wide piece, and a second kernel merges the
+# pieces' candidates per row, so whole-vocabulary heads take the kernel too.
+MAX_COLUMNS = 65536
 MAX_K = 64
+
+
+def chunk_setting(raw: str) -> int:
+    """MEDUSA_TOPK_CHUNK: the pieces' width, a power of two >= 16 (default 1024); 0 keeps one
+    program per row (for side-by-side measurements). ValueError for anything else."""
+    if not raw.isdigit() or (int(raw) and int(raw) & (int(raw) - 1)) or 0 < int(raw) < 16:
+        raise ValueError(f"MEDUSA_TOPK_CHUNK must be 0 or a power of two >= 16, got {raw!r}")
+    return int(raw)
+
+
+def check_topk_setting() -> None:
+    """Raise a user-facing error for a bad MEDUSA_TOPK_CHUNK (checked when a model loads)."""
+    try:
+        chunk_setting(os.environ.get("MEDUSA_TOPK_CHUNK", "1024"))
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
+
+
+try:
+    CHUNK = chunk_setting(os.environ.get("MEDUSA_TOPK_CHUNK", "1024"))
+except ValueError:  # reported by check_topk_setting when a model loads
+    CHUNK = 1024
+# H200, bfloat16, 1-11 rows (step_ops_bench.py "draft", results/step-ops-bench-split-topk-h200.json):
+# split in 1,024-wide pieces, a row of 49,152 took 27-32 us (one program: 46-76, torch.topk: 59-65),
+# 32,768 16-20 (one program: 20-31) and 16,384 13-17 (13-19); at 4,096-8,192 columns one program
+# was 1-2 us faster, so rows up to SPLIT_ABOVE columns stay whole
+SPLIT_ABOVE = 8192
 
 
 @triton_kernel
 def _kernel(triton, tl):
-    """The Triton kernel (built on first use; None where Triton is missing)."""
+    """The Triton kernels (built on first use; None where Triton is missing): one program per
+    row, and the two stages of the split version."""
 
     @triton.jit
     def topk_rows(x_ptr, ids_ptr, out_ptr, n_cols, stride_x, K: tl.constexpr, BLOCK: tl.constexpr,
@@ -41,31 +73,89 @@ def _kernel(triton, tl):
             tl.store(out_ptr + row * K + j, tok)
             x = tl.where(cols == at, float("-inf"), x)
 
-    return topk_rows, triton.next_power_of_2
+    @triton.jit
+    def topk_pieces(x_ptr, val_ptr, col_ptr, n_cols, stride_x, n_pieces, K: tl.constexpr, CHUNK: tl.constexpr):
+        """Stage 1, program (row, piece): the K largest of one piece, best first (ties: lower column)."""
+        row = tl.program_id(0)
+        piece = tl.program_id(1)
+        i = tl.arange(0, CHUNK)
+        cols = piece * CHUNK + i
+        x = tl.load(x_ptr + row * stride_x + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+        out = (row * n_pieces + piece) * K
+        for j in tl.static_range(K):
+            at = tl.argmax(x, axis=0)
+            tl.store(val_ptr + out + j, tl.max(x, axis=0))
+            tl.store(col_ptr + out + j, tl.minimum(piece * CHUNK + at, n_cols - 1))
+            x = tl.where(i == at, float("-inf"), x)
+
+    @triton.jit
+    def topk_merge(val_ptr, col_ptr, ids_ptr, out_ptr, n_cand, K: tl.constexpr, BLOCK: tl.constexpr, MAP: tl.constexpr):
+        """Stage 2, one program per row: the K largest of the pieces' candidates. Candidates lie in
+        column order among equal values (pieces in order, each best first with ties to the lower
+        column), so the first maximum is the lowest column, as in the one-program kernel."""
+        row = tl.program_id(0)
+        i = tl.arange(0, BLOCK)
+        v = tl.load(val_ptr + row * n_cand + i, mask=i < n_cand, other=float("-inf"))
+        c = tl.load(col_ptr + row * n_cand + i, mask=i < n_cand, other=0)
+        for j in tl.static_range(K):
+            at = tl.argmax(v, axis=0)
+            col = tl.sum(tl.where(i == at, c, 0), axis=0)
+            if MAP:
+                tok = tl.load(ids_ptr + col).to(tl.int64)
+            else:
+                tok = col.to(tl.int64)
+            tl.store(out_ptr + row * K + j, tok)
+            v = tl.where(i == at, float("-inf"), v)
+
+    return topk_rows, topk_pieces, topk_merge, triton.next_power_of_2
 
 
 def _use_kernel(x: torch.Tensor, k: int) -> bool:
-    return (enabled(x.device) and not x.requires_grad and 1 <= k <= min(MAX_K, x.shape[-1])
-            and x.shape[-1] <= MAX_COLUMNS)
+    F = x.shape[-1]  # rows over 32,768 run whole only slower than torch.topk (MEDUSA_TOPK_CHUNK=0)
+    return (enabled(x.device) and not x.requires_grad and 1 <= k <= min(MAX_K, F) and F <= MAX_COLUMNS
+            and (F <= 32768 or split_plan(F)[0] > 1))
 
 
-def topk_ids(x: torch.Tensor, k: int, ids: torch.Tensor | None = None, kernel: bool | None = None) -> torch.Tensor:
+def split_plan(n_cols: int, chunk: int | None = None) -> tuple[int, int]:
+    """(pieces, width) for a row of n_cols: how many pieces the split kernel cuts it into, and
+    their width; (1, n_cols) runs the row whole in one program. chunk None: CHUNK-wide pieces
+    for rows longer than SPLIT_ABOVE; 0: never split; a power of two: split rows longer than it."""
+    if chunk is None:
+        chunk = CHUNK if n_cols > SPLIT_ABOVE else 0
+    if not chunk or n_cols <= chunk:
+        return 1, n_cols
+    return -(-n_cols // chunk), chunk
+
+
+def topk_ids(x: torch.Tensor, k: int, ids: torch.Tensor | None = None, kernel: bool | None = None,
+             chunk: int | None = None) -> torch.Tensor:
     """The columns of the k largest values of x [..., F], best first, as token ids: ids [F]
     maps column -> token (None: the column is the token). -> [..., k] long.
     kernel: None picks the Triton kernel where it runs (CUDA, Triton present), True forces it
-    (tests: Triton's interpreter runs it on CPU tensors), False forces torch.topk."""
+    (tests: Triton's interpreter runs it on CPU tensors), False forces torch.topk.
+    chunk: the kernel's split (split_plan): None as measured, 0 one program per row, a power of
+    two: rows longer than it split into pieces that wide."""
     use = _use_kernel(x, k) if kernel is None else kernel
     if not use:
         top = x.topk(k, dim=-1).indices
         return ids[top] if ids is not None else top
-    fn, next_pow2 = _kernel()
+    rows_fn, pieces_fn, merge_fn, next_pow2 = _kernel()
     lead, F = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, F)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    out = torch.empty(rows.shape[0], k, dtype=torch.long, device=x.device)
-    if rows.shape[0]:
+    R = rows.shape[0]
+    out = torch.empty(R, k, dtype=torch.long, device=x.device)
+    n, width = split_plan(F, chunk)
+    if R and n == 1:
         block = next_pow2(F)
-        fn[(rows.shape[0],)](rows, ids if ids is not None else rows, out, F, rows.stride(0), K=k, BLOCK=block,
-                             MAP=ids is not None, num_warps=max(4, min(32, block // 2048)))
+        rows_fn[(R,)](rows, ids if ids is not None else rows, out, F, rows.stride(0), K=k, BLOCK=block,
+                      MAP=ids is not None, num_warps=max(4, min(32, block // 2048)))
+    elif R:
+        vals = torch.empty(R, n, k, dtype=torch.float32, device=x.device)
+        cols = torch.empty(R, n, k, dtype=torch.int32, device=x.device)
+        pieces_fn[(R, n)](rows, vals, cols, F, rows.stride(0), n, K=k, CHUNK=width, num_warps=4)
+        block = next_pow2(n * k)
+        merge_fn[(R,)](vals, cols, ids if ids is not None else cols, out, n * k, K=k, BLOCK=block,
+                       MAP=ids is not None, num_warps=max(4, min(16, block // 512)))
     return out.view(*lead, k)

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from medusa.errors import ModelLoadError
 from medusa.model.config import ModelConfig
+from medusa.kernels.topk import check_topk_setting
 from medusa.model.llama import Transformer, check_attention_setting
 from medusa.model.rope import rope_table
 
@@ -103,6 +104,7 @@ def load_model(
 ) -> tuple[Transformer, ModelSource]:
     """Build the model and load its weights. dtype defaults to float32 on CPU, bfloat16 on GPU."""
     check_attention_setting()
+    check_topk_setting()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     src = resolve(path, progress=progress)

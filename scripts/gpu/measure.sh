@@ -14,6 +14,10 @@
 #   bash scripts/gpu/measure.sh 11  # GPU tests (auto now takes the attention kernel in half precision); attention at long KV spans
 #   bash scripts/gpu/measure.sh 12  # held-out ShareGPT prompts, auto vs torch attention; engine concurrency with auto
 #   bash scripts/gpu/measure.sh 13  # split-KV attention: GPU tests; attention at 48 shapes; step profile; 80 prompts, auto vs torch
+#   bash scripts/gpu/measure.sh 14  # grown heads, 1/3: a fourth distillation (seed 3, half of it sampled) into /tmp/heads_run
+#   bash scripts/gpu/measure.sh 15  # grown heads, 2/3: the shipped Hydra++ heads grown (3 layers, prefix MLP 1536) and trained on it
+#   bash scripts/gpu/measure.sh 16  # grown heads, 3/3: both heads' held-out accuracy; trees; all 80 prompts with each
+#   bash scripts/gpu/measure.sh 17  # split top-k: GPU tests; draft top-k candidates; step profile and all 80 prompts, split vs one program per row
 source scripts/gpu/env.sh
 R=/tmp/res; mkdir -p $R
 quiet() { grep -v -E "run\]|run, |cell\]|cell, |req\]|req, |^\s*$|triton_mm|AUTOTUNE" ; }
@@ -87,6 +91,38 @@ for r in d['rows']: print(r['mode'], r['concurrency'], r['tokens_per_s'], r.get(
   for A in auto torch; do
     echo "== all 80 prompts, $A attention"; MEDUSA_ATTENTION=$A timeout 85 python3 -m medusa.cli bench --modes ar,hydra --max-new-tokens 256 --name mt_bench-80-split-$A-gpu --out $R 2>&1 | quiet | grep -E '^\| (ar|hydra) '
   done
+  ;;
+17)
+  echo "== GPU tests"; timeout 150 python3 -m pytest -q -x tests/gpu/test_graphs.py -k "topk or graphed_spec or triton" 2>&1 | tail -3
+  echo "== draft top-k"; timeout 100 python3 scripts/gpu/step_ops_bench.py --only draft --out $R/step-ops-bench-split-topk.json 2>&1 | grep -v "^=="
+  for C in 1024 0; do
+    echo "== profile, MEDUSA_TOPK_CHUNK=$C"; MEDUSA_TOPK_CHUNK=$C timeout 45 python3 scripts/gpu/profile_step.py --heads ar,hydra --out $R/profile-step-topk-$C.json 2>&1 | grep '^| '
+  done
+  for C in 1024 0; do
+    echo "== all 80 prompts, MEDUSA_TOPK_CHUNK=$C"; MEDUSA_TOPK_CHUNK=$C timeout 90 python3 -m medusa.cli bench --modes ar,hydra --max-new-tokens 256 --name mt_bench-80-topk-$C-gpu --out $R 2>&1 | quiet | grep -E '^\| (ar|hydra) '
+  done
+  ;;
+14|15|16)
+  # the prompt files are carried in .gpu/c/prompts (copied to /tmp/m/prompts with the model part)
+  export MODEL=/tmp/m/smollm2.gguf PROMPTS=/tmp/m/prompts WORK=/tmp/heads_run HEADS=hydra DISTILL_SEED=3 SAMPLE_FRACTION=0.5 \
+    INIT_HEADS=hydra HYDRA_LAYERS=${HYDRA_LAYERS:-3} HYDRA_PREFIX=${HYDRA_PREFIX:-1536} HYDRA_LR=6e-4 DRAFT_VOCAB=32768
+  case $1 in
+  14) DISTILL_SECONDS=${DISTILL_SECONDS:-300} timeout 480 bash scripts/train_default_heads.sh 1 ;;
+  15) HYDRA_SECONDS=${HYDRA_SECONDS:-420} timeout 560 bash scripts/train_default_heads.sh 2a
+      # the GPU tool returns files of at most 16 MiB, and grown heads weigh more: in parts (cat them to rejoin)
+      split -b 15000000 -d $WORK/hydra/heads.safetensors $OUT/grown.heads.safetensors.part-; cp $WORK/hydra/heads.json $OUT/grown.heads.json
+      cp $WORK/hydra/train.json $R/grown.train.json ;;
+  16)
+    echo "== held-out accuracy of the shipped heads on this distillation"
+    timeout 120 python3 -m medusa.cli eval heads --model "$MODEL" --heads medusa/assets/heads/hydra --data $WORK/distill.jsonl \
+      --max-batches 40 --json $R/shipped-on-seed3-heldout.accuracy.json 2>&1 | tr '\r' '\n' | grep -v '^scoring'
+    echo "== all 80 prompts, shipped heads"; timeout 100 python3 -m medusa.cli bench --modes ar,hydra --max-new-tokens 256 --name mt_bench-80-shipped-heads-gpu --out $R 2>&1 | quiet | grep -E '^\| (ar|hydra) '
+    timeout 300 bash scripts/train_default_heads.sh 2b  # the grown heads' accuracy and trees; they replace the assets here
+    cp $WORK/hydra.accuracy.json $R/grown.accuracy.json; cp -r $WORK/hydra.trees $R/grown.trees
+    cp medusa/assets/heads/hydra/heads.json $OUT/grown-tree.heads.json
+    echo "== all 80 prompts, grown heads"; timeout 100 python3 -m medusa.cli bench --modes ar,hydra --max-new-tokens 256 --name mt_bench-80-grown-heads-gpu --out $R 2>&1 | quiet | grep -E '^\| (ar|hydra) '
+    ;;
+  esac
   ;;
 esac
 tar -czf $OUT/results-${1:-1}.tgz -C $R .

@@ -18,7 +18,8 @@ prints microseconds per call and checks that each candidate equals the current c
 
   draft  a head's LM-head GEMM and top-k over a draft vocabulary of F rows (the F most frequent
          tokens; F = V is the whole vocabulary) and the map back to token ids: "us" with
-         torch.topk, "kernel_us" with medusa.kernels.topk (Triton), at the tree levels' row counts
+         torch.topk, "kernel_us" with medusa.kernels.topk (Triton) one program per row, "split_<C>_us" with
+         rows cut into C-wide pieces and merged, at the tree levels' row counts
 
   python3 scripts/gpu/step_ops_bench.py [--out FILE] [--only mlp,rope,kv,mask,topk,draft]
 """
@@ -255,15 +256,20 @@ def bench_draft(rows):
             def draft():
                 return ids[F.linear(z, w).topk(k, dim=-1).indices]
 
-            def kernel():
-                return topk_ids(F.linear(z, w), k, ids, kernel=True)
+            def kernel(chunk):
+                return lambda: topk_ids(F.linear(z, w), k, ids, kernel=True, chunk=chunk)
 
             logits = F.linear(z, w)
-            a, b = draft(), kernel()
-            if not torch.equal(logits.gather(1, torch.searchsorted(ids, a)), logits.gather(1, torch.searchsorted(ids, b))):
-                print(f"  !! draft kernel F={F_} P={P} k={k}: other values than torch.topk")
+            a = draft()
+            # kernel_us: one program per row; split_<C>_us: rows cut into C-wide pieces, then merged
+            chunks = {"kernel_us": None, **{f"split_{c}_us": c for c in (512, 1024, 2048)}}
+            for name, c in chunks.items():
+                b = kernel(c)()
+                if not torch.equal(logits.gather(1, torch.searchsorted(ids, a)), logits.gather(1, torch.searchsorted(ids, b))):
+                    print(f"  !! draft kernel {name} F={F_} P={P} k={k}: other values than torch.topk")
             r = {"op": "draft", "F": F_, "P": P, "k": k, "us": graph_us(draft, calls=4),
-                 "kernel_us": graph_us(kernel, calls=4), "gemm_us": graph_us(lambda: F.linear(z, w), calls=4)}
+                 **{name: graph_us(kernel(c), calls=4) for name, c in chunks.items()},
+                 "gemm_us": graph_us(lambda: F.linear(z, w), calls=4)}
             rows.append(r)
             print(json.dumps(r), flush=True)
 

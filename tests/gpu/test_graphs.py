@@ -105,13 +105,14 @@ def test_topk_kernel_equals_torch_topk_on_gpu(dtype):
     from medusa.kernels.topk import topk_ids
 
     g = torch.Generator(device="cuda").manual_seed(2)
-    for P, F_, k in ((1, 49152, 10), (11, 32768, 5), (64, 32768, 10), (3, 1000, 1)):
-        x = torch.randn(P, F_, device="cuda", generator=g).to(dtype)
-        ids = torch.randperm(49152, device="cuda", generator=g)[:F_]
-        got = topk_ids(x, k, kernel=True)
-        assert got.shape == (P, k)
-        torch.testing.assert_close(x.gather(1, got), x.topk(k, dim=-1).values, rtol=0, atol=0)
-        assert torch.equal(topk_ids(x, k, ids, kernel=True), ids[got])
+    for chunk in (0, 512, 1024, None):  # one program per row; split into pieces, then merged; as measured
+        for P, F_, k in ((1, 49152, 10), (11, 32768, 5), (64, 32768, 10), (3, 1000, 1), (2, 3000, 64)):
+            x = torch.randn(P, F_, device="cuda", generator=g).to(dtype)
+            ids = torch.randperm(49152, device="cuda", generator=g)[:F_]
+            got = topk_ids(x, k, kernel=True, chunk=chunk)
+            assert got.shape == (P, k)
+            torch.testing.assert_close(x.gather(1, got), x.topk(k, dim=-1).values, rtol=0, atol=0)
+            assert torch.equal(topk_ids(x, k, ids, kernel=True, chunk=chunk), ids[got])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -24,18 +24,21 @@ CHECKS = textwrap.dedent('''
     from medusa.kernels.topk import topk_ids
 
     g = torch.Generator().manual_seed(0)
-    for shape, k in (((5, 37), 1), ((5, 37), 37), ((3, 1000), 10), ((2, 3, 300), 4)):
-        x = torch.randn(*shape, generator=g)
-        got = topk_ids(x, k, kernel=True)
-        assert got.shape == (*shape[:-1], k) and got.dtype == torch.long
-        assert torch.equal(got, x.topk(k, dim=-1).indices), shape  # distinct values: the same columns, in order
-        ids = torch.randperm(50000, generator=g)[:shape[-1]]
-        assert torch.equal(topk_ids(x, k, ids, kernel=True), ids[got])
-    # ties go to the lower column; bfloat16 rows are compared in float32
-    x = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0]]).to(torch.bfloat16)
-    assert topk_ids(x, 4, kernel=True).tolist() == [[1, 2, 4, 3]]
-    cols = torch.randn(4, 64, generator=g)[:, ::2]  # a non-contiguous view
-    assert torch.equal(topk_ids(cols, 3, kernel=True), cols.topk(3, dim=-1).indices)
+    # chunk 0: one program per row; 16 and 64: rows split into pieces, then merged (a piece
+    # may hold fewer columns than k, and the last piece is partial)
+    for chunk in (0, 16, 64):
+        for shape, k in (((5, 37), 1), ((5, 37), 37), ((3, 1000), 10), ((2, 3, 300), 4)):
+            x = torch.randn(*shape, generator=g)
+            got = topk_ids(x, k, kernel=True, chunk=chunk)
+            assert got.shape == (*shape[:-1], k) and got.dtype == torch.long
+            assert torch.equal(got, x.topk(k, dim=-1).indices), (shape, chunk)  # distinct values: the same columns, in order
+            ids = torch.randperm(50000, generator=g)[:shape[-1]]
+            assert torch.equal(topk_ids(x, k, ids, kernel=True, chunk=chunk), ids[got])
+        # ties go to the lower column, across pieces too; bfloat16 rows are compared in float32
+        x = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0]]).to(torch.bfloat16)
+        assert topk_ids(x, 4, kernel=True, chunk=chunk and 2).tolist() == [[1, 2, 4, 3]]
+        cols = torch.randn(4, 64, generator=g)[:, ::2]  # a non-contiguous view
+        assert torch.equal(topk_ids(cols, 3, kernel=True, chunk=chunk), cols.topk(3, dim=-1).indices)
     print("checked")
 ''')
 
@@ -148,3 +151,23 @@ def test_torch_fallback_on_cpu_and_when_switched_off(monkeypatch):
     ids = torch.arange(100).flip(0)
     assert torch.equal(topk_mod.topk_ids(x, 5, ids), ids[x.topk(5, dim=-1).indices])
     assert torch.equal(topk_mod.topk_ids(x, 5), x.topk(5, dim=-1).indices)
+
+
+def test_split_topk_plan():
+    plan = topk_mod.split_plan
+    # as measured: rows up to 8,192 columns whole, longer ones in 1,024-wide pieces
+    assert [plan(n) for n in (1, 1024, 8192, 8193, 32768, 49152)] == [(1, 1), (1, 1024), (1, 8192), (9, 1024), (32, 1024), (48, 1024)]
+    assert plan(49152, 0) == (1, 49152) and plan(1000, 16) == (63, 16) and plan(16, 16) == (1, 16)
+    assert topk_mod.MAX_COLUMNS >= 49152  # a whole vocabulary of the default model takes the kernel
+
+
+@pytest.mark.parametrize("raw", ["abc", "1000", "8", "-4"])
+def test_topk_chunk_setting_is_checked(monkeypatch, raw):
+    from medusa.errors import ModelLoadError
+
+    with pytest.raises(ValueError, match="MEDUSA_TOPK_CHUNK"):
+        topk_mod.chunk_setting(raw)
+    monkeypatch.setenv("MEDUSA_TOPK_CHUNK", raw)
+    with pytest.raises(ModelLoadError, match="MEDUSA_TOPK_CHUNK"):  # a one-line user error when a model loads
+        topk_mod.check_topk_setting()
+    assert topk_mod.chunk_setting("0") == 0 and topk_mod.chunk_setting("512") == 512
