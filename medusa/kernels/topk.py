@@ -24,6 +24,7 @@ from medusa.kernels import enabled, triton_kernel
 # pieces' candidates per row, so whole-vocabulary heads take the kernel too.
 MAX_COLUMNS = 65536
 MAX_K = 64
+WHOLE_ROW_COLUMNS = 32768  # above this, a row in one program is slower than torch.topk
 
 
 def chunk_setting(raw: str) -> int:
@@ -34,16 +35,20 @@ def chunk_setting(raw: str) -> int:
     return int(raw)
 
 
+# read once at import, like MEDUSA_ATTENTION (medusa.model.llama); the check reports a bad value
+CHUNK_SETTING = os.environ.get("MEDUSA_TOPK_CHUNK", "1024")
+
+
 def check_topk_setting() -> None:
     """Raise a user-facing error for a bad MEDUSA_TOPK_CHUNK (checked when a model loads)."""
     try:
-        chunk_setting(os.environ.get("MEDUSA_TOPK_CHUNK", "1024"))
+        chunk_setting(CHUNK_SETTING)
     except ValueError as e:
         raise ModelLoadError(str(e)) from None
 
 
 try:
-    CHUNK = chunk_setting(os.environ.get("MEDUSA_TOPK_CHUNK", "1024"))
+    CHUNK = chunk_setting(CHUNK_SETTING)
 except ValueError:  # reported by check_topk_setting when a model loads
     CHUNK = 1024
 # H200, bfloat16, 1-11 rows (step_ops_bench.py "draft", results/step-ops-bench-split-topk-h200.json):
@@ -111,9 +116,9 @@ def _kernel(triton, tl):
 
 
 def _use_kernel(x: torch.Tensor, k: int) -> bool:
-    F = x.shape[-1]  # rows over 32,768 run whole only slower than torch.topk (MEDUSA_TOPK_CHUNK=0)
+    F = x.shape[-1]
     return (enabled(x.device) and not x.requires_grad and 1 <= k <= min(MAX_K, F) and F <= MAX_COLUMNS
-            and (F <= 32768 or split_plan(F)[0] > 1))
+            and (F <= WHOLE_ROW_COLUMNS or split_plan(F)[0] > 1))
 
 
 def split_plan(n_cols: int, chunk: int | None = None) -> tuple[int, int]:

@@ -167,7 +167,7 @@ def test_topk_chunk_setting_is_checked(monkeypatch, raw):
 
     with pytest.raises(ValueError, match="MEDUSA_TOPK_CHUNK"):
         topk_mod.chunk_setting(raw)
-    monkeypatch.setenv("MEDUSA_TOPK_CHUNK", raw)
+    monkeypatch.setattr(topk_mod, "CHUNK_SETTING", raw)  # the value read from MEDUSA_TOPK_CHUNK at import
     with pytest.raises(ModelLoadError, match="MEDUSA_TOPK_CHUNK"):  # a one-line user error when a model loads
         topk_mod.check_topk_setting()
     assert topk_mod.chunk_setting("0") == 0 and topk_mod.chunk_setting("512") == 512
