@@ -16,7 +16,7 @@
 #   bash scripts/gpu/measure.sh 13  # split-KV attention: GPU tests; attention at 48 shapes; step profile; 80 prompts, auto vs torch
 #   bash scripts/gpu/measure.sh 14  # grown heads, 1/3: a fourth distillation (seed 3, half of it sampled) into /tmp/heads_run
 #   bash scripts/gpu/measure.sh 15  # grown heads, 2/3: the shipped Hydra++ heads grown (3 layers, prefix MLP 1536) and trained on it
-#   bash scripts/gpu/measure.sh 16  # grown heads, 3/3: both heads' held-out accuracy; trees; all 80 prompts with each
+#   bash scripts/gpu/measure.sh 16  # grown heads, 3/3: all 80 prompts with the shipped heads; step profile by operator; the grown heads' accuracy, trees, all 80 prompts
 #   bash scripts/gpu/measure.sh 17  # split top-k: GPU tests; draft top-k candidates; step profile and all 80 prompts, split vs one program per row
 source scripts/gpu/env.sh
 R=/tmp/res; mkdir -p $R
@@ -113,11 +113,10 @@ for r in d['rows']: print(r['mode'], r['concurrency'], r['tokens_per_s'], r.get(
       split -b 15000000 -d $WORK/hydra/heads.safetensors $OUT/grown.heads.safetensors.part-; cp $WORK/hydra/heads.json $OUT/grown.heads.json
       cp $WORK/hydra/train.json $R/grown.train.json ;;
   16)
-    echo "== held-out accuracy of the shipped heads on this distillation"
-    timeout 120 python3 -m medusa.cli eval heads --model "$MODEL" --heads medusa/assets/heads/hydra --data $WORK/distill.jsonl \
-      --max-batches 40 --json $R/shipped-on-seed3-heldout.accuracy.json 2>&1 | tr '\r' '\n' | grep -v '^scoring'
     echo "== all 80 prompts, shipped heads"; timeout 100 python3 -m medusa.cli bench --modes ar,hydra --max-new-tokens 256 --name mt_bench-80-shipped-heads-gpu --out $R 2>&1 | quiet | grep -E '^\| (ar|hydra) '
-    timeout 300 bash scripts/train_default_heads.sh 2b  # the grown heads' accuracy and trees; they replace the assets here
+    echo "== step profile with operators, shipped heads"; timeout 70 python3 scripts/gpu/profile_step.py --heads ar,hydra --ops --out $R/profile-ops-shipped.json 2>&1 | grep -E '^\| |^  aten'
+    # the grown heads' accuracy and trees (no 8-prompt generate: the 80 prompts below measure them); they replace the assets here
+    MTBENCH=/nonexistent timeout 230 bash scripts/train_default_heads.sh 2b
     cp $WORK/hydra.accuracy.json $R/grown.accuracy.json; cp -r $WORK/hydra.trees $R/grown.trees
     cp medusa/assets/heads/hydra/heads.json $OUT/grown-tree.heads.json
     echo "== all 80 prompts, grown heads"; timeout 100 python3 -m medusa.cli bench --modes ar,hydra --max-new-tokens 256 --name mt_bench-80-grown-heads-gpu --out $R 2>&1 | quiet | grep -E '^\| (ar|hydra) '
