@@ -135,13 +135,19 @@ def speculate(
     kv_len = kv_len or _kv_len(state.start, N, state.cache.max_len)
     mask = attention_mask(state.start, tree.mask, kv_len)
     out = model(cand, positions, state.cache, slots, mask, logits_for="all")  # logits [B, N, V]
+    deferring = heads is not None and defer is not None and N == 1
+    # heads with state may see every node now, as one more layer of this forward (observe_tree)
+    seen = heads.observe_tree(state.head_state, out.hidden, out.inputs) if heads is not None and not deferring else None
     acc = verify(out.logits, cand, tree, sampling, uniforms, max_accept)
     # move the accepted path's K/V to slots start .. start + length (padding copies are harmless:
     # they land at or beyond the new start, which later steps overwrite)
     path = acc.path.clamp_min(0)  # [B, D+1]
-    dst = state.start[:, None] + torch.arange(path.shape[1], device=dev)
-    state.cache.commit_path(state.start[:, None] + path, dst.clamp_max(state.cache.max_len - 1))
-    if heads is not None and defer is not None and N == 1:
+    src = state.start[:, None] + path  # [B, D+1]
+    dst = (state.start[:, None] + torch.arange(path.shape[1], device=dev)).clamp_max(state.cache.max_len - 1)
+    state.cache.commit_path(src, dst)
+    if seen is not None:
+        heads.commit_tree(state.head_state, seen, src, dst, acc.last_node)
+    elif deferring:
         defer[torch.arange(B, device=dev), state.start] = out.hidden[:, 0].to(defer.dtype)
     elif heads is not None:
         hid = out.hidden.gather(1, path[..., None].expand(-1, -1, out.hidden.shape[-1]))  # [B, D+1, Dm]

@@ -133,6 +133,19 @@ class DraftHeads(nn.Module):
         hidden [B, A, D], positions [B, A]; row b's first count[b] entries are real. kv_len, when
         given, bounds every position (known on the host): state caches need attend no further."""
 
+    def observe_tree(self, state: Any, hidden: torch.Tensor, inputs) -> Any:
+        """Optional fast path of `observe` for a verification step: see the base hidden states of
+        every tree node [B, N, D] inside the step, before acceptance, with the base forward's
+        shared layer inputs (`ForwardOut.inputs`: RoPE tables, the nodes' cache slots, the tree
+        mask), writing whatever the state keeps at the nodes' slots. Returns what `commit_tree`
+        needs once the accepted path is known, or None: this family (or this call) takes
+        `observe` over the accepted tokens instead."""
+        return None
+
+    def commit_tree(self, state: Any, seen: Any, src: torch.Tensor, dst: torch.Tensor, last_node: torch.Tensor) -> None:
+        """Keep the accepted path of an `observe_tree` call: src, dst [B, A] cache slots (as the
+        base cache's `commit_path`), last_node [B] the last accepted node of each row."""
+
     def propose(self, state: Any, last_hidden: torch.Tensor, root: torch.Tensor, tree, base) -> torch.Tensor:
         """Candidate token of every tree node. last_hidden [B, D] (hidden state of the last
         committed token), root [B] (the base model's chosen next token) -> [B, N]."""

@@ -180,6 +180,25 @@ class HydraHeads(DraftHeads):
         picked = out[torch.arange(B, device=dev), last]  # [B, D]
         state.last.copy_(torch.where((count > 0)[:, None], picked, state.last))  # in place: the state may be a view
 
+    def observe_tree(self, state, hidden, inputs):
+        """The prefix layer over every tree node, as one more layer of the verification forward:
+        it reuses that forward's RoPE tables, slots and tree mask (built once per step), and
+        writes its K/V at the nodes' slots of its own cache. A node sees the committed tokens and
+        its ancestors, so on the accepted path this is what `observe` computes over the accepted
+        tokens alone, without a second forward's inputs, mask and launches. None (use `observe`)
+        where the layer's shape or dtype differs from the base layers' that built `inputs`."""
+        if self.prefix is None or inputs is None or torch.is_grad_enabled():
+            return None
+        attn = self.prefix.self_attn
+        if inputs.cos.shape[-2:] != (attn.n_heads + 2 * attn.n_kv, attn.head_dim) or inputs.cos.dtype != state.last.dtype:
+            return None
+        return self.prefix(hidden.to(state.last.dtype), inputs, 0, state.cache)  # [B, N, D]
+
+    def commit_tree(self, state, seen, src, dst, last_node) -> None:
+        state.cache.commit_path(src, dst)
+        rows = torch.arange(seen.shape[0], device=seen.device)
+        state.last.copy_(seen[rows, last_node])  # in place: the state may be a view
+
     def propose(self, state, last_hidden, root, tree, base) -> torch.Tensor:
         B, N = root.shape[0], tree.num_nodes
         if N == 1:

@@ -333,6 +333,7 @@ class Block(nn.Module):
 class ForwardOut:
     hidden: torch.Tensor  # [B, N, D] final-norm hidden states (what the LM head and draft heads read)
     logits: torch.Tensor | None  # [B, N or len(logits_for), V] or None
+    inputs: LayerInputs | None = None  # what the layers shared (RoPE tables, slots, mask): a caller's extra layer may reuse it
 
 
 class Transformer(nn.Module):
@@ -399,8 +400,8 @@ class Transformer(nn.Module):
             x = layer(x, inp, i, cache)
         h = self.norm(x)  # [B, N, D]
         if logits_for is None:
-            return ForwardOut(h, None)
+            return ForwardOut(h, None, inp)
         if isinstance(logits_for, str):
-            return ForwardOut(h, self.lm_head(h))
+            return ForwardOut(h, self.lm_head(h), inp)
         picked = torch.gather(h, 1, logits_for[..., None].expand(-1, -1, h.shape[-1]))  # [B, M, D]
-        return ForwardOut(h, self.lm_head(picked))
+        return ForwardOut(h, self.lm_head(picked), inp)

@@ -18,6 +18,8 @@
 #   bash scripts/gpu/measure.sh 15  # grown heads, 2/3: the shipped Hydra++ heads grown (3 layers, prefix MLP 1536) and trained on it
 #   bash scripts/gpu/measure.sh 16  # grown heads, 3/3: all 80 prompts with the shipped heads; step profile by operator; the grown heads' accuracy, trees, all 80 prompts
 #   bash scripts/gpu/measure.sh 17  # split top-k: GPU tests; draft top-k candidates; step profile and all 80 prompts, split vs one program per row
+#   bash scripts/gpu/measure.sh 18  # the working tree against the code in .old (carried; `git archive BASE medusa | tar -x -C .old`):
+#                                   # graph tests; step profiles by operator; all 80 prompts, each code in turn
 source scripts/gpu/env.sh
 R=/tmp/res; mkdir -p $R
 quiet() { grep -v -E "run\]|run, |cell\]|cell, |req\]|req, |^\s*$|triton_mm|AUTOTUNE" ; }
@@ -100,6 +102,19 @@ for r in d['rows']: print(r['mode'], r['concurrency'], r['tokens_per_s'], r.get(
   done
   for C in 1024 0; do
     echo "== all 80 prompts, MEDUSA_TOPK_CHUNK=$C"; MEDUSA_TOPK_CHUNK=$C timeout 90 python3 -m medusa.cli bench --modes ar,hydra --max-new-tokens 256 --name mt_bench-80-topk-$C-gpu --out $R 2>&1 | quiet | grep -E '^\| (ar|hydra) '
+  done
+  ;;
+18)
+  # the base commit's package, its shipped heads taken from this tree's (the same files)
+  [ -d .old/medusa ] && ln -sfn $PWD/medusa/assets .old/medusa/assets
+  echo "== GPU tests"; timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -x ${GPU_TESTS:-tests/gpu/test_graphs.py} 2>&1 | tail -3
+  for V in new old; do
+    P=$PWD; [ $V = old ] && P=$PWD/.old
+    echo "== profile, $V code"; PYTHONPATH=/tmp/site:$P timeout 70 python3 scripts/gpu/profile_step.py --heads ar,hydra --ops --top 150 --out $R/profile-ops-$V.json 2>&1 | grep '^| '
+  done
+  for V in new old; do
+    P=$PWD; [ $V = old ] && P=$PWD/.old
+    echo "== all 80 prompts, $V code"; (cd $P && PYTHONPATH=/tmp/site:$P timeout 100 python3 -m medusa.cli bench --modes ar,hydra --max-new-tokens 256 --name mt_bench-80-$V-gpu --out $R 2>&1) | quiet | grep -E '^\| (ar|hydra) '
   done
   ;;
 14|15|16)

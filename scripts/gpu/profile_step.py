@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--compile", default=None, metavar="MODE", help="torch.compile mode for the per-layer pieces (default, max-autotune-no-cudagraphs, ...)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--ops", action="store_true", help="also attribute an eager step's GPU time to aten operators")
+    ap.add_argument("--top", type=int, default=30, help="operators kept per mode with --ops")
     ap.add_argument("--at", type=int, default=384,
                     help="committed tokens at which every mode's graph replay is timed (the same KV bucket for all)")
     ap.add_argument("--heads", default="ar,medusa,hydra",
@@ -133,7 +134,7 @@ def main() -> None:
             top = {}
             for e in kern:
                 top[e.name[:60]] = top.get(e.name[:60], 0.0) + e.device_time / 1000.0
-            ops = op_profile(model, heads, tree, runner, committed) if args.ops else None
+            ops = op_profile(model, heads, tree, runner, committed, top=args.top) if args.ops else None
         row = {"mode": name, "nodes": tree.num_nodes, "at": args.at, "wall_ms": 1000 * statistics.median(walls[10:]),
                "replay_ms": replay_ms, "kernels": len(kern), "kernel_sum_ms": ksum,
                "top_kernels_ms": dict(sorted(top.items(), key=lambda kv: -kv[1])[:8])}

@@ -230,3 +230,57 @@ def test_a_sub_tree_accepts_what_its_enclosing_tree_shows(head_type, sampled):
                     assert accepted_within(acc.path[b, 1:1 + n].tolist(), inside) == int(alone.length[b]), (t.name, b)
                     seen += int(alone.length[b])
     assert seen > 0  # the sub-trees accepted something, so the check compared real paths
+
+
+def test_prefix_layer_seen_inside_the_step_equals_observing_the_accepted_tokens(monkeypatch):
+    """Hydra++ runs its prefix layer over every tree node inside the verification forward
+    (observe_tree) and keeps the accepted path (commit_tree). Over several steps of two rows
+    with different acceptances, that leaves the same prefix state (output at the last committed
+    token, K/V at every committed slot) and the same proposals as `observe` over the accepted
+    tokens alone, the path it replaces."""
+    import copy
+
+    from medusa.decoding.sampling import BatchSampling, SamplingParams
+    from medusa.decoding.step import prefill, speculate
+
+    base = tiny_model(seed=0)
+    heads = random_heads(base, "hydra++", std=0.6, seed=5)
+    # random heads seldom guess right: every token at depth 1 and wide levels below, so that
+    # steps commit 2 and 3 tokens (262 nodes: cheap at this model's size)
+    tree = build_tree([[i] for i in range(61)] + [[i, j] for i in range(6) for j in range(20)]
+                      + [[i, j, k] for i in range(2) for j in range(4) for k in range(10)])
+    sampling = BatchSampling.stack([SamplingParams()] * 2, "cpu")
+    prompt = torch.randint(0, 61, (2, 6), generator=torch.Generator().manual_seed(11))
+    calls = {"tree": 0, "observe": 0}
+    real_tree, real_observe = HydraHeads.observe_tree, HydraHeads.observe
+
+    def counted_tree(self, *a):
+        out = real_tree(self, *a)
+        calls["tree"] += out is not None
+        return out
+
+    def counted_observe(self, *a, **k):
+        calls["observe"] += 1
+        return real_observe(self, *a, **k)
+
+    monkeypatch.setattr(HydraHeads, "observe", counted_observe)
+    with torch.inference_mode():
+        fused = prefill(base, heads, base.new_cache(2, 400), prompt, torch.zeros(2, dtype=torch.long), sampling, None)
+        alone = copy.deepcopy(fused)
+        lengths = []
+        for _ in range(8):
+            monkeypatch.setattr(HydraHeads, "observe_tree", counted_tree)
+            a = speculate(base, heads, tree, fused, sampling, None)
+            monkeypatch.setattr(HydraHeads, "observe_tree", lambda self, *args: None)
+            b = speculate(base, heads, tree, alone, sampling, None)
+            assert torch.equal(a.tokens, b.tokens) and torch.equal(fused.start, alone.start)
+            assert torch.equal(heads.propose(fused.head_state, fused.last_hidden, fused.root, tree, base),
+                               heads.propose(alone.head_state, alone.last_hidden, alone.root, tree, base))
+            torch.testing.assert_close(fused.head_state.last, alone.head_state.last, atol=1e-4, rtol=1e-3)
+            for r in range(2):
+                n = int(fused.start[r])
+                torch.testing.assert_close(fused.head_state.cache.kv[:, :, r, :, :n], alone.head_state.cache.kv[:, :, r, :, :n],
+                                           atol=1e-4, rtol=1e-3)
+            lengths += a.length.tolist()
+    assert calls["tree"] == 8 and calls["observe"] == 1 + 8  # the prefill, then only the reference path
+    assert max(lengths) >= 2 and min(lengths) < max(lengths), "commits of 3 tokens and of differing lengths untested"
