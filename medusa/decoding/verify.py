@@ -19,6 +19,7 @@ import torch
 
 from medusa.decoding.sampling import BatchSampling, base_probs, sample_from
 from medusa.decoding.tree import Tree
+from medusa.kernels import accept as accept_kernel
 
 
 @dataclass(frozen=True)
@@ -64,12 +65,20 @@ def verify(
     dev = cand.device
     target, _ = _targets(logits, s, uniforms)  # [B, N]
     parent = tree.parent.to(dev)
+    retrieve = tree.retrieve.to(dev)  # [P, D+1]
+    if not s.any_typical and accept_kernel.runs(cand):  # the same path in one launch (greedy and sample)
+        return Acceptance(*accept_kernel.accept(target, cand, parent, retrieve, max_accept))
+    return _accept(target, cand, logits, tree, s, parent, retrieve, max_accept)
+
+
+def _accept(target, cand, logits, tree: Tree, s: BatchSampling, parent, retrieve, max_accept) -> Acceptance:
+    """verify's torch path (and the reference of medusa.kernels.accept)."""
+    dev = cand.device
     ok = cand == target[:, parent]  # [B, N]: node matches its parent's target
     if s.any_typical:
         typical_rows = s.typical & (s.temperature > 0)
         ok = torch.where(typical_rows[:, None], _typical_ok(logits, cand, tree, s), ok)
     ok[:, 0] = True
-    retrieve = tree.retrieve.to(dev)  # [P, D+1]
     valid = retrieve >= 0
     safe = retrieve.clamp_min(0)
     path_ok = ok[:, safe] & valid  # [B, P, D+1]

@@ -108,10 +108,11 @@ class DraftHeads(nn.Module):
             self.bind_draft_vocab(base)
         return torch.nn.functional.linear(z, self.draft_weight[i if self.draft_weight.shape[0] > 1 else 0])
 
-    def draft_topk(self, i: int, z: torch.Tensor, base, k: int) -> torch.Tensor:
+    def draft_topk(self, i: int, z: torch.Tensor, base, k: int, into=None) -> torch.Tensor:
         """The token ids of head i's k best guesses, best first: z [..., D] -> [..., k] long.
-        With a draft vocabulary, the best among its tokens."""
-        return topk_ids(self._draft_logits(i, z, base), k, self.draft_vocab)
+        With a draft vocabulary, the best among its tokens. into: (table, dest) as in
+        medusa.kernels.topk.topk_ids (z [B, P, D]: the guesses go into table [B, N])."""
+        return topk_ids(self._draft_logits(i, z, base), k, self.draft_vocab, into=into)
 
     def draft_topk_each(self, z: torch.Tensor, base, k: int) -> torch.Tensor:
         """draft_topk for every head at once: z [..., K, D] holds head j's features at [..., j, :]

@@ -19,11 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from medusa.heads.base import DraftHeads, HeadsConfig
 from medusa.heads.medusa import ResBlock
+from medusa.kernels.draft import add_silu, head_inputs
+from medusa.kernels.topk import Into, into_plan
 from medusa.model.config import ModelConfig
 from medusa.model.kv_cache import KVCache
 from medusa.model.llama import Block
@@ -41,8 +42,12 @@ class HydraHead(nn.Module):
 
     def forward(self, s: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         """s [..., D], embeds [..., n_cond, D] -> [..., D]."""
-        x = torch.cat([s, embeds.flatten(-2)], dim=-1)  # [..., (n_cond + 1) D]
-        return self.blocks(s + F.silu(self.cond(x)))
+        return self.from_inputs(s, torch.cat([s, embeds.flatten(-2)], dim=-1))
+
+    def from_inputs(self, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The same from the concatenated input x = [s; e_1; ...] [..., (n_cond + 1) D]; s may
+        broadcast over x's rows (one summary for every parent of a tree level)."""
+        return self.blocks(add_silu(s, self.cond(x)))
 
 
 @dataclass
@@ -65,12 +70,9 @@ class _Level:
     """The nodes of one tree depth d and how their tokens are proposed by head d-1."""
 
     head: int
-    parents: torch.Tensor  # [P] nodes at depth d-1 that have children
-    chains: torch.Tensor  # [P, d] node ids from the root to each parent
-    children: torch.Tensor  # [C] nodes at depth d
-    child_parent: torch.Tensor  # [C] index into parents
-    child_rank: torch.Tensor  # [C] rank of the child's token in its parent's top-k
-    topk: int
+    chains: torch.Tensor  # [P, d] node ids from the root to each of the P nodes at depth d-1 that have children
+    topk: int  # guesses taken per parent
+    into: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # medusa.kernels.topk.into_plan: the node of each parent's j-th guess
 
 
 def _levels(tree, device) -> tuple[_Level, ...]:
@@ -86,9 +88,11 @@ def _levels(tree, device) -> tuple[_Level, ...]:
                 chain.insert(0, parent[chain[0]])
             chains.append(chain)
         pidx = {p: i for i, p in enumerate(parents)}
-        t = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
-        levels.append(_Level(d - 1, t(parents), t(chains), t(children), t([pidx[parent[c]] for c in children]),
-                             t([rank[c] for c in children]), 1 + max(rank[c] for c in children)))
+        k = 1 + max(rank[c] for c in children)
+        dest = [[-1] * k for _ in parents]  # [P, k]: -1 where the tree keeps no node for that guess
+        for c in children:
+            dest[pidx[parent[c]]][rank[c]] = c
+        levels.append(_Level(d - 1, torch.tensor(chains, dtype=torch.long, device=device), k, into_plan(dest, device)))
     return tuple(levels)
 
 
@@ -208,12 +212,11 @@ class HydraHeads(DraftHeads):
         if plan is None:
             plan = self._plans[key] = _levels(tree, root.device)
         s = state.last if self.prefix is not None else last_hidden  # [B, D]
-        cand = torch.zeros(B, N, dtype=torch.long, device=root.device)
+        weight = base.embed_tokens.weight  # [V, D]
+        cand = torch.empty(B, N, dtype=torch.long, device=root.device)
         cand[:, 0] = root
         for lv in plan:
-            P = lv.parents.shape[0]
-            embeds = base.embed_tokens(cand[:, lv.chains])  # [B, P, d, D]
-            z = self.head_hidden(lv.head, s[:, None].expand(B, P, s.shape[-1]).to(embeds.dtype), embeds)  # [B, P, D]
-            top = self.draft_topk(lv.head, z, base, lv.topk)  # [B, P, k]
-            cand[:, lv.children] = top[:, lv.child_parent, lv.child_rank]
+            x = head_inputs(s, cand, lv.chains, weight)  # [B, P, (d + 1) D]: s, then the path's embeddings
+            z = self.heads[lv.head].from_inputs(s[:, None].to(weight.dtype), x)  # [B, P, D]
+            self.draft_topk(lv.head, z, base, lv.topk, into=Into(cand, *lv.into))  # the level's nodes of cand
         return cand

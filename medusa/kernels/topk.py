@@ -12,6 +12,7 @@ changes only which candidate a tree node holds, never the decoded output."""
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -64,8 +65,8 @@ def _kernel(triton, tl):
     row, and the two stages of the split version."""
 
     @triton.jit
-    def topk_rows(x_ptr, ids_ptr, out_ptr, n_cols, stride_x, K: tl.constexpr, BLOCK: tl.constexpr,
-                  MAP: tl.constexpr):
+    def topk_rows(x_ptr, ids_ptr, out_ptr, dest_ptr, P, N, n_cols, stride_x, K: tl.constexpr, BLOCK: tl.constexpr,
+                  MAP: tl.constexpr, INTO: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row * stride_x + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
@@ -75,7 +76,11 @@ def _kernel(triton, tl):
                 tok = tl.load(ids_ptr + at).to(tl.int64)
             else:
                 tok = at.to(tl.int64)
-            tl.store(out_ptr + row * K + j, tok)
+            if INTO:  # at column dest[row % P, j] of row row // P of an [R / P, N] table (dest < 0: dropped)
+                node = tl.load(dest_ptr + (row % P) * K + j)
+                tl.store(out_ptr + (row // P) * N + node, tok, mask=node >= 0)
+            else:
+                tl.store(out_ptr + row * K + j, tok)
             x = tl.where(cols == at, float("-inf"), x)
 
     @triton.jit
@@ -94,7 +99,8 @@ def _kernel(triton, tl):
             x = tl.where(i == at, float("-inf"), x)
 
     @triton.jit
-    def topk_merge(val_ptr, col_ptr, ids_ptr, out_ptr, n_cand, K: tl.constexpr, BLOCK: tl.constexpr, MAP: tl.constexpr):
+    def topk_merge(val_ptr, col_ptr, ids_ptr, out_ptr, dest_ptr, P, N, n_cand, K: tl.constexpr, BLOCK: tl.constexpr,
+                   MAP: tl.constexpr, INTO: tl.constexpr):
         """Stage 2, one program per row: the K largest of the pieces' candidates. Candidates lie in
         column order among equal values (pieces in order, each best first with ties to the lower
         column), so the first maximum is the lowest column, as in the one-program kernel."""
@@ -109,7 +115,11 @@ def _kernel(triton, tl):
                 tok = tl.load(ids_ptr + col).to(tl.int64)
             else:
                 tok = col.to(tl.int64)
-            tl.store(out_ptr + row * K + j, tok)
+            if INTO:  # at column dest[row % P, j] of row row // P of an [R / P, N] table (dest < 0: dropped)
+                node = tl.load(dest_ptr + (row % P) * K + j)
+                tl.store(out_ptr + (row // P) * N + node, tok, mask=node >= 0)
+            else:
+                tl.store(out_ptr + row * K + j, tok)
             v = tl.where(i == at, float("-inf"), v)
 
     return topk_rows, topk_pieces, topk_merge, triton.next_power_of_2
@@ -132,35 +142,70 @@ def split_plan(n_cols: int, chunk: int | None = None) -> tuple[int, int]:
     return -(-n_cols // chunk), chunk
 
 
+class Into(NamedTuple):
+    """Where topk_ids(into=...) writes each row's guesses: table[b, dest[p, j]] gets the j-th best
+    of x[b, p] (dest < 0: dropped). nodes [C] and picks [C] say the same as flat lists (table
+    column, index into the [P * k] guesses), for torch's gather and scatter, which could not
+    drop the negative entries without a host sync (none may happen inside a CUDA graph)."""
+
+    table: torch.Tensor  # [B, N] long, contiguous
+    dest: torch.Tensor  # [P, k] long
+    nodes: torch.Tensor  # [C] long
+    picks: torch.Tensor  # [C] long
+
+
+def into_plan(dest: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dest, nodes, picks) tensors of an Into from dest as nested lists (-1: none)."""
+    flat = [(c, i) for i, c in enumerate(x for row in dest for x in row) if c >= 0]
+    t = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+    return t(dest), t([c for c, _ in flat]), t([i for _, i in flat])
+
+
 def topk_ids(x: torch.Tensor, k: int, ids: torch.Tensor | None = None, kernel: bool | None = None,
-             chunk: int | None = None) -> torch.Tensor:
+             chunk: int | None = None, into: Into | None = None) -> torch.Tensor:
     """The columns of the k largest values of x [..., F], best first, as token ids: ids [F]
     maps column -> token (None: the column is the token). -> [..., k] long.
     kernel: None picks the Triton kernel where it runs (CUDA, Triton present), True forces it
     (tests: Triton's interpreter runs it on CPU tensors), False forces torch.topk.
     chunk: the kernel's split (split_plan): None as measured, 0 one program per row, a power of
-    two: rows longer than it split into pieces that wide."""
+    two: rows longer than it split into pieces that wide.
+    into: Into(table [B, N] long, dest [P, k] long, ...) with x [B, P, F]: write the j-th best of
+    x[b, p] into table[b, dest[p, j]] instead (skipping negative dest), and return the table; the
+    kernel stores there directly (a draft level's proposals land in the candidates with no gather
+    and scatter after it)."""
     use = _use_kernel(x, k) if kernel is None else kernel
+    if into is not None:
+        table, dest = into.table, into.dest
+        if x.dim() != 3 or dest.shape != (x.shape[1], k) or table.shape[0] != x.shape[0] or not table.is_contiguous():
+            raise ValueError("into: x [B, P, F], dest [P, k] and a contiguous table [B, N]")
     if not use:
         top = x.topk(k, dim=-1).indices
-        return ids[top] if ids is not None else top
+        top = ids[top] if ids is not None else top
+        if into is None:
+            return top
+        table[:, into.nodes] = top.flatten(1)[:, into.picks]
+        return table
     rows_fn, pieces_fn, merge_fn, next_pow2 = _kernel()
     lead, F = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, F)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     R = rows.shape[0]
-    out = torch.empty(R, k, dtype=torch.long, device=x.device)
+    if into is None:
+        out, dest, P, N = torch.empty(R, k, dtype=torch.long, device=x.device), None, 1, k
+    else:
+        out, dest, P, N = table, dest.contiguous(), x.shape[1], table.shape[1]
+    target = dict(dest_ptr=dest if dest is not None else out, P=P, N=N, INTO=dest is not None)
     n, width = split_plan(F, chunk)
     if R and n == 1:
         block = next_pow2(F)
-        rows_fn[(R,)](rows, ids if ids is not None else rows, out, F, rows.stride(0), K=k, BLOCK=block,
-                      MAP=ids is not None, num_warps=max(4, min(32, block // 2048)))
+        rows_fn[(R,)](rows, ids if ids is not None else rows, out, n_cols=F, stride_x=rows.stride(0), K=k, BLOCK=block,
+                      MAP=ids is not None, num_warps=max(4, min(32, block // 2048)), **target)
     elif R:
         vals = torch.empty(R, n, k, dtype=torch.float32, device=x.device)
         cols = torch.empty(R, n, k, dtype=torch.int32, device=x.device)
         pieces_fn[(R, n)](rows, vals, cols, F, rows.stride(0), n, K=k, CHUNK=width, num_warps=4)
         block = next_pow2(n * k)
-        merge_fn[(R,)](vals, cols, ids if ids is not None else cols, out, n * k, K=k, BLOCK=block,
-                       MAP=ids is not None, num_warps=max(4, min(16, block // 512)))
-    return out.view(*lead, k)
+        merge_fn[(R,)](vals, cols, ids if ids is not None else cols, out, n_cand=n * k, K=k, BLOCK=block,
+                       MAP=ids is not None, num_warps=max(4, min(16, block // 512)), **target)
+    return out if into is not None else out.view(*lead, k)

@@ -19,7 +19,8 @@
 #   bash scripts/gpu/measure.sh 16  # grown heads, 3/3: all 80 prompts with the shipped heads; step profile by operator; the grown heads' accuracy, trees, all 80 prompts
 #   bash scripts/gpu/measure.sh 17  # split top-k: GPU tests; draft top-k candidates; step profile and all 80 prompts, split vs one program per row
 #   bash scripts/gpu/measure.sh 18  # the working tree against the code in .old (carried; `git archive BASE medusa | tar -x -C .old`):
-#                                   # graph tests; step profiles by operator; all 80 prompts, each code in turn
+#                                   # GPU tests; step profiles by operator; all 80 prompts, each code in turn (the new one with tree128 too)
+#   bash scripts/gpu/measure.sh 19  # the engine under concurrency (plain vs auto, 2 rounds), the working tree
 source scripts/gpu/env.sh
 R=/tmp/res; mkdir -p $R
 quiet() { grep -v -E "run\]|run, |cell\]|cell, |req\]|req, |^\s*$|triton_mm|AUTOTUNE" ; }
@@ -107,15 +108,18 @@ for r in d['rows']: print(r['mode'], r['concurrency'], r['tokens_per_s'], r.get(
 18)
   # the base commit's package, its shipped heads taken from this tree's (the same files)
   [ -d .old/medusa ] && ln -sfn $PWD/medusa/assets .old/medusa/assets
-  echo "== GPU tests"; timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -x ${GPU_TESTS:-tests/gpu/test_graphs.py} 2>&1 | tail -3
+  echo "== GPU tests"; timeout ${TEST_TIMEOUT:-170} python3 -m pytest -q -x ${GPU_TESTS:-tests/gpu} 2>&1 | tail -3
   for V in new old; do
     P=$PWD; [ $V = old ] && P=$PWD/.old
-    echo "== profile, $V code"; PYTHONPATH=/tmp/site:$P timeout 70 python3 scripts/gpu/profile_step.py --heads ar,hydra --ops --top 150 --out $R/profile-ops-$V.json 2>&1 | grep '^| '
+    echo "== profile, $V code"; PYTHONPATH=/tmp/site:$P timeout 60 python3 scripts/gpu/profile_step.py --heads ar,hydra --ops --top 150 --out $R/profile-ops-$V.json 2>&1 | grep '^| '
   done
   for V in new old; do
-    P=$PWD; [ $V = old ] && P=$PWD/.old
-    echo "== all 80 prompts, $V code"; (cd $P && PYTHONPATH=/tmp/site:$P timeout 100 python3 -m medusa.cli bench --modes ar,hydra --max-new-tokens 256 --name mt_bench-80-$V-gpu --out $R 2>&1) | quiet | grep -E '^\| (ar|hydra) '
+    P=$PWD; M=ar,hydra,hydra:$PWD/medusa/assets/heads/hydra/tree128.json; [ $V = old ] && P=$PWD/.old M=ar,hydra
+    echo "== all 80 prompts, $V code"; (cd $P && PYTHONPATH=/tmp/site:$P timeout 130 python3 -m medusa.cli bench --modes $M --max-new-tokens 256 --name mt_bench-80-$V-gpu --out $R 2>&1) | quiet | grep -E '^\| (ar|hydra)'
   done
+  ;;
+19)
+  echo "== concurrency, auto"; timeout 300 python3 -m medusa.cli bench --concurrency 1,4,16,64 --modes ar,auto --repeats 2 --max-new-tokens 128 --name concurrency-auto-gpu --out $R 2>&1 | quiet | tail -12
   ;;
 14|15|16)
   # the prompt files are carried in .gpu/c/prompts (copied to /tmp/m/prompts with the model part)

@@ -26,7 +26,7 @@ def decode(stack, ids, heads, tree, runner=None, n=64):
     return out, st
 
 
-@pytest.mark.parametrize("tree", ["chain", "tree16", "tree64"])
+@pytest.mark.parametrize("tree", ["chain", "tree16", "tree64", "medusa/assets/heads/hydra/tree128.json"])
 def test_graphed_spec_equals_eager_ar(gpu_stack, mt_texts, tree):
     s = gpu_stack
     prompts = [s.tokenizer.encode_prompt(t) for t in mt_texts[:5]]
@@ -156,3 +156,43 @@ def test_graphed_spec_equals_eager_ar_with_triton_attention(gpu_stack, mt_texts,
         ref, _ = decode(s, ids, None, None)
         assert decode(s, ids, s.heads, "tree64", runner)[0] == ref
     assert runner.graphs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_draft_and_accept_kernels_equal_their_torch_paths_on_gpu(dtype):
+    """medusa.kernels.draft (head inputs, residual SiLU), the top-k written into the candidates
+    and medusa.kernels.accept, compiled, against their torch paths at the step's shapes."""
+    pytest.importorskip("triton")
+    from medusa.decoding import verify as V
+    from medusa.decoding.sampling import BatchSampling, SamplingParams
+    from medusa.decoding.tree import load_tree
+    from medusa.kernels import accept, draft
+    from medusa.kernels.topk import Into, into_plan, topk_ids
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for B, P, d in ((1, 1, 1), (1, 11, 3), (16, 8, 4)):
+        s = torch.randn(B, 576, device="cuda", generator=g).to(dtype)
+        cand = torch.randint(0, 49152, (B, 64), device="cuda", generator=g)
+        chains = torch.randint(0, 64, (P, d), device="cuda", generator=g)
+        w = torch.randn(49152, 576, device="cuda", generator=g).to(dtype)
+        assert torch.equal(draft.head_inputs(s, cand, chains, w, kernel=True), draft.head_inputs(s, cand, chains, w, kernel=False))
+        y = torch.randn(B, P, 576, device="cuda", generator=g).to(dtype)
+        tol = 1e-6 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(draft.add_silu(s[:, None], y, kernel=True).float(), (s[:, None] + torch.nn.functional.silu(y)).float(),
+                                   rtol=tol, atol=tol)
+    dest = [[1, 2, 3, -1], [4, 5, -1, -1], [7, -1, -1, -1], [10, 11, 12, -1], [13, 14, 15, 6]]  # 5 parents' nodes
+    for chunk in (0, None):
+        x = torch.randn(2, 5, 32768, device="cuda", generator=g)  # float32: no ties, so torch's order is the kernel's
+        ids = torch.randperm(49152, device="cuda", generator=g)[:32768]
+        want = topk_ids(x, 4, ids, kernel=False, into=Into(torch.zeros(2, 16, dtype=torch.long, device="cuda"), *into_plan(dest, "cuda")))
+        got = topk_ids(x, 4, ids, kernel=True, chunk=chunk, into=Into(torch.zeros(2, 16, dtype=torch.long, device="cuda"), *into_plan(dest, "cuda")))
+        assert torch.equal(got, want)
+    sampling = BatchSampling.stack([SamplingParams()] * 8, "cuda")
+    for tree in (load_tree("ar"), load_tree("tree64"), load_tree("medusa/assets/heads/hydra/tree128.json")):
+        tree = tree.to("cuda")
+        for cap in (None, torch.randint(0, 5, (8,), device="cuda", generator=g)):
+            cand = torch.randint(0, 3, (8, tree.num_nodes), device="cuda", generator=g)
+            target = torch.randint(0, 3, (8, tree.num_nodes), device="cuda", generator=g)
+            want = V._accept(target, cand, None, tree, sampling, tree.parent, tree.retrieve, cap)
+            got = accept.accept(target, cand, tree.parent, tree.retrieve, cap)
+            assert all(torch.equal(a, b) for a, b in zip(got, (want.path, want.length, want.tokens, want.last_node)))

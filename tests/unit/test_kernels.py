@@ -103,6 +103,101 @@ ATTENTION_CHECKS = textwrap.dedent('''
 ''')
 
 
+DRAFT_CHECKS = textwrap.dedent('''
+    import torch
+    from medusa.kernels import draft, topk
+    from medusa.kernels.topk import Into, into_plan, topk_ids
+
+    g = torch.Generator().manual_seed(0)
+    # head_inputs: [s; embeddings of the path's candidates], in the table's dtype
+    for B, P, d, D, dtype in ((1, 1, 1, 40, torch.float32), (3, 5, 3, 24, torch.float32), (2, 4, 2, 16, torch.bfloat16)):
+        s = torch.randn(B, D, generator=g)
+        cand = torch.randint(0, 50, (B, 9), generator=g)
+        chains = torch.randint(0, 9, (P, d), generator=g)
+        w = torch.randn(50, D, generator=g).to(dtype)
+        got = draft.head_inputs(s, cand, chains, w, kernel=True)
+        assert got.dtype == dtype and got.shape == (B, P, (d + 1) * D)
+        assert torch.equal(got, draft.head_inputs(s, cand, chains, w, kernel=False)), (B, P, d)
+    # add_silu: res + SiLU(y), res broadcast over the rows (one summary per batch row) or whole
+    for res_shape, y_shape in (((3, 1, 24), (3, 5, 24)), ((3, 5, 24), (3, 5, 24)), ((7, 40), (7, 40)), ((1, 40), (4, 40))):
+        res, y = torch.randn(*res_shape, generator=g), torch.randn(*y_shape, generator=g)
+        torch.testing.assert_close(draft.add_silu(res, y, kernel=True), res + torch.nn.functional.silu(y), rtol=1e-6, atol=1e-6)
+    # top-k written into a table: table[b, dest[p, j]] = j-th best of x[b, p], -1 dropped, other columns kept
+    dest = [[3, -1, 5], [-1, 1, 2], [4, 6, -1]]
+    plan = into_plan(dest, "cpu")
+    for chunk in (0, 16):
+        for ids in (None, torch.randperm(500, generator=g)[:300]):
+            x = torch.randn(2, 3, 300, generator=g)
+            want = torch.full((2, 7), -5, dtype=torch.long)
+            want = topk_ids(x, 3, ids, kernel=False, into=Into(want, *plan))
+            got = topk_ids(x, 3, ids, kernel=True, chunk=chunk, into=Into(torch.full((2, 7), -5, dtype=torch.long), *plan))
+            assert torch.equal(got, want), chunk
+            best = topk_ids(x, 3, ids, kernel=False)
+            assert got[1, 5].item() == best[1, 0, 2].item() and got[0, 0].item() == -5  # placed, and the rest untouched
+
+    # a whole Hydra++ proposal with every kernel on, against torch's path
+    from medusa.decoding.tree import build_tree, prior_accuracies, search_tree
+    from tests.unit.test_hydra import random_heads, tiny_model
+
+    base = tiny_model()
+    heads = random_heads(base, "hydra++")
+    tree = build_tree(search_tree(prior_accuracies(3, 6), 24))
+    state = heads.new_state(2, 16, base)
+    state.last.copy_(torch.randn(2, 32, generator=g))
+    root = torch.tensor([5, 17])
+
+    def propose(on):
+        draft.enabled = topk.enabled = lambda device: on
+        with torch.inference_mode():
+            return heads.propose(state, None, root, tree, base)
+
+    assert torch.equal(propose(True), propose(False))
+    print("checked")
+''')
+
+
+ACCEPT_CHECKS = textwrap.dedent('''
+    import torch
+    from medusa.decoding import verify as V
+    from medusa.decoding.sampling import BatchSampling, SamplingParams
+    from medusa.decoding.tree import build_tree, load_tree, prior_accuracies, search_tree
+    from medusa.kernels import accept
+
+    g = torch.Generator().manual_seed(0)
+    s = BatchSampling.stack([SamplingParams()] * 6, "cpu")
+    trees = [load_tree("ar"), build_tree(search_tree(prior_accuracies(4, 6), 24)), build_tree(search_tree(prior_accuracies(5, 10), 64))]
+    seen = set()
+    for tree in trees:
+        N = tree.num_nodes
+        for trial in range(20):
+            # targets that often agree with the candidates, so paths of every length occur
+            cand = torch.randint(0, 3, (6, N), generator=g)
+            target = torch.randint(0, 3, (6, N), generator=g)
+            cap = torch.randint(0, 5, (6,), generator=g) if trial % 2 else None
+            want = V._accept(target, cand, None, tree, s, tree.parent, tree.retrieve, cap)
+            got = accept.accept(target, cand, tree.parent, tree.retrieve, cap)
+            for name, a, b in zip(("path", "length", "tokens", "last_node"), got, (want.path, want.length, want.tokens, want.last_node)):
+                assert a.dtype == torch.long and torch.equal(a, b), (tree.name, trial, name, a, b)
+            seen.update(want.length.tolist())
+    assert seen >= {0, 1, 2, 3}, seen
+
+    # through the decode loop: speculative greedy with the kernel equals plain greedy
+    from medusa.decoding.generate import Stats, generate
+    from tests.unit.test_hydra import random_heads, tiny_model
+
+    accept.enabled = lambda device: True
+    base = tiny_model()
+    heads = random_heads(base, "hydra", num_heads=3, std=0.05, rest_std=0.01)
+    tree = build_tree([[i] for i in range(20)] + [[0, j] for j in range(10)] + [[0, 0, k] for k in range(5)])
+    for ids in ([1, 2, 3, 4, 5], [7, 7, 7]):
+        plain = [t for c in generate(base, ids, max_new_tokens=16, stop_token_ids=()) for t in c.tokens]
+        stats = Stats()
+        spec = [t for c in generate(base, ids, heads=heads, tree=tree, max_new_tokens=16, stop_token_ids=(), stats=stats) for t in c.tokens]
+        assert spec == plain and stats.mean_accepted > 1.0, (spec, plain, stats.mean_accepted)
+    print("checked")
+''')
+
+
 def _interpreted(script: str) -> None:
     pytest.importorskip("triton")
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
@@ -117,6 +212,18 @@ def _interpreted(script: str) -> None:
 
 def test_topk_kernel_gives_torch_topk_best_first_under_the_interpreter():
     _interpreted(CHECKS)
+
+
+def test_draft_kernels_equal_their_torch_paths_under_the_interpreter():
+    """head_inputs, add_silu and the top-k written into the candidates, one by one and in a
+    whole Hydra++ proposal."""
+    _interpreted(DRAFT_CHECKS)
+
+
+def test_accept_kernel_equals_verify_under_the_interpreter():
+    """The one-launch accepted path equals verify's torch path: every output, first longest path
+    on ties, with and without a cap, on the 1-node tree and searched trees."""
+    _interpreted(ACCEPT_CHECKS)
 
 
 def test_attention_kernel_equals_the_models_attention_under_the_interpreter():
