@@ -1,5 +1,5 @@
-"""medusa.kernels: the Triton top-k against torch.topk and the Triton attention against the
-model's own attention, run by Triton's interpreter on CPU tensors in a child process (the
+"""medusa.kernels: the Triton top-k against torch.topk, the Triton attention against the
+model's own attention, and the draft and acceptance kernels against their torch paths, run by Triton's interpreter on CPU tensors in a child process (the
 interpreter is chosen when Triton is first imported); skipped where Triton is not installed
 (CI), and the attention check where the interpreter cannot run under the installed numpy (to run
 it here: PYTHONPATH=<triton 3.6 and numpy 2.2 installed with pip --target>). tests/gpu runs the
