@@ -20,6 +20,7 @@ import torch
 from medusa.decoding.sampling import BatchSampling, base_probs, sample_from
 from medusa.decoding.tree import Tree
 from medusa.kernels import accept as accept_kernel
+from medusa.kernels import enabled as kernels_enabled
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def verify(
     target, _ = _targets(logits, s, uniforms)  # [B, N]
     parent = tree.parent.to(dev)
     retrieve = tree.retrieve.to(dev)  # [P, D+1]
-    if not s.any_typical and accept_kernel.runs(cand):  # the same path in one launch (greedy and sample)
+    if not s.any_typical and kernels_enabled(cand.device):  # the same path in one launch (greedy and sample)
         return Acceptance(*accept_kernel.accept(target, cand, parent, retrieve, max_accept))
     return _accept(target, cand, logits, tree, s, parent, retrieve, max_accept)
 

@@ -110,8 +110,8 @@ class DraftHeads(nn.Module):
 
     def draft_topk(self, i: int, z: torch.Tensor, base, k: int, into=None) -> torch.Tensor:
         """The token ids of head i's k best guesses, best first: z [..., D] -> [..., k] long.
-        With a draft vocabulary, the best among its tokens. into: (table, dest) as in
-        medusa.kernels.topk.topk_ids (z [B, P, D]: the guesses go into table [B, N])."""
+        With a draft vocabulary, the best among its tokens. into: a medusa.kernels.topk.Into
+        (z [B, P, D]: the guesses go into its table [B, N] instead; the table is returned)."""
         return topk_ids(self._draft_logits(i, z, base), k, self.draft_vocab, into=into)
 
     def draft_topk_each(self, z: torch.Tensor, base, k: int) -> torch.Tensor:

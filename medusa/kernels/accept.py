@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from medusa.kernels import enabled, triton_kernel
+from medusa.kernels import triton_kernel
 
 
 @triton_kernel
@@ -55,11 +55,6 @@ def _kernel(triton, tl):
         tl.store(last_ptr + b, last)
 
     return accept_rows, triton.next_power_of_2
-
-
-def runs(cand: torch.Tensor) -> bool:
-    """Whether the kernel takes this step's candidates (CUDA, Triton, kernels not switched off)."""
-    return enabled(cand.device)
 
 
 def accept(target: torch.Tensor, cand: torch.Tensor, parent: torch.Tensor, retrieve: torch.Tensor,

@@ -76,7 +76,8 @@ def _kernel(triton, tl):
                 tok = tl.load(ids_ptr + at).to(tl.int64)
             else:
                 tok = at.to(tl.int64)
-            if INTO:  # at column dest[row % P, j] of row row // P of an [R / P, N] table (dest < 0: dropped)
+            if INTO:  # at column dest[row % P, j] of row row // P of an [R / P, N] table (dest < 0: dropped);
+                # written out in both kernels: a jit helper defined in this builder is not visible to them
                 node = tl.load(dest_ptr + (row % P) * K + j)
                 tl.store(out_ptr + (row // P) * N + node, tok, mask=node >= 0)
             else:

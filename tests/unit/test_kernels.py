@@ -185,7 +185,7 @@ ACCEPT_CHECKS = textwrap.dedent('''
     from medusa.decoding.generate import Stats, generate
     from tests.unit.test_hydra import random_heads, tiny_model
 
-    accept.enabled = lambda device: True
+    V.kernels_enabled = lambda device: True  # verify takes the kernel on these CPU tensors
     base = tiny_model()
     heads = random_heads(base, "hydra", num_heads=3, std=0.05, rest_std=0.01)
     tree = build_tree([[i] for i in range(20)] + [[0, j] for j in range(10)] + [[0, 0, k] for k in range(5)])
