@@ -77,7 +77,8 @@ def _kernel(triton, tl):
             else:
                 tok = at.to(tl.int64)
             if INTO:  # at column dest[row % P, j] of row row // P of an [R / P, N] table (dest < 0: dropped);
-                # written out in both kernels: a jit helper defined in this builder is not visible to them
+                # written out in both kernels: Tritons before mid-2025 (triton-lang/triton#7105), which torch>=2.4
+                # may bring, look only in module globals, so they would not find a jit helper defined in this builder
                 node = tl.load(dest_ptr + (row % P) * K + j)
                 tl.store(out_ptr + (row // P) * N + node, tok, mask=node >= 0)
             else:
