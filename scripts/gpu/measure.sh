@@ -21,6 +21,7 @@
 #   bash scripts/gpu/measure.sh 18  # the working tree against the code in .old (carried; `git archive BASE medusa | tar -x -C .old`):
 #                                   # GPU tests; step profiles by operator; all 80 prompts, each code in turn (the new one with tree128 too)
 #   bash scripts/gpu/measure.sh 19  # the engine under concurrency (plain vs auto, 2 rounds), the working tree
+#   bash scripts/gpu/measure.sh 20  # the 128-node tree: step profile, all 80 prompts beside the 64-node tree, the engine forced onto it
 source scripts/gpu/env.sh
 R=/tmp/res; mkdir -p $R
 quiet() { grep -v -E "run\]|run, |cell\]|cell, |req\]|req, |^\s*$|triton_mm|AUTOTUNE" ; }
@@ -120,6 +121,15 @@ for r in d['rows']: print(r['mode'], r['concurrency'], r['tokens_per_s'], r.get(
   ;;
 19)
   echo "== concurrency, auto"; timeout 300 python3 -m medusa.cli bench --concurrency 1,4,16,64 --modes ar,auto --repeats 2 --max-new-tokens 128 --name concurrency-auto-gpu --out $R 2>&1 | quiet | tail -12
+  ;;
+20)
+  # profile_step.py takes heads folders with their own tree: the shipped Hydra++ heads with tree128 as theirs
+  T=$PWD/medusa/assets/heads/hydra/tree128.json; H=/tmp/hydra-tree128
+  rm -rf $H && cp -r medusa/assets/heads/hydra $H && python3 -c "
+import json; h = json.load(open('$H/heads.json')); h['tree'] = json.load(open('$T'))['paths']; json.dump(h, open('$H/heads.json', 'w'))"
+  echo "== profile tree128"; timeout 70 python3 scripts/gpu/profile_step.py --heads ar,hydra,$H --out $R/profile-step-tree128.json 2>&1 | grep '^| '
+  echo "== 80 prompts"; timeout 140 python3 -m medusa.cli bench --modes ar,hydra:$T,hydra --max-new-tokens 256 --name mt_bench-80-new-b-gpu --out $R 2>&1 | quiet | grep -E '^\| (ar|hydra)'
+  echo "== engine, tree128"; timeout 120 python3 -m medusa.cli bench --concurrency 1,4 --modes ar,spec --tree $T --repeats 2 --max-new-tokens 128 --name concurrency-tree128-gpu --out $R 2>&1 | quiet | grep -E '^\| (ar|spec)'
   ;;
 14|15|16)
   # the prompt files are carried in .gpu/c/prompts (copied to /tmp/m/prompts with the model part)
