@@ -609,6 +609,8 @@ class Engine:
         roots = [r for g in groups for r in self._prefill(g)]
         self._time["prefill"] += time.perf_counter() - t0
         self._time["prefills"] += len(groups)
+        for live in admitted:  # the prefilled KV is valid now: a release emitting below swaps rows with their lengths
+            self.pool.length[live.row] = len(live.req.prompt_ids)
         now = time.perf_counter()
         for live, root in zip(admitted, roots):  # emit only now: a request that ends frees (swaps) rows
             live.t_first = now

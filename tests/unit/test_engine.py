@@ -161,6 +161,19 @@ def test_requests_join_and_leave_mid_flight(tiny, tiny_heads, step_mode):
         assert out == alone(tiny, ps[i], tiny_heads, t, lengths[i]), f"request {i}"
 
 
+@pytest.mark.parametrize("order", [(0, 1), (1, 0), (0, 1, 2)])
+def test_a_request_ending_at_its_first_token_keeps_its_batchmates_kv(tiny, order):
+    """prompts(3, seed=5)[0] ends at its first token (EOS), before the requests admitted with it
+    emitted theirs: its row's release swaps the last row in, which must carry the prefilled KV
+    (the row lengths were recorded only at emission, so a swap copied none of it)."""
+    ps = prompts(3, seed=5)
+    assert alone(tiny, ps[0], n=8) == [EOS]
+    eng = Engine(tiny, None, None, max_batch=4, max_seq_len=64)
+    hs = {i: eng.submit(Request(ps[i], max_new_tokens=16)) for i in order}
+    for i, h in hs.items():
+        assert h.result()[0] == alone(tiny, ps[i], n=16), f"prompt {i}"
+
+
 def test_stop_sequences_and_eos(tiny):
     eng = Engine(tiny, None, max_batch=4, max_seq_len=64)
     p = prompts(1, seed=4)[0]
