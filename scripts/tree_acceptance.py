@@ -122,6 +122,40 @@ def global_choice(pool, n: int) -> list[torch.Tensor]:
     return list(torch.split(chosen, sizes, 1))
 
 
+def lookup_chain(ctx: list[int], length: int, max_n: int, min_n: int) -> list[int]:
+    """Prompt lookup: the `length` tokens that followed the latest earlier occurrence of the
+    context's last n tokens (n from max_n down to min_n; [] when none occurs)."""
+    T = len(ctx)
+    for n in range(min(max_n, T - 1), min_n - 1, -1):
+        tail = ctx[T - n:]
+        for i in range(T - n - 1, -1, -1):
+            if ctx[i:i + n] == tail:
+                return ctx[i + n:i + n + length]
+    return []
+
+
+def per_position_static(ranks: torch.Tensor, paths) -> torch.Tensor:
+    """[M] heads' tokens accepted at each position by a static tree (its prefix-closed paths)."""
+    have = {tuple(p) for p in paths}
+    out = []
+    for r in ranks.tolist():
+        a = 0
+        while a < len(r) and tuple(r[:a + 1]) in have:
+            a += 1
+        out.append(a)
+    return torch.tensor(out)
+
+
+def loop_steps(acc: list[int]) -> tuple[int, int]:
+    """(tokens, steps) of a decode loop over these positions: a step at position i accepts acc[i]
+    candidates and emits acc[i] + 1 tokens, so the next step starts acc[i] + 1 positions on."""
+    i = steps = 0
+    while i < len(acc):
+        i += acc[i] + 1
+        steps += 1
+    return i, steps
+
+
 def depth_profile(paths) -> list[int]:
     """Nodes per depth of a static tree."""
     K = max(len(p) for p in paths)
@@ -166,6 +200,9 @@ def main() -> int:
     ap.add_argument("--topk", type=int, default=10)
     ap.add_argument("--trees", nargs="*", default=[], metavar="FILE", help="more static trees to score (tree JSON files)")
     ap.add_argument("--depthwise", default="64", help="node budgets of per-step trees with the static tree's nodes per depth")
+    ap.add_argument("--lookup", default="", help="prompt-lookup chain lengths to add as one more branch of the shipped tree, e.g. 4,8")
+    ap.add_argument("--lookup-ngram", default="3:1", help="max:min n-gram sizes matched by the lookup")
+    ap.add_argument("--outputs", metavar="FILE", help="cache of the greedy continuations (JSON; read if present, else written)")
     ap.add_argument("--json", dest="json_out")
     ap.add_argument("--dump-prompts", metavar="FILE",
                     help="write the selected prompts as JSONL ({id, prompt}: what `medusa bench --dataset FILE` reads) and stop")
@@ -195,10 +232,22 @@ def main() -> int:
     per_depth = {k: w + [0] * (K - len(w)) for k, w in per_depth.items()}
     sums = {f"dynamic{n}": 0 for n in nodes} | {name: 0 for name in per_depth}
     counts: dict = {}  # static trees: the positions' rank paths (tree.path_counts), over all prompts
+    lookups = [int(x) for x in args.lookup.split(",") if x]
+    max_n, min_n = (int(x) for x in args.lookup_ngram.split(":"))
+    combos = {k: v for k, v in static.items() if not k.startswith("static")}  # the shipped tree and --trees
+    lsums = {f"lookup{L}": 0 for L in lookups} | {f"{k}+lookup{L}": 0 for k in combos for L in lookups}
+    lhits = {L: 0 for L in lookups}
+    loop = {k: [0, 0] for k in [*combos, *lsums]} if lookups else {}  # name -> [tokens, steps] of a simulated decode loop
     count = 0
+    cached = json.loads(Path(args.outputs).read_text()) if args.outputs and Path(args.outputs).is_file() else {}
+    key = f"{args.max_new_tokens}"
     for p in tqdm(prompts, desc="prompts", unit="prompt"):
         ids = tok.encode_prompt(p.text, chat=True)
-        out = greedy(model, ids, args.max_new_tokens, eos)
+        out = cached.get(key, {}).get(p.id)
+        if out is None:
+            out = cached.setdefault(key, {})[p.id] = greedy(model, ids, args.max_new_tokens, eos)
+            if args.outputs:
+                Path(args.outputs).write_text(json.dumps(cached))
         seq = torch.tensor(ids + out)
         T = seq.shape[0]
         pos = torch.arange(len(ids) - 1, T - 2 - K + 1)  # steps whose whole path is known
@@ -206,8 +255,30 @@ def main() -> int:
             continue
         hidden = base_hidden(model, seq[None])
         s = heads.summary(hidden, model)[0]  # [T, D]
-        for path, n in path_counts(static_ranks(heads, model, s, seq, pos, args.topk), args.topk).items():
+        ranks = static_ranks(heads, model, s, seq, pos, args.topk)
+        for path, n in path_counts(ranks, args.topk).items():
             counts[path] = counts.get(path, 0) + n
+        if lookups:
+            tree_acc = {k: per_position_static(ranks, paths).tolist() for k, paths in combos.items()}
+            per = {k: list(v) for k, v in tree_acc.items()} | {k: [] for k in lsums}
+            toks = seq.tolist()
+            for i, t in enumerate(pos.tolist()):
+                ctx = toks[:t + 2]  # committed tokens and the root (the step's known next token)
+                for L in lookups:
+                    chain = lookup_chain(ctx, L, max_n, min_n)
+                    a = 0
+                    while a < len(chain) and t + 2 + a < T and chain[a] == toks[t + 2 + a]:
+                        a += 1
+                    lhits[L] += bool(chain)
+                    lsums[f"lookup{L}"] += a
+                    per[f"lookup{L}"].append(a)
+                    for k, acc in tree_acc.items():
+                        lsums[f"{k}+lookup{L}"] += max(a, acc[i])
+                        per[f"{k}+lookup{L}"].append(max(a, acc[i]))
+            for k, acc in per.items():
+                n_tok, n_steps = loop_steps(acc)
+                loop[k][0] += n_tok
+                loop[k][1] += n_steps
         pool = grow(heads, model, s, seq, pos, [args.width] * K, args.topk) if nodes else []
         for n in nodes:
             sums[f"dynamic{n}"] += int(walk(pool, global_choice(pool, n), seq, pos).sum())
@@ -218,7 +289,13 @@ def main() -> int:
     res = {**env, "dataset": args.dataset, "heads": stack.heads_name, "dtype": "float32",
            "max_new_tokens": args.max_new_tokens, "positions": count, "prompts": len(prompts), "width": args.width, "topk": args.topk,
            "accepted_per_step": {**{k: round(counted_accept_length(p, counts, count), 4) for k, p in static.items()},
-                                 **{k: round(1 + v / count, 4) for k, v in sums.items()}}}
+                                 **{k: round(1 + v / count, 4) for k, v in sums.items()},
+                                 **{k: round(1 + v / count, 4) for k, v in lsums.items()}},
+           **({"lookup": {"ngram": args.lookup_ngram, "found_share": {L: round(h / count, 4) for L, h in lhits.items()}},
+               # every position weighs the same above; a decode loop visits only the positions its steps
+               # land on, and a lookup chain's acceptance varies far more from place to place than the
+               # heads' (long in repeated text, nothing elsewhere): tokens per step of the simulated loop
+               "loop_tokens_per_step": {k: round(t / max(n, 1), 4) for k, (t, n) in loop.items()}} if lookups else {})}
     print(json.dumps(res, indent=1))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(res, indent=1) + "\n")

@@ -23,7 +23,8 @@ def register(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p, heads=False)
     p.add_argument("--tree", help="tree for the speculative modes (name or JSON file; default: the heads' own, else tree16); "
-                                  "pin one per mode with medusa:TREE in --modes")
+                                  "pin one per mode with medusa:TREE in --modes; a +lookupN suffix adds a prompt-lookup chain "
+                                  "of N nodes (greedy requests), alone (+lookup8) to the default tree")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON, markdown and PNG results")
     p.add_argument("--name", help="file stem of the results (default: <dataset>-<device>, step-cost-<shape>-<device>, ...)")
     p.add_argument("--no-graphs", action="store_true", help="on a GPU, run our decode steps eagerly (no CUDA graphs)")

@@ -68,6 +68,7 @@ class RowState:
     head_state: object
     rows: int
     deferred: torch.Tensor | None = None  # [rows, row_len, D]: plain steps' hidden states (step.catch_up)
+    draft: torch.Tensor | None = None  # [rows, MAX_LOOKUP] long: lookup chains' tokens (DecodeState.draft)
 
 
 class BatchGraphs:
@@ -118,7 +119,7 @@ class BatchGraphs:
         """The decode state of rows 0 .. Bb-1: views of the engine's row tensors (in-place writes land there)."""
         R = self.rows
         return DecodeState(state_rows(R.cache, 0, Bb, R.rows), R.start[:Bb], R.root[:Bb], R.hidden[:Bb],
-                           state_rows(R.head_state, 0, Bb, R.rows))
+                           state_rows(R.head_state, 0, Bb, R.rows), R.draft[:Bb] if R.draft is not None else None)
 
     def _after(self, Bb: int):
         """Runs after each step (inside a capture too): copies back whatever a head family rebinds
@@ -151,10 +152,10 @@ class BatchGraphs:
                 cap[:n].copy_(max_accept)
                 cap[n:].zero_()
                 b.capped = None
-            elif b.capped != (n, tree.max_depth):  # the usual case, unchanged since the last step: no launches
-                cap[:n].fill_(tree.max_depth)
+            elif b.capped != (n, tree.accept_depth):  # the usual case, unchanged since the last step: no launches
+                cap[:n].fill_(tree.accept_depth)
                 cap[n:].zero_()
-                b.capped = (n, tree.max_depth)
+                b.capped = (n, tree.accept_depth)
         kv_len = self.kv_len(committed_max, N)
         if not self.capture:
             state = self._view(Bb)
@@ -170,7 +171,7 @@ class BatchGraphs:
                cap: torch.Tensor | None) -> tuple[_Captured, bool]:
         """The graph of (tree, Bb, kv_len, sampling kind), captured over views of rows 0 .. Bb-1
         on first use (a replay needs no views: host time per step)."""
-        tkey = (tree.name, tree.paths)
+        tkey = (tree.name, tree.paths, tree.lookup)
         key = (tkey, Bb, kv_len, s.any_random, s.any_typical)
         g = self.graphs.get(key)
         if g is not None:

@@ -41,11 +41,12 @@ import torch
 from medusa.decoding.batch_graphs import BatchGraphs, RowState
 from medusa.decoding.adaptive import AcceptanceMeter, Choice, StepCostModel, TreeOption, batch_bucket, choose_tree
 from medusa.decoding.prefill_graphs import FIXED_TOKENS, PrefillGraphs, plan_groups
+from medusa.decoding.lookup import NgramLookup
 from medusa.decoding.kv_pool import RowPool, Swap, state_rows, swap_cache_rows, swap_state_rows, write_back
 from medusa.decoding.sampling import BatchSampling, SamplingParams, draw_uniforms
 from medusa.decoding.step import DecodeState, catch_up, kv_round, prefill, speculate
 from medusa.decoding.stopping import stop_cut
-from medusa.decoding.tree import (NAMED_TREES, Tree, accepted_within, expected_accept_length, load_tree,
+from medusa.decoding.tree import (MAX_LOOKUP, NAMED_TREES, Tree, accepted_within, expected_accept_length, load_tree,
                                   nodes_inside, prior_accuracies)
 from medusa.errors import RequestError, TreeError
 
@@ -59,6 +60,13 @@ SPEC_MARGIN = 0.1  # a tree must promise 10% more tokens/s than plain decoding (
 # more prefill forwards); a 25% margin did not fix concurrency 64 on an H100 and cost gains at 4 and 16
 REFRESH_EVERY = 256  # plain steps after which the most promising tree runs once to re-measure acceptance
 CHOICE_STEPS = 8
+# tokens per step a lookup chain of 16 nodes is assumed to add until it is measured (shorter: in proportion):
+# on an H100, all 80 MT-Bench prompts x 256 tokens, batch 1, the shipped Hydra++ tree accepted 2.75 per
+# step alone and 4.05 with 16 lookup nodes (3.67 with 8). Optimistic on purpose: the AcceptanceMeter
+# replaces it after `explore` rows, and a prior of the heads' paths alone kept the larger step from ever
+# being tried at concurrency 1
+LOOKUP_PRIOR_16 = 1.3
+SHADOW_BATCH = 4  # up to this many rows, a step without a lookup chain still measures its twin with one (_shadow)
 
 
 # ------------------------------------------------------------------ public types
@@ -211,6 +219,8 @@ class _Live:
     t_first: float = 0.0
     tree: str = "ar"
     seen: int = 0  # committed tokens the draft heads have observed (plain steps defer, step.catch_up)
+    lookup: NgramLookup | None = None  # the sequence's n-grams, from its first step with a lookup chain
+    shadow: list = field(default_factory=list)  # (output index, draft, heads' accepted) of steps whose chain went unrun
     queued_step: int = 0  # engine step count at submission (admission coalescing)
 
     @property
@@ -244,6 +254,8 @@ class Engine:
         self._inside = {big: [(n, inside) for n, t in self.trees.items()
                               if 1 < t.num_nodes < b.num_nodes and (inside := nodes_inside(b, t)) is not None]
                         for big, b in self.trees.items() if b.num_nodes > 2}
+        # a lookup tree's heads' nodes alone -> the lookup tree (their steps measure it too: _shadow)
+        self._twin = {t.heads_only.name: t for t in self.trees.values() if t.lookup and t.heads_only.name in self.trees}
         self.max_seq_len = min(max_seq_len or DEFAULT_MAX_SEQ_LEN, self.max_pos)
         n_max = max(t.num_nodes for t in self.trees.values())
         self.row_len = self.max_seq_len + n_max + 1  # room for the last step's tree slots
@@ -257,6 +269,7 @@ class Engine:
             self.row_start = torch.zeros(rows, dtype=torch.long, device=self.device)  # [rows]
             self.row_root = torch.zeros(rows, dtype=torch.long, device=self.device)  # [rows]
             self.row_hidden = torch.zeros(rows, cfg.hidden_size, dtype=model.dtype, device=self.device)  # [rows, D]
+            self.row_draft = torch.zeros(rows, MAX_LOOKUP, dtype=torch.long, device=self.device)  # [rows, L]: lookup chains
             # heads with state (Hydra++) see the prompt and the tokens of plain steps only when
             # speculation resumes (step.catch_up): the hidden states wait here, so a prefill and a
             # plain step cost what they cost headless
@@ -319,12 +332,12 @@ class Engine:
                 acc = [[row[r] if r < len(row) else 0.0 for r in range(ranks)] for row in table]
             else:
                 acc = prior_accuracies(max(t.max_depth, 1), max(10, ranks))
-            out[n] = expected_accept_length(t.paths, acc)
+            out[n] = expected_accept_length(t.paths, acc) + LOOKUP_PRIOR_16 * min(t.lookup, 16) / 16
         return out
 
     def _row_state(self) -> RowState:
         return RowState(self.cache, self.row_start, self.row_root, self.row_hidden, self.head_state, self.pool.rows,
-                        self.row_deferred)
+                        self.row_deferred, self.row_draft)
 
     def _trees(self, heads, tree, trees) -> tuple[dict[str, Tree], Tree]:
         """The trees a step may use ("ar" always) and the default one (speculation="on")."""
@@ -337,6 +350,9 @@ class Engine:
             named = (load_tree(n) for n in NAMED_TREES if n != "ar")
             trees = {t.name: t for t in named if t.max_depth <= depth}
         out = {"ar": ar, **dict(trees), base.name: base}
+        for t in list(out.values()):  # a step with a sampled row takes a lookup tree's heads' nodes alone
+            if t.lookup:
+                out.setdefault(t.heads_only.name, t.heads_only)
         for t in out.values():
             if t.max_depth > depth:
                 raise TreeError(f"tree {t.name} is {t.max_depth} deep but the heads guess only {depth} tokens ahead")
@@ -759,7 +775,7 @@ class Engine:
                        and (self.trees[name].num_nodes == 1 or self.meter.count.get(name, 0) >= self.meter.explore))
             self._memo = ((n, modes.count("auto")), self._steps, name, reason, rates) if settled else None
         tree = self.trees[name]
-        if tree.num_nodes > 1 and max(x.kv_len for x in lives) + tree.max_depth >= self.max_pos:
+        if tree.num_nodes > 1 and max(x.kv_len for x in lives) + tree.accept_depth >= self.max_pos:
             tree, reason = self.trees["ar"], "a row is at the end of the model's context: plain decoding"
         self._choice = {"tree": tree.name, "batch": n, "reason": reason, "step": self._steps}
         if rates is not None:
@@ -771,9 +787,17 @@ class Engine:
         n = self.pool.n_active
         lives = self._rows[:n]
         tree = self._choose(lives)
-        N, D = tree.num_nodes, tree.max_depth
         dev = self.device
         sampling = self._batch_sampling(lives)
+        if tree.lookup and sampling.any_random:  # sampling stays exact only while siblings carry distinct tokens
+            tree = self.trees[tree.heads_only.name]
+            self._choice["tree"] = tree.name
+            self._choice["reason"] += "; a sampled row: without the lookup chain"
+        if tree.lookup:
+            self._set_drafts(lives, tree.lookup)
+        twin = self._twin.get(tree.name) if n <= SHADOW_BATCH and not sampling.any_random else None
+        shadow = self._drafts(lives, twin.lookup) if twin is not None else None
+        N, D = tree.num_nodes, tree.accept_depth
         uniforms = None
         if sampling.any_random:
             depth = tree.depth.to(dev)
@@ -797,8 +821,8 @@ class Engine:
             rows = torch.cat([acc.length[:n, None], acc.tokens[:n], acc.path[:n]], 1).tolist()  # one host sync
         else:
             captured = False
-            state = DecodeState(self.cache.rows(0, n), self.row_start[:n],
-                                self.row_root[:n], self.row_hidden[:n], state_rows(self.head_state, 0, n, self.pool.rows))
+            state = DecodeState(self.cache.rows(0, n), self.row_start[:n], self.row_root[:n], self.row_hidden[:n],
+                                state_rows(self.head_state, 0, n, self.pool.rows), self.row_draft[:n])
             kv_len = kv_round(committed_max + N, self.row_len)
             defer = self.row_deferred[:n] if self.row_deferred is not None and N == 1 else None
             acc = speculate(self.model, self.heads, tree, state, sampling, uniforms, max_accept, kv_len=kv_len, defer=defer)
@@ -822,14 +846,18 @@ class Engine:
                     self.meter.record(sub, [1 + accepted_within(row[D + 3: D + 3 + row[0]], inside) for row in spec])
         for i, (live, row) in enumerate(zip(lives, rows)):  # before any release swaps rows
             self.pool.length[i] = live.kv_len + row[0] + 1
-        for live, row in zip(lives, rows):
+        for i, (live, row) in enumerate(zip(lives, rows)):
             k = row[0] + 1
             if N > 1:  # the step showed the heads every token it committed
                 live.seen = live.kv_len + k
             live.steps += 1
             live.step_tokens += k
             live.tree = tree.name
+            if shadow is not None and not off[i]:
+                live.shadow.append((len(live.out), shadow[i], row[0]))
             self._emit(live, row[1:1 + k])
+            if live.shadow and twin is not None:
+                self._shadow(live, twin.name)
         if not captured:  # a capturing step's time is not the step's cost
             # the policy weighs a step's whole cost to the scheduler: choosing the tree, the step,
             # recording acceptance, emitting tokens and finishing requests, less the Hydra++ catch-up
@@ -838,11 +866,43 @@ class Engine:
             # the step made trees look 10% better than plain decoding where they were at parity
             self.cost.record(n, N, time.perf_counter() - t_in - (self._time["catch_up"] - caught))
 
+    def _drafts(self, lives: list[_Live], L: int) -> list[list[int]]:
+        """Each row's lookup chain for this step (medusa.decoding.lookup)."""
+        drafts = []
+        for x in lives:
+            if x.lookup is None:  # first step with a lookup chain: index what the row holds so far
+                x.lookup = NgramLookup(list(x.req.prompt_ids) + x.out)
+            drafts.append(x.lookup.draft(L))
+        return drafts
+
+    def _set_drafts(self, lives: list[_Live], L: int) -> None:
+        self.row_draft[:len(lives), :L].copy_(torch.tensor(self._drafts(lives, L), dtype=torch.long), non_blocking=True)
+
+    def _shadow(self, live: _Live, twin: str) -> None:
+        """Measure the lookup tree `twin` on steps that ran its heads' nodes alone: once the tokens a
+        step's chain guessed are known, the chain would have accepted its guesses up to the first
+        wrong one, and the twin's step the longer of that and what the heads accepted. Exact for
+        greedy rows (their tokens do not depend on the tree); steps near a request's end, whose
+        guesses are never all known, are dropped. Without this, a lookup tree that measured low on
+        one stretch of text would never run, and so never be measured, again; with it, both trees
+        are compared on the same tokens."""
+        done = []
+        while live.shadow and live.shadow[0][0] + len(live.shadow[0][1]) <= len(live.out):
+            at, draft, heads = live.shadow.pop(0)
+            m = 0
+            while m < len(draft) and at + m < len(live.out) and draft[m] == live.out[at + m]:
+                m += 1
+            done.append(1 + max(m, heads))
+        if done:
+            self.meter.record(twin, done)
+
     # -------------------------------------------------------------- output
     def _emit(self, live: _Live, new: list[int]) -> None:
         req = live.req
         before = len(live.out)
         live.out.extend(new)
+        if live.lookup is not None:
+            live.lookup.extend(new)
         if live.row >= 0:
             self.pool.length[live.row] = live.kv_len
         limit = req.max_new_tokens

@@ -11,6 +11,7 @@ from typing import Iterator
 import torch
 
 from medusa.decoding.sampling import BatchSampling, SamplingParams, draw_uniforms
+from medusa.decoding.lookup import NgramLookup
 from medusa.decoding.step import prefill, speculate
 from medusa.decoding.stopping import stop_cut as _stop_cut
 from medusa.decoding.tree import Tree, load_tree
@@ -61,13 +62,18 @@ def generate(
 ) -> Iterator[Chunk]:
     """Stream the chunks of one request. With heads=None (or the 'ar' tree) this is plain
     autoregressive decoding through the very same step. `runner` (a graphs.GraphRunner built
-    for the same model and heads, batch 1) replays the step as a CUDA graph."""
+    for the same model and heads, batch 1) replays the step as a CUDA graph. A tree's lookup
+    chain (Tree.lookup) drafts from the sequence itself, for greedy requests: a sampled request
+    decodes with the heads' nodes alone (sampling stays exact only while sibling nodes carry
+    distinct tokens, and a lookup guess may repeat a head's)."""
     cfg = model.cfg
     if not prompt_ids:
         raise RequestError("the prompt is empty")
     if max_new_tokens < 1:
         raise RequestError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     tree = load_tree("ar") if heads is None else (tree if isinstance(tree, Tree) else load_tree(tree))
+    if tree.lookup and not params.greedy:
+        tree = tree.heads_only
     if heads is not None and tree.max_depth > heads.config.num_heads:
         raise RequestError(f"tree {tree.name} is {tree.max_depth} deep but the heads guess only {heads.config.num_heads} tokens ahead")
     total = len(prompt_ids) + max_new_tokens
@@ -106,6 +112,7 @@ def generate(
         if graphed:
             runner.load(state, sampling)
         out: list[int] = [int(state.root[0])]
+        look = NgramLookup(list(prompt_ids) + out) if tree.lookup else None
         stats.ttft = time.perf_counter() - t0
         chunk_tokens, produced = out[:], 1
         while True:
@@ -121,6 +128,12 @@ def generate(
                 yield Chunk(chunk_tokens[:keep], produced, cut[1])
                 return
             yield Chunk(chunk_tokens, produced)
+            if look is not None:
+                draft = [look.draft(tree.lookup)]
+                if graphed:
+                    runner.set_draft(draft)
+                else:
+                    state.draft = torch.tensor(draft, dtype=torch.long, device=dev)
             if graphed:  # committed tokens = prompt + emitted - the root (not yet in the cache)
                 acc = runner.step(tree, len(prompt_ids) + len(out) - 1, uniforms(tree.num_nodes))
             else:
@@ -130,6 +143,8 @@ def generate(
             chunk_tokens = row[1:1 + n]
             produced = n
             out.extend(chunk_tokens)
+            if look is not None:
+                look.extend(chunk_tokens)
             stats.steps += 1
             stats.step_tokens.append(n)
             stats.new_tokens = len(out)

@@ -21,7 +21,7 @@ import torch
 from medusa.decoding.kv_pool import scratch_state
 from medusa.decoding.sampling import BatchSampling
 from medusa.decoding.step import DecodeState, speculate
-from medusa.decoding.tree import Tree
+from medusa.decoding.tree import MAX_LOOKUP, Tree
 from medusa.decoding.verify import Acceptance
 
 KV_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
@@ -118,12 +118,13 @@ def capture_step(model, heads, tree: Tree, kv_len: int, state: DecodeState, samp
         with torch.cuda.stream(side):
             for _ in range(2):
                 scratch = DecodeState(state.cache, state.start.clone(), state.root.clone(), state.last_hidden.clone(),
-                                      scratch_state(state.head_state, B))
+                                      scratch_state(state.head_state, B), state.draft)
                 body(scratch, static=False)
         torch.cuda.current_stream().wait_stream(side)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=pool):
-            acc = body(DecodeState(state.cache, state.start, state.root, state.last_hidden, state.head_state), static=True)
+            acc = body(DecodeState(state.cache, state.start, state.root, state.last_hidden, state.head_state, state.draft),
+                       static=True)
     finally:
         _capturing.reset(token)
     return _Captured(g, acc)
@@ -139,6 +140,7 @@ class GraphRunner:
         z = lambda *shape, dtype=torch.long: torch.zeros(*shape, dtype=dtype, device=dev)  # noqa: E731
         self.start, self.root = z(batch), z(batch)  # [B]
         self.last_hidden = z(batch, model.cfg.hidden_size, dtype=model.dtype)  # [B, D]
+        self.draft = z(batch, MAX_LOOKUP)  # [B, MAX_LOOKUP]: lookup chains' tokens (set_draft before a step)
         self.head_state = heads.new_state(batch, max_len, model) if heads is not None else None
         self.sampling = BatchSampling(z(batch, dtype=torch.float32), z(batch, dtype=torch.float32) + 1, z(batch),
                                       z(batch, dtype=torch.bool), z(batch, dtype=torch.float32), z(batch, dtype=torch.float32))
@@ -169,7 +171,11 @@ class GraphRunner:
         return self.cache.max_len
 
     def state(self) -> DecodeState:
-        return DecodeState(self.cache, self.start, self.root, self.last_hidden, self.head_state)
+        return DecodeState(self.cache, self.start, self.root, self.last_hidden, self.head_state, self.draft)
+
+    def set_draft(self, tokens: list[list[int]]) -> None:
+        """The lookup chain's tokens of each row for the next step (rows [B][L], L <= MAX_LOOKUP)."""
+        self.draft[:, :len(tokens[0])].copy_(torch.tensor(tokens, dtype=torch.long), non_blocking=True)
 
     def load(self, state: DecodeState, sampling: BatchSampling) -> None:
         """Copy a (prefilled) state and the rows' sampling parameters into the static buffers."""
@@ -193,7 +199,7 @@ class GraphRunner:
         """Replay the step for `tree`. committed_max: the largest row `start` (known on the host
         from the lengths already read back), which picks the KV bucket."""
         kv_len = kv_bucket(committed_max + tree.num_nodes, self.max_len)
-        tkey = (tree.name, tree.paths)
+        tkey = (tree.name, tree.paths, tree.lookup)
         if tkey not in self.trees:
             self.trees[tkey] = tree.to(self.start.device)
         key = (tkey, kv_len, self.sampling.any_random, self.sampling.any_typical)

@@ -32,6 +32,7 @@ class DecodeState:
     root: torch.Tensor  # [B] long: next token, already chosen (emitted), not yet in the cache
     last_hidden: torch.Tensor  # [B, D]: hidden state of the last committed token
     head_state: Any = None
+    draft: torch.Tensor | None = None  # [B, >= L] long: tokens of a tree's lookup chain (Tree.lookup), set before each step
 
 
 def attention_mask(start: torch.Tensor, local: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -125,10 +126,14 @@ def speculate(
     next speculative step."""
     B, N = state.root.shape[0], tree.num_nodes
     dev = state.root.device
-    if heads is None or N == 1:
+    if heads is None or tree.head_nodes == 1:
         cand = state.root[:, None]  # [B, 1]
     else:
-        cand = heads.propose(state.head_state, state.last_hidden, state.root, tree, model)  # [B, N]
+        cand = heads.propose(state.head_state, state.last_hidden, state.root, tree.heads_only, model)  # [B, head_nodes]
+    if tree.lookup:  # the lookup chain's tokens, chosen on the host (medusa.decoding.lookup)
+        if state.draft is None or state.draft.shape[1] < tree.lookup:
+            raise ValueError(f"tree {tree.name} has a lookup chain of {tree.lookup} nodes: set state.draft [B, >= {tree.lookup}]")
+        cand = torch.cat([cand, state.draft[:, :tree.lookup]], 1)  # [B, N]
     depth = tree.depth.to(dev)
     positions = state.start[:, None] + depth  # [B, N] RoPE positions
     slots = state.start[:, None] + torch.arange(N, device=dev)  # [B, N] one cache slot per node

@@ -2,6 +2,12 @@
 `(0,)` = head 0's best guess, `(1, 0)` = head 0's second guess followed by head 1's best.
 Node 0 is the root (the token the base model already chose); node i > 0 is `paths[i-1]`.
 
+A tree may also carry a lookup chain (`lookup` = L): L more nodes after the heads' nodes, a
+chain hanging from the root, whose tokens do not come from the heads but from the sequence
+itself (medusa.decoding.lookup: what followed the latest earlier occurrence of its last few
+tokens). Verification treats them like any node, so output is unchanged; a step accepts the
+longer of the two branches, and the chain may run deeper than the heads guess.
+
 Pure functions build immutable buffers (ancestor mask, depths, top-k indices, retrieval
 paths) and search the tree with the largest expected accepted length for a node budget.
 This module knows nothing of models, heads or acceptance rules."""
@@ -27,18 +33,40 @@ class Tree:
     mask: torch.Tensor  # [N, N] bool: node i may attend to node j (j is i or an ancestor)
     depth: torch.Tensor  # [N] long: position offset from the root (root 0)
     parent: torch.Tensor  # [N] long: parent node (root: 0)
-    head: torch.Tensor  # [N] long: draft head that guesses the node (depth - 1; root: -1)
+    head: torch.Tensor  # [N] long: draft head that guesses the node (depth - 1; root and lookup nodes: -1)
     rank: torch.Tensor  # [N] long: index of the node's token in its head's top-k (root: 0)
-    retrieve: torch.Tensor  # [P, D+1] long: node ids of each root-to-leaf path, padded with -1
+    retrieve: torch.Tensor  # [P, D+1] long: node ids of each root-to-leaf path, padded with -1 (the lookup chain last)
     name: str = "custom"
+    lookup: int = 0  # L: nodes N-L .. N-1 are a chain from the root proposed by prompt lookup, not by the heads
 
     @property
     def num_nodes(self) -> int:
+        return len(self.paths) + 1 + self.lookup
+
+    @property
+    def head_nodes(self) -> int:
+        """Nodes 0 .. head_nodes-1: the root and the heads' guesses."""
         return len(self.paths) + 1
 
     @cached_property  # the engine asks every step
     def max_depth(self) -> int:
+        """How far ahead the heads guess (the lookup chain aside)."""
         return max((len(p) for p in self.paths), default=0)
+
+    @cached_property
+    def accept_depth(self) -> int:
+        """The most candidates a step can accept: the heads' depth or the lookup chain's."""
+        return max(self.max_depth, self.lookup)
+
+    @cached_property
+    def heads_only(self) -> "Tree":
+        """The tree without its lookup chain (itself when it has none), on the same device:
+        what the heads propose for, and what a step takes when lookup may not be used."""
+        if not self.lookup:
+            return self
+        n, d = self.head_nodes, self.max_depth + 1
+        return Tree(self.paths, self.mask[:n, :n], self.depth[:n], self.parent[:n], self.head[:n], self.rank[:n],
+                    self.retrieve[:-1, :d], self.name.split("+lookup")[0])
 
     @cached_property
     def topk(self) -> int:
@@ -49,11 +77,19 @@ class Tree:
         return Tree(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
 
     def to_json(self) -> str:
-        return json.dumps({"name": self.name, "paths": [list(p) for p in self.paths]})
+        return json.dumps({"name": self.name, "paths": [list(p) for p in self.paths]}
+                          | ({"lookup": self.lookup} if self.lookup else {}))
 
 
-def build_tree(paths, name: str = "custom") -> Tree:
-    """Validate top-k index paths and compute the tree's buffers."""
+MAX_LOOKUP = 32  # the longest lookup chain a tree may carry (the runners' draft buffers hold this many)
+LOOKUP_SUFFIX = "+lookup"
+
+
+def build_tree(paths, name: str = "custom", lookup: int = 0) -> Tree:
+    """Validate top-k index paths and compute the tree's buffers; `lookup` appends a chain of that
+    many lookup nodes to the root."""
+    if not isinstance(lookup, int) or not 0 <= lookup <= MAX_LOOKUP:
+        raise TreeError(f"a lookup chain holds 0 to {MAX_LOOKUP} nodes, got {lookup!r}")
     try:
         ps = sorted({tuple(int(i) for i in p) for p in paths}, key=lambda p: (len(p), p))
     except (TypeError, ValueError):
@@ -86,7 +122,45 @@ def build_tree(paths, name: str = "custom") -> Tree:
     for r, leaf in enumerate(sorted(leaves, key=lambda p: (len(p), p))):
         for k in range(len(leaf) + 1):
             retrieve[r, k] = index[leaf[:k]]
-    return Tree(tuple(ps), mask, depth, parent, head, rank, retrieve, name)
+    if lookup:  # nodes n .. n+L-1: a chain from the root, each attending to the root and the chain above it
+        L, m = lookup, n + lookup
+        chain_ids = torch.arange(n, m)
+        big = torch.zeros(m, m, dtype=torch.bool)
+        big[:n, :n] = mask
+        big[n:, 0] = True
+        big[n:, n:] = torch.ones(L, L, dtype=torch.bool).tril()
+        mask = big
+        depth = torch.cat([depth, torch.arange(1, L + 1)])
+        parent = torch.cat([parent, torch.cat([torch.zeros(1, dtype=torch.long), chain_ids[:-1]])])
+        head = torch.cat([head, torch.full((L,), -1, dtype=torch.long)])
+        rank = torch.cat([rank, torch.zeros(L, dtype=torch.long)])
+        width = max(max_d, L) + 1
+        retrieve = torch.cat([torch.nn.functional.pad(retrieve, (0, width - retrieve.shape[1]), value=-1),
+                              torch.cat([torch.zeros(1, dtype=torch.long), chain_ids,
+                                         torch.full((width - 1 - L,), -1, dtype=torch.long)])[None]])
+    return Tree(tuple(ps), mask, depth, parent, head, rank, retrieve, name, lookup)
+
+
+def with_lookup(tree: Tree, lookup: int) -> Tree:
+    """`tree`'s head paths with a lookup chain of `lookup` nodes (0: none), named `<name>+lookup<L>`."""
+    base = tree.name.split(LOOKUP_SUFFIX)[0]
+    return build_tree(tree.paths, f"{base}{LOOKUP_SUFFIX}{lookup}" if lookup else base, lookup)
+
+
+def own_tree(config, label: str) -> Tree:
+    """The tree stored with draft heads (HeadsConfig.tree), with the lookup chain their config
+    asks for (extra["lookup"], measured with them), named `<label>-tree[+lookup<L>]`."""
+    return with_lookup(build_tree(config.tree, name=f"{label}-tree"), int(config.extra.get("lookup", 0) or 0))
+
+
+def split_lookup(spec: str) -> tuple[str, int | None]:
+    """`tree128.json+lookup8` -> ("tree128.json", 8); a spec without the suffix -> (spec, None)."""
+    base, sep, n = spec.rpartition(LOOKUP_SUFFIX)
+    if not sep:
+        return spec, None
+    if not n.isdigit():
+        raise TreeError(f"bad tree {spec!r}: write <tree>{LOOKUP_SUFFIX}<nodes>, e.g. tree64{LOOKUP_SUFFIX}8")
+    return base, int(n)
 
 
 def chain(depth: int) -> list[Path_]:
@@ -100,9 +174,9 @@ def nodes_inside(big: Tree, small: Tree) -> tuple[bool, ...] | None:
     """Which of `big`'s nodes (by node id) belong to `small`, when every path of `small` is a
     path of `big`; else None."""
     inside = set(small.paths)
-    if not inside <= set(big.paths):
+    if not inside <= set(big.paths) or small.lookup > big.lookup:
         return None
-    return (True,) + tuple(p in inside for p in big.paths)
+    return (True,) + tuple(p in inside for p in big.paths) + tuple(j < small.lookup for j in range(big.lookup))
 
 
 def accepted_within(path: list[int], inside: tuple[bool, ...]) -> int:
@@ -114,7 +188,8 @@ def accepted_within(path: list[int], inside: tuple[bool, ...]) -> int:
     compatible nodes form a single chain from the root. A node's candidate depends only on its
     path, so the sub-tree's candidates are the same, and it accepts the part of that chain it
     holds (a prefix: a sub-tree holds the ancestors of its nodes). Typical acceptance may take
-    several children of one node: there it is a lower bound."""
+    several children of one node, and a lookup chain's first node may repeat a head's guess (two
+    compatible branches, the longer kept): there it is a lower bound."""
     n = 0
     for node in path:
         if not inside[node]:
@@ -207,8 +282,12 @@ NAMED_TREES = ("ar", "tree2", "tree4", "tree8", "chain", "tree16", "tree32", "tr
 
 
 def load_tree(spec: str | Path | None) -> Tree:
-    """A named tree (see NAMED_TREES) or a JSON file `{"paths": [[0], [0, 0], ...]}` or `[[0], ...]`."""
+    """A named tree (see NAMED_TREES) or a JSON file `{"paths": [[0], [0, 0], ...]}` or `[[0], ...]`
+    (optionally with `"lookup": L`); either may end in `+lookup<L>` to add a lookup chain of L nodes."""
     spec = str(spec or "tree32")
+    base, lookup = split_lookup(spec)
+    if lookup is not None:
+        return with_lookup(load_tree(base), lookup)
     if spec == "ar":
         return build_tree([], name="ar")
     if spec in NAMED_TREES:
@@ -228,12 +307,14 @@ def _tree_from_json(text: str, name: str) -> Tree:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise TreeError(f"tree JSON is malformed: {e}") from None
+    lookup = 0
     if isinstance(data, dict):
         name = data.get("name", name)
+        lookup = data.get("lookup", 0)
         data = data.get("paths")
     if not isinstance(data, list) or not all(isinstance(p, list) for p in data):
         raise TreeError('tree JSON must be a list of paths or {"paths": [[0], [0, 0], ...]}')
-    return build_tree(data, name=name)
+    return build_tree(data, name=name, lookup=lookup)
 
 
 def prior_accuracies(num_heads: int = 4, topk: int = 10) -> list[list[float]]:

@@ -20,12 +20,13 @@ def gpu_stack():
     return load_stack(None, heads="default", dtype="float32", device="cuda", progress=False)
 
 
-def test_batched_greedy_equals_alone_on_gpu(gpu_stack, mt_texts):
+@pytest.mark.parametrize("tree", ["tree16", "tree16+lookup8"])
+def test_batched_greedy_equals_alone_on_gpu(gpu_stack, mt_texts, tree):
     s = gpu_stack
     prompts = [s.tokenizer.encode_prompt(t) for t in mt_texts[:8]] * 2
     eos = tuple(s.model.cfg.eos_token_ids)
     modes = ["on", "auto", "off", "on"] * 4
-    eng = Engine(s.model, s.heads, "tree16", max_batch=16, max_seq_len=1024)
+    eng = Engine(s.model, s.heads, tree, max_batch=16, max_seq_len=1024)
     hs = [eng.submit(Request(p, max_new_tokens=48, speculation=m)) for p, m in zip(prompts, modes)]
     for p, h in zip(prompts, hs):
         out, st = h.result()

@@ -26,7 +26,8 @@ def decode(stack, ids, heads, tree, runner=None, n=64):
     return out, st
 
 
-@pytest.mark.parametrize("tree", ["chain", "tree16", "tree64", "medusa/assets/heads/hydra/tree128.json"])
+@pytest.mark.parametrize("tree", ["chain", "tree16", "tree64", "medusa/assets/heads/hydra/tree128.json",
+                                  "tree64+lookup8", "medusa/assets/heads/hydra/tree128.json+lookup16"])
 def test_graphed_spec_equals_eager_ar(gpu_stack, mt_texts, tree):
     s = gpu_stack
     prompts = [s.tokenizer.encode_prompt(t) for t in mt_texts[:5]]

@@ -56,7 +56,10 @@ def tiny_heads(request, tiny):
     return random_heads(tiny, request.param)
 
 
-TREES = {"chain": build_tree(chain(3), "chain3"), "tree": build_tree([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)], "tree7")}
+TREE7 = [(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]
+# "lookup": tree7 and a 5-node lookup chain, deeper than the heads guess (random tiny models loop, so it is accepted)
+TREES = {"chain": build_tree(chain(3), "chain3"), "tree": build_tree(TREE7, "tree7"),
+         "lookup": build_tree(TREE7, "tree7+lookup5", lookup=5)}
 
 
 def prompts(n: int, seed: int = 0, lo: int = 3, hi: int = 20) -> list[list[int]]:
@@ -75,7 +78,7 @@ def drain(engine: Engine, handles) -> list[tuple[list[int], object]]:
 # ------------------------------------------------------------------ batched == alone
 
 @pytest.mark.parametrize("step_mode", ["eager", "padded"])  # padded: also prefills admitted requests together
-@pytest.mark.parametrize("tree", ["chain", "tree"])
+@pytest.mark.parametrize("tree", ["chain", "tree", "lookup"])
 def test_batched_greedy_equals_alone(tiny, tiny_heads, tree, step_mode):
     """Mixed prompt lengths, mixed sampling (sampled rows ride along), mixed speculation switches.
     "padded" runs the fixed-shape step the GPU captures as CUDA graphs (batch buckets 1, 2, 4, 6:
@@ -593,3 +596,51 @@ def test_a_step_measures_the_trees_inside_its_tree(tiny, tiny_heads):
     assert counts.get("tree7", 0) > 0 and counts.get("chain3") == counts["tree7"] == counts.get("pair")
     assert "other" not in counts  # (2,) is not a path of tree7
     assert 1.0 <= eng.meter.mean["pair"] <= 2.0 and 1.0 <= eng.meter.mean["chain3"] <= eng.meter.mean["tree7"]
+
+
+def test_lookup_chain_in_the_engine(tiny, tiny_heads):
+    """A lookup tree: greedy rows equal their lone decodes and accept past the heads' depth (the
+    chain is 5 deep, the heads 3); a step with a sampled row runs the heads' nodes alone."""
+    t = TREES["lookup"]
+    eng = Engine(tiny, tiny_heads, t, max_batch=4, max_seq_len=96, trees={t.name: t})
+    assert "tree7" in eng.trees  # the lookup tree's heads' nodes, for steps with sampled rows
+    ps = prompts(3, seed=5)
+    hs = [eng.submit(Request(p, max_new_tokens=40, speculation="on")) for p in ps]
+    deepest = 0
+    for p, h in zip(ps, hs):
+        out = []
+        for ev in h:
+            out += ev.tokens
+            deepest = max(deepest, len(ev.tokens))
+        assert out == alone(tiny, p, tiny_heads, t, 40)
+    assert deepest > 1 + 3  # more tokens in one step than the heads could give
+    sp = SamplingParams(temperature=0.9, rule="sample", seed=2)
+    h = eng.submit(Request(ps[0], max_new_tokens=8, sampling=sp, speculation="on"))
+    h.result()
+    assert eng.stats()["speculation"]["tree"] == "tree7"
+
+
+def test_sampled_generate_drops_the_lookup_chain(tiny, tiny_heads):
+    """A sampled request decodes a lookup tree's heads' nodes alone (sibling nodes with equal tokens
+    would bias the draws): the same tokens as with that tree, seed for seed."""
+    sp = SamplingParams(temperature=0.9, rule="sample", seed=7)
+    p = prompts(1, seed=6)[0]
+
+    def run(tree):
+        return [t for c in generate(tiny, p, heads=tiny_heads, tree=tree, params=sp, max_new_tokens=24) for t in c.tokens]
+
+    assert run(TREES["lookup"]) == run(TREES["tree"])
+
+
+def test_steps_without_the_lookup_chain_measure_it_too(tiny, tiny_heads):
+    """The engine runs tree7 (speculation on) while tree7+lookup5 is also among its trees: every
+    resolved step records the lookup tree at the longer of the chain's and the heads' acceptance,
+    on the same tokens, so it is never below tree7's own measurement of those steps."""
+    base, look = TREES["tree"], TREES["lookup"]
+    eng = Engine(tiny, tiny_heads, base, max_batch=2, max_seq_len=96, trees={base.name: base, look.name: look})
+    assert eng._twin == {"tree7": eng.trees["tree7+lookup5"]}
+    drain(eng, [eng.submit(Request(p, max_new_tokens=40, speculation="on")) for p in prompts(2, seed=5)])
+    c, m = eng.meter.count, eng.meter.mean
+    assert eng._tree_steps["tree7+lookup5"] == 0 and eng._tree_steps["tree7"] > 0  # the chain itself never ran
+    assert 0 < c["tree7+lookup5"] <= c["tree7"]  # steps near each request's end stay unresolved
+    assert m["tree7+lookup5"] > m["tree7"]  # these random models loop: the chain accepts more

@@ -10,7 +10,7 @@ from medusa.decoding.generate import Stats, generate
 from medusa.decoding.tree import load_tree
 from medusa.heads.base import DraftHeads
 
-TREES = ["chain", "tree16", "tree32", "tree64"]
+TREES = ["chain", "tree16", "tree32", "tree64", "tree16+lookup10"]  # the last: with a prompt-lookup chain
 NEW = 64
 
 

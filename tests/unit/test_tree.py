@@ -137,3 +137,53 @@ def test_counted_search_is_optimal_and_uses_joint_behaviour():
     assert search_tree_counts({}, 4) == [] and search_tree_counts(counts, 1) == []
     with pytest.raises(TreeError):
         search_tree_counts(counts, 0)
+
+
+# ------------------------------------------------------------------ lookup chains
+
+def test_lookup_chain_hangs_from_the_root_after_the_head_nodes():
+    t = build_tree(HAND, "hand", lookup=3)
+    assert (t.num_nodes, t.head_nodes, t.max_depth, t.accept_depth) == (10, 7, 3, 3)
+    assert t.parent[7:].tolist() == [0, 7, 8] and t.depth[7:].tolist() == [1, 2, 3] and t.head[7:].tolist() == [-1] * 3
+    # a chain node sees the root, the chain above it and itself; no head node sees a chain node and vice versa
+    assert t.mask[9].nonzero().flatten().tolist() == [0, 7, 8, 9]
+    assert not t.mask[:7, 7:].any() and not t.mask[7:, 1:7].any()
+    assert t.retrieve[-1].tolist() == [0, 7, 8, 9]  # the chain is the last path: ties go to the heads' paths
+    plain = build_tree(HAND, "hand")
+    h = t.heads_only
+    assert h.name == "hand" and h.lookup == 0 and h.num_nodes == 7
+    for f in ("mask", "depth", "parent", "head", "rank", "retrieve"):
+        assert torch.equal(getattr(h, f), getattr(plain, f)), f
+
+
+def test_a_lookup_chain_deeper_than_the_heads_widens_the_paths():
+    t = build_tree([[0], [0, 0]], "two", lookup=5)
+    assert (t.max_depth, t.accept_depth) == (2, 5)
+    assert t.retrieve.tolist() == [[0, 1, 2, -1, -1, -1], [0, 3, 4, 5, 6, 7]]
+    assert t.heads_only.retrieve.tolist() == [[0, 1, 2]]
+
+
+def test_lookup_spec_and_json(tmp_path):
+    t = load_tree("tree8+lookup4")
+    assert t.name == "tree8+lookup4" and t.lookup == 4 and t.paths == load_tree("tree8").paths
+    assert load_tree("tree8+lookup0").lookup == 0
+    f = tmp_path / "t.json"
+    f.write_text(t.to_json())
+    back = load_tree(str(f))
+    assert back.lookup == 4 and back.paths == t.paths and torch.equal(back.mask, t.mask)
+    assert load_tree(f"{f}+lookup2").lookup == 2  # the suffix replaces the file's chain
+    for bad in ("tree8+lookupx", "tree8+lookup99"):
+        with pytest.raises(TreeError):
+            load_tree(bad)
+
+
+def test_sub_trees_of_a_lookup_tree():
+    from medusa.decoding.tree import accepted_within, nodes_inside
+
+    big = load_tree("tree8+lookup4")
+    inside = nodes_inside(big, load_tree("tree4+lookup2"))
+    assert inside is not None and len(inside) == big.num_nodes
+    assert inside[big.head_nodes:] == (True, True, False, False)
+    assert nodes_inside(load_tree("tree8"), load_tree("tree4+lookup2")) is None  # no chain to hold it
+    chain = list(range(big.head_nodes, big.num_nodes))  # a step that accepted the whole lookup chain
+    assert accepted_within(chain, inside) == 2 and accepted_within(chain, nodes_inside(big, load_tree("tree4"))) == 0
