@@ -22,6 +22,10 @@
 #                                   # GPU tests; step profiles by operator; all 80 prompts, each code in turn (the new one with tree128 too)
 #   bash scripts/gpu/measure.sh 19  # the engine under concurrency (plain vs auto, 2 rounds), the working tree
 #   bash scripts/gpu/measure.sh 20  # the 128-node tree: step profile, all 80 prompts beside the 64-node tree, the engine forced onto it
+#   bash scripts/gpu/measure.sh 21  # prompt-lookup chains: GPU tests; all 80 prompts, the 64- and 128-node trees with and without a chain
+#   bash scripts/gpu/measure.sh 22  # the engine under concurrency (plain vs auto, 2 rounds), the default tree and then with a lookup chain
+#   bash scripts/gpu/measure.sh 23  # lookup16 shipped with the Hydra++ heads: GPU tests; 80 prompts (chain on/off); engine at 1 (80 requests) and 1-64
+#   bash scripts/gpu/measure.sh 24  # the engine again (auto measures the lookup tree on steps without its chain too): at 1 (80 requests) and 1-64
 source scripts/gpu/env.sh
 R=/tmp/res; mkdir -p $R
 quiet() { grep -v -E "run\]|run, |cell\]|cell, |req\]|req, |^\s*$|triton_mm|AUTOTUNE" ; }
@@ -130,6 +134,27 @@ import json; h = json.load(open('$H/heads.json')); h['tree'] = json.load(open('$
   echo "== profile tree128"; timeout 70 python3 scripts/gpu/profile_step.py --heads ar,hydra,$H --out $R/profile-step-tree128.json 2>&1 | grep '^| '
   echo "== 80 prompts"; timeout 140 python3 -m medusa.cli bench --modes ar,hydra:$T,hydra --max-new-tokens 256 --name mt_bench-80-new-b-gpu --out $R 2>&1 | quiet | grep -E '^\| (ar|hydra)'
   echo "== engine, tree128"; timeout 120 python3 -m medusa.cli bench --concurrency 1,4 --modes ar,spec --tree $T --repeats 2 --max-new-tokens 128 --name concurrency-tree128-gpu --out $R 2>&1 | quiet | grep -E '^\| (ar|spec)'
+  ;;
+21)
+  echo "== GPU tests"; timeout ${TEST_TIMEOUT:-220} python3 -m pytest -q -x ${GPU_TESTS:-tests/gpu} 2>&1 | tail -3
+  T=$PWD/medusa/assets/heads/hydra/tree128.json
+  M=${MODES:-ar,hydra,hydra:+lookup8,hydra:+lookup16,hydra:$T,hydra:$T+lookup16,hydra:$T+lookup32}
+  echo "== all 80 prompts"; timeout ${BENCH_TIMEOUT:-330} python3 -m medusa.cli bench --modes $M --max-new-tokens 256 --name mt_bench-80-lookup-gpu --out $R 2>&1 | quiet | grep -E '^\| (ar|hydra)'
+  ;;
+22)
+  for T in ${TREES:-default +lookup16}; do
+    A=; [ $T != default ] && A="--tree $T"
+    echo "== concurrency, auto, tree $T"; timeout ${CONC_TIMEOUT:-280} python3 -m medusa.cli bench --concurrency ${LEVELS:-1,4,16,64} --modes ar,auto --repeats 2 --max-new-tokens 128 $A --name concurrency-auto-${T#+}-gpu --out $R 2>&1 | quiet | grep -E '^\| (ar|auto)'
+  done
+  ;;
+23)
+  echo "== GPU tests"; timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -x tests/gpu/test_bench_gpu.py tests/gpu/test_graphs.py -k "not test_graphed_spec_equals_eager_ar" 2>&1 | tail -2
+  echo "== all 80 prompts"; timeout 170 python3 -m medusa.cli bench --modes ar,hydra,hydra:+lookup0,hydra:+lookup12 --max-new-tokens 256 --name mt_bench-80-lookup-b-gpu --out $R 2>&1 | quiet | grep -E '^\| (ar|hydra)'
+  ;&
+24)
+  [ "$1" = 24 ] && N=-c || N=
+  echo "== engine, concurrency 1, 80 requests"; timeout 150 python3 -m medusa.cli bench --concurrency 1 --requests 80 --modes ar,spec,auto --max-new-tokens 256 --name concurrency-1-80-lookup$N-gpu --out $R 2>&1 | quiet | grep -E '^\| (ar|spec|auto)'
+  echo "== engine, concurrency 1-64"; timeout 120 python3 -m medusa.cli bench --concurrency 1,4,16,64 --modes ar,auto --repeats 2 --max-new-tokens 128 --name concurrency-auto-lookup-b$N-gpu --out $R 2>&1 | quiet | grep -E '^\| (ar|auto)'
   ;;
 14|15|16)
   # the prompt files are carried in .gpu/c/prompts (copied to /tmp/m/prompts with the model part)
