@@ -615,9 +615,10 @@ def test_lookup_chain_in_the_engine(tiny, tiny_heads):
         assert out == alone(tiny, p, tiny_heads, t, 40)
     assert deepest > 1 + 3  # more tokens in one step than the heads could give
     sp = SamplingParams(temperature=0.9, rule="sample", seed=2)
-    h = eng.submit(Request(ps[0], max_new_tokens=8, sampling=sp, speculation="on"))
-    h.result()
-    assert eng.stats()["speculation"]["tree"] == "tree7"
+    before = dict(eng._tree_steps)
+    h = eng.submit(Request(ps[0], max_new_tokens=8, sampling=sp, speculation="on", stop_token_ids=()))  # no EOS: it steps
+    assert len(h.result()[0]) == 8
+    assert eng._tree_steps["tree7"] > before.get("tree7", 0) and eng._tree_steps["tree7+lookup5"] == before["tree7+lookup5"]
 
 
 def test_sampled_generate_drops_the_lookup_chain(tiny, tiny_heads):
