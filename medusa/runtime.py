@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from medusa.decoding.tree import Tree, load_tree, own_tree, split_lookup, with_lookup
+from medusa.decoding.tree import Tree, load_tree, own_tree, resolve_tree
 from medusa.errors import HeadsMismatchError, ModelLoadError
 from medusa.heads.io import load_heads, untrained_heads
 from medusa.model.loading import ModelSource, load_model
@@ -98,17 +98,14 @@ def load_stack(model: str | None = None, heads: str | None = "default", tree: st
     tok = Tokenizer.load(src)
     h, label = resolve_heads(heads, m, src)
     cpu_tree = shipped_heads_dir(label) / CPU_TREE if dev.type == "cpu" and label in SHIPPED_HEADS else None
-    spec, lookup = split_lookup(tree) if tree is not None else (None, None)  # "+lookup8" alone: the default tree's
-    if spec:
-        t = load_tree(spec)
-    elif cpu_tree is not None and cpu_tree.is_file():
-        # on a CPU a wide step is not free: the shipped heads' smaller searched tree measured
-        # fastest there (benchmarks/BENCHMARKS.md, "A tree sized for the CPU")
-        t = dataclasses.replace(load_tree(str(cpu_tree)), name=f"{label}-{cpu_tree.stem}")
-    elif h is not None and h.config.tree:
-        t = own_tree(h.config, label)
-    else:
-        t = load_tree(DEFAULT_TREE if h is not None else "ar")
-    if lookup is not None:
-        t = with_lookup(t, lookup)
-    return Stack(m, tok, src, h, label, t)
+
+    def default() -> Tree:
+        if cpu_tree is not None and cpu_tree.is_file():
+            # on a CPU a wide step is not free: the shipped heads' smaller searched tree measured
+            # fastest there (benchmarks/BENCHMARKS.md, "A tree sized for the CPU")
+            return dataclasses.replace(load_tree(str(cpu_tree)), name=f"{label}-{cpu_tree.stem}")
+        if h is not None and h.config.tree:
+            return own_tree(h.config, label)
+        return load_tree(DEFAULT_TREE if h is not None else "ar")
+
+    return Stack(m, tok, src, h, label, resolve_tree(tree, default))  # "+lookup8" alone: the default tree's

@@ -34,6 +34,7 @@ from medusa.bench.data import data_dirs, resolve_dataset  # noqa: E402
 from medusa.bench.env import environment  # noqa: E402
 from medusa.commands.common import Prompt, read_prompts  # noqa: E402
 from medusa.decoding.generate import generate  # noqa: E402
+from medusa.decoding.lookup import NgramLookup  # noqa: E402
 from medusa.decoding.tree import counted_accept_length, load_tree, path_counts, search_tree  # noqa: E402
 from medusa.runtime import load_stack  # noqa: E402
 from medusa.training.accuracy import true_rank  # noqa: E402
@@ -120,18 +121,6 @@ def global_choice(pool, n: int) -> list[torch.Tensor]:
     chosen = torch.zeros_like(scores, dtype=torch.bool)
     chosen.scatter_(1, scores.topk(min(n - 1, scores.shape[1]), dim=-1).indices, True)
     return list(torch.split(chosen, sizes, 1))
-
-
-def lookup_chain(ctx: list[int], length: int, max_n: int, min_n: int) -> list[int]:
-    """Prompt lookup: the `length` tokens that followed the latest earlier occurrence of the
-    context's last n tokens (n from max_n down to min_n; [] when none occurs)."""
-    T = len(ctx)
-    for n in range(min(max_n, T - 1), min_n - 1, -1):
-        tail = ctx[T - n:]
-        for i in range(T - n - 1, -1, -1):
-            if ctx[i:i + n] == tail:
-                return ctx[i + n:i + n + length]
-    return []
 
 
 def per_position_static(ranks: torch.Tensor, paths) -> torch.Tensor:
@@ -262,10 +251,12 @@ def main() -> int:
             tree_acc = {k: per_position_static(ranks, paths).tolist() for k, paths in combos.items()}
             per = {k: list(v) for k, v in tree_acc.items()} | {k: [] for k in lsums}
             toks = seq.tolist()
+            first = int(pos[0])
+            look = NgramLookup(toks[:first + 1], max_n, min_n)  # the engine's index, grown a token per position
             for i, t in enumerate(pos.tolist()):
-                ctx = toks[:t + 2]  # committed tokens and the root (the step's known next token)
+                look.extend(toks[t + 1:t + 2])  # committed tokens and the root (the step's known next token)
                 for L in lookups:
-                    chain = lookup_chain(ctx, L, max_n, min_n)
+                    chain = look.propose(L)
                     a = 0
                     while a < len(chain) and t + 2 + a < T and chain[a] == toks[t + 2 + a]:
                         a += 1

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from medusa.decoding.generate import Stats, generate
-from medusa.decoding.tree import Tree, load_tree, own_tree, split_lookup, with_lookup
+from medusa.decoding.tree import Tree, load_tree, own_tree, resolve_tree
 from medusa.errors import ModelLoadError, RequestError
 from medusa.heads.io import untrained_heads
 from medusa.runtime import DEFAULT_TREE, resolve_heads, shipped_heads_dir
@@ -103,15 +103,9 @@ def _ours(model, heads, tree: Tree | None, eos: tuple[int, ...], runner=None):
 
 
 def _spec_tree(spec: ModeSpec, cli_tree: str | None, heads, heads_label: str) -> Tree:
-    name, lookup = split_lookup(spec.tree or cli_tree or "")  # "hydra:+lookup8": the heads' tree with a lookup chain
-    if name:
-        tree = load_tree(name)
-    elif heads.config.tree:
-        tree = own_tree(heads.config, heads_label)
-    else:
-        tree = load_tree(DEFAULT_TREE)
-    if lookup is not None:
-        tree = with_lookup(tree, lookup)
+    # "hydra:+lookup8": the heads' own tree with a lookup chain
+    tree = resolve_tree(spec.tree or cli_tree,
+                        lambda: own_tree(heads.config, heads_label) if heads.config.tree else load_tree(DEFAULT_TREE))
     if tree.max_depth > heads.config.num_heads:
         raise RequestError(f"tree {tree.name} is {tree.max_depth} deep but the {heads_label} heads guess only "
                            f"{heads.config.num_heads} tokens ahead")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -66,7 +67,7 @@ class Tree:
             return self
         n, d = self.head_nodes, self.max_depth + 1
         return Tree(self.paths, self.mask[:n, :n], self.depth[:n], self.parent[:n], self.head[:n], self.rank[:n],
-                    self.retrieve[:-1, :d], self.name.split("+lookup")[0])
+                    self.retrieve[:-1, :d], _base_name(self.name))
 
     @cached_property
     def topk(self) -> int:
@@ -141,9 +142,14 @@ def build_tree(paths, name: str = "custom", lookup: int = 0) -> Tree:
     return Tree(tuple(ps), mask, depth, parent, head, rank, retrieve, name, lookup)
 
 
+def _base_name(name: str) -> str:
+    """A tree's name without its `+lookup<L>` suffix."""
+    return name.split(LOOKUP_SUFFIX)[0]
+
+
 def with_lookup(tree: Tree, lookup: int) -> Tree:
     """`tree`'s head paths with a lookup chain of `lookup` nodes (0: none), named `<name>+lookup<L>`."""
-    base = tree.name.split(LOOKUP_SUFFIX)[0]
+    base = _base_name(tree.name)
     return build_tree(tree.paths, f"{base}{LOOKUP_SUFFIX}{lookup}" if lookup else base, lookup)
 
 
@@ -151,6 +157,14 @@ def own_tree(config, label: str) -> Tree:
     """The tree stored with draft heads (HeadsConfig.tree), with the lookup chain their config
     asks for (extra["lookup"], measured with them), named `<label>-tree[+lookup<L>]`."""
     return with_lookup(build_tree(config.tree, name=f"{label}-tree"), int(config.extra.get("lookup", 0) or 0))
+
+
+def resolve_tree(spec: str | None, default: Callable[[], Tree]) -> Tree:
+    """load_tree(spec), where no spec, or a `+lookup<L>` suffix alone, takes `default()`'s tree
+    (with that chain)."""
+    name, lookup = split_lookup(spec or "")
+    tree = load_tree(name) if name else default()
+    return with_lookup(tree, lookup) if lookup is not None else tree
 
 
 def split_lookup(spec: str) -> tuple[str, int | None]:
