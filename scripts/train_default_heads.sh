@@ -13,9 +13,11 @@
 # finished steps are skipped).
 #
 # Environment (defaults in brackets):
-#   MODEL    GGUF file or HF dir of the base model [/tmp/m/smollm2.gguf]
-#   PROMPTS  folder with the distillation prompt files [../shared/data/prompts, else shared/data/prompts]
-#   MTBENCH  MT-Bench question.jsonl for a quick measured check [../shared/data/mt_bench/question.jsonl]
+#   MODEL    GGUF file or HF dir of the base model [empty: the embedded default model]
+#   PROMPTS  folder with the four distillation prompt files [scripts/data/prompts: a 400-prompt sample of the
+#            full files, enough to run the pipeline; the shipped heads used the full files, which
+#            scripts/data/prompts/SOURCES.md names]
+#   MTBENCH  MT-Bench question.jsonl for a quick measured check [the copy shipped in medusa/bench/datasets]
 #   WORK     scratch folder kept between calls on a warm machine [.cache/heads_run]
 #   OUT      folder the GPU tool returns [out_heads]
 #   ASSETS   where the finished heads go [medusa/assets/heads]
@@ -37,13 +39,11 @@ cd "$(dirname "$0")/.."
 STAGE=${1:-all}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export MEDUSA_CACHE=${MEDUSA_CACHE:-$PWD/.cache/medusa}
-MODEL=${MODEL:-/tmp/m/smollm2.gguf}
-if [[ -z "${PROMPTS:-}" ]]; then
-  PROMPTS=../shared/data/prompts
-  [[ -d $PROMPTS ]] || PROMPTS=shared/data/prompts
-fi
-MTBENCH=${MTBENCH:-../shared/data/mt_bench/question.jsonl}
-[[ -f $MTBENCH ]] || MTBENCH=shared/data/mt_bench/question.jsonl
+MODEL=${MODEL:-}
+MODEL_ARGS=()
+if [[ -n $MODEL ]]; then MODEL_ARGS=(--model "$MODEL"); fi
+PROMPTS=${PROMPTS:-scripts/data/prompts}
+MTBENCH=${MTBENCH:-medusa/bench/datasets/mt_bench/question.jsonl}
 WORK=${WORK:-.cache/heads_run}
 OUT=${OUT:-out_heads}
 DATA_GZ=${DATA_GZ:-distill.jsonl.gz}
@@ -71,8 +71,8 @@ mkdir -p "$WORK" "$OUT"
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$WORK/pipeline.log" >&2; }
 
 stage1() {
-  log "distill: up to $N_PROMPTS prompts, ${DISTILL_SECONDS}s, batch $BATCH, model $MODEL"
-  timeout $((DISTILL_SECONDS + 90)) $PY -m medusa.cli distill --model "$MODEL" \
+  log "distill: up to $N_PROMPTS prompts, ${DISTILL_SECONDS}s, batch $BATCH, model ${MODEL:-the default}"
+  timeout $((DISTILL_SECONDS + 90)) $PY -m medusa.cli distill "${MODEL_ARGS[@]}" \
     --prompts "$PROMPTS"/sharegpt_first_turns.jsonl "$PROMPTS"/code_alpaca_2k.json "$PROMPTS"/gsm8k_train.jsonl "$PROMPTS"/alpaca_en_demo.json \
     --out "$WORK/distill.jsonl" --limit "$N_PROMPTS" --max-new-tokens $MAX_NEW --sample-fraction $SAMPLE_FRACTION --temperature 0.7 \
     --batch "$BATCH" --time-limit "$DISTILL_SECONDS" --seed "$DISTILL_SEED" 2>&1 | tr '\r' '\n' | grep -v -E '^(distilling|tokenizing)' | tail -5 | tee -a "$WORK/pipeline.log" || log "distill stopped (timeout or error); the data so far is kept"
@@ -91,7 +91,7 @@ train_heads() {  # name, seconds, train args...
     set -- "$@" --init-heads "$init"
   fi
   log "train $name: ${secs}s $*"
-  timeout $((secs + 75)) $PY -m medusa.cli train --model "$MODEL" --data "$WORK/distill.jsonl" --out "$WORK/$name" \
+  timeout $((secs + 75)) $PY -m medusa.cli train "${MODEL_ARGS[@]}" --data "$WORK/distill.jsonl" --out "$WORK/$name" \
     --time-limit "$secs" --epochs 20 --batch-tokens $BATCH_TOKENS --max-len 1024 --warmup 30 --checkpoint-every 100 --eval-batches 10 --draft-vocab "$DRAFT_VOCAB" "$@" \
     2>&1 | tr '\r' '\n' | grep -v '^training' | tee -a "$WORK/pipeline.log"
   touch "$WORK/$name/.done"
@@ -99,7 +99,7 @@ train_heads() {  # name, seconds, train args...
 
 eval_and_tree() {  # name
   local name=$1
-  timeout 120 $PY -m medusa.cli eval heads --model "$MODEL" --heads "$WORK/$name" --data "$WORK/distill.jsonl" \
+  timeout 120 $PY -m medusa.cli eval heads "${MODEL_ARGS[@]}" --heads "$WORK/$name" --data "$WORK/distill.jsonl" \
     --max-batches $EVAL_BATCHES --batch-tokens $BATCH_TOKENS --json "$WORK/$name.accuracy.json" 2>&1 | tr '\r' '\n' | grep -v '^scoring' | tee -a "$WORK/pipeline.log"
   timeout 60 $PY -m medusa.cli tree --accuracies "$WORK/$name.accuracy.json" --nodes 16,32,64,128 \
     --out "$WORK/$name.trees" --heads "$WORK/$name" --ship-nodes 64 2>&1 | tee -a "$WORK/pipeline.log"
@@ -142,7 +142,7 @@ stage2b() {
   if [[ -f $MTBENCH ]]; then
     for name in $HEADS; do
       log "measured: $name heads, $MT_LIMIT MT-Bench prompts x $MT_TOKENS tokens"
-      timeout 60 $PY -m medusa.cli generate --model "$MODEL" --heads "$ASSETS/$name" --prompt-file "$MTBENCH" --limit "$MT_LIMIT" \
+      timeout 60 $PY -m medusa.cli generate "${MODEL_ARGS[@]}" --heads "$ASSETS/$name" --prompt-file "$MTBENCH" --limit "$MT_LIMIT" \
         --max-new-tokens "$MT_TOKENS" --json > "$WORK/$name.mtbench8.jsonl" 2>/dev/null || true
       $PY - "$WORK/$name.mtbench8.jsonl" <<'EOF' | tee -a "$WORK/pipeline.log"
 import json, sys

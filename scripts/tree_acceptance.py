@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medusa.bench.data import data_dirs, resolve_dataset  # noqa: E402
+from medusa.bench.data import resolve_dataset  # noqa: E402
 from medusa.bench.env import environment  # noqa: E402
 from medusa.commands.common import Prompt, read_prompts  # noqa: E402
 from medusa.decoding.generate import generate  # noqa: E402
@@ -154,26 +154,30 @@ def depth_profile(paths) -> list[int]:
 MIX = ("sharegpt_first_turns.jsonl", "code_alpaca_2k.json", "gsm8k_train.jsonl", "alpaca_en_demo.json")
 
 
-def heldout_prompts(spec: str, limit: int | None) -> list[Prompt]:
-    """`heldout` or `heldout:<file stem>`: prompts of the distillation mix (scripts/train_default_heads.sh,
-    in the order of its seed 0) whose records every training run held out (medusa train's
-    --heldout 0.02, distill's --sample-fraction 0.3), so the heads never trained on them."""
+PROMPTS_DIR = Path(__file__).resolve().parent / "data" / "prompts"  # the training pipeline's default prompts
+
+
+def heldout_prompts(spec: str, limit: int | None, folder: Path = PROMPTS_DIR) -> list[Prompt]:
+    """`heldout` or `heldout:<file stem>`: prompts of the distillation mix in `folder`
+    (scripts/train_default_heads.sh, in the order of its seed 0) whose records every training run
+    held out (medusa train's --heldout 0.02, distill's --sample-fraction 0.3), so the heads never
+    trained on them. The shipped heads' held-out set is the one of the full prompt files (see
+    scripts/data/prompts/SOURCES.md); the samples in the repository give a smaller one."""
     only = spec.partition(":")[2]
     files = []
     for name in MIX:
-        path = next((d / "prompts" / name for d in data_dirs() if (d / "prompts" / name).is_file()), None)
-        if path is None:
-            raise SystemExit(f"tree_acceptance: prompts/{name} not found under the shared data folder")
-        files.append(read_prompt_file(path))
+        if not (folder / name).is_file():
+            raise SystemExit(f"tree_acceptance: {name} not found in {folder} (--prompts-dir)")
+        files.append(read_prompt_file(folder / name))
     out = [Prompt(p.id, p.text) for p in mix_prompts(files, seed=0)
            if is_heldout(f"{p.id}:{sampled_mode(p.id, 0.3)}", 0.02) and (not only or p.id.split(":")[0] == only)]
     return out[:limit]
 
 
-def select_prompts(dataset: str, limit: int | None) -> list[Prompt]:
+def select_prompts(dataset: str, limit: int | None, folder: Path = PROMPTS_DIR) -> list[Prompt]:
     """--dataset: held-out prompts of the mix, MT-Bench or a JSONL file."""
     if dataset.startswith("heldout"):
-        return heldout_prompts(dataset, limit)
+        return heldout_prompts(dataset, limit, folder)
     return read_prompts(resolve_dataset(dataset)[1], limit)
 
 
@@ -181,6 +185,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="mt_bench",
                     help="mt_bench, a JSONL prompt file, or heldout[:<file stem>]: the distillation mix's held-out prompts")
+    ap.add_argument("--prompts-dir", type=Path, default=PROMPTS_DIR,
+                    help="folder of the distillation mix's prompt files, for --dataset heldout (default: scripts/data/prompts)")
     ap.add_argument("--limit", type=int, default=40)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--heads", default="hydra")
@@ -197,7 +203,7 @@ def main() -> int:
                     help="write the selected prompts as JSONL ({id, prompt}: what `medusa bench --dataset FILE` reads) and stop")
     args = ap.parse_args()
     if args.dump_prompts:
-        prompts = select_prompts(args.dataset, args.limit)
+        prompts = select_prompts(args.dataset, args.limit, args.prompts_dir)
         Path(args.dump_prompts).write_text("".join(json.dumps({"id": p.id, "prompt": p.text}) + "\n" for p in prompts))
         print(f"wrote {len(prompts)} prompts to {args.dump_prompts}")
         return 0
@@ -214,7 +220,7 @@ def main() -> int:
     for f in args.trees:
         t = load_tree(f)
         static[f"{Path(f).parent.name}/{t.name}"] = list(t.paths)
-    prompts = select_prompts(args.dataset, args.limit)
+    prompts = select_prompts(args.dataset, args.limit, args.prompts_dir)
     eos = tuple(sorted(set(model.cfg.eos_token_ids) | set(tok.eos_token_ids)))
     depthwise = [int(x) for x in args.depthwise.split(",") if x]
     per_depth = {f"depthwise{n}": depth_profile(static[f"static{n}"]) for n in depthwise if f"static{n}" in static}

@@ -4,7 +4,7 @@ driven directly in this process, one request at a time, greedy. Reports per path
 time to first token and the median streamed tokens/s, and the cluster/direct ratios the issue's
 targets are stated in (tokens/s >= 0.9x, TTFT overhead < 50 ms at the median).
 
-    python -m services.bench_grpc --limit 8 --max-new-tokens 64 --out benchmarks/grpc_cpu.json
+    python -m services.bench_grpc --limit 8 --max-new-tokens 64 --out grpc-cpu.json
 
 Knows the client SDK, the Engine API and the launcher; nothing of how either decodes."""
 from __future__ import annotations
@@ -144,16 +144,17 @@ def _free_port() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from medusa.bench.data import resolve_dataset
     from medusa.commands.common import read_prompts
 
     p = argparse.ArgumentParser(prog="python -m services.bench_grpc", description=__doc__.splitlines()[0])
-    p.add_argument("--prompt-file", default="../shared/data/mt_bench/question.jsonl")
+    p.add_argument("--prompt-file", default="mt_bench", help="mt_bench (the shipped MT-Bench questions) or a JSONL prompt file")
     p.add_argument("--limit", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--torch-threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
-    prompts = [x.text for x in read_prompts(a.prompt_file, a.limit)]
+    prompts = [x.text for x in read_prompts(resolve_dataset(a.prompt_file)[1], a.limit)]
     settings = {"torch_threads": a.torch_threads} if a.torch_threads else {}
     res = bench_through_grpc(prompts, max_new_tokens=a.max_new_tokens, settings=settings)
     text = json.dumps(res, indent=2)

@@ -10,8 +10,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MEDUSA_CACHE", str(ROOT / ".cache" / "medusa"))
-DATA = Path(os.environ.get("MEDUSA_DATA") or ROOT.parent / "shared" / "data")  # MEDUSA_DATA: where shared/data is elsewhere
-MT_BENCH = DATA / "mt_bench" / "question.jsonl"
+MT_BENCH = ROOT / "medusa" / "bench" / "datasets" / "mt_bench" / "question.jsonl"  # shipped with the package
 
 
 def pytest_collection_modifyitems(config, items):
@@ -36,8 +35,6 @@ def mt_texts():
     """The first 10 MT-Bench first turns."""
     from medusa.commands.common import read_prompts
 
-    if not MT_BENCH.is_file():
-        pytest.skip("MT-Bench data (shared/data) not found beside the repository")
     return [p.text for p in read_prompts(MT_BENCH, limit=10)]
 
 

