@@ -171,7 +171,8 @@ def load_state(model: Transformer, tensors: Iterable[tuple[str, Any]], progress:
         if tuple(t.shape) != tuple(params[name].shape):
             raise ModelLoadError(f"{name}: shape {tuple(t.shape)} != expected {tuple(params[name].shape)}")
         if t.dtype == fp8.FP8:
-            raise ModelLoadError(f"{name} is stored in float8 but this layer does not take FP8 weights")
+            raise ModelLoadError(f"{name} is stored in float8, but this layer does not take FP8 weights (an FP8 "
+                                 "checkpoint needs an FP8 quantization_config in config.json, or --quantization fp8)")
         with torch.no_grad():
             params[name].copy_(t)  # casts and moves in one go
         loaded.add(name)
