@@ -92,9 +92,11 @@ def tqdm_progress():
 
 
 def load_stack(model: str | None = None, heads: str | None = "default", tree: str | None = None,
-               dtype: str | None = None, device: str | None = None, progress: bool = True) -> Stack:
+               dtype: str | None = None, device: str | None = None, progress: bool = True,
+               quantization: str | None = None) -> Stack:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    m, src = load_model(model, dtype=parse_dtype(dtype, dev), device=dev, progress=tqdm_progress() if progress else None)
+    m, src = load_model(model, dtype=parse_dtype(dtype, dev), device=dev, progress=tqdm_progress() if progress else None,
+                        quantization=quantization)
     tok = Tokenizer.load(src)
     h, label = resolve_heads(heads, m, src)
     cpu_tree = shipped_heads_dir(label) / CPU_TREE if dev.type == "cpu" and label in SHIPPED_HEADS else None

@@ -11,7 +11,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from services.config import Settings
-from services.engine_replica import EngineReplica
+from services.engine_replica import EngineReplica, engine_sizes
 from services.ingress import Ingress
 from services.metrics import Metrics
 from services.tokenizer_service import TokenizerService
@@ -44,8 +44,10 @@ class EngineDeployment(EngineReplica):
         s = Settings.parse(settings)
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
-        stack = load_stack(s.model, heads=s.heads, tree=s.tree, dtype=s.dtype, device=s.device, progress=False)
-        engine = Engine(stack.model, stack.heads, stack.tree, max_batch=s.max_batch, max_seq_len=s.max_seq_len)
+        stack = load_stack(s.model, heads=s.heads, tree=s.tree, dtype=s.dtype, device=s.device, progress=False,
+                           quantization=s.quantization)
+        sizes, kv_plan = engine_sizes(s, stack.model, stack.heads, stack.tree)
+        engine = Engine(stack.model, stack.heads, stack.tree, **sizes)
         engine.warmup()  # on a GPU: capture every batch bucket's step graphs before taking traffic
         type(engine).start(engine)  # (the class's method: an instance attribute may shadow the name)
         cfg = stack.model.cfg
@@ -53,7 +55,10 @@ class EngineDeployment(EngineReplica):
                 "context_length": engine.max_seq_len, "vocab_size": cfg.vocab_size}
         eos = tuple(sorted(set(cfg.eos_token_ids) | set(stack.tokenizer.eos_token_ids)))
         rid = serve.get_replica_context().replica_id.unique_id
-        super().__init__(engine, replica_id=rid, eos=eos, info=info, tracing=s.tracing, metrics=Metrics())
+        if kv_plan is not None:
+            info["kv_plan"] = kv_plan
+        super().__init__(engine, replica_id=rid, eos=eos, info=info, tracing=s.tracing, metrics=Metrics(),
+                         kv_plan=kv_plan)
 
     def check_health(self) -> None:
         """Serve's periodic health check: a replica whose scheduler thread died is replaced."""
@@ -77,7 +82,7 @@ def engine_deployment(s: Settings):
     opts = dict(
         name="Engine",
         ray_actor_options={"num_cpus": s.engine_num_cpus, "num_gpus": s.engine_num_gpus},
-        max_ongoing_requests=2 * s.max_batch,
+        max_ongoing_requests=2 * s.batch_limit,
         request_router_config=RequestRouterConfig(request_router_class=ROUTER,
                                                   request_router_kwargs={"tracing": s.tracing}),
         health_check_period_s=10,

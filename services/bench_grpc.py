@@ -37,7 +37,8 @@ class _Direct:
         if settings.get("torch_threads"):
             torch.set_num_threads(settings["torch_threads"])
         stack = load_stack(settings.get("model"), heads=settings.get("heads", "default"), tree=settings.get("tree"),
-                           dtype=settings.get("dtype"), device=settings.get("device", "cpu"), progress=False)
+                           dtype=settings.get("dtype"), device=settings.get("device", "cpu"), progress=False,
+                           quantization=settings.get("quantization"))
         self.tok = stack.tokenizer
         self.engine = Engine(stack.model, stack.heads, stack.tree, max_batch=settings.get("max_batch", 8),
                              max_seq_len=settings.get("max_seq_len"))

@@ -30,12 +30,14 @@ class TenantLimits:
 
 @dataclass(frozen=True)
 class Settings:
-    model: str | None = None              # None: the embedded default model
-    heads: str = "default"
+    model: str | None = None              # HF checkpoint dir (bf16/fp16/FP8) or GGUF; None: the embedded default model
+    heads: str = "default"                # default | medusa | hydra | none | PATH (ours, or the reference Medusa layout)
     tree: str | None = None
-    dtype: str | None = None
+    dtype: str | None = None              # float32 | bfloat16 | float16; None: float32 on CPU, bfloat16 on GPU
+    quantization: str | None = None       # None: as the checkpoint declares; "fp8": FP8 GEMMs (quantised on load if needed)
     device: str = "cpu"
-    max_batch: int = 8
+    max_batch: int | None = None          # None: 8, or derived from gpu_memory_utilization
+    gpu_memory_utilization: float | None = None  # fraction of the GPU the engine may hold; sizes the KV pool
     max_seq_len: int | None = None        # per request, prompt + completion (None: the engine's default)
     torch_threads: int | None = None      # per engine replica; None: torch's default
     engine_replicas: int = 1
@@ -73,12 +75,32 @@ class Settings:
                     raise ConfigError('api_keys entries need "tenant" and "key_sha256" (or "key" for development)')
             d["api_keys"] = tuple(dict(k) for k in keys)
         s = cls(**d)
-        for name in ("max_batch", "engine_replicas", "session_ttl_s", "default_max_new_tokens", "max_new_tokens_limit"):
+        if s.max_batch is not None and (not isinstance(s.max_batch, int) or s.max_batch < 1):
+            raise ConfigError(f"max_batch must be a positive integer, got {s.max_batch!r}")
+        if s.quantization not in (None, "fp8"):
+            raise ConfigError(f"quantization must be fp8 or absent (the checkpoint's own format), got {s.quantization!r}")
+        if s.gpu_memory_utilization is not None:
+            u = s.gpu_memory_utilization
+            if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
+                raise ConfigError(f"gpu_memory_utilization must be a fraction in (0, 1], got {u!r}")
+            if not str(s.device).startswith("cuda"):
+                raise ConfigError("gpu_memory_utilization sizes GPU memory: set device: cuda (or remove it)")
+        for name in ("engine_replicas", "session_ttl_s", "default_max_new_tokens", "max_new_tokens_limit"):
             if not isinstance(getattr(s, name), int) or getattr(s, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(s, name)!r}")
         if s.default_max_new_tokens > s.max_new_tokens_limit:
             raise ConfigError("default_max_new_tokens exceeds max_new_tokens_limit")
         return s
+
+    @property
+    def batch_limit(self) -> int:
+        """Requests one replica decodes together at most: max_batch, else what a memory-sized
+        replica may choose (medusa.model.memory.MAX_BATCH_CAP), else 8."""
+        if self.max_batch is not None:
+            return self.max_batch
+        from medusa.model.memory import MAX_BATCH_CAP
+
+        return MAX_BATCH_CAP if self.gpu_memory_utilization is not None else 8
 
     def limits_for(self, tenant: str) -> TenantLimits:
         return self.tenant_limits.get(tenant, self.default_limits)

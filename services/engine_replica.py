@@ -7,6 +7,7 @@ Spans: engine.prefill (submit -> first token) and engine.decode (first token -> 
 of the caller's trace. Knows token ids only; nothing of text, tenants or Redis."""
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict
 from typing import AsyncIterator
@@ -35,10 +36,48 @@ def engine_request(payload: dict, eos: tuple[int, ...]):
     )
 
 
+log = logging.getLogger("medusa.engine")
+
+
+def engine_sizes(settings, model, heads, tree, mem_get_info=None) -> tuple[dict, dict | None]:
+    """(Engine keyword arguments max_batch / kv_budget_tokens / max_seq_len, the KV plan as a
+    dict or None) for these settings. With gpu_memory_utilization the KV pool is sized from the
+    device's memory now that the weights are loaded (medusa.model.memory.plan_kv); otherwise
+    max_batch rows (default 8), as before. `mem_get_info() -> (free, total)` bytes defaults to
+    torch.cuda.mem_get_info on the model's device."""
+    from medusa.decoding.engine import DEFAULT_MAX_SEQ_LEN
+    from medusa.model.memory import MAX_BATCH_CAP, plan_kv, step_reserve_bytes
+
+    if settings.gpu_memory_utilization is None:
+        return {"max_batch": settings.batch_limit, "max_seq_len": settings.max_seq_len}, None
+    cfg = model.cfg
+    if mem_get_info is None:
+        import torch
+
+        mem_get_info = lambda: torch.cuda.mem_get_info(model.device)  # noqa: E731
+    free, total = mem_get_info()
+    max_seq_len = min(settings.max_seq_len or DEFAULT_MAX_SEQ_LEN, cfg.max_position_embeddings)
+    nodes = max(getattr(tree, "num_nodes", 1), 64)  # the engine may add trees up to 64 nodes
+    row_tokens = max_seq_len + nodes + 1  # the engine's row_len
+    elt = model.dtype.itemsize
+    per_token = cfg.kv_bytes_per_token * elt // 2
+    extra = 0
+    if heads is not None and heads.config.head_type == "hydra++":  # prefix layer KV + deferred hidden states
+        extra = row_tokens * (2 * cfg.num_kv_heads * cfg.head_dim + cfg.hidden_size) * elt
+    batch = settings.max_batch or MAX_BATCH_CAP
+    reserve = step_reserve_bytes(batch, nodes, cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, elt)
+    plan = plan_kv(total, free, settings.gpu_memory_utilization, per_token, row_tokens, max_seq_len,
+                   reserve_bytes=reserve, max_batch=settings.max_batch, extra_row_bytes=extra)
+    log.warning("medusa engine: %s", plan.describe())
+    kwargs = {"max_batch": plan.max_batch, "kv_budget_tokens": plan.kv_budget_tokens, "max_seq_len": max_seq_len}
+    return kwargs, dict(plan.as_dict(), gpu_memory_utilization=settings.gpu_memory_utilization)
+
+
 class EngineReplica:
     def __init__(self, engine, *, replica_id: str, eos: tuple[int, ...] = (), info: dict | None = None,
-                 tracing: str | None = None, metrics: Metrics | None = None):
+                 tracing: str | None = None, metrics: Metrics | None = None, kv_plan: dict | None = None):
         self.engine = engine
+        self.kv_plan = dict(kv_plan) if kv_plan else None  # the memory-derived KV sizes, when sized so
         self.replica_id = replica_id
         self.eos = tuple(eos)
         self._info = dict(info or {})
@@ -103,7 +142,10 @@ class EngineReplica:
         return self.engine.load()
 
     def stats(self) -> dict:
-        return dict(self.engine.stats(), replica=self.replica_id)
+        out = dict(self.engine.stats(), replica=self.replica_id)
+        if self.kv_plan is not None:
+            out["kv_plan"] = dict(self.kv_plan)
+        return out
 
     def spans(self) -> list[dict]:
         return telemetry.finished_spans()

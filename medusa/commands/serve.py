@@ -25,7 +25,13 @@ def register(sub) -> None:
                    help="Redis for sessions, quotas and keys (default: REDIS_URL, else a private redis-server)")
     add_model_args(p)
     p.add_argument("--replicas", type=int, default=None, help="engine replicas (default 1)")
-    p.add_argument("--max-batch", type=int, default=None, help="requests decoded together per replica")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="requests decoded together per replica (default 8, or sized by --gpu-memory-utilization)")
+    p.add_argument("--quantization", choices=("fp8",), default=None,
+                   help="fp8: FP8 GEMMs (a bf16 checkpoint is quantised as it loads); default: the checkpoint's own format")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="FRACTION",
+                   help="fraction of the GPU's memory a replica may hold: the KV pool (and max_batch unless given) "
+                        "is sized from it after the weights load (device cuda)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs the local Ray cluster may use (default: all)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics of this node on this port")
     p.add_argument("--tracing", default=None, help="otlp | console | none | file:PATH (default: from OTEL_* variables)")
@@ -40,11 +46,15 @@ def settings_from_args(args) -> tuple[dict, int]:
 
         app_args, grpc = read_config(args.config)
     flags = {"model": args.model, "tree": args.tree, "dtype": None if args.dtype == "auto" else args.dtype,
-             "device": args.device, "engine_replicas": args.replicas, "max_batch": args.max_batch, "tracing": args.tracing}
+             "device": args.device, "engine_replicas": args.replicas, "max_batch": args.max_batch, "tracing": args.tracing,
+             "quantization": args.quantization, "gpu_memory_utilization": args.gpu_memory_utilization}
     if args.heads != "default" or "heads" not in app_args:
         flags["heads"] = args.heads
     app_args.update({k: v for k, v in flags.items() if v is not None})
     app_args.setdefault("device", "cpu")
+    from services.config import Settings
+
+    Settings.parse(app_args)  # a bad value is one line here (exit 2), not a replica that fails to start
     if args.replicas is not None:
         app_args.pop("autoscaling", None)
     port = args.grpc_port or int(grpc.get("port", 9000))
@@ -64,7 +74,10 @@ def run(args) -> int:
         raise MedusaError(f"medusa serve needs the serve extras (pip install 'medusa-serve[serve]'): {e}") from None
     app_args, port = settings_from_args(args)
     print(f"medusa serve: starting Ray and the application (model: {app_args.get('model') or 'default'}, "
-          f"heads: {app_args.get('heads', 'default')}, device: {app_args['device']}) ...", file=sys.stderr, flush=True)
+          f"heads: {app_args.get('heads', 'default')}, device: {app_args['device']}"
+          + (f", {app_args['quantization']}" if app_args.get("quantization") else "")
+          + (f", KV sized to {app_args['gpu_memory_utilization']:.0%} of the GPU"
+             if app_args.get("gpu_memory_utilization") else "") + ") ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     cluster = launch.start(app_args, grpc_port=port, redis_url=args.redis_url, num_cpus=args.num_cpus,
                            metrics_port=args.metrics_port)

@@ -1,6 +1,8 @@
 """Save and load draft heads: `heads.safetensors` + `heads.json` (HeadsConfig) in a folder.
 Heads record a fingerprint of the base weights they were trained on; loading them for another
-base model is refused with a clear message."""
+base model is refused with a clear message. A folder in the reference Medusa layout
+(`medusa_lm_head.safetensors` + `config.json`, medusa/heads/reference.py) loads too, checked
+by hidden and vocabulary size only (it has no fingerprint)."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,6 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from medusa.errors import HeadsMismatchError
 from medusa.heads.base import DraftHeads, HeadsConfig, with_draft_vocab
+from medusa.heads.reference import WEIGHTS as REFERENCE_WEIGHTS
+from medusa.heads.reference import is_reference_dir, read_reference
 
 WEIGHTS, CONFIG = "heads.safetensors", "heads.json"
 
@@ -63,8 +67,11 @@ def load_heads(folder: str | Path, base, dtype: torch.dtype | None = None) -> Dr
     """The heads in `folder`, checked against `base`, on its device in `dtype` (default: the
     base's; training asks for float32, which holds the stored values exactly)."""
     folder = Path(folder)
+    if not (folder / CONFIG).is_file() and is_reference_dir(folder):
+        return _load_reference(folder, base, dtype)
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
-        raise HeadsMismatchError(f"{folder} is not a heads folder ({CONFIG} and {WEIGHTS} expected)")
+        raise HeadsMismatchError(f"{folder} is not a heads folder ({CONFIG} and {WEIGHTS} expected, or the reference "
+                                 f"Medusa layout: {REFERENCE_WEIGHTS} and config.json)")
     try:
         config = HeadsConfig.from_dict(json.loads((folder / CONFIG).read_text()))
     except (json.JSONDecodeError, TypeError) as e:
@@ -82,6 +89,16 @@ def load_heads(folder: str | Path, base, dtype: torch.dtype | None = None) -> Dr
         heads.load_state_dict(load_file(str(folder / WEIGHTS)))
     except RuntimeError as e:
         raise HeadsMismatchError(f"{folder / WEIGHTS} does not match {CONFIG}: {e}") from None
+    heads = heads.to(device=base.device, dtype=dtype or base.dtype).eval().requires_grad_(False)
+    heads.bind_draft_vocab(base)
+    return heads
+
+
+def _load_reference(folder: Path, base, dtype: torch.dtype | None) -> DraftHeads:
+    config, state = read_reference(folder, base.cfg.hidden_size, base.cfg.vocab_size)
+    with torch.device("meta"):  # no copies of the base LM head to overwrite: the stored tensors are taken as they are
+        heads = _family(config.head_type)(config, None)
+    heads.load_state_dict(state, assign=True)  # read_reference checked the names and sizes
     heads = heads.to(device=base.device, dtype=dtype or base.dtype).eval().requires_grad_(False)
     heads.bind_draft_vocab(base)
     return heads

@@ -1,5 +1,6 @@
-"""Model hyper-parameters of the Llama family (llama, mistral, qwen2), read from an HF
-`config.json` or from GGUF metadata. Does not know about weights or devices."""
+"""Model hyper-parameters of the Llama family (llama, mistral, qwen2, qwen3), read from an HF
+`config.json` or from GGUF metadata, and the checkpoint's weight quantisation as declared in its
+`quantization_config`. Does not know about weights or devices."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +9,13 @@ from typing import Any
 
 from medusa.errors import ModelLoadError
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+_ARCH_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}
+# quantization_config.quant_method values whose linear weights are float8 e4m3 with a
+# `weight_scale` next to each `weight` (per tensor or per output channel): fbgemm_fp8 and
+# compressed-tensors as written by llm-compressor / vLLM's FP8 recipes, "fp8" (static scales)
+FP8_METHODS = ("fbgemm_fp8", "compressed-tensors", "fp8")
 
 
 @dataclass(frozen=True)
@@ -27,6 +34,8 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k before RoPE
+    quantization: str | None = None  # None (plain weights) | "fp8" (linear weights float8 e4m3 + scales)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
@@ -40,10 +49,9 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """An HF-style config.json dict (so a converted checkpoint is a plain HF directory)."""
-        arch_cls = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
         eos = list(self.eos_token_ids)
         return {
-            "architectures": [arch_cls[self.arch]],
+            "architectures": [_ARCH_CLASSES[self.arch]],
             "model_type": self.arch,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -72,8 +80,9 @@ class ModelConfig:
                 f"unsupported architecture {model_type!r} (config.json model_type): "
                 f"supported are {', '.join(SUPPORTED_ARCHS)}"
             )
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ModelLoadError(f"unsupported activation {cfg['hidden_act']!r}")
+        act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
+        if act != "silu":
+            raise ModelLoadError(f"unsupported activation {act!r}")
         try:
             n_heads = int(cfg["num_attention_heads"])
             hidden = int(cfg["hidden_size"])
@@ -101,11 +110,19 @@ class ModelConfig:
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+                qk_norm=model_type == "qwen3",
+                quantization=quantization_of(cfg.get("quantization_config")),
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=tuple(int(e) for e in eos_ids),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ModelLoadError(f"config.json is missing or has a bad field: {e}") from None
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V one token holds in the cache at 2 bytes an element (bfloat16 or
+        float16; scale by 2 for float32)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 2
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
@@ -117,3 +134,29 @@ class ModelConfig:
         kv = self.num_kv_heads * self.head_dim
         per_layer = d * q + 2 * d * kv + q * d + 3 * d * f + 2 * d
         return L * per_layer + v * d * (1 if self.tie_word_embeddings else 2) + d
+
+
+def quantization_of(qc: dict[str, Any] | None) -> str | None:
+    """The weight format a config.json's `quantization_config` declares: None (no such block),
+    "fp8" (float8 e4m3 weights with scales), or a ModelLoadError naming what is supported."""
+    if not qc:
+        return None
+    method = str(qc.get("quant_method", "")).lower()
+    if method in FP8_METHODS:
+        if method == "compressed-tensors":
+            groups = (qc.get("config_groups") or {}).values()
+            for g in groups:
+                w = (g or {}).get("weights") or {}
+                if w.get("type") != "float" or int(w.get("num_bits", 0)) != 8:
+                    raise ModelLoadError(
+                        f"compressed-tensors weights of type {w.get('type')!r} / {w.get('num_bits')} bits are not "
+                        "supported: only float8 (FP8) weights with per-tensor or per-channel scales")
+                if w.get("strategy", "tensor") not in ("tensor", "channel"):
+                    raise ModelLoadError(f"compressed-tensors FP8 strategy {w.get('strategy')!r} is not supported: "
+                                         "per tensor or per channel")
+        elif method == "fp8" and qc.get("weight_block_size"):
+            raise ModelLoadError("block-wise FP8 weights (weight_block_size) are not supported: "
+                                 "per tensor or per channel")
+        return "fp8"
+    raise ModelLoadError(f"unsupported quantization {method!r} (config.json quantization_config): "
+                         f"supported are FP8 checkpoints ({', '.join(FP8_METHODS)}) and plain bf16/fp16/fp32 weights")

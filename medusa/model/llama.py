@@ -1,5 +1,6 @@
-"""A compact Llama-family decoder (llama, mistral, qwen2 shapes): RMSNorm, RoPE, grouped-query
-attention over a static KV cache, SwiGLU MLP, tied or untied embeddings, optional q/k/v bias.
+"""A compact Llama-family decoder (llama, mistral, qwen2, qwen3 shapes): RMSNorm, RoPE, grouped-query
+attention over a static KV cache, SwiGLU MLP, tied or untied embeddings, optional q/k/v bias,
+optional per-head q/k RMSNorm (Qwen3).
 
 `forward` runs N new tokens per row at explicit positions, writes their K/V at explicit cache
 slots and lets each token see exactly the cache slots its mask allows, which is all a tree
@@ -201,7 +202,11 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        # Llama and Qwen3 give o_proj a bias with the others; Qwen2's q/k/v bias stops there
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=bias and cfg.arch != "qwen2")
+        # Qwen3: an RMSNorm over each head's Dh features of q and of k, before RoPE
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.register_buffer("qkv_weight", None, persistent=False)  # set by fuse(): q, k, v in one GEMM
         self.register_buffer("qkv_bias", None, persistent=False)
 
@@ -259,7 +264,10 @@ class Attention(nn.Module):
             qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
         else:
             qkv = torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
-        qkv = apply_rope(qkv.view(B, N, H + 2 * Hkv, Dh), cos, sin)
+        qkv = qkv.view(B, N, H + 2 * Hkv, Dh)
+        if self.q_norm is not None:  # per-head norms of q and k (the values pass as they are)
+            qkv = torch.cat((self.q_norm(qkv[:, :, :H]), self.k_norm(qkv[:, :, H:H + Hkv]), qkv[:, :, H + Hkv:]), dim=2)
+        qkv = apply_rope(qkv, cos, sin)
         return qkv[:, :, :H], qkv[:, :, H:]
 
     def forward(self, x, inp: LayerInputs, layer: int, cache: KVCache):

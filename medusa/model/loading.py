@@ -1,26 +1,35 @@
 """Load a Llama-family model from an HF checkpoint directory (config.json + *.safetensors,
-sharded or not) or from a GGUF file. A GGUF is dequantised once into a plain HF directory in
-the cache (`$MEDUSA_CACHE`, default `~/.cache/medusa`), so later loads read safetensors.
+sharded or not) or from a GGUF file. A GGUF is converted once into a float16 HF directory in
+the cache (`$MEDUSA_CACHE`, default `~/.cache/medusa`; medusa/model/gguf_convert.py), so later
+loads read safetensors.
 
-Knows nothing of tokenizers (see medusa/tokenizer.py) or of draft heads."""
+Loading is lazy: the model is built on the meta device, allocated once on its device in the
+target dtype, and each stored tensor is read from its memory-mapped file, cast and copied into
+place on its own, so the host holds about one tensor at a time, never a float32 copy of the
+model. `iter_checkpoint` yields (name, safetensors slice) pairs; `load_state` copies such pairs
+into a model. A caller that needs part of a tensor (tensor parallelism) wraps the iterator and
+reads `slice[lo:hi]` (rows) or `slice[:, lo:hi]` (columns) instead of the whole tensor.
+
+FP8 checkpoints (float8 e4m3 linear weights + weight_scale, medusa/model/fp8.py) load into
+FP8Linear projections; `quantization="fp8"` quantises a bf16/fp16/fp32 checkpoint's projections
+to FP8 as it loads. Knows nothing of tokenizers (see medusa/tokenizer.py) or of draft heads."""
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterable, Iterator
 
-import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
 
 from medusa.errors import ModelLoadError
+from medusa.model import fp8
 from medusa.model.config import ModelConfig
+from medusa.model.gguf_convert import convert_gguf as _convert_gguf
+from medusa.model.gguf_convert import gguf_config  # noqa: F401  (re-exported)
 from medusa.kernels.topk import check_topk_setting
 from medusa.model.llama import Transformer, check_attention_setting
 from medusa.model.rope import rope_table
@@ -80,6 +89,11 @@ def resolve(path: str | os.PathLike | None, progress: Progress | None = None) ->
     return ModelSource(convert_gguf(p, progress=progress), gguf=p)
 
 
+def convert_gguf(path: Path, progress: Progress | None = None) -> Path:
+    """The cache directory holding `path` converted to an HF checkpoint (made on first use)."""
+    return _convert_gguf(path, cache_root(), progress=progress)
+
+
 def read_config(hf_dir: Path) -> ModelConfig:
     try:
         raw = json.loads((hf_dir / "config.json").read_text())
@@ -96,165 +110,138 @@ def _safetensors_files(hf_dir: Path) -> list[Path]:
     return sorted(hf_dir.glob("*.safetensors"))
 
 
+def iter_checkpoint(hf_dir: Path) -> Iterator[tuple[str, Any]]:
+    """(parameter name, safetensors slice) for every stored tensor, file by file (one file open
+    at a time). Names lose HF's `model.` prefix. A slice reads nothing until indexed: `sl[:]`
+    is the whole tensor, `sl[lo:hi]` rows only; `sl.get_shape()`, `sl.get_dtype()` are free."""
+    for f in _safetensors_files(hf_dir):
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as st:
+                for key in st.keys():
+                    yield (key[len("model."):] if key.startswith("model.") else key), st.get_slice(key)
+        except (OSError, SafetensorError) as e:
+            raise ModelLoadError(f"cannot read weights in {f}: {e}") from None
+
+
+def count_tensors(hf_dir: Path) -> int:
+    """How many tensors `iter_checkpoint` yields (headers only: for a progress bar)."""
+    n = 0
+    for f in _safetensors_files(hf_dir):
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as st:
+                n += len(st.keys())
+        except (OSError, SafetensorError) as e:
+            raise ModelLoadError(f"cannot read weights in {f}: {e}") from None
+    return n
+
+
+def _read(value) -> torch.Tensor:
+    """A whole tensor from a safetensors slice (or a tensor a wrapping caller already read)."""
+    return value if isinstance(value, torch.Tensor) else value[:]
+
+
+_IGNORED = ("rotary_emb", ".input_scale", ".input_scale_ub")  # recomputed / dynamic in our FP8 GEMM
+
+
+def load_state(model: Transformer, tensors: Iterable[tuple[str, Any]], progress: Progress | None = None,
+               total: int = 0) -> None:
+    """Copy (name, slice or tensor) pairs into `model`'s parameters, each cast and moved on its
+    own. FP8Linear weights take float8 tensors as stored, or quantise others per channel; a
+    stored weight_scale of any HF layout becomes one float32 scale per output channel.
+    Raises ModelLoadError on an unknown name, a wrong shape or a missing parameter."""
+    cfg = model.cfg
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    loaded: set[str] = set()
+    for i, (name, value) in enumerate(tensors):
+        if progress is not None and total:
+            progress(min(i, total - 1), total, "loading weights")
+        if any(s in name for s in _IGNORED) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+            continue
+        owner, _, leaf = name.rpartition(".")
+        mod = modules.get(owner)
+        if isinstance(mod, fp8.FP8Linear) and leaf in ("weight", "weight_scale"):
+            _load_fp8(mod, owner, leaf, _read(value), loaded)
+            continue
+        if name not in params:
+            raise ModelLoadError(f"unexpected tensor {name!r} in the checkpoint"
+                                 + (" (an FP8 checkpoint? its config.json declares no quantization_config)"
+                                    if leaf == "weight_scale" else ""))
+        t = _read(value)
+        if tuple(t.shape) != tuple(params[name].shape):
+            raise ModelLoadError(f"{name}: shape {tuple(t.shape)} != expected {tuple(params[name].shape)}")
+        if t.dtype == fp8.FP8:
+            raise ModelLoadError(f"{name} is stored in float8, but this layer does not take FP8 weights (an FP8 "
+                                 "checkpoint needs an FP8 quantization_config in config.json, or --quantization fp8)")
+        with torch.no_grad():
+            params[name].copy_(t)  # casts and moves in one go
+        loaded.add(name)
+    missing = set(params) - loaded
+    if cfg.tie_word_embeddings:
+        missing.discard("lm_head.weight")
+    if missing:
+        raise ModelLoadError(f"weights missing from the checkpoint: {sorted(missing)[:5]} ...")
+
+
+def _load_fp8(mod: fp8.FP8Linear, owner: str, leaf: str, t: torch.Tensor, loaded: set) -> None:
+    """One FP8Linear's weight or weight_scale; the two may come in either order."""
+    with torch.no_grad():
+        if leaf == "weight_scale":
+            try:
+                mod.weight_scale.copy_(fp8.channel_scale(t, mod.out_features))
+            except ValueError as e:
+                raise ModelLoadError(f"{owner}.weight_scale: {e}") from None
+            loaded.add(f"{owner}.weight_scale")
+            return
+        if tuple(t.shape) != tuple(mod.weight.shape):
+            raise ModelLoadError(f"{owner}.weight: shape {tuple(t.shape)} != expected {tuple(mod.weight.shape)}")
+        if t.dtype == fp8.FP8:
+            mod.weight.copy_(t)  # the checkpoint's weight_scale is (or was) loaded beside it
+        else:  # a plain checkpoint asked to run in FP8: quantise per channel here
+            q, scale = fp8.quantize_weight(t.to(mod.weight.device))
+            mod.weight.copy_(q)
+            mod.weight_scale.copy_(scale)
+            loaded.add(f"{owner}.weight_scale")
+        loaded.add(f"{owner}.weight")
+
+
+QUANTIZATIONS = ("fp8",)
+
+
 def load_model(
     path: str | os.PathLike | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     progress: Progress | None = None,
+    quantization: str | None = None,
 ) -> tuple[Transformer, ModelSource]:
-    """Build the model and load its weights. dtype defaults to float32 on CPU, bfloat16 on GPU."""
+    """Build the model and load its weights. dtype defaults to float32 on CPU, bfloat16 on GPU
+    (the activations', norms' and embeddings' dtype; FP8 projections keep one byte a weight).
+    quantization: None (as the checkpoint declares) or "fp8" (FP8 projections either way)."""
     check_attention_setting()
     check_topk_setting()
+    if quantization not in (None, "auto", "none", *QUANTIZATIONS):
+        raise ModelLoadError(f"unknown quantization {quantization!r}: fp8, or none for the checkpoint's own format")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     src = resolve(path, progress=progress)
     cfg = read_config(src.hf_dir)
+    if quantization == "none" and cfg.quantization:
+        raise ModelLoadError(f"{src.name} stores {cfg.quantization} weights: it cannot load unquantised")
+    if quantization == "fp8" or cfg.quantization == "fp8":
+        cfg = cfg.replace(quantization="fp8")
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = Transformer(cfg).to(dtype)  # no memory yet: parameters are allocated once, below
+        if cfg.quantization == "fp8":
+            fp8.to_fp8_linears(model)
     model = model.to_empty(device=device)
     model.tie_weights()
-    params = dict(model.named_parameters())
-    loaded: set[str] = set()
-    try:
-        for f in _safetensors_files(src.hf_dir):
-            with safe_open(str(f), framework="pt", device="cpu") as st:
-                for key in st.keys():
-                    name = key[len("model."):] if key.startswith("model.") else key
-                    if name not in params:
-                        if "rotary_emb" in name or (name == "lm_head.weight" and cfg.tie_word_embeddings):
-                            continue
-                        raise ModelLoadError(f"unexpected tensor {key!r} in {f.name}")
-                    t = st.get_tensor(key)
-                    if tuple(t.shape) != tuple(params[name].shape):
-                        raise ModelLoadError(f"{key}: shape {tuple(t.shape)} != expected {tuple(params[name].shape)}")
-                    with torch.no_grad():
-                        params[name].copy_(t.to(torch.float32))
-                    loaded.add(name)
-    except (OSError, RuntimeError) as e:
-        if isinstance(e, ModelLoadError):
-            raise
-        raise ModelLoadError(f"cannot read weights in {src.hf_dir}: {e}") from None
-    missing = set(params) - loaded
-    if cfg.tie_word_embeddings:
-        missing.discard("lm_head.weight")
-    if missing:
-        raise ModelLoadError(f"weights missing from {src.hf_dir}: {sorted(missing)[:5]} ...")
-    model = model.to(dtype)
+    load_state(model, iter_checkpoint(src.hf_dir), progress, count_tensors(src.hf_dir) if progress else 0)
     model.tie_weights()
     # the RoPE tables are non-persistent float32 buffers: build them on the real device
     cos, sin = rope_table(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
-    model.eval().requires_grad_(False).fuse_projections_where_faster()
+    model.eval().requires_grad_(False)
+    if cfg.quantization is None:  # FP8 projections stay separate modules (their GEMMs are FP8's)
+        model.fuse_projections_where_faster()
     return model, src
-
-
-# ---------------------------------------------------------------- GGUF -> HF directory
-
-_GGUF_NAMES = [
-    (r"token_embd\.weight", "model.embed_tokens.weight"),
-    (r"output_norm\.weight", "model.norm.weight"),
-    (r"output\.weight", "lm_head.weight"),
-    (r"blk\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
-    (r"blk\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
-    (r"blk\.(\d+)\.attn_q\.(weight|bias)", r"model.layers.\1.self_attn.q_proj.\2"),
-    (r"blk\.(\d+)\.attn_k\.(weight|bias)", r"model.layers.\1.self_attn.k_proj.\2"),
-    (r"blk\.(\d+)\.attn_v\.(weight|bias)", r"model.layers.\1.self_attn.v_proj.\2"),
-    (r"blk\.(\d+)\.attn_output\.weight", r"model.layers.\1.self_attn.o_proj.weight"),
-    (r"blk\.(\d+)\.ffn_gate\.weight", r"model.layers.\1.mlp.gate_proj.weight"),
-    (r"blk\.(\d+)\.ffn_up\.weight", r"model.layers.\1.mlp.up_proj.weight"),
-    (r"blk\.(\d+)\.ffn_down\.weight", r"model.layers.\1.mlp.down_proj.weight"),
-]
-
-
-def _hf_name(gguf_name: str) -> str | None:
-    for pat, repl in _GGUF_NAMES:
-        if re.fullmatch(pat, gguf_name):
-            return re.sub(pat, repl, gguf_name)
-    return None
-
-
-def _field(reader, key, default=None):
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
-
-
-def gguf_config(reader) -> ModelConfig:
-    arch = _field(reader, "general.architecture")
-    a = lambda k, d=None: _field(reader, f"{arch}.{k}", d)  # noqa: E731
-    names = {t.name for t in reader.tensors}
-    n_heads = int(a("attention.head_count"))
-    hidden = int(a("embedding_length"))
-    tokens = _field(reader, "tokenizer.ggml.tokens")
-    scaling = None
-    if a("rope.scaling.type") not in (None, "none"):
-        scaling = {"rope_type": a("rope.scaling.type"), "factor": float(a("rope.scaling.factor", 1.0))}
-    eos = _field(reader, "tokenizer.ggml.eos_token_id")
-    return ModelConfig(
-        arch=arch,
-        vocab_size=int(a("vocab_size") or len(tokens)),
-        hidden_size=hidden,
-        intermediate_size=int(a("feed_forward_length")),
-        num_layers=int(a("block_count")),
-        num_heads=n_heads,
-        num_kv_heads=int(a("attention.head_count_kv", n_heads)),
-        head_dim=int(a("attention.key_length") or hidden // n_heads),
-        rms_norm_eps=float(a("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(a("rope.freq_base", 10000.0)),
-        rope_scaling=scaling,
-        max_position_embeddings=int(a("context_length", 4096)),
-        tie_word_embeddings="output.weight" not in names,
-        attention_bias="blk.0.attn_q.bias" in names,
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_ids=(int(eos),) if eos is not None else (),
-    )
-
-
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's interleaving of q/k rows for the llama arch (GGUF stores RoPE pairs
-    interleaved; HF Llama rotates halves)."""
-    out = w.shape[0]
-    return w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def convert_gguf(path: Path, progress: Progress | None = None) -> Path:
-    """Dequantise `path` into `cache_root()/<stem>-<digest>/` once; return that directory."""
-    try:
-        out = cache_root() / f"{path.stem}-{_file_digest(path)}"
-    except OSError as e:
-        raise ModelLoadError(f"cannot read {path}: {e}") from None
-    if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
-        return out
-    import gguf
-    from gguf.quants import dequantize
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # the gguf package raises assorted errors on corrupt files
-        raise ModelLoadError(f"{path} is not a readable GGUF file: {e}") from None
-    cfg = gguf_config(reader)
-    tensors: dict[str, torch.Tensor] = {}
-    for i, t in enumerate(reader.tensors):
-        if callable(progress):
-            progress(i, len(reader.tensors), f"converting {path.name} (once)")
-        name = _hf_name(t.name)
-        if name is None:
-            continue  # e.g. rope_freqs: recomputed from the config
-        w = dequantize(t.data, t.tensor_type).reshape(tuple(int(s) for s in reversed(t.shape)))
-        w = np.array(w, dtype=np.float32, order="C")  # writable copy
-        if cfg.arch in ("llama", "mistral") and (".q_proj." in name or ".k_proj." in name):
-            w = _unpermute(w, cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads)
-        tensors[name] = torch.from_numpy(w)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f"model.safetensors.tmp{os.getpid()}"
-    save_file(tensors, str(tmp), metadata={"format": "pt", "source": path.name})
-    (out / "config.json").write_text(json.dumps(cfg.to_hf(), indent=1))
-    os.replace(tmp, out / "model.safetensors")
-    return out

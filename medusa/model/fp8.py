@@ -1,0 +1,111 @@
+"""FP8 linear layers, applied to a built model from outside (at load time): weights stored as
+float8 e4m3 with a float32 scale per output channel (a per-tensor scale is the same number for
+every channel), so w = weight.float() * weight_scale[:, None].
+
+On a GPU of compute capability 8.9 or more (Ada, Hopper) the GEMM runs in FP8 with
+`torch._scaled_mm`: each activation row is quantised on the fly with its own scale (absmax /
+448, computed on the device, so a CUDA graph captures it) and the product is rescaled per row
+and per output channel, in bfloat16. Elsewhere (CPUs, older GPUs, float32 activations) the
+weight is dequantised for each call and multiplied in the activations' dtype: the memory stays
+at one byte per weight, the time is not FP8's.
+
+Checkpoint layouts read (see medusa.model.loading): `<linear>.weight` float8_e4m3fn [out, in]
+with `<linear>.weight_scale` float32 of shape [], [1] or [out] / [out, 1] (fbgemm_fp8,
+compressed-tensors FP8 "tensor" / "channel" strategies, static "fp8"); a checkpoint's static
+`input_scale` is ignored (activations are scaled per row, dynamically). Does not know where
+the weights come from, nor anything of attention, heads or decoding."""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@functools.lru_cache(maxsize=None)
+def scaled_mm_supported(device: torch.device) -> bool:
+    """Whether `torch._scaled_mm` with row-wise scales runs on `device` (compute capability
+    8.9+ and a torch that has it)."""
+    if device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] (any float dtype) -> (float8 e4m3 [out, in], float32 scale [out]): one scale
+    per output channel, absmax / 448 (a zero row gets scale 1)."""
+    amax = w.detach().abs().amax(dim=1).float()  # [out]
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (w.float() / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale
+
+
+def channel_scale(scale: torch.Tensor, out_features: int) -> torch.Tensor:
+    """A checkpoint's weight_scale ([], [1], [out] or [out, 1]) as float32 [out]."""
+    s = scale.float().reshape(-1)
+    if s.numel() == 1:
+        return s.expand(out_features).clone()
+    if s.numel() != out_features:
+        raise ValueError(f"weight_scale has {s.numel()} values for {out_features} output channels")
+    return s
+
+
+class FP8Linear(nn.Module):
+    """y = x @ (weight * weight_scale[:, None]).T + bias with weight float8 e4m3 [out, in]."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, bias_dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8), requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.ones(out_features, dtype=torch.float32), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype), requires_grad=False) if bias else None
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.weight.to(torch.float32) * self.weight_scale[:, None]).to(dtype)  # [out, in]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and scaled_mm_supported(x.device) and self.in_features % 16 == 0 \
+                and self.out_features % 16 == 0:
+            return self._scaled_mm(x)
+        return F.linear(x, self.dequantized(x.dtype), self.bias)
+
+    def _scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        a = x.reshape(-1, self.in_features)  # [M, K]
+        a_amax = a.abs().amax(dim=1, keepdim=True).float()  # [M, 1]
+        a_scale = torch.where(a_amax > 0, a_amax / FP8_MAX, torch.ones_like(a_amax))
+        a8 = (a.float() / a_scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+        # b must be column-major [K, N]: the transpose of the row-major [N, K] weight is
+        y = torch._scaled_mm(a8, self.weight.t(), scale_a=a_scale, scale_b=self.weight_scale[None, :],
+                             out_dtype=torch.bfloat16)  # [M, N]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*lead, self.out_features)
+
+
+def to_fp8_linears(model: nn.Module) -> int:
+    """Replace the decoder layers' projections (q/k/v/o, gate/up/down) of `model` with FP8Linear
+    modules of the same shapes (on the same device, meta included); the embeddings, norms and
+    LM head stay as they are. Call before loading weights. Returns how many were replaced."""
+    n = 0
+    for layer in model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in LINEARS:
+                lin = getattr(parent, name, None)
+                if not isinstance(lin, nn.Linear):
+                    continue
+                dev = lin.weight.device
+                with torch.device(dev):
+                    setattr(parent, name, FP8Linear(lin.in_features, lin.out_features, lin.bias is not None,
+                                                    lin.weight.dtype))
+                n += 1
+    return n
+
+
+def has_fp8_linears(model: nn.Module) -> bool:
+    return any(isinstance(m, FP8Linear) for m in model.modules())

@@ -1,0 +1,142 @@
+"""FP8 weights (medusa/model/fp8.py) on CPU: FP8Linear against the dequantised reference, FP8
+checkpoints in the compressed-tensors (per-tensor scale) and fbgemm (per-channel [out, 1] scale)
+layouts load into FP8 projections and compute what the dequantised weights compute, a plain
+checkpoint quantises on load with quantization="fp8", and formats we do not read are refused
+in one line. The _scaled_mm path is tests/gpu/test_fp8_gpu.py."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from medusa.errors import ModelLoadError
+from medusa.model import fp8
+from medusa.model.loading import load_model
+
+transformers = pytest.importorskip("transformers")
+
+CFG = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+LAYOUTS = {
+    # compressed-tensors FP8 ("tensor" strategy): one scale per weight, shape [1]
+    "compressed-tensors": ({"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {
+        "group_0": {"targets": ["Linear"], "weights": {"type": "float", "num_bits": 8, "strategy": "tensor"}}},
+        "ignore": ["lm_head"]}, "tensor"),
+    # fbgemm_fp8: one scale per output channel, shape [out, 1]
+    "fbgemm_fp8": ({"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0}, "channel"),
+}
+
+
+def _causal(n: int, kv_len: int) -> torch.Tensor:
+    return (torch.arange(kv_len)[None, :] <= torch.arange(n)[:, None])[None]
+
+
+def logits(model, ids):
+    cache = model.new_cache(1, 32)
+    pos = torch.arange(len(ids))[None]
+    with torch.inference_mode():
+        return model(torch.tensor([ids]), pos, cache, pos, _causal(len(ids), 32)).logits[0]
+
+
+def test_fp8_linear_equals_the_dequantised_matmul():
+    torch.manual_seed(0)
+    w = torch.randn(48, 32)
+    q, scale = fp8.quantize_weight(w)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (48,)
+    # e4m3 keeps 3 mantissa bits: each weight within 2^-4 of itself (relative) after scaling back
+    assert ((q.float() * scale[:, None] - w).abs() <= w.abs() / 16 + scale[:, None] / 512).all()
+    lin = fp8.FP8Linear(32, 48, bias=True, bias_dtype=torch.float32)
+    with torch.no_grad():
+        lin.weight.copy_(q)
+        lin.weight_scale.copy_(scale)
+        lin.bias.normal_()
+    x = torch.randn(3, 5, 32)
+    ref = F.linear(x, q.float() * scale[:, None], lin.bias)
+    assert torch.allclose(lin(x), ref, atol=1e-6)
+
+
+def test_a_checkpoint_scale_of_any_layout_becomes_per_channel():
+    assert fp8.channel_scale(torch.tensor(0.5), 4).tolist() == [0.5] * 4
+    assert fp8.channel_scale(torch.tensor([0.5]), 4).tolist() == [0.5] * 4
+    assert fp8.channel_scale(torch.arange(4.0)[:, None], 4).tolist() == [0.0, 1.0, 2.0, 3.0]
+    with pytest.raises(ValueError):
+        fp8.channel_scale(torch.ones(3), 4)
+
+
+def write_fp8_checkpoint(tmp_path, layout: str):
+    """A tiny random Llama written by transformers, its projections turned into FP8 + scales as
+    the layout stores them; and a float32 twin holding the dequantised weights (the reference)."""
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**CFG), dtype=torch.float32)
+    plain, quant, ref = tmp_path / "plain", tmp_path / layout, tmp_path / f"{layout}-ref"
+    hf.save_pretrained(str(plain))
+    hf.save_pretrained(str(ref))
+    qc, strategy = LAYOUTS[layout]
+    state = load_file(str(plain / "model.safetensors"))
+    out, deq = {}, {}
+    for k, w in state.items():
+        if any(f".{p}.weight" in k for p in fp8.LINEARS):
+            if strategy == "tensor":
+                scale = (w.abs().max() / fp8.FP8_MAX).reshape(1)
+                q = (w / scale).to(fp8.FP8)
+                deq[k] = q.float() * scale
+            else:
+                scale = (w.abs().amax(dim=1, keepdim=True) / fp8.FP8_MAX)  # [out, 1]
+                q = (w / scale).to(fp8.FP8)
+                deq[k] = q.float() * scale
+            out[k], out[k + "_scale"] = q, scale.float()
+            out[k.replace(".weight", ".input_scale")] = torch.ones(1)  # static activation scale: ignored
+        else:
+            out[k] = deq[k] = w
+    quant.mkdir()
+    save_file(out, str(quant / "model.safetensors"))
+    raw = json.loads((plain / "config.json").read_text())
+    (quant / "config.json").write_text(json.dumps({**raw, "quantization_config": qc}))
+    save_file(deq, str(ref / "model.safetensors"))
+    return plain, quant, ref
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_fp8_checkpoint_computes_what_its_dequantised_weights_compute(tmp_path, layout):
+    _, quant, ref = write_fp8_checkpoint(tmp_path, layout)
+    model, _ = load_model(quant, dtype=torch.float32, device="cpu")
+    assert model.cfg.quantization == "fp8"
+    fp8_mods = [m for m in model.modules() if isinstance(m, fp8.FP8Linear)]
+    assert len(fp8_mods) == 7 * CFG["num_hidden_layers"]
+    assert all(m.weight.dtype == torch.float8_e4m3fn for m in fp8_mods)
+    assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight.dtype == torch.float32
+    reference, _ = load_model(ref, dtype=torch.float32, device="cpu")
+    ids = list(range(3, 15))
+    assert (logits(model, ids) - logits(reference, ids)).abs().max().item() < 1e-4
+
+
+def test_plain_checkpoint_quantised_on_load(tmp_path):
+    plain, _, _ = write_fp8_checkpoint(tmp_path, "fbgemm_fp8")
+    model, _ = load_model(plain, dtype=torch.float32, device="cpu", quantization="fp8")
+    base, _ = load_model(plain, dtype=torch.float32, device="cpu")
+    assert sum(isinstance(m, fp8.FP8Linear) for m in model.modules()) == 7 * CFG["num_hidden_layers"]
+    ids = list(range(3, 15))
+    a, b = logits(model, ids), logits(base, ids)
+    assert (a - b).abs().max().item() < 0.05 * b.abs().max().item()  # FP8 rounding, not another model
+    assert a.argmax(-1).eq(b.argmax(-1)).float().mean() >= 0.75
+
+
+def test_unsupported_quantization_is_one_line(tmp_path):
+    plain, _, _ = write_fp8_checkpoint(tmp_path, "fbgemm_fp8")
+    raw = json.loads((plain / "config.json").read_text())
+    (plain / "config.json").write_text(json.dumps({**raw, "quantization_config": {"quant_method": "awq", "bits": 4}}))
+    with pytest.raises(ModelLoadError) as e:
+        load_model(plain, dtype=torch.float32, device="cpu")
+    assert "awq" in str(e.value) and "fbgemm_fp8" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ModelLoadError, match="unknown quantization"):
+        load_model(plain, dtype=torch.float32, device="cpu", quantization="int3")
+
+
+def test_fp8_checkpoint_without_quantization_config_names_the_cause(tmp_path):
+    _, quant, _ = write_fp8_checkpoint(tmp_path, "fbgemm_fp8")
+    raw = json.loads((quant / "config.json").read_text())
+    del raw["quantization_config"]
+    (quant / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ModelLoadError, match="quantization_config"):
+        load_model(quant, dtype=torch.float32, device="cpu")
