@@ -72,7 +72,7 @@ def run_quality(args) -> int:
         from medusa.commands.common import read_prompts
 
         prompts = [original.tokenizer.encode_prompt(p.text) for p in read_prompts(args.prompt_file)]
-    prompts = [p for p in prompts if p][: args.limit]
+    prompts = list({tuple(p): p for p in prompts if p}.values())[: args.limit]  # a prompt distilled twice counts once
     if not prompts:
         raise RequestError("no held-out prompts to score")
     bar = tqdm(total=len(prompts), desc="comparing", unit="prompt")

@@ -117,3 +117,13 @@ def test_joint_training_writes_a_medusa2_model(tmp_path, capsys):
     assert code == (0 if got["kept"] else 1)
     assert "identical greedy outputs" in text and "perplexity of the original's outputs" in text
     assert got["prompts"] == 2 and got["new_tokens"] == 6 and got["mean_kl"] >= 0 and got["ppl_original"] > 1
+
+
+def test_a_variant_that_does_not_ship_is_a_one_line_error(capsys, tmp_path):
+    from medusa.runtime import shipped_heads_dir
+
+    if shipped_heads_dir("medusa2") is not None:
+        pytest.skip("medusa2 ships in this installation")
+    code, err = cli(capsys, "eval", "quality", "--heads", "medusa2", "--prompt-file", str(tmp_path / "p.jsonl"),
+                    "--dtype", "float32", "--device", "cpu")
+    assert code == 2 and "no shipped medusa2 heads" in err and "Traceback" not in err
