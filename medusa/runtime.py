@@ -17,7 +17,9 @@ from medusa.model.loading import ModelSource, load_model
 from medusa.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SHIPPED_HEADS = ("hydra", "medusa")  # preference order for the default
+# preference order for the default; medusa2 / hydra2 (Medusa-2: heads trained jointly with backbone
+# adapters, merged into the model when they load) are selected by name where they ship
+SHIPPED_HEADS = ("hydra", "medusa", "hydra2", "medusa2")
 CPU_TREE = "tree16.json"  # the shipped heads' searched tree used by default on a CPU
 DEFAULT_TREE = "tree16"
 

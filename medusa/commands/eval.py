@@ -1,5 +1,7 @@
 """`medusa eval heads`: per-head top-1 .. top-k accuracy on held-out distilled data (Hydra
-heads under teacher forcing), as a table and JSON (the input of `medusa tree`)."""
+heads under teacher forcing), as a table and JSON (the input of `medusa tree`).
+`medusa eval quality`: how close the backbone that heads trained jointly (Medusa-2) decode with
+stays to the original model on held-out prompts (medusa.training.quality), against a stated bar."""
 from __future__ import annotations
 
 import argparse
@@ -26,6 +28,70 @@ def register(sub) -> None:
     h.add_argument("--json", dest="json_out", help="write the accuracies here (JSON)")
     add_model_args(h)
     h.set_defaults(func=run)
+    q = what.add_parser("quality", help="the adapted backbone of Medusa-2 heads against the original model",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = q.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt-file", help="held-out prompts (JSONL {id, prompt} or MT-Bench questions), chat-templated")
+    src.add_argument("--data", help="distilled JSONL: the prompts of its held-out split (never trained on)")
+    q.add_argument("--heldout", type=float, default=0.02, help="with --data: must match the --heldout of training")
+    q.add_argument("--limit", type=int, default=None, help="first N prompts only")
+    q.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per prompt, compared and scored")
+    q.add_argument("--reference-dtype", default=None, help="dtype of the original model (default: --dtype)")
+    q.add_argument("--max-kl", type=float, default=None, help="the bar: mean KL, nats per token (default 0.01)")
+    q.add_argument("--min-identical", type=float, default=None, help="the bar: share of identical outputs (default 0.9)")
+    q.add_argument("--max-ppl-ratio", type=float, default=None, help="the bar: perplexity, adapted / original (default 1.02)")
+    q.add_argument("--json", dest="json_out", help="write the figures here (JSON)")
+    add_model_args(q)
+    q.set_defaults(func=run_quality)
+
+
+def run_quality(args) -> int:
+    """Exit 0 when the adapted backbone meets the bar, 1 when it misses it (2: bad input)."""
+    from tqdm import tqdm
+
+    from medusa.runtime import load_stack
+    from medusa.training.quality import QualityBar, compare
+
+    if args.new_tokens < 1 or (args.limit is not None and args.limit < 1):
+        raise RequestError("--new-tokens and --limit must be >= 1")
+    given = {"max_kl": args.max_kl, "min_identical": args.min_identical, "max_ppl_ratio": args.max_ppl_ratio}
+    need = QualityBar(**{k: v for k, v in given.items() if v is not None})
+    if not (need.max_kl >= 0 and 0 <= need.min_identical <= 1 and need.max_ppl_ratio >= 1):
+        raise RequestError("the bar needs --max-kl >= 0, --min-identical in [0, 1] and --max-ppl-ratio >= 1")
+    if not 0 < args.heldout < 1:
+        raise RequestError(f"--heldout must be in (0, 1), got {args.heldout}")
+    original = load_stack(args.model, heads="none", dtype=args.reference_dtype or args.dtype, device=args.device)
+    adapted = load_stack(args.model, heads=args.heads, dtype=args.dtype, device=args.device)  # adapters merged at load
+    if adapted.heads is not None and not adapted.heads.config.extra.get("adapters"):
+        print(f"eval: the heads {adapted.heads_name} left the backbone as it is (no adapters)", file=sys.stderr)
+    if args.data:
+        from medusa.training.data import read_records, split
+
+        prompts = [r.prompt_ids for r in split(read_records(args.data), args.heldout)[1]]
+    else:
+        from medusa.commands.common import read_prompts
+
+        prompts = [original.tokenizer.encode_prompt(p.text) for p in read_prompts(args.prompt_file)]
+    prompts = list({tuple(p): p for p in prompts if p}.values())[: args.limit]  # a prompt distilled twice counts once
+    if not prompts:
+        raise RequestError("no held-out prompts to score")
+    bar = tqdm(total=len(prompts), desc="comparing", unit="prompt")
+    report = compare(original.model, adapted.model, prompts, args.new_tokens, progress=bar.update)
+    bar.close()
+    failures = report.failures(need)
+    print(f"{adapted.heads_name} vs the original, {report.prompts} held-out prompts x {report.new_tokens} greedy tokens "
+          f"({report.tokens} scored):\n"
+          f"  mean KL(original || adapted)   {report.mean_kl:.5f} nats/token   (bar <= {need.max_kl})\n"
+          f"  identical greedy outputs       {report.identical}/{report.prompts} = {report.identical_share:.3f}   "
+          f"(bar >= {need.min_identical})\n"
+          f"  perplexity of the original's outputs: original {report.ppl_original:.4f}, adapted {report.ppl_adapted:.4f}, "
+          f"ratio {report.ppl_ratio:.4f}   (bar <= {need.max_ppl_ratio})\n"
+          f"  quality {'KEPT' if not failures else 'NOT KEPT: ' + '; '.join(failures)}")
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps({"heads": adapted.heads_name, "bar": need.__dict__, "kept": not failures,
+                                                   **report.to_dict()}, indent=1))
+    return 0 if not failures else 1
 
 
 def format_table(acc, head_type: str, scope: str = "held-out") -> str:

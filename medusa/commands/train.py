@@ -1,7 +1,10 @@
 """`medusa train`: train Medusa-1, Hydra or Hydra++ heads on distilled data over the frozen
 base model, new or (--init-heads) continuing from trained ones; resumable from the checkpoint
 in --out; writes heads.safetensors + heads.json (and train.json: the recipe and the
-evaluation history)."""
+evaluation history). With --joint (Medusa-2) the heads train together with LoRA adapters on the
+backbone, held to the original by self-distillation (medusa.training.joint); the adapters are
+saved beside the heads (adapters.safetensors, named in heads.json) and merged into the backbone
+whenever the heads load."""
 from __future__ import annotations
 
 import argparse
@@ -13,8 +16,10 @@ from pathlib import Path
 
 from medusa.commands.common import add_model_args
 from medusa.errors import RequestError
+from medusa.heads.adapters import ADAPTERS, ATTENTION_TARGETS, MLP_TARGETS, TARGETS
 
 HEAD_TYPES = ("medusa", "hydra", "hydra++")
+TARGET_SETS = {"all": TARGETS, "attention": ATTENTION_TARGETS, "mlp": MLP_TARGETS}
 
 
 def register(sub) -> None:
@@ -49,6 +54,17 @@ def register(sub) -> None:
                         "(0: the whole vocabulary; `medusa vocab` sets it later)")
     p.add_argument("--save-dtype", choices=("float16", "bfloat16", "float32"), default="float16")
     p.add_argument("--seed", type=int, default=0)
+    j = p.add_argument_group("joint training (Medusa-2: heads + LoRA adapters on the backbone)")
+    j.add_argument("--joint", action="store_true", help="train LoRA adapters on the backbone with the heads, the backbone's "
+                   "loss being the KL to the original model (warm up first: --init-heads with trained heads)")
+    j.add_argument("--lora-rank", type=int, default=None, help="(default: 16, or the --init-heads adapters')")
+    j.add_argument("--lora-alpha", type=float, default=None, help="the adapters' scale is alpha / rank (default: 2 x rank)")
+    j.add_argument("--lora-targets", default=None,
+                   help=f"comma list of projections to adapt, among {','.join(TARGETS)}, or attention | mlp | all (default: all)")
+    j.add_argument("--adapter-lr", type=float, default=None, help="the adapters' peak learning rate (default: --lr / 10)")
+    j.add_argument("--kl-weight", type=float, default=1.0, help="weight of the backbone's KL to the original")
+    j.add_argument("--heads-weight", type=float, default=0.2, help="weight of the heads' depth-weighted loss")
+    j.add_argument("--adapter-start", type=int, default=0, help="steps with the adapters frozen before they train")
     add_model_args(p, heads=False)
     p.set_defaults(func=run)
 
@@ -72,6 +88,61 @@ def build_new_heads(args, model, source_name: str):
     return build_heads(cfg, model)
 
 
+def init_folder(args) -> Path:
+    """The heads folder --init-heads names."""
+    from medusa.runtime import SHIPPED_HEADS, shipped_heads_dirs
+
+    spec = args.init_heads
+    if spec in ("default", *SHIPPED_HEADS):
+        found = shipped_heads_dirs(spec)
+        if not found:
+            raise RequestError(f"--init-heads {spec}: no shipped {spec} heads in this installation")
+        return found[0]
+    return Path(spec)
+
+
+def init_adapters(args) -> dict | None:
+    """The adapters entry of the --init-heads heads.json (heads trained jointly), or None."""
+    if not args.init_heads:
+        return None
+    try:
+        return (json.loads((init_folder(args) / "heads.json").read_text()).get("extra") or {}).get("adapters")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None  # load_heads says what is wrong with the folder
+
+
+def joint_config(args, init: dict | None):
+    """The JointConfig of --joint and its flags (the --init-heads adapters' shape where they have
+    one), or None without --joint; RequestError for a bad value."""
+    from medusa.training.joint import JointConfig
+    from medusa.training.lora import LoRAConfig
+
+    lora_flags = {"--lora-rank": args.lora_rank, "--lora-alpha": args.lora_alpha, "--lora-targets": args.lora_targets,
+                  "--adapter-lr": args.adapter_lr}
+    if not args.joint:
+        given = [f for f, v in lora_flags.items() if v is not None]
+        if given or (args.kl_weight, args.heads_weight, args.adapter_start) != (1.0, 0.2, 0):
+            raise RequestError(f"{', '.join(given) or 'the joint-training weights'}: only with --joint")
+        return None
+    if args.lora_targets is None:
+        targets = tuple(init["targets"]) if init else TARGETS
+    else:
+        names = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+        targets = tuple(TARGET_SETS[names[0]]) if len(names) == 1 and names[0] in TARGET_SETS else tuple(names)
+    rank = args.lora_rank if args.lora_rank is not None else (int(init["rank"]) if init else 16)
+    alpha = args.lora_alpha if args.lora_alpha is not None else (float(init["alpha"]) if init else 2.0 * rank)
+    adapter_lr = args.adapter_lr if args.adapter_lr is not None else args.lr / 10
+    cfg = JointConfig(LoRAConfig(rank, alpha, targets), adapter_lr / args.lr, args.kl_weight, args.heads_weight, args.adapter_start)
+    try:
+        cfg.check()
+    except ValueError as e:
+        raise RequestError(f"--joint: {e}") from None
+    if init and (rank, alpha, tuple(targets)) != (int(init["rank"]), float(init["alpha"]), tuple(init["targets"])):
+        raise RequestError(f"--init-heads {args.init_heads} carries adapters of rank {init['rank']}, alpha {init['alpha']}, "
+                           f"targets {','.join(init['targets'])}: leave the LoRA flags out to continue them")
+    return cfg
+
+
 def load_init_heads(args, model):
     """The heads named by --init-heads, checked against the base model (fingerprint) and against
     any shape option given with them. Their searched tree and accuracy table describe the old
@@ -80,16 +151,10 @@ def load_init_heads(args, model):
     import torch
 
     from medusa.heads.io import grow_heads, load_heads
-    from medusa.runtime import SHIPPED_HEADS, shipped_heads_dirs
 
-    spec = args.init_heads
-    if spec in ("default", *SHIPPED_HEADS):
-        found = shipped_heads_dirs(spec)
-        if not found:
-            raise RequestError(f"--init-heads {spec}: no shipped {spec} heads in this installation")
-        folder = found[0]
-    else:
-        folder = Path(spec)
+    folder = init_folder(args)
+    # heads trained jointly bring their adapters: merged into the model (heads-only training), or
+    # loaded into its LoRA modules (--joint: they train on)
     heads = load_heads(folder, model, dtype=torch.float32)  # checks the files and the base model's fingerprint
     c = heads.config
     given = {"--head-type": (args.head_type, c.head_type), "--num-heads": (args.num_heads, c.num_heads)}
@@ -119,8 +184,10 @@ def run(args) -> int:
 
     if args.teacher_weight is not None and not 0.0 <= args.teacher_weight <= 1.0:
         raise RequestError(f"--teacher-weight must be in [0, 1], got {args.teacher_weight}")
-    if args.lr <= 0 or args.batch_tokens < 1 or args.max_len < 4:
+    if not args.lr > 0 or args.batch_tokens < 1 or args.max_len < 4:
         raise RequestError("--lr, --batch-tokens and --max-len must be positive (max-len >= 4)")
+    init_entry = init_adapters(args)
+    joint = joint_config(args, init_entry)
     records = read_records(args.data)
     train, held = split(records, args.heldout)
     if not train:
@@ -129,6 +196,13 @@ def run(args) -> int:
         raise RequestError(f"--draft-vocab must be >= 0, got {args.draft_vocab}")
     stack = load_stack(args.model, heads="none", dtype=args.dtype, device=args.device)
     model = stack.model
+    if joint is not None:
+        from medusa.training.lora import apply_lora
+
+        try:
+            apply_lora(model, joint.lora)  # before the heads load: trained adapters load into these modules
+        except ValueError as e:
+            raise RequestError(f"--joint: {e}") from None
     heads = load_init_heads(args, model) if args.init_heads else build_new_heads(args, model, stack.source.name)
     head_type = heads.config.head_type
     teacher = args.teacher_weight if args.teacher_weight is not None else (1.0 if head_type == "hydra++" else 0.0)
@@ -137,10 +211,18 @@ def run(args) -> int:
                       teacher_weight=teacher, seed=args.seed, time_limit=args.time_limit, checkpoint_every=args.checkpoint_every,
                       eval_batches=args.eval_batches)
     out = Path(args.out)
-    trainer = Trainer(model, heads, train, held, cfg, checkpoint_dir=out / "ckpt")
+    if joint is None:
+        trainer = Trainer(model, heads, train, held, cfg, checkpoint_dir=out / "ckpt")
+    else:
+        from medusa.training.joint import JointTrainer
+
+        trainer = JointTrainer(model, heads, train, held, cfg, joint, checkpoint_dir=out / "ckpt")
     resumed = trainer.load_checkpoint()
     n_params = sum(p.numel() for p in heads.parameters())
-    print(f"train: {head_type} x{heads.config.num_heads} ({n_params / 1e6:.2f}M params) on {len(train)} records "
+    n_adapter = sum(t.numel() for t in trainer.adapter_tensors().values()) if joint else 0
+    print(f"train: {head_type} x{heads.config.num_heads} ({n_params / 1e6:.2f}M params)"
+          + (f" + LoRA r{joint.lora.rank} on {','.join(joint.lora.targets)} ({n_adapter / 1e6:.2f}M params)" if joint else "")
+          + f" on {len(train)} records "
           f"({sum(len(r.response_ids) for r in train)} response tokens), {len(held)} held out, device {model.device}"
           + (f", from the heads in {args.init_heads}" if args.init_heads else "")
           + (f", resumed at step {trainer.state.step}" if resumed else "")
@@ -151,11 +233,14 @@ def run(args) -> int:
         if bar.total != m["total_steps"]:
             bar.total = m["total_steps"]
         bar.update(1)
-        bar.set_postfix(loss=f"{m['loss']:.3f}", top1="/".join(f"{a:.2f}" for a in m["top1"]), lr=f"{m['lr']:.1e}")
+        kl = {"kl": f"{m['kl']:.4f}"} if "kl" in m else {}
+        bar.set_postfix(loss=f"{m['loss']:.3f}", top1="/".join(f"{a:.2f}" for a in m["top1"]), lr=f"{m['lr']:.1e}", **kl)
 
     def on_eval(r: dict) -> None:
         tqdm.write(f"eval @ step {r['step']} (epoch {r['epoch']}): loss {r['loss']:.4f}, "
-                   f"top-1 per head {', '.join(f'{a:.3f}' for a in r['top1'])}", file=sys.stderr)
+                   f"top-1 per head {', '.join(f'{a:.3f}' for a in r['top1'])}"
+                   + (f"; backbone KL to the original {r['kl']:.5f}, argmax agreement {r['agree']:.4f}" if "kl" in r else ""),
+                   file=sys.stderr)
 
     t0 = time.perf_counter()
     state = trainer.fit(on_step, on_eval)
@@ -166,10 +251,22 @@ def run(args) -> int:
         heads.set_draft_vocab(ids, model, coverage)
         print(f"train: proposals restricted to {ids.numel()} tokens ({100 * coverage:.2f}% of the training responses)",
               file=sys.stderr)
+    if joint is not None:  # the adapters beside the heads, named in heads.json
+        from medusa.heads.adapters import save_adapters
+
+        entry = save_adapters(out, trainer.adapter_tensors(), joint.lora.rank, joint.lora.alpha, joint.lora.targets,
+                              heads.config.base_fingerprint)
+        heads.config = dataclasses.replace(heads.config, extra={**heads.config.extra, "adapters": entry})
+    elif init_entry:  # heads trained on a backbone adapted before: they keep its adapters
+        import shutil
+
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(init_folder(args) / init_entry.get("file", ADAPTERS), out / ADAPTERS)
     save_heads(heads.to(DTYPES[args.save_dtype]), out)
     recipe = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "train": dataclasses.asdict(cfg),
               "records": len(train), "heldout_records": len(held), "response_tokens": sum(len(r.response_ids) for r in train),
-              "params": n_params, "init_heads": args.init_heads, "recompute_logits": trainer.recompute, "steps": state.step, "epochs_done": state.epoch, "seconds_this_run": round(time.perf_counter() - t0, 1),
+              "params": n_params, "init_heads": args.init_heads,
+              "joint": None if joint is None else {**dataclasses.asdict(joint), "adapter_params": n_adapter}, "recompute_logits": trainer.recompute, "steps": state.step, "epochs_done": state.epoch, "seconds_this_run": round(time.perf_counter() - t0, 1),
               "device": str(model.device) + (f" ({torch.cuda.get_device_name()})" if model.device.type == "cuda" else ""),
               "history": state.history}
     (out / "train.json").write_text(json.dumps(recipe, indent=1))

@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from medusa.errors import HeadsMismatchError
+from medusa.heads.adapters import attach_adapters, backbone_fingerprint
 from medusa.heads.base import DraftHeads, HeadsConfig, with_draft_vocab
 from medusa.heads.reference import WEIGHTS as REFERENCE_WEIGHTS
 from medusa.heads.reference import is_reference_dir, read_reference
@@ -76,7 +77,7 @@ def load_heads(folder: str | Path, base, dtype: torch.dtype | None = None) -> Dr
         config = HeadsConfig.from_dict(json.loads((folder / CONFIG).read_text()))
     except (json.JSONDecodeError, TypeError) as e:
         raise HeadsMismatchError(f"{folder / CONFIG} is malformed: {e}") from None
-    fp = fingerprint(base)
+    fp = backbone_fingerprint(base, config)  # Medusa-2 heads name the backbone before their adapters
     if (config.hidden_size, config.vocab_size) != (base.cfg.hidden_size, base.cfg.vocab_size) or config.base_fingerprint != fp:
         raise HeadsMismatchError(
             f"heads in {folder} were trained for another base model "
@@ -91,6 +92,7 @@ def load_heads(folder: str | Path, base, dtype: torch.dtype | None = None) -> Dr
         raise HeadsMismatchError(f"{folder / WEIGHTS} does not match {CONFIG}: {e}") from None
     heads = heads.to(device=base.device, dtype=dtype or base.dtype).eval().requires_grad_(False)
     heads.bind_draft_vocab(base)
+    attach_adapters(folder, config, base)  # Medusa-2: the backbone's adapters, merged once
     return heads
 
 

@@ -53,12 +53,39 @@ def teacher_rows(row: torch.Tensor, head: int) -> torch.Tensor:
 
 @torch.no_grad()
 def base_hidden(base, tokens: torch.Tensor) -> torch.Tensor:
-    """The frozen base model over whole right-padded sequences, no KV kept: [B, T, D].
-    Uses a throwaway cache (the model's own forward, so training sees the inference numerics)."""
+    """The frozen base model over whole right-padded sequences, no KV kept: [B, T, D]."""
+    return model_hidden(base, tokens)
+
+
+class LayerwiseCache:
+    """A throwaway KV cache for a forward that trains: each layer's keys and values are a new
+    tensor (an out-of-place write), where the model's own cache keeps every layer in one tensor
+    that each layer's write changes in place, which autograd refuses for the K/V an earlier
+    layer saved for backward. Offers what the attention layers use: write, k[layer], v[layer]."""
+
+    def __init__(self, base, batch: int, max_len: int):
+        self.shape = (batch, max_len, 2, base.cfg.num_kv_heads, base.cfg.head_dim)
+        self.dtype, self.device = base.dtype, base.device
+        self.k: list[torch.Tensor | None] = [None] * base.cfg.num_layers  # [B, Hkv, S, Dh] each
+        self.v: list[torch.Tensor | None] = [None] * base.cfg.num_layers
+
+    def write(self, layer: int, rows: torch.Tensor, slots: torch.Tensor, kv: torch.Tensor) -> None:
+        B, N, _, Dh = kv.shape
+        kv = kv.view(B, N, 2, -1, Dh)
+        t = torch.zeros(self.shape, dtype=kv.dtype, device=self.device).index_put((rows, slots), kv)
+        self.k[layer] = t[:, :, 0].transpose(1, 2)
+        self.v[layer] = t[:, :, 1].transpose(1, 2)
+
+
+def model_hidden(base, tokens: torch.Tensor) -> torch.Tensor:
+    """`base_hidden` with gradients where the model has trainable parameters (joint training's
+    adapters). The model's own forward, so training sees the inference numerics, over a
+    throwaway cache (one of its own per layer where gradients flow)."""
     B, T = tokens.shape
     pos = torch.arange(T, device=tokens.device)[None].expand(B, T)
     causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()[None].expand(B, T, T)
-    return base(tokens, pos, base.new_cache(B, T), pos, causal, logits_for=None).hidden
+    cache = LayerwiseCache(base, B, T) if torch.is_grad_enabled() else base.new_cache(B, T)
+    return base(tokens, pos, cache, pos, causal, logits_for=None).hidden
 
 
 def head_features(heads, base, tokens: torch.Tensor, hidden: torch.Tensor) -> list[torch.Tensor]:

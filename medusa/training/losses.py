@@ -80,3 +80,37 @@ def head_loss(z: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, lm, t
         total = total + loss
         correct = correct + c
     return HeadLoss(total / M, correct, M)
+
+
+@dataclass(frozen=True)
+class KLLoss:
+    loss: torch.Tensor  # scalar: mean over the rows of KL(teacher || model), nats per token
+    agree: torch.Tensor  # scalar long: rows whose argmax equals the teacher's
+    rows: int
+
+
+def _kl_chunk(h, p, lm):
+    logq = F.log_softmax(lm(h).float(), dim=-1)  # [M, V]
+    kl = (torch.xlogy(p, p) - p * logq).sum()  # sum over rows of sum_v p (log p - log q)
+    agree = (logq.detach().argmax(-1) == p.argmax(-1)).sum()
+    return kl, agree
+
+
+def kl_loss(hidden: torch.Tensor, needed: torch.Tensor, teacher: torch.Tensor, lm, checkpointed: bool = True) -> KLLoss:
+    """Self-distillation loss of an adapted backbone (Medusa-2): the mean KL divergence from the
+    original model's distribution to the adapted one's at every needed position. hidden [B, T, D]
+    the adapted model's final hidden states, needed [B, T] bool, teacher [N, V] the original's
+    probabilities at the needed positions in order (`teacher_probs`), lm: [.., D] -> [.., V]."""
+    hs = hidden[needed]  # [N, D]
+    N = hs.shape[0]
+    if N == 0:
+        return KLLoss(hidden.sum() * 0.0, torch.zeros((), dtype=torch.long, device=hidden.device), 0)
+    total = torch.zeros((), device=hidden.device)
+    agree = torch.zeros((), dtype=torch.long, device=hidden.device)
+    for a in range(0, N, CHUNK_ROWS):
+        args = (hs[a: a + CHUNK_ROWS], teacher[a: a + CHUNK_ROWS])
+        fn = lambda h_, p_: _kl_chunk(h_, p_, lm)  # noqa: E731
+        kl, c = checkpoint(fn, *args, use_reentrant=False) if (checkpointed and torch.is_grad_enabled()) else fn(*args)
+        total = total + kl
+        agree = agree + c
+    return KLLoss(total / N, agree, N)

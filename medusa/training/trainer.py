@@ -74,8 +74,11 @@ class Trainer:
         self.base.requires_grad_(False)
         decay = [p for n, p in heads.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in heads.named_parameters() if p.ndim < 2]
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                      {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+        # each group's learning rate is the schedule's times its lr_scale (joint training adds the
+        # backbone's adapters as a group of their own, with a smaller scale)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+                  {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}] + self._extra_groups()
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
         self.weights = head_weights(heads.config.num_heads, cfg.head_decay)
         self.recompute = cfg.recompute_logits if cfg.recompute_logits is not None else not self._logits_fit()
         self.state = TrainState()
@@ -84,6 +87,13 @@ class Trainer:
         self.ckpt = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir else None
 
     # ------------------------------------------------------------------ pieces
+
+    def _extra_groups(self) -> list[dict]:
+        """More parameter groups to train (none: the heads alone)."""
+        return []
+
+    def _trainable(self) -> list[torch.Tensor]:
+        return [p for g in self.opt.param_groups for p in g["params"]]
 
     def _logits_fit(self) -> bool:
         """Whether every head's logits for a full batch can stay in memory for backward: the
@@ -100,7 +110,8 @@ class Trainer:
         return plan_batches(self.train_records, self.cfg.max_tokens, self.cfg.max_len, self.cfg.seed, epoch)
 
     def _losses(self, tokens: torch.Tensor, mask: torch.Tensor):
-        """Weighted loss and per-head (loss, correct, rows) on one batch."""
+        """Weighted loss, per-head (loss, correct, rows) and further figures {name: (sum, count)}
+        on one batch (none for the heads alone)."""
         tokens, mask = tokens.to(self.device), mask.to(self.device)
         hidden = base_hidden(self.base, tokens)  # [B, T, D], no grad
         tw = self.cfg.teacher_weight
@@ -116,21 +127,25 @@ class Trainer:
                                teacher_rows(row, i) if tw > 0 else None, tw, checkpointed=self.recompute)
                 total = total + self.weights[i] * hl.loss
                 per_head.append(hl)
-        return total / sum(self.weights), per_head
+        return total / sum(self.weights), per_head, {}
 
     def train_step(self, tokens: torch.Tensor, mask: torch.Tensor) -> dict:
         lr = lr_at(self.state.step, self.cfg, self.state.total_steps)
         for g in self.opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * self._lr_scale(g)
         self.opt.zero_grad(set_to_none=True)
-        loss, per_head = self._losses(tokens, mask)
+        loss, per_head, extra = self._losses(tokens, mask)
         loss.backward()
         if self.cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.heads.parameters(), self.cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self._trainable(), self.cfg.grad_clip)
         self.opt.step()
         self.state.step += 1
         return {"step": self.state.step, "lr": lr, "loss": float(loss.detach()),
-                "top1": [float(h.correct) / max(h.rows, 1) for h in per_head]}
+                "top1": [float(h.correct) / max(h.rows, 1) for h in per_head],
+                **{k: float(v) / max(float(n), 1.0) for k, (v, n) in extra.items()}}
+
+    def _lr_scale(self, group: dict) -> float:
+        return group.get("lr_scale", 1.0)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -140,16 +155,22 @@ class Trainer:
             plan = plan[: self.cfg.eval_batches]
         K = self.heads.config.num_heads
         loss_sum, seen, rows, correct = 0.0, 0, [0] * K, [0] * K
+        sums: dict[str, list[float]] = {}
         for b in iterate_batches(self.heldout, plan, self.cfg.max_len):
-            loss, per_head = self._losses(b.tokens, b.target_mask)
+            loss, per_head, extra = self._losses(b.tokens, b.target_mask)
             loss_sum += float(loss) * b.num_targets
             seen += b.num_targets
             for i, h in enumerate(per_head):
                 rows[i] += h.rows
                 correct[i] += int(h.correct)
+            for k, (v, n) in extra.items():
+                acc = sums.setdefault(k, [0.0, 0.0])
+                acc[0] += float(v)
+                acc[1] += float(n)
         self.heads.train()
         return {"step": self.state.step, "epoch": self.state.epoch, "loss": loss_sum / max(seen, 1),
-                "top1": [c / max(r, 1) for c, r in zip(correct, rows)], "rows": rows}
+                "top1": [c / max(r, 1) for c, r in zip(correct, rows)], "rows": rows,
+                **{k: v / max(n, 1.0) for k, (v, n) in sums.items()}}
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -159,7 +180,7 @@ class Trainer:
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         torch.save({"heads": self.heads.state_dict(), "opt": self.opt.state_dict(),
                     "state": dataclasses.asdict(self.state), "cfg": dataclasses.asdict(self.cfg),
-                    "heads_config": self.heads.config.to_dict()}, tmp)
+                    "heads_config": self.heads.config.to_dict(), **self._checkpoint_extra()}, tmp)
         os.replace(tmp, path)
         return path
 
@@ -173,10 +194,23 @@ class Trainer:
 
             raise HeadsMismatchError(f"checkpoint {path} holds other heads ({ck['heads_config']['head_type']}); "
                                      "remove it or use another --out")
+        self._load_extra(ck, path)
         self.heads.load_state_dict(ck["heads"])
         self.opt.load_state_dict(ck["opt"])
         self.state = TrainState(**ck["state"])
         return True
+
+    def _checkpoint_extra(self) -> dict:
+        """More state for the checkpoint (joint training: the adapters)."""
+        return {}
+
+    def _load_extra(self, ck: dict, path: Path) -> None:
+        """Restore what `_checkpoint_extra` saved (checking it fits this run first)."""
+        if "adapters" in ck:
+            from medusa.errors import HeadsMismatchError
+
+            raise HeadsMismatchError(f"checkpoint {path} is of joint training (heads and backbone adapters): "
+                                     "continue it with --joint, or remove it or use another --out")
 
     # ------------------------------------------------------------------ the loop
 
