@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-CORE = ["medusa/model", "medusa/heads", "medusa/decoding", "medusa/training"]
+CORE = ["medusa/model", "medusa/heads", "medusa/decoding", "medusa/parallel", "medusa/training"]
 CORE_ALLOWED = {"torch", "numpy", "safetensors", "gguf", "medusa"}
 
 

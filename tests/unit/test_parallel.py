@@ -1,0 +1,302 @@
+"""Tensor parallelism on the CPU (gloo, float32): ranks are spawned inside the tests.
+
+- the default model (9 heads, 3 KV heads) at TP 3: one group per module runs everything
+  (teacher-forced logits, greedy decoding plain and with the shipped Medusa and Hydra++ heads
+  and their trees through the lockstep protocol, a seeded sampled request), compared with
+  the whole model in this process (TP 1);
+- small random models at TP 2 and 4 (more heads than KV heads; at 4, fewer KV heads than ranks:
+  replicated), loaded by slices from a checkpoint written here;
+- sharded weights reassemble to the original, one test per kind of linear;
+- bad settings fail with one clear line; a killed rank fails the group in bounded time."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from medusa.decoding.generate import generate
+from medusa.decoding.sampling import SamplingParams
+from medusa.decoding.tree import own_tree
+from medusa.heads.io import load_heads
+from medusa.parallel.comm import Group, ParallelError, check_world
+from medusa.parallel.decode import Executor, decode
+from medusa.parallel.launch import launch
+from medusa.parallel.load import load_heads_sharded, load_sharded
+from medusa.parallel.lockstep import Lockstep, StepPlan
+from medusa.parallel.shard import layout, shard_model
+from medusa.runtime import shipped_heads_dir
+from tests.conftest import tiny_config, tiny_model
+
+TEXTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain recursion to a child."]
+NEW = 32
+SAMPLED = SamplingParams(temperature=0.8, rule="sample")
+SEED = 1234
+
+
+# ------------------------------------------------------------------ rank bodies (run in spawned ranks)
+
+def _serve_or_drive(group, executor, drive):
+    lock = Lockstep(group, executor)
+    if group.rank != 0:
+        lock.serve()
+        return None
+    try:
+        return drive(lock)
+    finally:
+        lock.stop()
+
+
+def _default_rank(group, hf_dir, heads_dirs, prompts, teacher):
+    model, _ = load_sharded(hf_dir, group)
+    out = {"local_kv_heads": model.cfg.num_kv_heads, "cache_heads": model.new_cache(1, 4).kv.shape[3]}
+    for label, folder in heads_dirs.items():
+        heads = load_heads_sharded(folder, model)
+        tree = own_tree(heads.config, label)
+
+        def drive(lock, label=label, tree=tree):
+            res = {"spec": [decode(lock, p, NEW, tree) for p in prompts]}
+            if label == "medusa":
+                res["logits"] = lock.run(StepPlan("logits", {"tokens": [teacher]})).numpy()
+                res["plain"] = [decode(lock, p, NEW) for p in prompts]
+            else:
+                res["sampled"] = decode(lock, prompts[0], NEW, tree, SAMPLED, seed=SEED)
+            return res
+
+        out[label] = _serve_or_drive(group, Executor(model, heads), drive)
+    return out if group.rank == 0 else None
+
+
+def _random_rank(group, hf_dir, prompts, teacher, n):
+    model, _ = load_sharded(hf_dir, group)
+
+    def drive(lock):
+        return {"logits": lock.run(StepPlan("logits", {"tokens": teacher})).numpy(),
+                "plain": [decode(lock, p, n) for p in prompts]}
+
+    return _serve_or_drive(group, Executor(model), drive)
+
+
+def _dying_rank(group, steps):
+    def execute(plan):
+        if group.rank == 1 and plan.args["i"] == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return group.all_reduce(torch.ones(4)).tolist()
+
+    return _serve_or_drive(group, execute, lambda lock: [lock.run(StepPlan("x", {"i": i})) for i in range(steps)])
+
+
+# ------------------------------------------------------------------ the default model at TP 3
+
+@pytest.fixture(scope="module")
+def heads_dirs():
+    dirs = {name: shipped_heads_dir(name) for name in ("medusa", "hydra")}
+    missing = [n for n, d in dirs.items() if d is None]
+    if missing:
+        pytest.skip(f"shipped heads missing: {missing}")
+    return {n: str(d) for n, d in dirs.items()}
+
+
+@pytest.fixture(scope="module")
+def prompts(stack):
+    return [stack.tokenizer.encode_prompt(t) for t in TEXTS]
+
+
+@pytest.fixture(scope="module")
+def reference(stack, heads_dirs, prompts):
+    """TP 1: the whole model through medusa.decoding.generate."""
+    def run(ids, heads=None, tree=None, params=SamplingParams()):
+        if not params.greedy:
+            params = SamplingParams(**{**vars(params), "seed": SEED})
+        return [t for c in generate(stack.model, ids, heads=heads, tree=tree, params=params, max_new_tokens=NEW,
+                                    stop_token_ids=()) for t in c.tokens]
+
+    ref = {"plain": [run(p) for p in prompts]}
+    for label, folder in heads_dirs.items():
+        heads = load_heads(folder, stack.model)
+        tree = own_tree(heads.config, label)
+        ref[label] = [run(p, heads, tree) for p in prompts]
+        ref[label + "_tree"] = tree
+        if label == "hydra":
+            ref["sampled"] = run(prompts[0], heads, tree, SAMPLED)
+    teacher = prompts[0] + ref["plain"][0]
+    with torch.inference_mode():
+        T = len(teacher)
+        ids = torch.tensor([teacher])
+        pos = torch.arange(T)[None]
+        mask = torch.ones(T, T, dtype=torch.bool).tril()[None]
+        ref["logits"] = stack.model(ids, pos, stack.model.new_cache(1, T), pos, mask).logits
+    ref["teacher"] = teacher
+    return ref
+
+
+@pytest.fixture(scope="module")
+def tp3(stack, heads_dirs, prompts, reference):
+    out = launch(_default_rank, 3, str(stack.source.hf_dir), heads_dirs, prompts, reference["teacher"],
+                 backend="gloo", timeout_s=900)
+    return out[0]
+
+
+def test_default_model_tp3_kv_cache_holds_its_heads(tp3):
+    assert tp3["local_kv_heads"] == 1 and tp3["cache_heads"] == 1  # 3 KV heads over 3 ranks
+
+
+def test_default_model_tp3_logits_match_tp1(tp3, reference):
+    got = torch.from_numpy(tp3["medusa"]["logits"])
+    assert got.shape == reference["logits"].shape
+    assert (got - reference["logits"]).abs().max().item() < 1e-4
+
+
+def test_default_model_tp3_plain_greedy_equals_tp1(tp3, reference):
+    assert tp3["medusa"]["plain"] == reference["plain"]
+
+
+@pytest.mark.parametrize("label", ["medusa", "hydra"])
+def test_default_model_tp3_heads_greedy_equals_tp1(tp3, reference, label):
+    assert tp3[label]["spec"] == reference[label]
+    assert tp3[label]["spec"] == reference["plain"]  # and speculative == plain (the golden rule)
+    if label == "hydra":
+        assert reference["hydra_tree"].lookup > 0  # the shipped Hydra++ tree carries a lookup chain
+
+
+def test_default_model_tp3_seeded_sampling_equals_tp1(tp3, reference):
+    assert tp3["hydra"]["sampled"] == reference["sampled"]
+
+
+# ------------------------------------------------------------------ random models at TP 2 and 4
+
+def _write_checkpoint(model, folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {("model." + k if k != "lm_head.weight" else k): v.contiguous() for k, v in model.state_dict().items()
+             if not k.startswith("rope_") and not (k == "lm_head.weight" and model.cfg.tie_word_embeddings)}
+    save_file(state, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(model.cfg.to_hf()))
+
+
+def _greedy_with_margins(model, prompt, n):
+    """Greedy tokens of the whole model and each step's top-2 logit margin."""
+    toks, margins = [], []
+    ids = list(prompt)
+    with torch.inference_mode():
+        for _ in range(n):
+            T = len(ids)
+            pos = torch.arange(T)[None]
+            logits = model(torch.tensor([ids]), pos, model.new_cache(1, T), pos,
+                           torch.ones(T, T, dtype=torch.bool).tril()[None]).logits[0, -1]
+            top = logits.topk(2).values
+            margins.append((top[0] - top[1]).item())
+            toks.append(int(logits.argmax()))
+            ids.append(toks[-1])
+    return toks, margins
+
+
+@pytest.mark.parametrize("world,shape", [
+    (2, dict(num_heads=8, num_kv_heads=2, attention_bias=True)),  # qwen2-like biases, 1 KV head per rank
+    (4, dict(num_heads=8, num_kv_heads=2, tie_word_embeddings=True)),  # KV heads replicated on 2 ranks each
+])
+def test_random_model_matches_tp1(tmp_path, world, shape):
+    kw = dict(vocab=250, hidden_size=64, head_dim=8, intermediate_size=128, **shape)  # 250 rows: a padded last shard
+    model = tiny_model(seed=world, **kw)
+    if model.cfg.tie_word_embeddings:
+        model.tie_weights()
+    _write_checkpoint(model, tmp_path / "ckpt")
+    gen = torch.Generator().manual_seed(world)
+    prompts = [torch.randint(0, 250, (6,), generator=gen).tolist() for _ in range(2)]
+    teacher = [torch.randint(0, 250, (20,), generator=gen).tolist() for _ in range(2)]
+    n = 12
+    got = launch(_random_rank, world, str(tmp_path / "ckpt"), prompts, teacher, n, backend="gloo", timeout_s=600)[0]
+    with torch.inference_mode():
+        T = len(teacher[0])
+        pos = torch.arange(T)[None].expand(2, T)
+        ref = model(torch.tensor(teacher), pos, model.new_cache(2, T), pos,
+                    torch.ones(T, T, dtype=torch.bool).tril()[None].expand(2, T, T)).logits
+    scale = ref.abs().max().item()
+    assert (torch.from_numpy(got["logits"]) - ref).abs().max().item() < 1e-4 * max(1.0, scale)
+    for p, out in zip(prompts, got["plain"]):
+        want, margins = _greedy_with_margins(model, p, n)
+        tie = next((i for i, m in enumerate(margins) if m < 1e-4), n)
+        if tie < n:
+            print(f"TP {world}: near-tie (top-2 margin {margins[tie]:.2e}) at new token {tie}; compared up to it")
+        assert out[:tie] == want[:tie]
+
+
+# ------------------------------------------------------------------ reassembly, per kind of linear
+
+def _shards(world, **kw):
+    cfg_kw = dict(vocab=10, num_heads=4, num_kv_heads=2, attention_bias=True, **kw)
+    whole = tiny_model(seed=1, **cfg_kw)
+    parts = []
+    for r in range(world):
+        m = tiny_model(seed=1, **cfg_kw)
+        parts.append(shard_model(m, Group(r, world, torch.device("cpu"))))
+    return whole, parts
+
+
+def _unique_cat(ts, dim):
+    out = []
+    for t in ts:  # replicated KV heads: consecutive ranks hold the same rows
+        if not out or not torch.equal(out[-1], t):
+            out.append(t)
+    return torch.cat(out, dim)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("kind,names,dim", [
+    ("column q", ["self_attn.q_proj.weight", "self_attn.q_proj.bias"], 0),
+    ("column kv", ["self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.k_proj.bias"], 0),
+    ("row o", ["self_attn.o_proj.weight"], 1),
+    ("column gate/up", ["mlp.gate_proj.weight", "mlp.up_proj.weight"], 0),
+    ("row down", ["mlp.down_proj.weight"], 1),
+])
+def test_sharded_linears_reassemble(world, kind, names, dim):
+    whole, parts = _shards(world)
+    for layer in range(whole.cfg.num_layers):
+        for name in names:
+            full = whole.get_parameter(f"layers.{layer}.{name}")
+            pieces = [p.get_parameter(f"layers.{layer}.{name}") for p in parts]
+            assert all(x.shape[dim] == full.shape[dim] // (min(world, 2) if "kv" in kind else world) for x in pieces)
+            assert torch.equal(_unique_cat(pieces, dim), full)
+    assert parts[0].layers[0].self_attn.n_heads == 4 // world
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_sharded_vocabulary_reassembles(tied):
+    whole, parts = _shards(4, tie_word_embeddings=tied)  # 10 rows over 4 ranks: 3, 3, 3, 1 + 2 padding
+    if tied:
+        whole.tie_weights()
+    for name in ("embed_tokens.weight", "lm_head.weight"):
+        pieces = [p.get_parameter(name) for p in parts]
+        assert [x.shape[0] for x in pieces] == [3, 3, 3, 3]
+        assert torch.equal(torch.cat(pieces)[:10], whole.get_parameter(name))
+        assert not pieces[-1][1:].any()  # padding rows are zero
+    assert (parts[0].lm_head.weight is parts[0].embed_tokens.weight) == tied
+
+
+# ------------------------------------------------------------------ bad settings and failures
+
+def test_bad_sizes_fail_with_one_clear_line():
+    cfg = tiny_config(num_heads=9, num_kv_heads=3, head_dim=8, hidden_size=72, intermediate_size=96)
+    with pytest.raises(ParallelError, match="^tensor parallel size 2 does not divide the model's 9 attention heads$"):
+        layout(cfg, 0, 2)
+    with pytest.raises(ParallelError, match="neither divides the model's 3 KV heads"):
+        layout(tiny_config(num_heads=6, num_kv_heads=3, head_dim=8, hidden_size=48), 0, 2)
+    layout(cfg, 0, 3)  # 9 heads, 3 KV heads: fine at 3
+    with pytest.raises(ParallelError, match="must be >= 1"):
+        check_world(0, "cpu")
+
+
+def test_more_ranks_than_gpus_fail_before_starting():
+    n = torch.cuda.device_count()
+    with pytest.raises(ParallelError, match=f"^tensor parallel size {n + 1} needs {n + 1} GPUs; this machine has {n}$"):
+        launch(_dying_rank, n + 1, 3, backend="nccl")
+
+
+def test_a_killed_rank_fails_the_group_fast():
+    t0 = time.monotonic()
+    with pytest.raises(ParallelError, match="rank"):
+        launch(_dying_rank, 3, 50, backend="gloo", timeout_s=120, pg_timeout_s=60)
+    assert time.monotonic() - t0 < 60  # the killed rank is noticed, not waited out
