@@ -5,7 +5,9 @@ held-out records after every epoch, and checkpoints that resume to the identical
 
 With `time_limit` the run fits its schedule to the time it has: after a few timed steps the
 total step count is lowered to what fits, and recorded, so a resumed run keeps it.
-Progress is reported through callbacks; this module prints nothing and knows no CLI."""
+Progress is reported through callbacks; this module prints nothing and knows no CLI. Joint
+training (medusa.training.joint) extends it through the hooks `_extra_groups` (more parameters,
+each group's learning rate scaled by its lr_scale), `_losses` and the checkpoint's extra state."""
 from __future__ import annotations
 
 import dataclasses
