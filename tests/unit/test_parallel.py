@@ -83,7 +83,8 @@ def _random_rank(group, hf_dir, prompts, teacher, n):
 
     def drive(lock):
         return {"logits": lock.run(StepPlan("logits", {"tokens": teacher})).numpy(),
-                "plain": [decode(lock, p, n) for p in prompts]}
+                "plain": [decode(lock, p, n) for p in prompts],
+                "numel": sum(p.numel() for p in model.parameters())}  # what this rank loaded
 
     return _serve_or_drive(group, Executor(model), drive)
 
@@ -216,6 +217,9 @@ def test_random_model_matches_tp1(tmp_path, world, shape):
         ref = model(torch.tensor(teacher), pos, model.new_cache(2, T), pos,
                     torch.ones(T, T, dtype=torch.bool).tril()[None].expand(2, T, T)).logits
     torch.testing.assert_close(torch.from_numpy(got["logits"]), ref, rtol=1e-4, atol=1e-4)
+    whole = sum(p.numel() for p in model.parameters())
+    norms = sum(p.numel() for name, p in model.named_parameters() if "norm" in name)
+    assert got["numel"] < (whole - norms) / world * 1.3 + norms  # a rank reads its slices, not the model
     for p, out in zip(prompts, got["plain"]):
         want, margins = _greedy_with_margins(model, p, n)
         tie = next((i for i, m in enumerate(margins) if m < 1e-4), n)
@@ -276,6 +280,35 @@ def test_sharded_vocabulary_reassembles(tied):
     assert (parts[0].lm_head.weight is parts[0].embed_tokens.weight) == tied
 
 
+def test_world_one_is_the_whole_model():
+    """TP 1 through the sharded modules computes what the model computes, bit for bit."""
+    from medusa.parallel.comm import single
+    from medusa.parallel.shard import distributed_argmax
+
+    whole = tiny_model(seed=3, vocab=50)
+    one = shard_model(tiny_model(seed=3, vocab=50), single())
+    ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(9)[None].expand(2, 9)
+    mask = torch.ones(9, 9, dtype=torch.bool).tril()[None].expand(2, 9, 9)
+    with torch.inference_mode():
+        a = whole(ids, pos, whole.new_cache(2, 9), pos, mask)
+        b = one(ids, pos, one.new_cache(2, 9), pos, mask)
+        assert torch.equal(a.logits, b.logits)
+        assert torch.equal(distributed_argmax(one.lm_head.local_logits(b.hidden), one.lm_head), a.logits.argmax(-1))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fused_projections_are_fused_again_over_the_slices(world):
+    """A GPU model fuses q/k/v and gate/up (one GEMM each): sharding fuses the rank's slices."""
+    for r in range(world):
+        m = shard_model(tiny_model(seed=1, vocab=10).fuse_projections(), Group(r, world, torch.device("cpu")))
+        for layer in m.layers:
+            a, f = layer.self_attn, layer.mlp
+            assert torch.equal(a.qkv_weight, torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+            assert a.qkv_weight.shape[0] == (a.n_heads + 2 * a.n_kv) * a.head_dim
+            assert torch.equal(f.gate_up_weight, torch.cat([f.gate_proj.weight, f.up_proj.weight]))
+
+
 # ------------------------------------------------------------------ bad settings and failures
 
 def test_bad_sizes_fail_with_one_clear_line():
@@ -291,7 +324,8 @@ def test_bad_sizes_fail_with_one_clear_line():
 
 def test_more_ranks_than_gpus_fail_before_starting():
     n = torch.cuda.device_count()
-    with pytest.raises(ParallelError, match=f"^tensor parallel size {n + 1} needs {n + 1} GPUs; this machine has {n}$"):
+    want = f"^tensor parallel size {n + 1} needs {n + 1} GPU{'s' * (n > 0)}; this machine has {n}$"
+    with pytest.raises(ParallelError, match=want):
         launch(_dying_rank, n + 1, 3, backend="nccl")
 
 
