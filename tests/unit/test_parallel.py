@@ -23,7 +23,7 @@ from medusa.decoding.generate import generate
 from medusa.decoding.sampling import SamplingParams
 from medusa.decoding.tree import load_tree, with_lookup
 from medusa.heads.io import load_heads
-from medusa.parallel.comm import Group, ParallelError, check_world
+from medusa.parallel.comm import NO_MULTICAST, Group, ParallelError, check_world
 from medusa.parallel.decode import Executor, decode
 from medusa.parallel.launch import launch
 from medusa.parallel.load import load_heads_sharded, load_sharded
@@ -84,7 +84,8 @@ def _random_rank(group, hf_dir, prompts, teacher, n):
     def drive(lock):
         return {"logits": lock.run(StepPlan("logits", {"tokens": teacher})).numpy(),
                 "plain": [decode(lock, p, n) for p in prompts],
-                "numel": sum(p.numel() for p in model.parameters())}  # what this rank loaded
+                "numel": sum(p.numel() for p in model.parameters()),  # what this rank loaded
+                "env": {k: os.environ.get(k) for k in NO_MULTICAST}}
 
     return _serve_or_drive(group, Executor(model), drive)
 
@@ -200,7 +201,8 @@ def _greedy_with_margins(model, prompt, n):
     (2, dict(num_heads=8, num_kv_heads=2, attention_bias=True)),  # qwen2-like biases, 1 KV head per rank
     (4, dict(num_heads=8, num_kv_heads=2, tie_word_embeddings=True)),  # KV heads replicated on 2 ranks each
 ])
-def test_random_model_matches_tp1(tmp_path, world, shape):
+def test_random_model_matches_tp1(tmp_path, monkeypatch, world, shape):
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "1")  # an inherited setting must not turn multicast on
     kw = dict(vocab=250, hidden_size=64, head_dim=8, intermediate_size=128, **shape)  # 250 rows: a padded last shard
     model = tiny_model(seed=world, **kw)
     if model.cfg.tie_word_embeddings:
@@ -216,6 +218,7 @@ def test_random_model_matches_tp1(tmp_path, world, shape):
         pos = torch.arange(T)[None].expand(2, T)
         ref = model(torch.tensor(teacher), pos, model.new_cache(2, T), pos,
                     torch.ones(T, T, dtype=torch.bool).tril()[None].expand(2, T, T)).logits
+    assert got["env"] == NO_MULTICAST
     torch.testing.assert_close(torch.from_numpy(got["logits"]), ref, rtol=1e-4, atol=1e-4)
     whole = sum(p.numel() for p in model.parameters())
     norms = sum(p.numel() for name, p in model.named_parameters() if "norm" in name)
