@@ -79,12 +79,14 @@ def tqdm_progress():
     """A loading.Progress callback drawing a tqdm bar on stderr."""
     from tqdm import tqdm
 
-    bar = None
+    bar, doing = None, None
 
     def update(done: int, total: int, what: str) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, desc=what, unit="tensor", leave=False)
+        nonlocal bar, doing
+        if bar is None or what != doing:  # a new phase (a GGUF's conversion, then the load): a new bar
+            if bar is not None:
+                bar.close()
+            bar, doing = tqdm(total=total, desc=what, unit="tensor", leave=False), what
         bar.n = done + 1
         bar.refresh()
         if done + 1 >= total:

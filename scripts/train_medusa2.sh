@@ -11,13 +11,14 @@
 #   bash scripts/train_medusa2.sh bench2   # 80 x 256: the adapted backbone's ar and Medusa-2
 #   bash scripts/train_medusa2.sh bench3   # 80 x 256: the adapted backbone's ar and jointly trained Hydra++ (chain, heads alone)
 #   bash scripts/train_medusa2.sh report   # the figures benchmarks/HEADS.md needs, from the files above
-#   bash scripts/train_medusa2.sh ship     # copy the variants to medusa/assets/heads/{medusa2,hydra2} (after the lead decides)
+#   bash scripts/train_medusa2.sh ship     # copy the variants to medusa/assets/heads/{medusa2,hydra2} if their quality met the bar
 # Needs the distilled data of scripts/train_default_heads.sh stage 1 ($WORK/distill.jsonl or the
 # parts $DATA_GZ.part-*) and, for the benches, the MT-Bench questions.
 #
 # Environment (defaults in brackets): MODEL [/tmp/m/smollm2.gguf]  WORK [.cache/heads_run]  OUT [out_medusa2]
 #   DATA_GZ [distill.jsonl.gz]  MTBENCH [../shared/data/mt_bench/question.jsonl]  VARIANTS [medusa2 hydra2]
-#   M2_SECONDS [240]  H2_SECONDS [240]  LORA_RANK [16]  LORA_ALPHA [32]  LORA_TARGETS [all]
+#   M2_SECONDS [240]  H2_SECONDS [240]  MARGIN [90] (seconds a training run may take past its time limit)  EVAL_TIMEOUT [150]
+#   LORA_RANK [16]  LORA_ALPHA [32]  LORA_TARGETS [all]
 #   M2_LR [3e-4]  H2_LR [3e-4] (heads)  ADAPTER_LR [5e-5]  KL_WEIGHT [1]  HEADS_WEIGHT [0.2]
 #   H2_DRAFT_VOCAB [32768]  QUALITY_PROMPTS [80]  QUALITY_TOKENS [64]  BENCH_TOKENS [256]  BENCH_LIMIT [all]  PY [python3]
 set -euo pipefail
@@ -69,7 +70,7 @@ train() {  # joint training from the shipped heads (their training was the warm-
     # Hydra++ as shipped: the teacher loss, and proposals among the 32,768 most frequent tokens (chosen again)
     [[ $v == hydra2 ]] && { secs=$H2_SECONDS; lr=$H2_LR; teacher=1; vocab=$H2_DRAFT_VOCAB; }
     log "train $v: ${secs}s, from the shipped $(init_of "$v") heads, LoRA r$LORA_RANK a$LORA_ALPHA on $LORA_TARGETS"
-    timeout $((secs + 90)) $PY -m medusa.cli train --model "$MODEL" --data "$WORK/distill.jsonl" --out "$WORK/$v" \
+    timeout $((secs + ${MARGIN:-90})) $PY -m medusa.cli train --model "$MODEL" --data "$WORK/distill.jsonl" --out "$WORK/$v" \
       --init-heads "$(init_of "$v")" --joint --lora-rank "$LORA_RANK" --lora-alpha "$LORA_ALPHA" --lora-targets "$LORA_TARGETS" \
       --lr "$lr" --adapter-lr "$ADAPTER_LR" --kl-weight "$KL_WEIGHT" --heads-weight "$HEADS_WEIGHT" --teacher-weight $teacher --draft-vocab $vocab \
       --time-limit "$secs" --epochs 20 --batch-tokens 16384 --max-len 1024 --warmup 30 --checkpoint-every 100 --eval-batches 10 \
@@ -82,7 +83,7 @@ evaluate() {  # accuracy and trees on the adapted backbone; quality against the 
   data
   for v in $VARIANTS; do
     [[ -f $WORK/$v/.done ]] || { echo "$v is not trained: run the train stage first" >&2; exit 2; }
-    timeout 150 $PY -m medusa.cli eval heads --model "$MODEL" --heads "$WORK/$v" --data "$WORK/distill.jsonl" --max-batches 40 \
+    timeout ${EVAL_TIMEOUT:-150} $PY -m medusa.cli eval heads --model "$MODEL" --heads "$WORK/$v" --data "$WORK/distill.jsonl" --max-batches 40 \
       --json "$WORK/$v.accuracy.json" 2>&1 | tr '\r' '\n' | grep -v '^scoring' | tee -a "$WORK/medusa2.log"
     timeout 60 $PY -m medusa.cli tree --accuracies "$WORK/$v.accuracy.json" --nodes 16,32,64,128 --out "$WORK/$v.trees" \
       --heads "$WORK/$v" --ship-nodes 64 2>&1 | tee -a "$WORK/medusa2.log"
@@ -90,12 +91,12 @@ evaluate() {  # accuracy and trees on the adapted backbone; quality against the 
       local src=(--prompt-file "$MTBENCH" --limit "$QUALITY_PROMPTS")
       [[ $set == heldout ]] && src=(--data "$WORK/distill.jsonl" --limit "$QUALITY_PROMPTS")
       log "quality $v on $set"
-      timeout 150 $PY -m medusa.cli eval quality --model "$MODEL" --heads "$WORK/$v" "${src[@]}" --new-tokens "$QUALITY_TOKENS" \
+      timeout ${EVAL_TIMEOUT:-150} $PY -m medusa.cli eval quality --model "$MODEL" --heads "$WORK/$v" "${src[@]}" --new-tokens "$QUALITY_TOKENS" \
         --json "$WORK/$v.quality-$set.json" 2>&1 | tr '\r' '\n' | grep -v '^comparing' | tee -a "$WORK/medusa2.log" || true
     done
   done
-  # the noise floor: the original in bfloat16 against itself in float32 (what numerics alone change)
-  timeout 150 $PY -m medusa.cli eval quality --model "$MODEL" --heads none --prompt-file "$MTBENCH" --limit "$QUALITY_PROMPTS" \
+  # the noise floor: the original in bfloat16 against itself in float32 (what numerics alone change), once
+  [[ -f $WORK/noise.quality-mtbench.json ]] || timeout ${EVAL_TIMEOUT:-150} $PY -m medusa.cli eval quality --model "$MODEL" --heads none --prompt-file "$MTBENCH" --limit "$QUALITY_PROMPTS" \
     --new-tokens "$QUALITY_TOKENS" --dtype bfloat16 --reference-dtype float32 --json "$WORK/noise.quality-mtbench.json" 2>&1 \
     | tr '\r' '\n' | grep -v '^comparing' | tee -a "$WORK/medusa2.log" || true
   tar -czf "$OUT/medusa2-eval.tgz" -C "$WORK" medusa2.log $(cd "$WORK" && ls -d *.accuracy.json *.quality-*.json *.trees */train.json */heads.json 2>/dev/null)
@@ -136,7 +137,7 @@ for name in ("medusa2-base", "medusa2-m2", "medusa2-h2"):
         print(f"| {name} | {label} ({r.get('tree')}) | {r.get('mean_accepted')} | {r.get('tokens_per_s_median')} | "
               f"{r.get('speedup_vs_ar')} (same output as its plain: {r.get('matches_ar_count')}/{r.get('prompts')}) |")
 print()
-print("| variant | prompts | mean KL | identical /64 | ppl original | ppl adapted | kept |")
+print("| variant | prompts | mean KL (nats/token) | identical greedy outputs | ppl original | ppl adapted | kept |")
 print("|---|---|---|---|---|---|---|")
 for v in ("medusa2", "hydra2", "noise"):
     for s in ("mtbench", "heldout"):
@@ -154,8 +155,12 @@ for v in ("medusa2", "hydra2"):
 EOF
 }
 
-ship() {
+ship() {  # only variants that kept the original's quality on both prompt sets (FORCE=1 overrides)
   for v in $VARIANTS; do
+    local kept
+    kept=$($PY -c "import json,sys; print(all(json.load(open(f)).get('kept') for f in sys.argv[1:]))" \
+      "$WORK/$v.quality-mtbench.json" "$WORK/$v.quality-heldout.json" 2>/dev/null || echo False)
+    if [[ $kept != True && ${FORCE:-0} != 1 ]]; then log "ship $v: refused, its quality misses the bar (medusa eval quality)"; continue; fi
     mkdir -p "medusa/assets/heads/$v"
     cp "$WORK/$v"/heads.safetensors "$WORK/$v"/heads.json "$WORK/$v"/adapters.safetensors "medusa/assets/heads/$v/"
     cp "$WORK/$v.trees"/tree16.json "$WORK/$v.trees"/tree32.json "medusa/assets/heads/$v/" 2>/dev/null || true

@@ -79,7 +79,8 @@ def run_quality(args) -> int:
     report = compare(original.model, adapted.model, prompts, args.new_tokens, progress=bar.update)
     bar.close()
     failures = report.failures(need)
-    print(f"{adapted.heads_name} vs the original, {report.prompts} held-out prompts x {report.new_tokens} greedy tokens "
+    dt = lambda m: str(m.dtype).removeprefix("torch.")  # noqa: E731
+    print(f"{adapted.heads_name} ({dt(adapted.model)}) vs the original ({dt(original.model)}), {report.prompts} held-out prompts x {report.new_tokens} greedy tokens "
           f"({report.tokens} scored):\n"
           f"  mean KL(original || adapted)   {report.mean_kl:.5f} nats/token   (bar <= {need.max_kl})\n"
           f"  identical greedy outputs       {report.identical}/{report.prompts} = {report.identical_share:.3f}   "

@@ -48,7 +48,7 @@ def check_world(world: int, device_type: str) -> None:
     if device_type == "cuda":
         n = torch.cuda.device_count()
         if world > n:
-            raise ParallelError(f"tensor parallel size {world} needs {world} GPUs; this machine has {n}")
+            raise ParallelError(f"tensor parallel size {world} needs {world} GPU{'s' * (world > 1)}; this machine has {n}")
 
 
 def free_port() -> int:

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from medusa.errors import HeadsMismatchError
-from medusa.training.features import base_hidden, head_features, head_targets, model_hidden, teacher_positions, teacher_rows
+from medusa.training.features import base_hidden, model_hidden, teacher_positions
 from medusa.training.lora import LoRAConfig, adapters_disabled, apply_lora, lora_modules, lora_parameters, lora_tensors
-from medusa.training.losses import head_loss, kl_loss, teacher_probs
+from medusa.training.losses import kl_loss, teacher_probs
 from medusa.training.trainer import TrainConfig, Trainer
 
 
@@ -51,6 +51,8 @@ class JointTrainer(Trainer):
     """Trainer of heads plus backbone adapters. `base` gets LoRA modules (`apply_lora`) unless it
     carries them already (set up by the caller, e.g. to load trained adapters into them)."""
 
+    shared_logit_tables, logits_memory_share = 3, 0.5  # the KL's tables; room for the backbone's activations
+
     def __init__(self, base, heads, train, heldout, cfg: TrainConfig, joint: JointConfig,
                  checkpoint_dir: str | Path | None = None):
         joint.check()
@@ -72,36 +74,19 @@ class JointTrainer(Trainer):
             return 0.0
         return group.get("lr_scale", 1.0)
 
-    def _logits_fit(self) -> bool:
-        # the backbone's activations need room too: keep logits only with half the memory spare
-        if self.device.type != "cuda":
-            return False
-        V = self.heads.config.vocab_size
-        need = self.cfg.max_tokens * V * 4 * (2 * self.heads.config.num_heads + 3)
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return need < 0.5 * free
-
     def _losses(self, tokens: torch.Tensor, mask: torch.Tensor):
         tokens, mask = tokens.to(self.device), mask.to(self.device)
         needed = teacher_positions(mask)  # [B, T]: positions that predict a response token
         with adapters_disabled(self.base):
             original = base_hidden(self.base, tokens)  # [B, T, D], no grad: the teacher
-        tw = self.cfg.teacher_weight
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             teacher, row = teacher_probs(original, needed, self.base.lm_head)  # [N, V], [B, T]
             del original
             hidden = model_hidden(self.base, tokens)  # [B, T, D], through the adapters
             kl = kl_loss(hidden, needed, teacher, self.base.lm_head, checkpointed=self.recompute)
-            feats = head_features(self.heads, self.base, tokens, hidden)  # K x [B, T, D]
-            per_head = []
-            heads_total = torch.zeros((), device=self.device)
-            for i, z in enumerate(feats):
-                targets, valid = head_targets(tokens, mask, i)
-                hl = head_loss(z, targets, valid, lambda x, i=i: self.heads.lm_logits(i, x, self.base), teacher,
-                               teacher_rows(row, i) if tw > 0 else None, tw, checkpointed=self.recompute)
-                heads_total = heads_total + self.weights[i] * hl.loss
-                per_head.append(hl)
-        total = self.joint.kl_weight * kl.loss + self.joint.heads_weight * heads_total / sum(self.weights)
+            # the heads learn from the adapted hidden states; their teacher is the original's distribution
+            heads_loss, per_head = self._head_losses(tokens, mask, hidden, teacher, row)
+        total = self.joint.kl_weight * kl.loss + self.joint.heads_weight * heads_loss
         extra = {"kl": (kl.loss.detach() * kl.rows, kl.rows), "agree": (kl.agree, kl.rows)}
         return total, per_head, extra
 

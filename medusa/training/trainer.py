@@ -5,7 +5,9 @@ held-out records after every epoch, and checkpoints that resume to the identical
 
 With `time_limit` the run fits its schedule to the time it has: after a few timed steps the
 total step count is lowered to what fits, and recorded, so a resumed run keeps it.
-Progress is reported through callbacks; this module prints nothing and knows no CLI."""
+Progress is reported through callbacks; this module prints nothing and knows no CLI. Joint
+training (medusa.training.joint) extends it through the hooks `_extra_groups` (more parameters,
+each group's learning rate scaled by its lr_scale), `_losses` and the checkpoint's extra state."""
 from __future__ import annotations
 
 import dataclasses
@@ -95,6 +97,11 @@ class Trainer:
     def _trainable(self) -> list[torch.Tensor]:
         return [p for g in self.opt.param_groups for p in g["params"]]
 
+    # memory kept for the logits (`_logits_fit`): [rows, V] tables besides two per head, and the
+    # share of the free GPU memory they may take (joint training adds the backbone's KL tables
+    # and needs room for the backbone's activations)
+    shared_logit_tables, logits_memory_share = 1, 0.7
+
     def _logits_fit(self) -> bool:
         """Whether every head's logits for a full batch can stay in memory for backward: the
         log-probabilities and the teacher rows they meet (float32, [rows, V] each), per head,
@@ -102,9 +109,9 @@ class Trainer:
         if self.device.type != "cuda":
             return False
         V = self.heads.config.vocab_size
-        need = self.cfg.max_tokens * V * 4 * (2 * self.heads.config.num_heads + 1)
+        need = self.cfg.max_tokens * V * 4 * (2 * self.heads.config.num_heads + self.shared_logit_tables)
         free, _ = torch.cuda.mem_get_info(self.device)
-        return need < 0.7 * free
+        return need < self.logits_memory_share * free
 
     def _plan(self, epoch: int) -> list[list[int]]:
         return plan_batches(self.train_records, self.cfg.max_tokens, self.cfg.max_len, self.cfg.seed, epoch)
@@ -118,16 +125,23 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             # the base distribution at each position, once for all heads
             teacher, row = teacher_probs(hidden, teacher_positions(mask), self.base.lm_head) if tw > 0 else (None, None)
-            feats = head_features(self.heads, self.base, tokens, hidden)  # K x [B, T, D]
-            per_head = []
-            total = torch.zeros((), device=self.device)
-            for i, z in enumerate(feats):
-                targets, valid = head_targets(tokens, mask, i)
-                hl = head_loss(z, targets, valid, lambda x, i=i: self.heads.lm_logits(i, x, self.base), teacher,
-                               teacher_rows(row, i) if tw > 0 else None, tw, checkpointed=self.recompute)
-                total = total + self.weights[i] * hl.loss
-                per_head.append(hl)
-        return total / sum(self.weights), per_head, {}
+            loss, per_head = self._head_losses(tokens, mask, hidden, teacher, row)
+        return loss, per_head, {}
+
+    def _head_losses(self, tokens, mask, hidden, teacher, row):
+        """The heads' losses on the base hidden states [B, T, D]: the depth-weighted mean and the
+        per-head (loss, correct, rows). teacher, row: `teacher_probs` (used when teacher_weight > 0)."""
+        tw = self.cfg.teacher_weight
+        feats = head_features(self.heads, self.base, tokens, hidden)  # K x [B, T, D]
+        per_head = []
+        total = torch.zeros((), device=self.device)
+        for i, z in enumerate(feats):
+            targets, valid = head_targets(tokens, mask, i)
+            hl = head_loss(z, targets, valid, lambda x, i=i: self.heads.lm_logits(i, x, self.base), teacher,
+                           teacher_rows(row, i) if tw > 0 else None, tw, checkpointed=self.recompute)
+            total = total + self.weights[i] * hl.loss
+            per_head.append(hl)
+        return total / sum(self.weights), per_head
 
     def train_step(self, tokens: torch.Tensor, mask: torch.Tensor) -> dict:
         lr = lr_at(self.state.step, self.cfg, self.state.total_steps)

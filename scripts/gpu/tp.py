@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, os.getcwd())
 
 from medusa.decoding.generate import generate  # noqa: E402
+from medusa.decoding.step import attention_mask  # noqa: E402
 from medusa.model.config import ModelConfig  # noqa: E402
 from medusa.model.llama import Transformer  # noqa: E402
 from medusa.parallel.comm import NO_MULTICAST  # noqa: E402
@@ -40,7 +41,6 @@ from medusa.parallel.launch import launch  # noqa: E402
 from medusa.parallel.load import load_sharded  # noqa: E402
 from medusa.parallel.lockstep import Lockstep, StepPlan  # noqa: E402
 from medusa.parallel.shard import shard_model  # noqa: E402
-from medusa.decoding.step import attention_mask  # noqa: E402
 
 SHAPES = {
     "7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
