@@ -172,9 +172,7 @@ def run_decode(args) -> int:
         from medusa.decoding.graphs import compile_blocks
 
         compile_blocks(model)
-    modes, skipped = decode.prepare_modes(specs, model, src, eos, cli_tree=args.tree,
-                                          graphs_longest=longest if graphs else None,
-                                          longest_prompt=max(len(i) for i in ids))
+    modes, skipped = decode.prepare_modes(specs, model, src, eos, cli_tree=args.tree, longest=longest, graphs=graphs)
     for lab, why in skipped.items():
         print(f"medusa bench: {lab}: {why}", file=sys.stderr)
     if not modes:
@@ -343,7 +341,7 @@ def run_concurrency(args) -> int:
 
     rows = cc.run_concurrency(stack.model, stack.heads, stack.tree, ids, levels, modes, args.max_new_tokens, eos,
                               requests=args.requests, step_cost=cc.step_cost_table(table, max(map(len, ids))),
-                              on_done=bar.update, step_mode="eager" if args.no_graphs else None, on_prepare=preparing,
+                              on_done=bar.update, graphs=False if args.no_graphs else None, on_prepare=preparing,
                               repeats=args.repeats)
     bar.close()
     doc = {

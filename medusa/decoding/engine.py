@@ -7,11 +7,11 @@ One scheduler iteration (`Engine.step`):
      for company): the admitted rows prefill in padded forwards on a view of their cache rows
      (`step.prefill` with start > 0 where a kept session holds a prefix); fresh prompts, sorted
      by length and split where padding would cost more than another forward, run at bucketed
-     shapes, as CUDA graphs on a GPU (prefill_graphs.py);
+     shapes, as CUDA graphs on a GPU (runner.py, staging.py);
   3. one batched verification step (`step.speculate`) over all running rows: the running rows
      are kept in rows 0 .. n-1 of the pool (see kv_pool.py), so the step runs on a zero-copy
-     view of them (on a GPU, as the CUDA graph of the batch bucket, idle rows padding it: see
-     batch_graphs.py). Each row advances by its own accepted length.
+     view of them, padded to the batch bucket by idle rows (on a GPU, as the bucket's CUDA
+     graph: see runner.py). Each row advances by its own accepted length.
 The tree is chosen per step for the whole batch (adaptive.py): "auto" rows follow the load-
 adaptive choice, an "on" row makes the step use the engine's default tree, and "off" rows ride
 along in the same forward with their acceptance capped at the root (plain decoding; their
@@ -38,21 +38,19 @@ from typing import AsyncIterator, Iterator
 
 import torch
 
-from medusa.decoding.batch_graphs import BatchGraphs, RowState
 from medusa.decoding.adaptive import AcceptanceMeter, Choice, StepCostModel, TreeOption, batch_bucket, choose_tree
-from medusa.decoding.prefill_graphs import FIXED_TOKENS, PrefillGraphs, plan_groups
+from medusa.decoding.runner import RowState, Runner
+from medusa.decoding.staging import plan_groups
 from medusa.decoding.lookup import NgramLookup
 from medusa.decoding.kv_pool import RowPool, Swap, state_rows, swap_cache_rows, swap_state_rows, write_back
 from medusa.decoding.sampling import BatchSampling, SamplingParams, draw_uniforms
-from medusa.decoding.step import DecodeState, catch_up, kv_round, prefill, speculate
+from medusa.decoding.step import catch_up
 from medusa.decoding.stopping import stop_cut
 from medusa.decoding.tree import (MAX_LOOKUP, NAMED_TREES, Tree, accepted_within, expected_accept_length, load_tree,
                                   nodes_inside, prior_accuracies)
 from medusa.errors import RequestError, TreeError
 
 SPECULATION = ("auto", "on", "off")
-STEP_MODES = ("eager", "padded", "graphs")  # graphs: CUDA graphs per batch bucket (the default on a GPU);
-# padded: the same fixed-shape step run eagerly (tests); eager: exactly the running rows, no padding (CPU default)
 DEFAULT_TREE = "tree16"
 DEFAULT_MAX_SEQ_LEN = 2048
 SPEC_MARGIN = 0.1  # a tree must promise 10% more tokens/s than plain decoding (adaptive.choose_tree): under
@@ -101,6 +99,7 @@ class TokenEvent:
     tokens: list[int]  # new tokens (may be empty on the final event)
     finish_reason: str | None = None  # "eos" | "stop" | "length" | "cancelled" | "error" on the last event
     stats: RequestStats | None = None  # on the last event only
+    produced: int = 0  # tokens the forward behind this event produced, before any stop cut (0: none ran)
 
 
 class RequestHandle:
@@ -237,7 +236,7 @@ class Engine:
     def __init__(self, model, heads=None, tree: Tree | str | None = None, *, max_batch: int = 16,
                  kv_budget_tokens: int | None = None, max_seq_len: int | None = None,
                  trees: dict[str, Tree] | None = None, step_cost: dict | None = None,
-                 step_mode: str | None = None, prefill_tokens: int | None = None,
+                 graphs: bool | None = None, prefill_tokens: int | None = None,
                  admit_wait_steps: int | None = None):
         if max_batch < 1:
             raise RequestError(f"max_batch must be >= 1, got {max_batch}")
@@ -277,26 +276,20 @@ class Engine:
                                  if self.head_state is not None else None)  # [rows, row_len, D]
         self._rows: list[_Live | None] = [None] * rows  # row -> running request
         # kept session KV is bounded so that an idle row padding a fixed-shape step keeps its tree
-        # slots in the row and its positions in the model's context (batch_graphs.py); tokens past
+        # slots in the row and its positions in the model's context (runner.py); tokens past
         # max_seq_len - 1 could never be reused anyway (a next prompt is shorter)
         self.keep_cap = max(0, min(self.max_seq_len - 1, self.max_pos - 1 - n_max))
         # prompt tokens (padding included) one prefill forward may take: batched prefill saves the
         # GPU's per-forward launch cost; a CPU's forward is compute-bound, so it prefills one by one
         self.prefill_tokens = prefill_tokens if prefill_tokens is not None else (8192 if self.device.type == "cuda" else 0)
-        self.step_mode = step_mode or ("graphs" if self.device.type == "cuda" else "eager")
         # admission coalescing (see _admit_now); a CPU prefills one by one, so nothing to gain there
         self.admit_wait_steps = admit_wait_steps if admit_wait_steps is not None else (16 if self.prefill_tokens else 0)
         self.admit_group = max(1, self.pool.max_active // 4)
-        if self.step_mode not in STEP_MODES:
-            raise RequestError(f"step_mode must be one of {', '.join(STEP_MODES)}, got {self.step_mode!r}")
-        self._graphs = self._prefills = None
-        if self.step_mode != "eager":
-            self._graphs = BatchGraphs(model, heads, self._row_state(), self.pool.max_active,
-                                       capture=self.step_mode == "graphs")
-            # fresh prompts prefill at bucketed shapes too (as graphs on a GPU): an eager prefill
-            # forward costs its launches, several steps' worth
-            self._prefills = PrefillGraphs(model, self.pool.max_active, self.max_seq_len, self.prefill_tokens,
-                                           capture=self.step_mode == "graphs", heads=heads)
+        # every step and prefill runs at fixed shapes (runner.py): as CUDA graphs on a GPU unless
+        # graphs=False, eagerly elsewhere
+        capture = self.device.type == "cuda" if graphs is None else graphs
+        self.runner = Runner(model, heads, self._row_state(), self.pool.max_active, self.max_seq_len,
+                             self.prefill_tokens, capture=capture)
         self.meter = AcceptanceMeter(self._priors())
         self.cost = StepCostModel(step_cost)
         self._sampling_key: tuple = ()
@@ -432,16 +425,16 @@ class Engine:
             if n not in self.trees:
                 raise RequestError(f"unknown tree {n!r}: the engine has {', '.join(self.trees)}")
         limit = min(max_kv_len or self.max_seq_len, self.max_seq_len)
-        timer = self._graphs or BatchGraphs(self.model, self.heads, self._row_state(), self.pool.max_active, capture=False)
+        timer = self.runner
         todo = []  # captures, each a call returning whether it captured a graph
-        if self._graphs is not None:
+        if timer.capture:
             for n in names:
                 tree = self.trees[n]
                 kvs = sorted({timer.kv_len(k, tree.num_nodes) for k in [*range(0, limit, 64), limit]})
-                todo += [lambda t=tree, b=b, kv=kv: timer.prepare(t, b, kv, self._idle_lengths(b))
+                todo += [lambda t=tree, b=b, kv=kv: timer.prepare_step(t, b, kv, self._idle_lengths(b))
                          for b in timer.buckets for kv in kvs]
-            todo += [lambda R=R, Tb=Tb: self._prefills.prepare(R, Tb, measure=True)
-                     for R, Tb in self._prefills.shapes(limit)]
+            todo += [lambda R=R, Tb=Tb: timer.prepare_prefill(R, Tb, measure=True)
+                     for R, Tb in timer.stage.shapes(limit)]
         timed = sorted({"ar", *names}, key=lambda n: self.trees[n].num_nodes)
         if not measure or self.heads is None or len(timed) < 2:
             timed = []
@@ -459,7 +452,7 @@ class Engine:
         """The valid KV length of each of rows 0 .. b-1 (warm-up steps write only past it)."""
         return [self.pool.length[r] for r in range(b)]
 
-    def _prepare(self, timer: BatchGraphs, todo: list, timed: list[str], limit: int, total: int, progress) -> int:
+    def _prepare(self, timer: Runner, todo: list, timed: list[str], limit: int, total: int, progress) -> int:
         done = captured = 0
         for job in todo:
             captured += job()
@@ -483,6 +476,12 @@ class Engine:
             progress(total, total)
         return captured
 
+    def health(self) -> dict:
+        """scheduler: whether the scheduler thread runs (None: none was started, callers drive
+        `step`); last_error: the last step failure (its requests ended with "error")."""
+        t = self._thread
+        return {"scheduler": None if t is None else t.is_alive(), "last_error": self._last_error}
+
     def load(self) -> int:
         with self._mu:
             return len(self._live)
@@ -500,15 +499,15 @@ class Engine:
             "trees": {n: t.num_nodes for n, t in self.trees.items()},
             "acceptance": {n: round(self.meter.expected(n), 3) for n in self.trees},
             "speculation": dict(self._choice),
-            "step_mode": self.step_mode,
+            "step_mode": "graphs" if self.runner.capture else "eager",
             # where the scheduler's time went: prefill forwards, verification steps (GPU time included:
             # each ends in a host sync), Hydra++ catch-ups (host time), and the whole of its busy
             # iterations (the rest is bookkeeping)
             "time_s": {k: round(self._time[k], 3) for k in ("prefill", "step", "catch_up", "busy")},
             "prefill_forwards": self._time["prefills"],
             "catch_ups": self._time["catch_ups"],
-            "graphs_captured": self._graphs.captures if self._graphs is not None else 0,
-            "prefill_graphs_captured": self._prefills.captures if self._prefills is not None else 0,
+            "graphs_captured": self.runner.captures("step"),
+            "prefill_graphs_captured": self.runner.captures("prefill"),
             "last_error": self._last_error,
         }
 
@@ -593,7 +592,7 @@ class Engine:
     def _admit(self) -> bool:
         """Admit waiting requests while rows are free, then prefill them in groups of consecutive
         rows, one padded forward each. Fresh prompts come first, sorted by length and cut where
-        the padding saved outweighs a forward's fixed cost (prefill_graphs.plan_groups); requests
+        the padding saved outweighs a forward's fixed cost (staging.plan_groups); requests
         continuing a kept session follow, joining the last group while it fits."""
         if not self._admit_now():
             return False
@@ -652,17 +651,15 @@ class Engine:
 
     def _prefill_cost(self, k: int, T: int) -> float | None:
         """One prefill forward's cost for plan_groups: k fresh prompts of up to T tokens."""
-        if self._prefills is not None:
-            return self._prefills.cost(k, T)
-        return FIXED_TOKENS + k * T if k == 1 or k * T <= self.prefill_tokens else None
+        return self.runner.prefill_cost(k, T)
 
     def _fits(self, group: list[_Live]) -> bool:
         T = max(len(x.req.prompt_ids) - x.reused for x in group)
         top = max(x.reused for x in group) + T  # padding slots and positions stay inside the row and context
         if top > min(self.row_len, self.max_pos):
             return False
-        if self._prefills is not None and not any(x.reused for x in group):  # padded to its bucket
-            return self._prefills.shape(len(group), T) is not None
+        if not any(x.reused for x in group):  # padded to its bucket
+            return self.runner.prefill_shape(len(group), T) is not None
         return len(group) * T <= self.prefill_tokens
 
     def _apply_swaps(self, swaps: list[Swap]) -> None:
@@ -696,26 +693,13 @@ class Engine:
             zero = torch.zeros(1, device=dev)
             u = torch.stack([x.uniforms.at(0, torch.zeros(1, dtype=torch.long, device=dev), 0)
                              if x.uniforms is not None else zero for x in group])  # [k, 1]
-        rows = slice(r0, r0 + k)
-        row_cache = self.cache.rows(r0, r0 + k)  # writes land in the pool
-        hs = state_rows(self.head_state, r0, r0 + k, self.pool.rows)
         start = torch.tensor([x.reused for x in group], dtype=torch.long, device=dev)
-        body, heads = None, self.heads
-        if self._prefills is not None and not any(x.reused for x in group) and self._prefills.shape(k, T):
-            body = lambda t: self._prefills.run(t, row_cache, lengths, hs)  # noqa: E731
-            if self._prefills.observes:
-                heads = None  # the graph showed the heads the prompts
-        # eager: while the engine decodes plainly, the prompt waits in row_deferred for speculation
-        # to resume (step.catch_up); while it speculates, the heads see it now (only these rows)
-        defer = None
-        if heads is not None and self.row_deferred is not None and not self._speculating:
-            defer = self.row_deferred[rows]
-        st = prefill(self.model, heads, row_cache, tokens, start, sampling, u, hs, lengths, body, defer)
+        # while the engine decodes plainly, the prompt waits in row_deferred for speculation to
+        # resume (step.catch_up); while it speculates, the heads see it now (only these rows)
+        roots, deferred = self.runner.prefill(r0, tokens, start, lengths, sampling, u, defer=not self._speculating)
         for x in group:  # a reused prefix was seen in the session's earlier turns
-            x.seen = x.reused if defer is not None else len(x.req.prompt_ids)
-        write_back(self.head_state, st.head_state, r0, r0 + k, self.pool.rows)
-        self.row_start[rows], self.row_root[rows], self.row_hidden[rows] = st.start, st.root, st.last_hidden
-        return st.root.tolist()
+            x.seen = x.reused if deferred else len(x.req.prompt_ids)
+        return roots.tolist()
 
     def _catch_up(self, lo: int, seen: list[int], committed: list[int]) -> None:
         """Show the draft heads of rows lo .. lo+len(seen)-1 the hidden states plain steps deferred."""
@@ -814,21 +798,9 @@ class Engine:
             lo, hi = behind[0], behind[-1] + 1
             self._catch_up(lo, [x.seen for x in lives[lo:hi]], [x.kv_len for x in lives[lo:hi]])
         t0 = time.perf_counter()
-        if self._graphs is not None:
-            pad = [self.pool.length[r] for r in range(n, self._graphs.bucket(n))]
-            acc, captured = self._graphs.run(tree, n, committed_max, sampling, self._sampling_key, uniforms,
-                                             max_accept, pad)
-            rows = torch.cat([acc.length[:n, None], acc.tokens[:n], acc.path[:n]], 1).tolist()  # one host sync
-        else:
-            captured = False
-            state = DecodeState(self.cache.rows(0, n), self.row_start[:n], self.row_root[:n], self.row_hidden[:n],
-                                state_rows(self.head_state, 0, n, self.pool.rows), self.row_draft[:n])
-            kv_len = kv_round(committed_max + N, self.row_len)
-            defer = self.row_deferred[:n] if self.row_deferred is not None and N == 1 else None
-            acc = speculate(self.model, self.heads, tree, state, sampling, uniforms, max_accept, kv_len=kv_len, defer=defer)
-            rows = torch.cat([acc.length[:, None], acc.tokens, acc.path], 1).tolist()  # one host sync
-            self.row_start[:n], self.row_root[:n], self.row_hidden[:n] = state.start, state.root, state.last_hidden
-            write_back(self.head_state, state.head_state, 0, n, self.pool.rows)
+        pad = [self.pool.length[r] for r in range(n, self.runner.bucket(n))]
+        acc, captured = self.runner.step(tree, n, committed_max, sampling, self._sampling_key, uniforms, max_accept, pad)
+        rows = torch.cat([acc.length[:n, None], acc.tokens[:n], acc.path[:n]], 1).tolist()  # one host sync
         dt = time.perf_counter() - t0
         self._time["step"] += dt
         self._speculating = N > 1
@@ -911,12 +883,12 @@ class Engine:
         if cut is None and len(live.out) >= limit:
             cut = (limit, "length")
         if cut is None:
-            live.handle._push(TokenEvent(req.request_id, live.out[live.sent:]))
+            live.handle._push(TokenEvent(req.request_id, live.out[live.sent:], produced=len(new)))
             live.sent = len(live.out)
             return
-        self._finish(live, cut[1], keep=True, end=cut[0])
+        self._finish(live, cut[1], keep=True, end=cut[0], produced=len(new))
 
-    def _finish(self, live: _Live, reason: str, keep: bool, end: int | None = None) -> None:
+    def _finish(self, live: _Live, reason: str, keep: bool, end: int | None = None, produced: int = 0) -> None:
         req = live.req
         end = live.sent if end is None else end
         if live.row >= 0:
@@ -936,5 +908,5 @@ class Engine:
             seconds=now - live.t_submit, tree=live.tree)
         with self._mu:
             self._live.pop(req.request_id, None)
-        live.handle._push(TokenEvent(req.request_id, live.out[live.sent:end], reason, stats))
+        live.handle._push(TokenEvent(req.request_id, live.out[live.sent:end], reason, stats, produced))
         live.sent = end

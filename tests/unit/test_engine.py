@@ -4,6 +4,7 @@ cancellation frees rows, a full pool queues, sessions reuse their KV with identi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 
 import pytest
@@ -77,15 +78,14 @@ def drain(engine: Engine, handles) -> list[tuple[list[int], object]]:
 
 # ------------------------------------------------------------------ batched == alone
 
-@pytest.mark.parametrize("step_mode", ["eager", "padded"])  # padded: also prefills admitted requests together
+@pytest.mark.parametrize("prefill_tokens", [0, 4096])  # 4096: also prefills admitted requests together
 @pytest.mark.parametrize("tree", ["chain", "tree", "lookup"])
-def test_batched_greedy_equals_alone(tiny, tiny_heads, tree, step_mode):
+def test_batched_greedy_equals_alone(tiny, tiny_heads, tree, prefill_tokens):
     """Mixed prompt lengths, mixed sampling (sampled rows ride along), mixed speculation switches.
-    "padded" runs the fixed-shape step the GPU captures as CUDA graphs (batch buckets 1, 2, 4, 6:
+    Every step runs at the fixed shape the GPU captures as CUDA graphs (batch buckets 1, 2, 4, 6:
     as rows finish, idle rows pad the batch)."""
     t = TREES[tree]
-    eng = Engine(tiny, tiny_heads, t, max_batch=6, max_seq_len=64, trees={t.name: t}, step_mode=step_mode,
-                 prefill_tokens=4096 if step_mode == "padded" else 0)
+    eng = Engine(tiny, tiny_heads, t, max_batch=6, max_seq_len=64, trees={t.name: t}, prefill_tokens=prefill_tokens)
     ps = prompts(6, seed=1)
     modes = ["on", "on", "off", "on", "on", "off"]
     sampled = {1: SamplingParams(temperature=0.8, top_k=5, rule="sample", seed=3),
@@ -140,11 +140,10 @@ def test_default_model_batched_equals_alone(stack):
 
 # ------------------------------------------------------------------ continuous batching
 
-@pytest.mark.parametrize("step_mode", ["eager", "padded"])  # padded: also prefills admitted requests together
-def test_requests_join_and_leave_mid_flight(tiny, tiny_heads, step_mode):
+@pytest.mark.parametrize("prefill_tokens", [0, 4096])  # 4096: also prefills admitted requests together
+def test_requests_join_and_leave_mid_flight(tiny, tiny_heads, prefill_tokens):
     t = TREES["tree"]
-    eng = Engine(tiny, tiny_heads, t, max_batch=3, max_seq_len=64, trees={t.name: t}, step_mode=step_mode,
-                 prefill_tokens=4096 if step_mode == "padded" else 0)
+    eng = Engine(tiny, tiny_heads, t, max_batch=3, max_seq_len=64, trees={t.name: t}, prefill_tokens=prefill_tokens)
     ps = prompts(5, seed=3)
     lengths = [4, 24, 9, 16, 6]
     hs = {0: eng.submit(Request(ps[0], max_new_tokens=lengths[0], speculation="on"))}
@@ -263,8 +262,7 @@ def test_padding_rows_keep_their_session_kv(tiny, tiny_heads):
     """A kept session's row pads a fixed-shape step (3 running rows in a bucket of 4) for a whole
     turn of other requests; its next turn still reuses the KV and decodes as it would alone."""
     t = TREES["tree"]
-    eng = Engine(tiny, tiny_heads, t, max_batch=4, max_seq_len=96, trees={t.name: t}, step_mode="padded",
-                 prefill_tokens=4096)
+    eng = Engine(tiny, tiny_heads, t, max_batch=4, max_seq_len=96, trees={t.name: t}, prefill_tokens=4096)
     p1 = prompts(1, seed=12)[0]
     ans1, _ = eng.submit(Request(p1, max_new_tokens=10, session_id="t/k", speculation="on")).result()
     others = prompts(3, seed=13)
@@ -282,7 +280,7 @@ def test_padding_rows_keep_their_session_kv(tiny, tiny_heads):
 def test_grouped_prefill_mixes_reused_prefixes_and_lengths(tiny, tiny_heads, monkeypatch):
     """Requests admitted together prefill in one padded forward, each row with its own reused
     session prefix and prompt length, and decode as they would alone."""
-    import medusa.decoding.engine as engine_mod
+    import medusa.decoding.runner as runner_mod
 
     t = TREES["tree"]
     eng = Engine(tiny, tiny_heads, t, max_batch=4, max_seq_len=96, trees={t.name: t}, prefill_tokens=4096)
@@ -291,8 +289,8 @@ def test_grouped_prefill_mixes_reused_prefixes_and_lengths(tiny, tiny_heads, mon
                for i, p in enumerate(first)]
     nxt = [first[0] + answers[0] + [1, 2], first[1] + answers[1] + [3, 4, 5, 6, 7, 8, 9], prompts(1, seed=16)[0]]
     calls = []
-    real = engine_mod.prefill
-    monkeypatch.setattr(engine_mod, "prefill", lambda *a, **k: calls.append(a[3].shape) or real(*a, **k))
+    real = runner_mod.prefill
+    monkeypatch.setattr(runner_mod, "prefill", lambda *a, **k: calls.append(a[3].shape) or real(*a, **k))
     hs = [eng.submit(Request(p, max_new_tokens=12, session_id=f"g{i}", stop_token_ids=(), speculation="on"))
           for i, p in enumerate(nxt)]
     res = drain(eng, hs)
@@ -305,12 +303,12 @@ def test_grouped_prefill_mixes_reused_prefixes_and_lengths(tiny, tiny_heads, mon
 def test_admitted_prompts_prefill_sorted_by_length_in_the_cheapest_split(tiny, monkeypatch):
     """Prompts admitted together are sorted by length and cut into forwards by plan_groups: short
     ones share a short bucket instead of padding to the longest; output is unchanged."""
-    from medusa.decoding.prefill_graphs import PrefillGraphs
+    from medusa.decoding.staging import PrefillStage
 
-    eng = Engine(tiny, None, max_batch=8, max_seq_len=96, step_mode="padded", prefill_tokens=512)
+    eng = Engine(tiny, None, max_batch=8, max_seq_len=96, prefill_tokens=512)
     shapes = []
-    real = PrefillGraphs.run
-    monkeypatch.setattr(PrefillGraphs, "run", lambda self, t, *a, **k: shapes.append(tuple(t.shape)) or real(self, t, *a, **k))
+    real = PrefillStage.run
+    monkeypatch.setattr(PrefillStage, "run", lambda self, t, *a, **k: shapes.append(tuple(t.shape)) or real(self, t, *a, **k))
     short, long = prompts(6, seed=31, lo=4, hi=12), prompts(2, seed=32, lo=70, hi=80)
     ps = [long[0], *short[:3], long[1], *short[3:]]  # arrival order mixes them
     hs = [eng.submit(Request(p, max_new_tokens=6, stop_token_ids=())) for p in ps]
@@ -326,7 +324,7 @@ def test_admitted_prompts_prefill_sorted_by_length_in_the_cheapest_split(tiny, m
 def test_kept_sessions_are_bounded_below_the_context_end(tiny):
     """A session kept at the end of the context keeps at most keep_cap tokens (so a padding row's
     tree stays inside the cache and the model's positions); its next turn still decodes right."""
-    eng = Engine(tiny, None, max_batch=2, max_seq_len=160, step_mode="padded")  # max positions 160
+    eng = Engine(tiny, None, max_batch=2, max_seq_len=160)  # max positions 160
     assert eng.keep_cap == 160 - 1 - 1  # plain decoding only: a 1-node tree
     p1 = prompts(1, seed=14, lo=140, hi=150)[0]
     ans1, _ = eng.submit(Request(p1, max_new_tokens=16, stop_token_ids=(), session_id="s")).result()
@@ -361,6 +359,7 @@ def test_plain_steps_defer_the_heads_observation_without_changing_proposals(tiny
     the prefix layer; speculative steps (and a kept session's end) catch the heads up first. The
     proposals, hence accepted lengths, equal those of an engine that observes every step."""
     import medusa.decoding.engine as engine_mod
+    import medusa.decoding.runner as runner_mod
     from medusa.decoding.adaptive import Choice
 
     heads = random_heads(tiny, "hydra++", seed=3)
@@ -383,13 +382,13 @@ def test_plain_steps_defer_the_heads_observation_without_changing_proposals(tiny
 
     monkeypatch.setattr(heads, "propose", spy)
     prefills = []  # whether each prefill deferred (the engine was decoding plainly) or not (speculating)
-    real_prefill = engine_mod.prefill
+    real_prefill = runner_mod.prefill
 
     def prefill(*args):
         prefills.append(args[-1] is not None)
         return real_prefill(*args)
 
-    monkeypatch.setattr(engine_mod, "prefill", prefill)
+    monkeypatch.setattr(runner_mod, "prefill", prefill)
 
     def run(defer: bool):
         turn["n"] = 0
@@ -398,6 +397,7 @@ def test_plain_steps_defer_the_heads_observation_without_changing_proposals(tiny
         eng = Engine(tiny, heads, t, max_batch=3, max_seq_len=96, trees={t.name: t})
         if not defer:
             eng.row_deferred = None
+            eng.runner.rows = dataclasses.replace(eng.runner.rows, deferred=None)
         hs = [eng.submit(Request(p, max_new_tokens=n, stop_token_ids=(), session_id=f"d{i}"))
               for i, (p, n) in enumerate(zip(ps, (18, 18, 6, 9, 12)))]  # rows finish apart: later prompts join
         res = drain(eng, hs)

@@ -1,45 +1,37 @@
-"""The engine's prefill at fixed shapes, so that it can run as a CUDA graph.
+"""The staging buffers of a padded prefill, and how admitted prompts are split into forwards.
 
-A prefill forward run eagerly costs its kernel launches (about 50 ms for the default model on
-an H100 host, whatever the prompt), several decode steps' worth: under load, admissions would
-spend as much time launching prefills as decoding. Here a group of k fresh prompts (no reused
-session prefix), right-padded to T tokens, runs in the graph of its shape bucket (R, Tb): R the
-row bucket of k (1, 2, 4, ... max rows) and Tb the length bucket of T (16, 32, ... max_len).
-
-The graph runs the model over a staging KV cache of R rows x Tb slots that starts every prompt
-at position 0, then writes the final hidden states to a static buffer; after the replay the
+A padded prefill of k fresh prompts (no reused session prefix), right-padded to T tokens, runs
+at its shape bucket (R, Tb): R the row bucket of k, Tb the prompt bucket of T (buckets.py).
+The forward runs the model over a staging KV cache of R rows x Tb slots that starts every
+prompt at position 0, then writes the final hidden states to a static buffer; afterwards the
 first T slots of the k real rows are copied into the engine's pool rows. What the padding
 (rows k .. R-1, positions T .. Tb-1) computes is never read: rows do not mix, and causal
 attention keeps padding positions out of every real token's view. Draft heads with state
-(Hydra++) observe the prompt inside the same graph, into a staging head state whose first T
-slots are copied likewise. Rows with a reused prefix prefill eagerly (they attend to KV
-already in the pool).
+(Hydra++) observe the prompt in the same forward, into a staging head state whose first T
+slots are copied likewise.
 
-All shapes share one staging buffer (views of its first R*Tb token slots), one token buffer,
-one hidden-state buffer and one graph memory pool: prefills run one at a time.
-`capture=False` runs the same padded forward eagerly (the CPU tests use it).
+All shapes share one staging buffer (views of its first R*Tb token slots), one token buffer and
+one hidden-state buffer, so prefills run one at a time. Whether a forward is replayed as a
+CUDA graph is the runner's business (runner.py); this module only owns the buffers, the
+forward at a shape, and the cost of a shape (measured replays, else a linear fit).
 
-Prompts admitted together are split into forwards by `plan_groups`: sorted by length, then cut
-where the padding saved outweighs a forward's fixed cost (`cost`: each bucket's replay time as
-measured at warm-up, else a fixed cost plus one per padded token slot). One forward over every
-prompt pads each to the longest: chat prompts are short with a long tail (MT-Bench: median 68
-tokens, longest 402), so 16 of them in one forward would mostly compute padding."""
+`plan_groups` cuts prompts admitted together into forwards: sorted by length, then cut where
+the padding saved outweighs a forward's fixed cost. One forward over every prompt pads each to
+the longest: chat prompts are short with a long tail (MT-Bench: median 68 tokens, longest
+402), so 16 of them in one forward would mostly compute padding."""
 from __future__ import annotations
 
 import math
 import statistics
-import time
 from typing import Callable
 
 import torch
 
-from medusa.decoding.batch_graphs import batch_buckets
-from medusa.decoding.graphs import capture
+from medusa.decoding.buckets import batch_buckets, bucket_of, length_buckets
 from medusa.decoding.kv_pool import copy_state_prefix, state_rows, write_back
 from medusa.decoding.step import attention_mask
 from medusa.model.kv_cache import KVCache
 
-MIN_LEN_BUCKET = 16
 FIXED_TOKENS = 1024  # a prefill forward's fixed cost in padded token slots, until bucket times are measured
 
 
@@ -70,20 +62,12 @@ def plan_groups(lengths: list[int], cost: Callable[[int, int], float | None]) ->
     return sizes[::-1]
 
 
-def length_buckets(max_len: int) -> tuple[int, ...]:
-    """16, 32, 64, ... below max_len, then max_len itself."""
-    return tuple(b for b in batch_buckets(max_len) if b >= min(MIN_LEN_BUCKET, max_len))
-
-
-class PrefillGraphs:
-    def __init__(self, model, max_rows: int, max_len: int, capacity: int, capture: bool = True, heads=None):
+class PrefillStage:
+    def __init__(self, model, max_rows: int, max_len: int, capacity: int, heads=None):
         """max_rows: most prompts one prefill takes; max_len: longest prompt; capacity: most
         token slots (R x Tb, padding included) of one prefill, at least max_len; heads: draft
-        heads whose state (if any) sees the prompts in the graph."""
-        if capture and model.device.type != "cuda":
-            raise RuntimeError("CUDA graphs need the model on a CUDA device")
+        heads whose state (if any) sees the prompts in the forward."""
         self.model = model
-        self.capture = capture
         self.row_buckets = batch_buckets(max_rows)
         self.len_buckets = length_buckets(max_len)
         self.capacity = max(capacity, self.len_buckets[-1])
@@ -96,17 +80,12 @@ class PrefillGraphs:
             self._lengths = torch.ones(self.row_buckets[-1], dtype=torch.long, device=dev)  # [max_rows]
             self.heads = heads
             self._head_state = heads.new_state(self.row_buckets[-1], self.len_buckets[-1], model) if heads is not None else None
-        self.graphs: dict[tuple[int, int], object] = {}  # (R, Tb) -> replay
-        self.pool = torch.cuda.graph_pool_handle() if capture else None
-        self.captures = 0
-        self.times: dict[tuple[int, int], float] = {}  # (R, Tb) -> seconds of one replay (measured at warm-up)
+        self.times: dict[tuple[int, int], float] = {}  # (R, Tb) -> seconds of one forward (measured at warm-up)
         self._fit: tuple[float, float] = (float(FIXED_TOKENS), 1.0)  # cost = a + b * R * Tb when unmeasured
 
-    # -------------------------------------------------------------- shapes
     def shape(self, k: int, T: int) -> tuple[int, int] | None:
         """The bucket (R, Tb) of k prompts of up to T tokens, or None when it exceeds the capacity."""
-        R = next((b for b in self.row_buckets if b >= k), None)
-        Tb = next((b for b in self.len_buckets if b >= T), None)
+        R, Tb = bucket_of(k, self.row_buckets), bucket_of(T, self.len_buckets)
         if R is None or Tb is None or R * Tb > self.capacity:
             return None
         return R, Tb
@@ -117,6 +96,11 @@ class PrefillGraphs:
         lens = [t for t in self.len_buckets if top is None or t <= top[1]]
         return [(R, Tb) for Tb in lens for R in self.row_buckets if R * Tb <= self.capacity]
 
+    @property
+    def observes(self) -> bool:
+        """Whether the forward also shows the prompts to the draft heads' state."""
+        return self._head_state is not None
+
     def _views(self, R: int, Tb: int) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
         cfg = self.model.cfg
         shape = (cfg.num_layers, 2, R, cfg.num_kv_heads, Tb, cfg.head_dim)
@@ -125,7 +109,7 @@ class PrefillGraphs:
         hidden = self._hidden[: R * Tb * cfg.hidden_size].view(R, Tb, cfg.hidden_size)
         return tokens, stage, hidden
 
-    def _forward(self, R: int, Tb: int) -> None:
+    def forward(self, R: int, Tb: int) -> None:
         """The padded forward of one bucket over the static buffers (what a graph replays)."""
         tokens, stage, hidden = self._views(R, Tb)
         dev = tokens.device
@@ -140,22 +124,29 @@ class PrefillGraphs:
             self.heads.observe(hs, h, positions, self._lengths[:R], kv_len=Tb)
             write_back(self._head_state, hs, 0, R, rows)
 
-    @property
-    def observes(self) -> bool:
-        """Whether run() also shows the prompts to the draft heads' state."""
-        return self._head_state is not None
+    def run(self, tokens: torch.Tensor, cache: KVCache, lengths: torch.Tensor | None = None, head_state=None,
+            forward=None) -> torch.Tensor:
+        """Prefill k fresh prompts (tokens [k, T], right-padded; lengths [k]), writing their K/V
+        into slots 0 .. T-1 of `cache` (the k pool rows' view) and, when `observes`, the heads'
+        state into `head_state` (the same rows' view). forward(R, Tb) runs the bucket's forward
+        (default: `self.forward`; the runner replays its graph). Returns the final hidden states
+        [k, T, D] (a view of a buffer the next prefill overwrites)."""
+        k, T = tokens.shape
+        R, Tb = self.shape(k, T)
+        tok, stage, hidden = self._views(R, Tb)
+        tok[:k, :T].copy_(tokens)  # the rest holds earlier tokens: valid ids that only padding sees
+        if self.observes:
+            self._lengths[:k].copy_(lengths if lengths is not None else torch.full((k,), T))
+        (forward or self.forward)(R, Tb)
+        cache.kv[:, :, :, :, :T].copy_(stage.kv[:, :, :k, :, :T])
+        if self.observes:
+            copy_state_prefix(head_state, self._head_state, k, T, self.row_buckets[-1])
+        return hidden[:k, :T]
 
-    def _replay(self, R: int, Tb: int) -> tuple[object, bool]:
-        g = self.graphs.get((R, Tb))
-        if g is not None:
-            return g, False
-        g = self.graphs[(R, Tb)] = capture(lambda: self._forward(R, Tb), warmup=1, pool=self.pool)
-        self.captures += 1
-        return g, True
-
+    # -------------------------------------------------------------- cost
     def cost(self, k: int, T: int) -> float | None:
         """What one prefill forward of k prompts of up to T tokens costs (for plan_groups): its
-        bucket's measured replay time, else a + b * R * Tb (fitted to the measured buckets, or
+        bucket's measured time, else a + b * R * Tb (fitted to the measured buckets, or
         FIXED_TOKENS + R * Tb before any was measured). None when the bucket exceeds the capacity."""
         shape = self.shape(k, T)
         if shape is None:
@@ -166,29 +157,11 @@ class PrefillGraphs:
         a, b = self._fit
         return a + b * shape[0] * shape[1]
 
-    # -------------------------------------------------------------- use
-    def prepare(self, R: int, Tb: int, measure: bool = False, repeats: int = 3) -> bool:
-        """Capture the bucket's graph ahead of traffic; with measure, also time its replay (the
-        median of `repeats`, for `cost`). Returns whether a graph was captured."""
-        if not self.capture:
-            return False
-        with torch.inference_mode():
-            replay, captured = self._replay(R, Tb)
-            if measure:
-                times = []
-                for _ in range(repeats):  # replays write only the staging buffers
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    replay()
-                    torch.cuda.synchronize()
-                    times.append(time.perf_counter() - t0)
-                self.times[(R, Tb)] = statistics.median(times)
-                self._refit()
-        return captured
-
-    def _refit(self) -> None:
-        """Least squares of the measured times over R * Tb token slots (for unmeasured buckets)."""
-        pts = [(R * Tb, t) for (R, Tb), t in self.times.items()]
+    def measured(self, R: int, Tb: int, seconds: float) -> None:
+        """Record a bucket's measured forward time and refit the cost of unmeasured buckets (least
+        squares of the measured times over R * Tb token slots)."""
+        self.times[(R, Tb)] = seconds
+        pts = [(r * t, s) for (r, t), s in self.times.items()]
         xs = {x for x, _ in pts}
         if len(xs) < 2:
             return
@@ -196,24 +169,3 @@ class PrefillGraphs:
         b = sum((x - mx) * (t - my) for x, t in pts) / sum((x - mx) ** 2 for x, _ in pts)
         b = max(b, 1e-12)
         self._fit = (max(my - b * mx, 0.0), b)
-
-    def run(self, tokens: torch.Tensor, cache: KVCache, lengths: torch.Tensor | None = None,
-            head_state=None) -> torch.Tensor:
-        """Prefill k fresh prompts (tokens [k, T], right-padded; lengths [k]), writing their K/V
-        into slots 0 .. T-1 of `cache` (the k pool rows' view) and, when `observes`, the heads'
-        state into `head_state` (the same rows' view). Returns the final hidden states [k, T, D]
-        (a view of a buffer the next prefill overwrites)."""
-        k, T = tokens.shape
-        R, Tb = self.shape(k, T)
-        tok, stage, hidden = self._views(R, Tb)
-        tok[:k, :T].copy_(tokens)  # the rest holds earlier tokens: valid ids that only padding sees
-        if self.observes:
-            self._lengths[:k].copy_(lengths if lengths is not None else torch.full((k,), T))
-        if self.capture:
-            self._replay(R, Tb)[0]()
-        else:
-            self._forward(R, Tb)
-        cache.kv[:, :, :, :, :T].copy_(stage.kv[:, :, :k, :, :T])
-        if self.observes:
-            copy_state_prefix(head_state, self._head_state, k, T, self.row_buckets[-1])
-        return hidden[:k, :T]
