@@ -6,7 +6,8 @@ costs the speculation policy measures together.
   KV bucket      cache slots a step attends over: 256, 512, ... capped at the cache length
                  (coarse, few graphs), or the next multiple of KV_BUCKET when nothing is
                  captured (eager steps pay only for the slots they need);
-  prompt bucket  tokens a padded prefill forward takes: 16, 32, ... below the longest prompt;
+  prompt bucket  tokens a padded prefill forward takes: 16, 32, ... below the longest prompt
+                 (every multiple of 16 when nothing is captured);
   cost bucket    batch sizes whose step costs are measured together (the next power of two).
 
 Pure functions of integers; nothing here knows tensors, models or requests."""
@@ -31,9 +32,13 @@ def batch_buckets(max_batch: int) -> tuple[int, ...]:
     return doubling(max_batch)
 
 
-def length_buckets(max_len: int) -> tuple[int, ...]:
-    """16, 32, 64, ... below max_len, then max_len itself."""
-    return doubling(max_len, min(MIN_LEN_BUCKET, max_len))
+def length_buckets(max_len: int, fine: bool = False) -> tuple[int, ...]:
+    """16, 32, 64, ... below max_len, then max_len itself (few shapes: one graph each); fine:
+    every multiple of 16 below max_len instead (eager prefills pay at most 15 padding tokens)."""
+    first = min(MIN_LEN_BUCKET, max_len)
+    if fine:
+        return tuple(range(first, max_len, MIN_LEN_BUCKET)) + (max_len,)
+    return doubling(max_len, first)
 
 
 def bucket_of(n: int, buckets: tuple[int, ...]) -> int | None:

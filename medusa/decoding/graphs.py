@@ -83,7 +83,6 @@ def capture_step(model, heads, tree: Tree, kv_len: int, state: DecodeState, samp
     (copies back whatever a head family rebinds). Warm-up runs twice on a side stream on scratch
     copies of the per-row state, so it changes nothing but cache slots past each row's start.
     A capture executes nothing: replay the graph to run the step."""
-    B = state.root.shape[0]
 
     def body(st: DecodeState, static: bool) -> Acceptance:
         acc = speculate(model, heads, tree, st, sampling, uniforms if sampling.any_random else None, max_accept,
@@ -103,7 +102,7 @@ def capture_step(model, heads, tree: Tree, kv_len: int, state: DecodeState, samp
         with torch.cuda.stream(side):
             for _ in range(2):
                 scratch = DecodeState(state.cache, state.start.clone(), state.root.clone(), state.last_hidden.clone(),
-                                      scratch_state(state.head_state, B), state.draft)
+                                      scratch_state(state.head_state), state.draft)
                 body(scratch, static=False)
         torch.cuda.current_stream().wait_stream(side)
         g = torch.cuda.CUDAGraph()

@@ -100,7 +100,7 @@ class Runner:
         self.pools = {k: torch.cuda.graph_pool_handle() for k in ("step", "prefill")} if capture else {}
         self._buckets: dict[int, _Bucket] = {}
         self.prefill_tokens = prefill_tokens
-        self.stage = PrefillStage(model, self.buckets[-1], max_prompt, prefill_tokens, heads=heads)
+        self.stage = PrefillStage(model, self.buckets[-1], max_prompt, prefill_tokens, heads=heads, fine=not capture)
 
     def captures(self, kind: str) -> int:
         return sum(1 for k in self.graphs if k.kind == kind)
@@ -154,14 +154,14 @@ class Runner:
     def _view(self, Bb: int) -> DecodeState:
         """The decode state of rows 0 .. Bb-1: views of the engine's row tensors (in-place writes land there)."""
         R = self.rows
-        return DecodeState(state_rows(R.cache, 0, Bb, R.rows), R.start[:Bb], R.root[:Bb], R.hidden[:Bb],
-                           state_rows(R.head_state, 0, Bb, R.rows), R.draft[:Bb] if R.draft is not None else None)
+        return DecodeState(R.cache.rows(0, Bb), R.start[:Bb], R.root[:Bb], R.hidden[:Bb],
+                           state_rows(R.head_state, 0, Bb), R.draft[:Bb] if R.draft is not None else None)
 
     def _after(self, Bb: int):
         """Runs after each step (inside a capture too): copies back whatever a head family rebinds
         instead of writing in place."""
         R = self.rows
-        return lambda st: write_back(R.head_state, st.head_state, 0, Bb, R.rows)
+        return lambda st: write_back(R.head_state, st.head_state, 0, Bb)
 
     def _defer(self, tree: Tree, Bb: int) -> torch.Tensor | None:
         """Plain steps defer the heads' observation (step.speculate) when the engine keeps a buffer."""
@@ -295,10 +295,10 @@ class Runner:
                 self.stage.measured(R, Tb, statistics.median(times))
         return captured
 
-    def prefill(self, r0: int, tokens: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor,
+    def prefill(self, r0: int, tokens: torch.Tensor, reused: list[int], lengths: torch.Tensor,
                 sampling: BatchSampling, uniforms: torch.Tensor | None, defer: bool) -> tuple[torch.Tensor, bool]:
         """Prefill pool rows r0 .. r0+k-1: tokens [k, T] right-padded (lengths [k]), after the
-        start[k] tokens each row already holds. Fresh rows (start 0) run at their padded shape;
+        reused[i] tokens each row already holds. Fresh rows (none reused) run at their padded shape;
         rows with a prefix run eagerly over it. defer: keep the hidden states for the heads in
         the row buffer (step.catch_up) instead of showing them now. Sets the rows' start, root,
         hidden and head state; returns each row's first token [k] and whether the heads' view
@@ -307,14 +307,15 @@ class Runner:
         k, T = tokens.shape
         rows = slice(r0, r0 + k)
         cache = R.cache.rows(r0, r0 + k)  # writes land in the pool
-        hs = state_rows(R.head_state, r0, r0 + k, R.rows)
+        hs = state_rows(R.head_state, r0, r0 + k)
         body, heads = None, self.heads
-        if self.prefill_shape(k, T) is not None and int(start.max()) == 0:
+        start = torch.tensor(reused, dtype=torch.long, device=tokens.device)
+        if self.prefill_shape(k, T) is not None and not any(reused):
             body = lambda t: self.stage.run(t, cache, lengths, hs, self._forward)  # noqa: E731
             if self.stage.observes:
                 heads = None  # the staged forward showed the heads the prompts
         buf = R.deferred[rows] if heads is not None and R.deferred is not None and defer else None
         st = prefill(self.model, heads, cache, tokens, start, sampling, uniforms, hs, lengths, body, buf)
-        write_back(R.head_state, st.head_state, r0, r0 + k, R.rows)
+        write_back(R.head_state, st.head_state, r0, r0 + k)
         R.start[rows], R.root[rows], R.hidden[rows] = st.start, st.root, st.last_hidden
         return st.root, buf is not None

@@ -63,13 +63,14 @@ def plan_groups(lengths: list[int], cost: Callable[[int, int], float | None]) ->
 
 
 class PrefillStage:
-    def __init__(self, model, max_rows: int, max_len: int, capacity: int, heads=None):
+    def __init__(self, model, max_rows: int, max_len: int, capacity: int, heads=None, fine: bool = False):
         """max_rows: most prompts one prefill takes; max_len: longest prompt; capacity: most
         token slots (R x Tb, padding included) of one prefill, at least max_len; heads: draft
-        heads whose state (if any) sees the prompts in the forward."""
+        heads whose state (if any) sees the prompts in the forward; fine: prompt buckets every
+        16 tokens (eager prefills; buckets.length_buckets)."""
         self.model = model
         self.row_buckets = batch_buckets(max_rows)
-        self.len_buckets = length_buckets(max_len)
+        self.len_buckets = length_buckets(max_len, fine)
         self.capacity = max(capacity, self.len_buckets[-1])
         cfg, dev = model.cfg, model.device
         self._per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim  # K and V values per token slot
@@ -119,10 +120,9 @@ class PrefillStage:
         h = self.model(tokens, positions, stage, positions, mask, logits_for=None).hidden
         hidden.copy_(h)
         if self._head_state is not None:
-            rows = self.row_buckets[-1]
-            hs = state_rows(self._head_state, 0, R, rows)
+            hs = state_rows(self._head_state, 0, R)
             self.heads.observe(hs, h, positions, self._lengths[:R], kv_len=Tb)
-            write_back(self._head_state, hs, 0, R, rows)
+            write_back(self._head_state, hs, 0, R)
 
     def run(self, tokens: torch.Tensor, cache: KVCache, lengths: torch.Tensor | None = None, head_state=None,
             forward=None) -> torch.Tensor:
@@ -140,7 +140,7 @@ class PrefillStage:
         (forward or self.forward)(R, Tb)
         cache.kv[:, :, :, :, :T].copy_(stage.kv[:, :, :k, :, :T])
         if self.observes:
-            copy_state_prefix(head_state, self._head_state, k, T, self.row_buckets[-1])
+            copy_state_prefix(head_state, self._head_state, k, T)
         return hidden[:k, :T]
 
     # -------------------------------------------------------------- cost

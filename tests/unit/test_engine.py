@@ -358,7 +358,7 @@ def test_plain_steps_defer_the_heads_observation_without_changing_proposals(tiny
     """With Hydra++ heads, prefills and plain steps keep the hidden states aside instead of running
     the prefix layer; speculative steps (and a kept session's end) catch the heads up first. The
     proposals, hence accepted lengths, equal those of an engine that observes every step."""
-    import medusa.decoding.engine as engine_mod
+    import medusa.decoding.engine.policy as engine_mod
     import medusa.decoding.runner as runner_mod
     from medusa.decoding.adaptive import Choice
 
@@ -527,7 +527,7 @@ def test_generate_concurrency_matches_one_at_a_time(capsys, tmp_path):
 def test_a_batch_keeps_its_tree_choice_a_few_steps(tiny, monkeypatch, n):
     """The policy is worked out once per CHOICE_STEPS steps while the batch size holds (host
     time per step), and again at once when the batch size changes."""
-    import medusa.decoding.engine as engine_mod
+    import medusa.decoding.engine.policy as engine_mod
     from medusa.decoding.adaptive import Choice
 
     heads = random_heads(tiny, "medusa")
@@ -569,7 +569,7 @@ def test_acceptance_priors_come_from_the_heads_accuracy_table(tiny):
 def test_speculating_engine_re_measures_plain_cost_now_and_then(tiny, monkeypatch):
     """While speculation wins, one plain step per REFRESH_EVERY steps (and one on a batch size's
     first speculative step) keeps plain decoding's cost measured rather than estimated."""
-    import medusa.decoding.engine as engine_mod
+    import medusa.decoding.engine.policy as engine_mod
 
     from medusa.decoding.adaptive import Choice
 
@@ -615,10 +615,10 @@ def test_lookup_chain_in_the_engine(tiny, tiny_heads):
         assert out == alone(tiny, p, tiny_heads, t, 40)
     assert deepest > 1 + 3  # more tokens in one step than the heads could give
     sp = SamplingParams(temperature=0.9, rule="sample", seed=2)
-    before = dict(eng._tree_steps)
+    before = dict(eng.policy.tree_steps)
     h = eng.submit(Request(ps[0], max_new_tokens=8, sampling=sp, speculation="on", stop_token_ids=()))  # no EOS: it steps
     assert len(h.result()[0]) == 8
-    assert eng._tree_steps["tree7"] > before.get("tree7", 0) and eng._tree_steps["tree7+lookup5"] == before["tree7+lookup5"]
+    assert eng.policy.tree_steps["tree7"] > before.get("tree7", 0) and eng.policy.tree_steps["tree7+lookup5"] == before["tree7+lookup5"]
 
 
 def test_sampled_generate_drops_the_lookup_chain(tiny, tiny_heads):
@@ -639,9 +639,9 @@ def test_steps_without_the_lookup_chain_measure_it_too(tiny, tiny_heads):
     on the same tokens, so it is never below tree7's own measurement of those steps."""
     base, look = TREES["tree"], TREES["lookup"]
     eng = Engine(tiny, tiny_heads, base, max_batch=2, max_seq_len=96, trees={base.name: base, look.name: look})
-    assert eng._twin == {"tree7": eng.trees["tree7+lookup5"]}
+    assert eng.policy.twin == {"tree7": eng.trees["tree7+lookup5"]}
     drain(eng, [eng.submit(Request(p, max_new_tokens=40, speculation="on")) for p in prompts(2, seed=5)])
     c, m = eng.meter.count, eng.meter.mean
-    assert eng._tree_steps["tree7+lookup5"] == 0 and eng._tree_steps["tree7"] > 0  # the chain itself never ran
+    assert eng.policy.tree_steps["tree7+lookup5"] == 0 and eng.policy.tree_steps["tree7"] > 0  # the chain itself never ran
     assert 0 < c["tree7+lookup5"] <= c["tree7"]  # steps near each request's end stay unresolved
     assert m["tree7+lookup5"] > m["tree7"]  # these random models loop: the chain accepts more

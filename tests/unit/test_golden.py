@@ -68,7 +68,7 @@ class OracleHeads(DraftHeads):
         return cand
 
     def new_state(self, batch, max_len, base):
-        return 0
+        return None  # no state: CountingOracle keeps one
 
     def observe(self, state, hidden, positions, count, kv_len=None):
         pass

@@ -7,17 +7,11 @@ import random
 import pytest
 import torch
 
-from medusa.decoding.buckets import length_buckets
 from medusa.decoding.staging import FIXED_TOKENS, PrefillStage, plan_groups
 from medusa.decoding.sampling import BatchSampling, SamplingParams
 from medusa.decoding.step import prefill
 
 from tests.unit.test_engine import prompts, random_heads, tiny_model
-
-
-def test_length_buckets():
-    assert length_buckets(100) == (16, 32, 64, 100)
-    assert length_buckets(8) == (8,)
 
 
 def test_shapes_respect_the_capacity():
