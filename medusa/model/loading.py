@@ -22,7 +22,8 @@ from safetensors.torch import save_file
 from medusa.errors import ModelLoadError
 from medusa.model.config import ModelConfig
 from medusa.kernels.topk import check_topk_setting
-from medusa.model.llama import Transformer, check_attention_setting
+from medusa.kernels.attention_choice import check_attention_setting
+from medusa.model.llama import Transformer
 from medusa.model.rope import rope_table
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -31,7 +31,7 @@ from medusa.decoding.runner import GraphKey
 from medusa.decoding.sampling import BatchSampling, SamplingParams
 from medusa.decoding.step import DecodeState, speculate
 from medusa.decoding.tree import build_tree, load_tree
-from medusa.model import llama
+from medusa.kernels import attention_choice
 from medusa.runtime import load_stack, resolve_heads
 
 
@@ -45,7 +45,7 @@ def op_profile(model, heads, tree, runner, committed: int, top: int = 30) -> lis
 
     def once():
         v = runner._view(1)
-        st = DecodeState(v.cache, v.start.clone(), v.root.clone(), v.last_hidden.clone(), scratch_state(v.head_state, 1), v.draft)
+        st = DecodeState(v.cache, v.start.clone(), v.root.clone(), v.last_hidden.clone(), scratch_state(v.head_state), v.draft)
         speculate(model, heads, dev_tree, st, sampling, None, kv_len=kv_len)
 
     once()
@@ -96,8 +96,8 @@ def main() -> None:
         sampling = BatchSampling.stack([SamplingParams()], model.device)
         prompt = torch.randint(0, model.cfg.vocab_size, (1, 200), device=model.device)
         with torch.inference_mode():
-            zero, lengths = torch.zeros(1, dtype=torch.long, device=model.device), torch.full((1,), 200, device=model.device)
-            runner.prefill(0, prompt, zero, lengths, sampling, None, defer=False)
+            lengths = torch.full((1,), 200, device=model.device)
+            runner.prefill(0, prompt, [0], lengths, sampling, None, defer=False)
             committed = 200
             walls = []
             for i in range(60):  # the loop's own pattern: replay, read the length back
@@ -155,7 +155,7 @@ def main() -> None:
         print(f"| {r['mode']} | {r['nodes']} | {r['wall_ms']:.3f} | {r['replay_ms']:.3f} | {r['kernels']} | {r['kernel_sum_ms']:.3f} |")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "compile": args.compile, "attention": llama.ATTENTION, "rows": rows}, f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name(), "compile": args.compile, "attention": attention_choice.ATTENTION, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -154,9 +154,9 @@ def test_graphed_spec_equals_eager_ar_with_triton_attention(gpu_stack, mt_texts,
     """MEDUSA_ATTENTION=triton through the graphed decode loop: speculative greedy output equals
     plain greedy output (float32), the kernel captured in the graphs."""
     pytest.importorskip("triton")
-    from medusa.model import llama
+    from medusa.kernels import attention_choice
 
-    monkeypatch.setattr(llama, "ATTENTION", "triton")
+    monkeypatch.setattr(attention_choice, "ATTENTION", "triton")
     s = gpu_stack
     runner = engine(s, s.heads, "tree64")
     for t in mt_texts[:3]:
