@@ -139,7 +139,7 @@ def run(args) -> int:
             print(json.dumps({
                 "id": pr.id, "prompt_token_ids": ids, "token_ids": out, "text": stack.tokenizer.decode(out),
                 "new_tokens": stats.new_tokens, "steps": stats.steps, "mean_accepted": round(stats.mean_accepted, 4),
-                "seconds": round(stats.seconds, 4), "tokens_per_s": round(stats.tokens_per_s, 2), "tree": stats.tree,
+                "seconds": round(stats.seconds, 4), "tokens_per_s": round(stats.tokens_per_s, 2),
             }), flush=True)
             continue
         text = stack.tokenizer.stream()
