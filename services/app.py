@@ -49,7 +49,7 @@ class EngineDeployment(EngineReplica):
         sizes, kv_plan = engine_sizes(s, stack.model, stack.heads, stack.tree)
         engine = Engine(stack.model, stack.heads, stack.tree, **sizes)
         engine.warmup()  # on a GPU: capture every batch bucket's step graphs before taking traffic
-        type(engine).start(engine)  # (the class's method: an instance attribute may shadow the name)
+        engine.start()
         cfg = stack.model.cfg
         info = {"id": s.model_id or stack.source.name, "heads": stack.heads_name, "tree": stack.tree.name,
                 "context_length": engine.max_seq_len, "vocab_size": cfg.vocab_size}
@@ -62,8 +62,7 @@ class EngineDeployment(EngineReplica):
 
     def check_health(self) -> None:
         """Serve's periodic health check: a replica whose scheduler thread died is replaced."""
-        thread = getattr(self.engine, "_thread", None)
-        if thread is not None and not thread.is_alive():
+        if self.engine.health()["scheduler"] is False:
             raise RuntimeError("the engine's scheduler thread is not running")
 
     def __del__(self):

@@ -105,11 +105,12 @@ def _engine_delta(before: dict, after: dict) -> dict:
 def run_concurrency(model, heads, tree, prompts: list[list[int]], levels: list[int], modes: list[str],
                     max_new_tokens: int, eos: tuple[int, ...], requests: int | None = None,
                     step_cost: dict | None = None, on_done: Callable[[], None] | None = None,
-                    step_mode: str | None = None, on_prepare: Callable[[int, int], None] | None = None,
+                    graphs: bool | None = None, on_prepare: Callable[[int, int], None] | None = None,
                     repeats: int = 1) -> list[dict]:
     """One row per (mode, level). Each level gets one fresh engine per mode (max_batch = level),
-    its CUDA graphs captured before the clock starts (Engine.warmup; nothing on a CPU), and one
-    untimed warm-up request. Then `repeats` rounds time every mode's engine in turn (the order
+    its CUDA graphs captured (and for auto its step costs measured) before the clock starts
+    (Engine.warmup; nothing on a CPU, where the policy measures each step cost when it first
+    needs it), and one untimed warm-up request. Then `repeats` rounds time every mode's engine in turn (the order
     reversed every other round), so that the modes see the same machine state side by side.
     A row reports the run of median tokens/s (the lower of the two middle runs when `repeats` is
     even), every run's tokens/s, and `speedup_vs_ar`: the median over rounds of the run's tokens/s
@@ -129,10 +130,11 @@ def run_concurrency(model, heads, tree, prompts: list[list[int]], levels: list[i
         try:
             for mode in modes:
                 engine = Engine(model, None if mode == "ar" else heads, None if mode == "ar" else tree,
-                                max_batch=c, max_seq_len=longest, step_cost=step_cost, step_mode=step_mode)
+                                max_batch=c, max_seq_len=longest, step_cost=step_cost, graphs=graphs)
                 engines[mode] = engine
-                engine.warmup(longest, ["ar"] if mode == "ar" else [engine.default_tree.name] if mode == "spec" else None,
-                              measure=mode == "auto", progress=on_prepare)
+                if engine.runner.capture:
+                    engine.warmup(longest, ["ar"] if mode == "ar" else [engine.default_tree.name] if mode == "spec" else None,
+                                  measure=mode == "auto", progress=on_prepare)
                 engine.start()
                 engine.submit(Request(batch[0], max_new_tokens=min(8, max_new_tokens), stop_token_ids=eos,
                                       speculation=spec_of[mode])).result()
@@ -142,7 +144,7 @@ def run_concurrency(model, heads, tree, prompts: list[list[int]], levels: list[i
                     engine = engines[mode]
                     before = engine.stats()
                     row = run_level(engine, batch, c, max_new_tokens, spec_of[mode], eos, on_done)
-                    row.update(step_mode=engine.step_mode, **_engine_delta(before, engine.stats()))
+                    row.update(step_mode=before["step_mode"], **_engine_delta(before, engine.stats()))
                     runs[mode].append(row)
         finally:
             for engine in engines.values():

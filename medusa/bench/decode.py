@@ -1,7 +1,8 @@
 """Decode throughput on a prompt set: each mode (`hf`, `ar`, `medusa`, `hydra`, or
 `medusa:TREE` to pin a tree) runs every prompt, interleaved prompt by prompt, after a warm-up
-that is not counted. Our modes decode through medusa.decoding.generate (the one decode
-step); `hf` is HF transformers `generate`, greedy, on the same weights, dtype and device.
+that is not counted. Our modes decode through the one Engine at batch 1 (medusa.decoding.generate,
+one engine per mode, built and warmed up once: on a GPU its step and prompt graphs are captured
+before the first timed request); `hf` is HF transformers `generate`, greedy, on the same weights, dtype and device.
 
 Does not know about files, plots or progress bars: it returns plain records, and reports
 progress through a callback."""
@@ -13,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from medusa.decoding.generate import Stats, generate
+from medusa.decoding.generate import Stats, single_engine, stream
 from medusa.decoding.tree import Tree, load_tree, own_tree, resolve_tree
 from medusa.errors import ModelLoadError, RequestError
 from medusa.heads.io import untrained_heads
@@ -90,12 +91,11 @@ class Mode:
 
 # ------------------------------------------------------------------ our modes
 
-def _ours(model, heads, tree: Tree | None, eos: tuple[int, ...], runner=None):
+def _ours(engine, eos: tuple[int, ...]):
     def run(ids: list[int], max_new_tokens: int) -> Run:
         stats = Stats()
         out: list[int] = []
-        for chunk in generate(model, ids, heads=heads, tree=tree, max_new_tokens=max_new_tokens,
-                              stop_token_ids=eos, stats=stats, runner=runner):
+        for chunk in stream(engine, ids, max_new_tokens=max_new_tokens, stop_token_ids=eos, stats=stats):
             out.extend(chunk.tokens)
         return Run(out, stats.seconds, stats.ttft, stats.steps, list(stats.step_tokens), stats.finish_reason)
 
@@ -186,39 +186,27 @@ def _hf(hf_model, eos: tuple[int, ...], device: torch.device):
 
 # ------------------------------------------------------------------ assembling and running
 
-def graph_runner(model, heads, longest: int, max_nodes: int, longest_prompt: int | None = None):
-    """A batch-1 CUDA-graph runner (medusa.decoding.graphs) for sequences up to `longest`
-    tokens and trees up to `max_nodes` nodes, its prompt graphs captured up to longest_prompt
-    tokens (so that no timed request pays a capture); None off CUDA."""
-    if model.device.type != "cuda":
-        return None
-    from medusa.decoding.graphs import GraphRunner, kv_bucket
-
-    cap = model.cfg.max_position_embeddings + max_nodes + 1
-    need = min(model.cfg.max_position_embeddings, longest) + max_nodes + 1
-    runner = GraphRunner(model, heads, batch=1, max_len=kv_bucket(need, cap))
-    if longest_prompt:
-        runner.prepare_prefill(longest_prompt)
-    return runner
+def engine_for(model, heads, tree: Tree, longest: int, graphs: bool = False):
+    """An Engine(max_batch=1) decoding with exactly `tree` (heads None: plain decoding), for
+    sequences up to `longest` tokens; with graphs (a CUDA device), its greedy step and prompt
+    graphs are captured now, so that no timed request pays a capture."""
+    engine = single_engine(model, heads, tree, max_seq_len=min(longest, model.cfg.max_position_embeddings), graphs=graphs)
+    if graphs:
+        engine.warmup(trees=[engine.default_tree.name], measure=False)
+    return engine
 
 
 def prepare_modes(specs: list[ModeSpec], model, source, eos: tuple[int, ...], cli_tree: str | None = None,
-                  hf_loader: Callable[[], object] | None = None,
-                  graphs_longest: int | None = None,
-                  longest_prompt: int | None = None) -> tuple[list[Mode], dict[str, str]]:
-    """Build a runner per mode. graphs_longest: replay our decode steps as CUDA graphs (on a
-    CUDA device) for sequences up to this many tokens, prompts up to longest_prompt tokens;
-    None runs them eagerly.
+                  hf_loader: Callable[[], object] | None = None, longest: int = 2048,
+                  graphs: bool = False) -> tuple[list[Mode], dict[str, str]]:
+    """Build an engine per mode for sequences up to `longest` tokens. graphs: replay our decode
+    steps and prompt forwards as CUDA graphs (on a CUDA device); else they run eagerly.
     Returns (modes, skipped: label -> reason)."""
     modes, skipped, heads_cache = [], {}, {}
-
-    def runner(heads, tree: Tree):
-        return graph_runner(model, heads, graphs_longest, tree.num_nodes, longest_prompt) if graphs_longest else None
-
     for spec in specs:
         if spec.kind == "ar":
             tree = load_tree("ar")
-            modes.append(Mode(spec, _ours(model, None, None, eos, runner(None, tree)), None, tree))
+            modes.append(Mode(spec, _ours(engine_for(model, None, tree, longest, graphs), eos), None, tree))
         elif spec.kind == "hf":
             hf_model = hf_loader() if hf_loader else load_hf_model(source, model.dtype, model.device)
             modes.append(Mode(spec, _hf(hf_model, eos, model.device), None, None,
@@ -229,7 +217,7 @@ def prepare_modes(specs: list[ModeSpec], model, source, eos: tuple[int, ...], cl
                 skipped[spec.label] = note
                 continue
             tree = _spec_tree(spec, cli_tree, heads, label)
-            modes.append(Mode(spec, _ours(model, heads, tree, eos, runner(heads, tree)), label, tree, note))
+            modes.append(Mode(spec, _ours(engine_for(model, heads, tree, longest, graphs), eos), label, tree, note))
     return modes, skipped
 
 

@@ -15,7 +15,8 @@ from typing import Callable
 
 import torch
 
-from medusa.decoding.step import KV_BUCKET, attention_mask
+from medusa.decoding.buckets import kv_round
+from medusa.decoding.step import attention_mask
 from medusa.decoding.tree import Tree, build_tree, prior_accuracies, search_tree
 from medusa.errors import RequestError
 from medusa.model.config import ModelConfig
@@ -143,7 +144,7 @@ def _forward_fn(model: Transformer, context: int, n: int, graphs: bool) -> Calla
     graphs were asked for but medusa.decoding.graphs offers no capture."""
     cfg, dev = model.cfg, model.device
     tree = query_tree(n)
-    kv_len = -(-(context + n) // KV_BUCKET) * KV_BUCKET
+    kv_len = kv_round(context + n, context + n + 64)  # the next multiple of 64 slots
     cache = model.new_cache(1, kv_len)
     cache.kv.normal_(0, 1)
     start = torch.tensor([context], device=dev)

@@ -90,6 +90,22 @@ def _load_average():
     return load_average()
 
 
+def _at_least(flag: str, value: int | None, least: int) -> None:
+    """One clear line for a numeric option below its minimum (None: not given, fine)."""
+    if value is not None and value < least:
+        raise RequestError(f"{flag} must be >= {least}, got {value}")
+
+
+def _publish(doc: dict, out: Path, stem: str, markdown) -> int:
+    """Stamp the end load, write `stem`.json and .md under `out`, print the markdown; exit 0."""
+    doc["load_average_end"] = _load_average()
+    md = markdown(doc)
+    paths = _write(out, stem, doc, md)
+    print(md)
+    print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    return 0
+
+
 def _write(out: Path, stem: str, doc: dict, markdown: str) -> list[Path]:
     from medusa.bench.report import write_json
 
@@ -118,8 +134,7 @@ def run_through(args) -> int:
 
     from medusa.bench.data import resolve_dataset
 
-    if args.max_new_tokens < 1:
-        raise RequestError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    _at_least("--max-new-tokens", args.max_new_tokens, 1)
     try:
         from services.bench_grpc import bench_through_grpc
     except ImportError as e:
@@ -149,12 +164,9 @@ def run_decode(args) -> int:
     from medusa.runtime import parse_dtype, tqdm_progress
     from medusa.tokenizer import Tokenizer
 
-    if args.max_new_tokens < 1:
-        raise RequestError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.limit is not None and args.limit < 1:
-        raise RequestError(f"--limit must be >= 1, got {args.limit}")
-    if args.warmup < 0:
-        raise RequestError(f"--warmup must be >= 0, got {args.warmup}")
+    _at_least("--max-new-tokens", args.max_new_tokens, 1)
+    _at_least("--limit", args.limit, 1)
+    _at_least("--warmup", args.warmup, 0)
     specs = decode.parse_modes(args.modes or "hf,ar,medusa,hydra")
     label, path = resolve_dataset(args.dataset)
     prompts = read_prompts(path, args.limit)
@@ -172,9 +184,7 @@ def run_decode(args) -> int:
         from medusa.decoding.graphs import compile_blocks
 
         compile_blocks(model)
-    modes, skipped = decode.prepare_modes(specs, model, src, eos, cli_tree=args.tree,
-                                          graphs_longest=longest if graphs else None,
-                                          longest_prompt=max(len(i) for i in ids))
+    modes, skipped = decode.prepare_modes(specs, model, src, eos, cli_tree=args.tree, longest=longest, graphs=graphs)
     for lab, why in skipped.items():
         print(f"medusa bench: {lab}: {why}", file=sys.stderr)
     if not modes:
@@ -285,13 +295,7 @@ def run_step_cost(args) -> int:
     if doc["graphs"] is None:
         rows_ok = [r for r in rows if not r["graphs"]]
         doc["rows"] = rows_ok
-    doc["load_average_end"] = _load_average()
-    out, stem = Path(args.out), _slug(args.name or f"step-cost-{shape}-{doc['device']}")
-    md = sc.step_cost_markdown(doc)
-    paths = _write(out, stem, doc, md)
-    print(md)
-    print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
-    return 0
+    return _publish(doc, Path(args.out), _slug(args.name or f"step-cost-{shape}-{doc['device']}"), sc.step_cost_markdown)
 
 
 # ------------------------------------------------------------------ concurrency
@@ -312,12 +316,9 @@ def run_concurrency(args) -> int:
 
     levels = int_list(args.concurrency, "--concurrency")
     modes = cc.parse_modes(args.modes or "ar,spec")
-    if args.max_new_tokens < 1:
-        raise RequestError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.requests is not None and args.requests < 1:
-        raise RequestError(f"--requests must be >= 1, got {args.requests}")
-    if args.repeats < 1:
-        raise RequestError(f"--repeats must be >= 1, got {args.repeats}")
+    _at_least("--max-new-tokens", args.max_new_tokens, 1)
+    _at_least("--requests", args.requests, 1)
+    _at_least("--repeats", args.repeats, 1)
     table = None
     if args.step_cost_table:
         try:
@@ -343,7 +344,7 @@ def run_concurrency(args) -> int:
 
     rows = cc.run_concurrency(stack.model, stack.heads, stack.tree, ids, levels, modes, args.max_new_tokens, eos,
                               requests=args.requests, step_cost=cc.step_cost_table(table, max(map(len, ids))),
-                              on_done=bar.update, step_mode="eager" if args.no_graphs else None, on_prepare=preparing,
+                              on_done=bar.update, graphs=False if args.no_graphs else None, on_prepare=preparing,
                               repeats=args.repeats)
     bar.close()
     doc = {
@@ -352,10 +353,4 @@ def run_concurrency(args) -> int:
         "heads": stack.heads_name, "tree": stack.tree.name, "tree_nodes": stack.tree.num_nodes,
         "step_cost_table": Path(args.step_cost_table).name if args.step_cost_table else None, "rows": rows,
     }
-    doc["load_average_end"] = _load_average()
-    out, stem = Path(args.out), _slug(args.name or f"concurrency-{label}-{doc['device']}")
-    md = cc.concurrency_markdown(doc)
-    paths = _write(out, stem, doc, md)
-    print(md)
-    print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
-    return 0
+    return _publish(doc, Path(args.out), _slug(args.name or f"concurrency-{label}-{doc['device']}"), cc.concurrency_markdown)

@@ -1,5 +1,6 @@
-"""`medusa generate`: decode prompts with the base model alone (--mode ar) or with draft heads
-and tree verification (--mode spec), streaming text or printing one JSON object per prompt."""
+"""`medusa generate`: decode prompts through the one Engine: plain (--mode ar), always with
+draft heads and tree verification (--mode spec), or by the engine's measured-cost choice
+(--mode auto, the default), streaming text or printing one JSON object per prompt."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,7 @@ import json
 import sys
 
 from medusa.commands.common import Prompt, add_model_args, read_prompts
-from medusa.decoding.generate import Stats, generate
+from medusa.decoding.generate import Stats, check_context, single_engine, stream
 from medusa.decoding.sampling import SamplingParams
 from medusa.decoding.tree import load_tree
 from medusa.errors import RequestError
@@ -20,7 +21,9 @@ def register(sub) -> None:
     p.add_argument("--prompt-file", help='JSONL of {"id", "prompt"} or MT-Bench {"question_id", "turns"} rows')
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts of --prompt-file")
     add_model_args(p)
-    p.add_argument("--mode", choices=("ar", "spec"), default="spec", help="plain autoregressive or speculative")
+    p.add_argument("--mode", choices=("auto", "ar", "spec"), default="auto",
+                   help="auto: the engine picks plain decoding or a tree by measured step costs and acceptance; "
+                        "ar: plain autoregressive; spec: always speculate with the tree")
     p.add_argument("--rule", choices=("greedy", "typical", "sample"), default=None,
                    help="acceptance rule (default: greedy at temperature 0, else sample)")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -33,8 +36,7 @@ def register(sub) -> None:
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
     p.add_argument("--concurrency", type=int, default=None, metavar="N",
-                   help="decode the prompts N at a time with the batched engine (load-adaptive speculation, "
-                        "or always the --tree when one is given); output stays in input order")
+                   help="decode the prompts N at a time (one engine of max batch N); output stays in input order")
     p.add_argument("--no-graphs", action="store_true", help="on a GPU, run the decode step eagerly (no CUDA graphs; for debugging)")
     p.add_argument("--compile", action="store_true", help="on a GPU, torch.compile the per-layer pieces before capturing graphs")
     p.set_defaults(func=run)
@@ -59,17 +61,49 @@ def prompts_from_args(args) -> list[Prompt]:
     return [Prompt("0", args.prompt)]
 
 
-def graph_runner(stack, longest: int, disabled: bool = False, compile: bool = False):
-    """A CUDA-graph runner for batch 1 when the model is on a GPU (None on CPU or when disabled)."""
-    if disabled or stack.model.device.type != "cuda":
-        return None
-    from medusa.decoding.graphs import GraphRunner, compile_blocks, kv_bucket
+def speculation_of(args, stack) -> str:
+    """The engine's speculation switch: --mode ar plain, spec always the tree, auto the engine's
+    measured-cost choice between plain decoding and its trees (a given --tree is always used)."""
+    if args.mode == "ar" or stack.heads is None:
+        return "off"
+    return "on" if args.mode == "spec" or args.tree else "auto"
 
-    if compile:
+
+def build_engine(args, stack, encoded: list[list[int]], speculation: str):
+    """One Engine for every prompt (max_batch: --concurrency, else 1), warmed up for what this
+    run needs: on a GPU the step and prefill graphs are captured before the first request (and,
+    for auto, step costs measured); on a CPU nothing is prepared ahead, the policy measures each
+    step cost the first time it needs it."""
+    from medusa.decoding.engine import Engine
+
+    longest = max(map(len, encoded)) + args.max_new_tokens
+    for ids in encoded:
+        check_context(stack.model.cfg, len(ids), args.max_new_tokens)
+    cuda = stack.model.device.type == "cuda" and not args.no_graphs
+    if cuda and args.compile:
+        from medusa.decoding.graphs import compile_blocks
+
         compile_blocks(stack.model)
+    batch = min(args.concurrency or 1, len(encoded))
+    if speculation == "on":
+        engine = single_engine(stack.model, stack.heads, stack.tree, max_seq_len=longest, graphs=cuda, max_batch=batch)
+    else:
+        engine = Engine(stack.model, stack.heads if speculation != "off" else None, stack.tree, max_batch=batch,
+                        max_seq_len=longest, graphs=cuda)
+    if cuda:
+        from tqdm import tqdm
 
-    need = min(stack.model.cfg.max_position_embeddings, longest) + stack.tree.num_nodes + 1
-    return GraphRunner(stack.model, stack.heads, batch=1, max_len=kv_bucket(need, stack.model.cfg.max_position_embeddings + stack.tree.num_nodes + 1))
+        with tqdm(desc="preparing the engine", unit="step", file=sys.stderr, leave=False, disable=args.json) as bar:
+            def progress(i, total):
+                bar.total = total
+                bar.update(i - bar.n)
+            engine.warmup(max_kv_len=longest, trees=[engine.default_tree.name] if speculation != "auto" else None,
+                          progress=progress, measure=speculation == "auto")
+    return engine
+
+
+def decoded_with(tree: str, nodes: dict) -> str:
+    return "plain decoding" if tree == "ar" else f"tree {tree} with {nodes.get(tree, '?')} nodes"
 
 
 def run(args) -> int:
@@ -83,19 +117,21 @@ def run(args) -> int:
     prompts = prompts_from_args(args)
     heads = "none" if args.mode == "ar" else args.heads
     if args.mode == "ar" and args.tree not in (None, "ar"):
-        raise RequestError("--tree needs --mode spec")
+        raise RequestError("--tree needs --mode spec or auto")
     if args.tree:
         load_tree(args.tree)  # validate before the (slower) model load
     stack = load_stack(args.model, heads=heads, tree=args.tree, dtype=args.dtype, device=args.device, progress=not args.json)
     eos = tuple(sorted(set(stack.model.cfg.eos_token_ids) | set(stack.tokenizer.eos_token_ids)))
     encoded = [stack.tokenizer.encode_prompt(pr.text, chat=not args.no_chat) for pr in prompts]
+    speculation = speculation_of(args, stack)
+    engine = build_engine(args, stack, encoded, speculation)
     if args.concurrency is not None:
-        return run_batched(args, stack, prompts, encoded, params, eos)
-    runner = graph_runner(stack, max(map(len, encoded)) + args.max_new_tokens, disabled=args.no_graphs, compile=args.compile)
+        return run_batched(args, stack, engine, prompts, encoded, params, eos, speculation)
+    nodes = {n: t.num_nodes for n, t in engine.trees.items()}
     for pr, ids in zip(prompts, encoded):
         stats = Stats()
-        chunks = generate(stack.model, ids, heads=stack.heads, tree=stack.tree, params=params,
-                          max_new_tokens=args.max_new_tokens, stop_token_ids=eos, stats=stats, runner=runner)
+        chunks = stream(engine, ids, params=params, max_new_tokens=args.max_new_tokens, stop_token_ids=eos,
+                        stats=stats, speculation=speculation)
         out: list[int] = []
         if args.json:
             for c in chunks:
@@ -106,38 +142,26 @@ def run(args) -> int:
                 "seconds": round(stats.seconds, 4), "tokens_per_s": round(stats.tokens_per_s, 2),
             }), flush=True)
             continue
-        stream = stack.tokenizer.stream()
+        text = stack.tokenizer.stream()
         for c in chunks:
-            sys.stdout.write(stream.push(c.tokens))
+            sys.stdout.write(text.push(c.tokens))
             sys.stdout.flush()
-        sys.stdout.write(stream.flush() + "\n")
+        sys.stdout.write(text.flush() + "\n")
         print(f"[{pr.id}] {stats.new_tokens} new tokens, {stats.steps} steps, "
               f"{stats.mean_accepted:.2f} tokens/step accepted, {stats.tokens_per_s:.1f} tokens/s "
-              f"(heads: {stack.heads_name}, tree: {stack.tree.name} with {stack.tree.num_nodes} nodes, "
+              f"(heads: {stack.heads_name}, mode {args.mode}: {decoded_with(stats.tree, nodes)}, "
               f"finish: {stats.finish_reason})", file=sys.stderr)
     return 0
 
 
-def run_batched(args, stack, prompts: list[Prompt], encoded: list[list[int]], params: SamplingParams, eos) -> int:
+def run_batched(args, stack, engine, prompts: list[Prompt], encoded: list[list[int]], params: SamplingParams, eos,
+                speculation: str) -> int:
     """--concurrency N: every prompt is submitted to one Engine of max_batch N (the engine queues
     what does not fit), results are printed in input order as each becomes available."""
     import time
 
-    from medusa.decoding.engine import Engine, Request
+    from medusa.decoding.engine import Request
 
-    speculation = "on" if args.tree else "auto"
-    engine = Engine(stack.model, stack.heads, stack.tree, max_batch=args.concurrency,
-                    max_seq_len=max(map(len, encoded)) + args.max_new_tokens,
-                    step_mode="eager" if args.no_graphs else None)
-    if engine.step_mode == "graphs" or (speculation == "auto" and stack.heads is not None):
-        from tqdm import tqdm
-
-        with tqdm(desc="preparing the engine", unit="step", file=sys.stderr, leave=False) as bar:
-            def progress(i, total):
-                bar.total = total
-                bar.update(i - bar.n)
-            engine.warmup(trees=[engine.default_tree.name] if speculation == "on" else None, progress=progress,
-                          measure=speculation == "auto")
     t0 = time.perf_counter()
     total = 0
     with engine:

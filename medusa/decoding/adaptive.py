@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from medusa.decoding.buckets import cost_bucket as batch_bucket
+
 
 @dataclass(frozen=True)
 class TreeOption:
@@ -109,11 +111,6 @@ class AcceptanceMeter:
         ratios = [(self.mean[t] - 1) / (self.priors[t] - 1) for t in self.mean if self.priors.get(t, 1.0) > 1.0]
         scale = sum(ratios) / len(ratios) if ratios else 1.0
         return 1.0 + max(scale, 0.0) * (prior - 1.0)
-
-
-def batch_bucket(b: int) -> int:
-    """Batch sizes measured together: 1, 2, 4, 8, ... (the next power of two)."""
-    return 1 << max(0, (b - 1).bit_length())
 
 
 class StepCostModel:

@@ -1,19 +1,16 @@
-"""Decode one request: prefill, then speculative steps, streaming tokens as they are accepted
-and stopping on EOS, stop sequences or max_new_tokens. Built on medusa.decoding.step.
+"""Decode one request at a time: a few lines over the one Engine (max_batch=1), for callers
+that want chunks and per-step figures rather than a request stream (the CLI without
+--concurrency, `medusa bench --dataset`, tests). A lone request is admitted at once, so this is
+the engine's batch-1 loop, with the same runner, graphs and step.
 
 Knows token ids only (never text) and nothing of batching policy or transport."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import torch
-
-from medusa.decoding.sampling import BatchSampling, SamplingParams, draw_uniforms
-from medusa.decoding.lookup import NgramLookup
-from medusa.decoding.step import prefill, speculate
-from medusa.decoding.stopping import stop_cut as _stop_cut
+from medusa.decoding.engine import Engine, Request
+from medusa.decoding.sampling import SamplingParams
 from medusa.decoding.tree import Tree, load_tree
 from medusa.errors import RequestError
 
@@ -36,6 +33,7 @@ class Stats:
     seconds: float = 0.0
     ttft: float = 0.0  # seconds to the first token
     finish_reason: str | None = None
+    tree: str = "ar"  # the last tree a step used ("ar": plain decoding)
 
     @property
     def mean_accepted(self) -> float:
@@ -47,105 +45,67 @@ class Stats:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def generate(
-    model,
-    prompt_ids: list[int],
-    *,
-    heads=None,
-    tree: Tree | str | None = None,
-    params: SamplingParams = SamplingParams(),
-    max_new_tokens: int = 256,
-    stop_token_ids: tuple[int, ...] | None = None,
-    stop_sequences: list[list[int]] = (),
-    stats: Stats | None = None,
-    runner=None,
-) -> Iterator[Chunk]:
-    """Stream the chunks of one request. With heads=None (or the 'ar' tree) this is plain
-    autoregressive decoding through the very same step. `runner` (a graphs.GraphRunner built
-    for the same model and heads, batch 1) replays the step as a CUDA graph. A tree's lookup
-    chain (Tree.lookup) drafts from the sequence itself, for greedy requests: a sampled request
-    decodes with the heads' nodes alone (sampling stays exact only while sibling nodes carry
-    distinct tokens, and a lookup guess may repeat a head's)."""
-    cfg = model.cfg
-    if not prompt_ids:
-        raise RequestError("the prompt is empty")
+def check_context(cfg, prompt_len: int, max_new_tokens: int) -> int:
+    """prompt + max_new_tokens, or a RequestError when it exceeds the model's context."""
     if max_new_tokens < 1:
         raise RequestError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    tree = load_tree("ar") if heads is None else (tree if isinstance(tree, Tree) else load_tree(tree))
-    if tree.lookup and not params.greedy:
-        tree = tree.heads_only
+    total = prompt_len + max_new_tokens
+    if total > cfg.max_position_embeddings:
+        raise RequestError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
+                           f"exceeds the model's context of {cfg.max_position_embeddings} tokens")
+    return total
+
+
+def single_engine(model, heads=None, tree: Tree | str | None = None, *, max_seq_len: int,
+                  graphs: bool | None = None, max_batch: int = 1) -> Engine:
+    """An engine that decodes with exactly `tree` when a request asks for speculation "on"
+    (no other tree but plain decoding). heads=None or the 'ar' tree: plain decoding."""
+    tree = tree if isinstance(tree, Tree) else load_tree(tree or ("ar" if heads is None else None))
     if heads is not None and tree.max_depth > heads.config.num_heads:
         raise RequestError(f"tree {tree.name} is {tree.max_depth} deep but the heads guess only {heads.config.num_heads} tokens ahead")
-    total = len(prompt_ids) + max_new_tokens
-    if total > cfg.max_position_embeddings:
-        raise RequestError(
-            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
-            f"exceeds the model's context of {cfg.max_position_embeddings} tokens"
-        )
-    if max(prompt_ids) >= cfg.vocab_size or min(prompt_ids) < 0:
-        raise RequestError("prompt holds token ids outside the vocabulary")
-    eos = set(cfg.eos_token_ids if stop_token_ids is None else stop_token_ids)
+    if tree.num_nodes == 1:
+        heads = None  # plain decoding: the heads would only observe
+    return Engine(model, heads, tree, max_batch=max_batch, max_seq_len=max_seq_len, trees={}, graphs=graphs)
+
+
+def stream(engine: Engine, prompt_ids: list[int], *, params: SamplingParams = SamplingParams(),
+           max_new_tokens: int = 256, stop_token_ids: tuple[int, ...] | None = None,
+           stop_sequences=(), stats: Stats | None = None, speculation: str | None = None) -> Iterator[Chunk]:
+    """Submit one request to `engine` and yield its chunks (driving the engine when it has no
+    scheduler thread). speculation: default "on" when the engine has heads, else "off"."""
+    if speculation is None:
+        speculation = "on" if engine.heads is not None and engine.default_tree.num_nodes > 1 else "off"
     stats = stats if stats is not None else Stats()
     stats.prompt_tokens = len(prompt_ids)
-    dev = model.device
-    gen = None
-    if not params.greedy:
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(params.seed if params.seed is not None else torch.seed())
-    sampling = BatchSampling.stack([params], dev)
-    uniforms = (lambda n: draw_uniforms([gen], n, dev)) if gen is not None else (lambda n: None)
-
-    max_len = min(cfg.max_position_embeddings, total) + tree.num_nodes + 1
-    graphed = runner is not None and runner.heads is heads and runner.batch == 1 and runner.max_len >= max_len
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        cache = runner.cache if graphed else model.new_cache(1, max_len)
-        tokens = torch.tensor([prompt_ids], dtype=torch.long, device=dev)
-        head_state = runner.head_state if graphed else None
-        body, lengths, seeing = None, None, heads  # graphed: the prompt's forward replays its bucket's graph
-        if graphed and runner.prefills.shape(1, len(prompt_ids)) is not None:
-            lengths = torch.tensor([len(prompt_ids)], device=dev)
-            body = lambda t: runner.prefills.run(t, cache, lengths, head_state)  # noqa: E731
-            seeing = None if runner.prefills.observes else heads  # the graph showed the heads the prompt
-        state = prefill(model, seeing, cache, tokens, torch.zeros(1, dtype=torch.long, device=dev), sampling, uniforms(1),
-                        head_state=head_state, lengths=lengths, body=body)
-        if graphed:
-            runner.load(state, sampling)
-        out: list[int] = [int(state.root[0])]
-        look = NgramLookup(list(prompt_ids) + out) if tree.lookup else None
-        stats.ttft = time.perf_counter() - t0
-        chunk_tokens, produced = out[:], 1
-        while True:
-            head = out[:max_new_tokens]  # a stop past max_new_tokens (speculative overshoot) does not count
-            cut = _stop_cut(head, min(len(out) - len(chunk_tokens), len(head)), eos, stop_sequences)
-            if cut is None and len(out) >= max_new_tokens:
-                cut = (max_new_tokens, "length")
-            if cut is not None:
-                keep = cut[0] - (len(out) - len(chunk_tokens))
-                stats.new_tokens = cut[0]
-                stats.finish_reason = cut[1]
-                stats.seconds = time.perf_counter() - t0
-                yield Chunk(chunk_tokens[:keep], produced, cut[1])
-                return
-            yield Chunk(chunk_tokens, produced)
-            if look is not None:
-                draft = [look.draft(tree.lookup)]
-                if graphed:
-                    runner.set_draft(draft)
-                else:
-                    state.draft = torch.tensor(draft, dtype=torch.long, device=dev)
-            if graphed:  # committed tokens = prompt + emitted - the root (not yet in the cache)
-                acc = runner.step(tree, len(prompt_ids) + len(out) - 1, uniforms(tree.num_nodes))
-            else:
-                acc = speculate(model, heads, tree, state, sampling, uniforms(tree.num_nodes))
-            row = torch.cat([acc.length[:1], acc.tokens[0]]).tolist()  # one host sync: [accepted, D + 1 tokens]
-            n = row[0] + 1
-            chunk_tokens = row[1:1 + n]
-            produced = n
-            out.extend(chunk_tokens)
-            if look is not None:
-                look.extend(chunk_tokens)
+    req = Request(list(prompt_ids), max_new_tokens=max_new_tokens, sampling=params, stop_token_ids=stop_token_ids,
+                  stop_sequences=tuple(tuple(s) for s in stop_sequences), speculation=speculation)
+    first = True
+    for ev in engine.submit(req):
+        if not first and ev.produced:  # the first event is the prefill's token
             stats.steps += 1
-            stats.step_tokens.append(n)
-            stats.new_tokens = len(out)
-            stats.seconds = time.perf_counter() - t0
+            stats.step_tokens.append(ev.produced)
+        first = False
+        stats.new_tokens += len(ev.tokens)
+        if ev.stats is not None:
+            st = ev.stats
+            stats.new_tokens, stats.seconds, stats.ttft, stats.tree = st.new_tokens, st.seconds, st.ttft_s, st.tree
+            stats.finish_reason = ev.finish_reason
+        yield Chunk(list(ev.tokens), ev.produced, ev.finish_reason)
+
+
+def generate(model, prompt_ids: list[int], *, heads=None, tree: Tree | str | None = None,
+             params: SamplingParams = SamplingParams(), max_new_tokens: int = 256,
+             stop_token_ids: tuple[int, ...] | None = None, stop_sequences=(), stats: Stats | None = None,
+             engine: Engine | None = None) -> Iterator[Chunk]:
+    """Stream the chunks of one request. With heads=None (or the 'ar' tree) this is plain
+    autoregressive decoding through the very same step. `engine` (from `single_engine`, built
+    for the same model, heads and tree) is reused instead of building one for this request
+    (its graphs and buffers stay warm). A tree's lookup chain (Tree.lookup) drafts from the
+    sequence itself for greedy requests; a sampled request decodes with the heads' nodes alone."""
+    if not prompt_ids:
+        raise RequestError("the prompt is empty")
+    total = check_context(model.cfg, len(prompt_ids), max_new_tokens)
+    if engine is None:
+        engine = single_engine(model, heads, tree, max_seq_len=total)
+    return stream(engine, prompt_ids, params=params, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
+                  stop_sequences=stop_sequences, stats=stats)

@@ -5,14 +5,13 @@ Invariant: the running requests occupy rows 0 .. n_active-1, so a batched step r
 zero-copy view of the first rows. Rows from n_active on are free or hold a kept session (the
 KV of a finished turn, waiting for its next turn). Admission and release keep the invariant by
 swapping two rows; the pool returns the swaps and the caller applies them to its tensors
-(`swap_rows`). The bookkeeping (`RowPool`) is plain Python over ints; it knows nothing of
+(`swap_cache_rows`, and each head state's PerRow.swap_rows). The bookkeeping (`RowPool`) is plain Python over ints; it knows nothing of
 models, tensors, sampling or requests beyond their ids."""
 from __future__ import annotations
 
 from collections import OrderedDict
-import copy
-from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
@@ -143,112 +142,80 @@ class RowPool:
 
 # -------------------------------------------------------------------- tensor side
 
+class PerRow(Protocol):
+    """State that holds one row per request and says so: the KV cache (its batch rows) and each
+    head family's state (heads/hydra.py HydraState) implement it. The pool calls these and never
+    looks inside, so a shared table that happens to have as many rows as the pool (RoPE tables)
+    is never taken for per-row data."""
+
+    def rows(self, lo: int, hi: int) -> "PerRow":
+        """A view of rows lo .. hi-1 (in-place writes land in this state)."""
+
+    def swap_rows(self, a: int, b: int) -> None:
+        """Exchange rows a and b in place."""
+
+    def scratch(self) -> "PerRow":
+        """A copy a trial step may change (a CUDA-graph warm-up): per-row values cloned, caches
+        shared (steps write them only past the committed slots)."""
+
+    def write_back(self, view: "PerRow", lo: int, hi: int) -> None:
+        """Copy into rows lo .. hi-1 whatever `view` (from rows(lo, hi)) no longer shares."""
+
+    def copy_prefix(self, src: "PerRow", k: int, T: int) -> None:
+        """Rows 0 .. k-1 of src (of its caches, the first T slots) into rows 0 .. k-1 of this."""
+
+
+# A draft-head state is None (no state), a PerRow, or a tensor whose first dimension is its rows
+# (the simplest per-row state). The functions below dispatch on that.
+
 def swap_cache_rows(cache: KVCache, s: Swap) -> None:
     """Exchange the valid KV slots of rows a and b (copies only len_a / len_b slots)."""
-    if s.len_a == 0 and s.len_b == 0:
-        return
-    t = cache.kv
-    tmp = t[:, :, s.a, :, : s.len_a].clone()  # [L, 2, H, len_a, Dh]
-    t[:, :, s.a, :, : s.len_b] = t[:, :, s.b, :, : s.len_b]
-    t[:, :, s.b, :, : s.len_a] = tmp
+    if s.len_a or s.len_b:
+        cache.swap_rows(s.a, s.b, s.len_a, s.len_b)
 
 
-# Draft-head state (DraftHeads.new_state(rows, ...)) is opaque here: a value, a KVCache, a tensor,
-# or a dataclass / list / tuple / dict of these. A tensor is per-row when its first dimension is
-# the state's row count (a KVCache: its batch); anything else (RoPE tables, ...) is shared.
-
-def _per_row(t: torch.Tensor, rows: int) -> bool:
-    return t.dim() >= 1 and t.shape[0] == rows
-
-
-def _children(obj):
-    if is_dataclass(obj) and not isinstance(obj, type):
-        return [(f.name, getattr(obj, f.name)) for f in fields(obj)]
-    if isinstance(obj, dict):
-        return list(obj.items())
-    if isinstance(obj, (list, tuple)):
-        return list(enumerate(obj))
-    return None
-
-
-def swap_state_rows(obj: Any, a: int, b: int, rows: int) -> None:
-    """Exchange rows a and b of every per-row tensor in `obj` (in place)."""
-    if obj is None or a == b:
-        return
-    if isinstance(obj, KVCache):
-        if obj.batch == rows:
-            obj.kv[:, :, [a, b]] = obj.kv[:, :, [b, a]]
-    elif isinstance(obj, torch.Tensor):
-        if _per_row(obj, rows):
-            obj[[a, b]] = obj[[b, a]]
-    else:
-        for _, x in _children(obj) or []:
-            swap_state_rows(x, a, b, rows)
-
-
-def _map_state(obj: Any, on_tensor, on_cache) -> Any:
-    """A copy of the state structure `obj` (dataclasses, lists, tuples, dicts) with each tensor
-    replaced by on_tensor(t) and each KVCache by on_cache(c); other leaves are kept."""
+def state_rows(obj: Any, lo: int, hi: int) -> Any:
+    """A view of rows lo .. hi-1 of a head state. In-place writes to the view land in the pool; a
+    head family that rebinds a field instead needs `write_back` after the call."""
     if obj is None:
         return None
-    if isinstance(obj, KVCache):
-        return on_cache(obj)
+    return obj[lo:hi] if isinstance(obj, torch.Tensor) else obj.rows(lo, hi)
+
+
+def swap_state_rows(obj: Any, a: int, b: int) -> None:
+    """Exchange rows a and b of a head state (in place)."""
+    if obj is None or a == b:
+        return
     if isinstance(obj, torch.Tensor):
-        return on_tensor(obj)
-    kids = _children(obj)
-    if kids is None:
-        return obj
-    if isinstance(obj, (list, tuple, dict)):
-        new = {k: _map_state(x, on_tensor, on_cache) for k, x in kids}
-        return new if isinstance(obj, dict) else type(obj)(new[k] for k, _ in kids)
-    out = copy.copy(obj)
-    for k, x in kids:
-        object.__setattr__(out, k, _map_state(x, on_tensor, on_cache))
-    return out
+        obj[[a, b]] = obj[[b, a]]
+    else:
+        obj.swap_rows(a, b)
 
 
-def state_rows(obj: Any, lo: int, hi: int, rows: int) -> Any:
-    """A view of rows lo .. hi-1 of `obj`. In-place writes to the view land in the pool; a head
-    family that rebinds a field instead needs `write_back` after the call."""
-    return _map_state(obj, lambda t: t[lo:hi] if _per_row(t, rows) else t,
-                      lambda c: c.rows(lo, hi) if c.batch == rows else c)
+def scratch_state(obj: Any) -> Any:
+    """A copy of a head state that a trial step may change (see PerRow.scratch)."""
+    if obj is None:
+        return None
+    return obj.clone() if isinstance(obj, torch.Tensor) else obj.scratch()
 
 
-def scratch_state(obj: Any, rows: int) -> Any:
-    """A copy of `obj` whose per-row tensors are fresh clones and whose KV caches are shared: a
-    trial step on it (a CUDA-graph warm-up) leaves the state as it was, provided the step writes
-    the caches only past the committed length, as every decode step does."""
-    return _map_state(obj, lambda t: t.clone() if _per_row(t, rows) else t, lambda c: c)
-
-
-def write_back(obj: Any, view: Any, lo: int, hi: int, rows: int) -> None:
-    """Copy into rows lo .. hi-1 of `obj` whatever the view no longer shares with it."""
+def write_back(obj: Any, view: Any, lo: int, hi: int) -> None:
+    """Copy into rows lo .. hi-1 of a head state whatever the view no longer shares with it."""
     if obj is None or view is None or obj is view:
         return
-    if isinstance(obj, KVCache):
-        if obj.batch == rows and view.kv.data_ptr() != obj.kv[:, :, lo:hi].data_ptr():
-            obj.kv[:, :, lo:hi] = view.kv
-    elif isinstance(obj, torch.Tensor):
-        if _per_row(obj, rows) and view.data_ptr() != obj[lo:hi].data_ptr():
+    if isinstance(obj, torch.Tensor):
+        if view.data_ptr() != obj[lo:hi].data_ptr():
             obj[lo:hi] = view
     else:
-        vk = dict(_children(view) or [])
-        for k, x in _children(obj) or []:
-            write_back(x, vk.get(k), lo, hi, rows)
+        obj.write_back(view, lo, hi)
 
 
-def copy_state_prefix(dst: Any, src: Any, k: int, T: int, src_rows: int) -> None:
-    """Copy rows 0 .. k-1 of `src` (a state of src_rows rows; of its KV caches, the first T slots)
-    into `dst`, a state (or view) of k rows, in place."""
+def copy_state_prefix(dst: Any, src: Any, k: int, T: int) -> None:
+    """Copy rows 0 .. k-1 of head state `src` (of its caches, the first T slots) into `dst`, a
+    state (or view) of k rows, in place."""
     if src is None or dst is None:
         return
-    if isinstance(src, KVCache):
-        if src.batch == src_rows:
-            dst.kv[:, :, :k, :, :T].copy_(src.kv[:, :, :k, :, :T])
-    elif isinstance(src, torch.Tensor):
-        if _per_row(src, src_rows):
-            dst[:k].copy_(src[:k])
+    if isinstance(src, torch.Tensor):
+        dst[:k].copy_(src[:k])
     else:
-        into = dict(_children(dst) or [])
-        for name, x in _children(src) or []:
-            copy_state_prefix(into.get(name), x, k, T, src_rows)
+        dst.copy_prefix(src, k, T)

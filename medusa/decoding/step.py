@@ -15,13 +15,11 @@ from typing import Any
 
 import torch
 
+from medusa.decoding.buckets import kv_round
 from medusa.decoding.sampling import BatchSampling, base_probs, sample_from
 from medusa.decoding.tree import Tree
 from medusa.decoding.verify import Acceptance, verify
 from medusa.model.kv_cache import KVCache
-
-KV_BUCKET = 64  # attend over the cache up to a multiple of this many slots
-
 
 @dataclass
 class DecodeState:
@@ -49,11 +47,6 @@ def attention_mask(start: torch.Tensor, local: torch.Tensor, kv_len: int) -> tor
     return (rel < 0)[:, None, :] | (picked & new[:, None, :])
 
 
-def kv_round(needed: int, max_len: int) -> int:
-    """Cache slots to attend over for `needed` slots: the next multiple of KV_BUCKET, capped."""
-    return min(max_len, -(-needed // KV_BUCKET) * KV_BUCKET)
-
-
 def _kv_len(start: torch.Tensor, n: int, max_len: int) -> int:
     return kv_round(int(start.max()) + n, max_len)
 
@@ -68,7 +61,7 @@ def prefill(
     uniforms: torch.Tensor | None,  # [B, 1] or None when every row is greedy
     head_state: Any = None,
     lengths: torch.Tensor | None = None,  # [B] real new tokens per row (default: all T)
-    body=None,  # body(tokens) -> hidden [B, T, D]: the same forward run elsewhere (prefill_graphs.py), start 0 only
+    body=None,  # body(tokens) -> hidden [B, T, D]: the same forward run elsewhere (runner.py), start 0 only
     defer: torch.Tensor | None = None,  # [B, S, D]: keep the prompt's hidden states here (as speculate's defer)
 ) -> DecodeState:
     """Run the prompt, choose each row's first new token (the root). Padding tokens past a row's

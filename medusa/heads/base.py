@@ -70,6 +70,19 @@ class DraftHeads(nn.Module):
         self.register_buffer("draft_vocab", None)  # sized by _init_draft_vocab, filled by loading
         self.register_buffer("draft_weight", None, persistent=False)
 
+    def _init_lm_heads(self, base_lm_head: torch.Tensor | None) -> None:
+        """Called by a family's __init__ once self.config is set: an own LM head per head when the
+        config asks for one (initialised from the base model's, when given), and room for the
+        draft vocabulary's stored ids."""
+        c = self.config
+        self.lm_heads = None
+        if c.own_lm_head:
+            self.lm_heads = nn.ModuleList(nn.Linear(c.hidden_size, c.vocab_size, bias=False) for _ in range(c.num_heads))
+            if base_lm_head is not None:
+                for h in self.lm_heads:
+                    h.weight.data.copy_(base_lm_head)
+        self._init_draft_vocab()
+
     def _init_draft_vocab(self) -> None:
         """Called by a family's __init__ once self.config is set: room for the stored ids."""
         n = int(self.config.extra.get("draft_vocab", 0) or 0)

@@ -61,8 +61,29 @@ class HydraState:
     rope_sin: torch.Tensor
 
     @property
-    def scratch(self) -> int:
+    def scratch_slot(self) -> int:
         return self.cache.max_len - 1
+
+    # per-row state (medusa.decoding.kv_pool.PerRow): the cache and `last` hold one row per
+    # request; the RoPE tables are the base model's, shared by every row
+    def rows(self, lo: int, hi: int) -> "HydraState":
+        return HydraState(self.cache.rows(lo, hi), self.last[lo:hi], self.rope_cos, self.rope_sin)
+
+    def swap_rows(self, a: int, b: int) -> None:
+        self.cache.swap_rows(a, b)
+        self.last[[a, b]] = self.last[[b, a]]
+
+    def scratch(self) -> "HydraState":
+        return HydraState(self.cache, self.last.clone(), self.rope_cos, self.rope_sin)
+
+    def write_back(self, view: "HydraState", lo: int, hi: int) -> None:
+        self.cache.write_back(view.cache, lo, hi)
+        if view.last.data_ptr() != self.last[lo:hi].data_ptr():
+            self.last[lo:hi] = view.last
+
+    def copy_prefix(self, src: "HydraState", k: int, T: int) -> None:
+        self.cache.copy_prefix(src.cache, k, T)
+        self.last[:k].copy_(src.last[:k])
 
 
 @dataclass(frozen=True)
@@ -118,21 +139,14 @@ class HydraHeads(DraftHeads):
         if config.head_type not in ("hydra", "hydra++"):
             raise ValueError(f"HydraHeads serves hydra and hydra++, not {config.head_type!r}")
         self.config = config
-        D, V, K = config.hidden_size, config.vocab_size, config.num_heads
+        D, K = config.hidden_size, config.num_heads
         self.heads = nn.ModuleList(HydraHead(D, i + 1, config.num_layers) for i in range(K))
         self.prefix = None
         if config.head_type == "hydra++":
             self.prefix = Block(prefix_config(config))
             for lin in (self.prefix.self_attn.o_proj, self.prefix.mlp.down_proj):
                 nn.init.zeros_(lin.weight)  # the untrained layer passes h through unchanged
-        if config.own_lm_head:
-            self.lm_heads = nn.ModuleList(nn.Linear(D, V, bias=False) for _ in range(K))
-            if base_lm_head is not None:
-                for h in self.lm_heads:
-                    h.weight.data.copy_(base_lm_head)
-        else:
-            self.lm_heads = None
-        self._init_draft_vocab()
+        self._init_lm_heads(base_lm_head)
         self._plans: dict = {}
 
     # ------------------------------------------------------------------ shared pieces
@@ -174,9 +188,9 @@ class HydraHeads(DraftHeads):
         dev = hidden.device
         j = torch.arange(A, device=dev)
         valid = j[None] < count[:, None]  # [B, A]
-        slots = torch.where(valid, positions, torch.full_like(positions, state.scratch))  # [B, A]
+        slots = torch.where(valid, positions, torch.full_like(positions, state.scratch_slot))  # [B, A]
         # attend over the slots up to kv_len only (every position is below it), not the whole cache
-        S = state.scratch if kv_len is None else min(kv_len, state.scratch)
+        S = state.scratch_slot if kv_len is None else min(kv_len, state.scratch_slot)
         s = torch.arange(S, device=dev)
         mask = s[None, None] <= positions[:, :, None]  # [B, A, S]
         out = self._prefix(hidden.to(state.last.dtype), positions, state.cache, slots, mask, state.rope_cos, state.rope_sin)

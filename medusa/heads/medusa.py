@@ -25,16 +25,9 @@ class MedusaHeads(DraftHeads):
     def __init__(self, config: HeadsConfig, base_lm_head: torch.Tensor | None = None):
         super().__init__()
         self.config = config
-        D, V = config.hidden_size, config.vocab_size
+        D = config.hidden_size
         self.blocks = nn.ModuleList(nn.Sequential(*[ResBlock(D) for _ in range(config.num_layers)]) for _ in range(config.num_heads))
-        if config.own_lm_head:
-            self.lm_heads = nn.ModuleList(nn.Linear(D, V, bias=False) for _ in range(config.num_heads))
-            if base_lm_head is not None:
-                for h in self.lm_heads:
-                    h.weight.data.copy_(base_lm_head)
-        else:
-            self.lm_heads = None
-        self._init_draft_vocab()
+        self._init_lm_heads(base_lm_head)
 
     def head_logits(self, hidden: torch.Tensor, base) -> torch.Tensor:
         """hidden [..., D] -> [..., K, V]."""

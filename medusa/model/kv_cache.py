@@ -42,6 +42,30 @@ class KVCache:
         """A view of rows lo .. hi-1 (writes land in this cache)."""
         return KVCache(self.kv[:, :, lo:hi])
 
+    # per-row state (medusa.decoding.kv_pool.PerRow): a cache's rows are its batch dimension
+    def swap_rows(self, a: int, b: int, len_a: int | None = None, len_b: int | None = None) -> None:
+        """Exchange rows a and b (only their first len_a / len_b slots when given: the valid ones)."""
+        t = self.kv
+        if len_a is None or len_b is None:
+            t[:, :, [a, b]] = t[:, :, [b, a]]
+            return
+        tmp = t[:, :, a, :, :len_a].clone()  # [L, 2, H, len_a, Dh]
+        t[:, :, a, :, :len_b] = t[:, :, b, :, :len_b]
+        t[:, :, b, :, :len_a] = tmp
+
+    def scratch(self) -> "KVCache":
+        """A trial step's copy: the cache itself (steps write only past the committed slots)."""
+        return self
+
+    def write_back(self, view: "KVCache", lo: int, hi: int) -> None:
+        """Copy rows lo .. hi-1 back from `view` unless it is a view of them already."""
+        if view.kv.data_ptr() != self.kv[:, :, lo:hi].data_ptr():
+            self.kv[:, :, lo:hi] = view.kv
+
+    def copy_prefix(self, src: "KVCache", k: int, T: int) -> None:
+        """Rows 0 .. k-1 of src, their first T slots, into rows 0 .. k-1 of this cache."""
+        self.kv[:, :, :k, :, :T].copy_(src.kv[:, :, :k, :, :T])
+
     def write(self, layer: int, rows: torch.Tensor, slots: torch.Tensor, kv: torch.Tensor) -> None:
         """Store new keys and values in one write. rows [B, 1] (0 .. B-1), slots [B, N] cache
         slots (a slot named twice in a row, such as a scratch slot, keeps one of its values);

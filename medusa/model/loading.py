@@ -31,7 +31,8 @@ from medusa.model.config import ModelConfig
 from medusa.model.gguf_convert import convert_gguf as _convert_gguf
 from medusa.model.gguf_convert import gguf_config  # noqa: F401  (re-exported)
 from medusa.kernels.topk import check_topk_setting
-from medusa.model.llama import Transformer, check_attention_setting
+from medusa.kernels.attention_choice import check_attention_setting
+from medusa.model.llama import Transformer
 from medusa.model.rope import rope_table
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -36,7 +36,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from medusa.kernels import sm_count
 from medusa.kernels.attention import launch_plan, tree_attention
-from medusa.model import llama
+from medusa.kernels import attention_choice
 from medusa.model.llama import attend_matmul
 from step_ops_bench import graph_us  # this folder: scripts/gpu
 
@@ -107,10 +107,10 @@ def main() -> None:
                 t["triton"] = graph_us(fused, calls=LAYERS)
                 t["triton-1part"] = graph_us(lambda: tree_attention(q4, k, v, visible, splits=1), calls=LAYERS)
                 diff_triton = (fused().float() - with_copies().float()).abs().max().item()
-                if llama.use_triton_attention(B, Hkv, rep * N, S, Dh, dt, q.device):
+                if attention_choice.use_triton_attention(B, Hkv, rep * N, S, Dh, dt, q.device):
                     auto = "triton"
                 else:
-                    auto = "matmul" if llama.use_matmul_attention(B, Hkv, rep * N, S, q.device) else "efficient"
+                    auto = "matmul" if attention_choice.use_matmul_attention(B, Hkv, rep * N, S, q.device) else "efficient"
                 splits = launch_plan(B, Hkv, rep * N, S, sm_count(q.device)).splits
                 row = {"batch": B, "nodes": N, "kv": S, "us": t, "max_abs_diff": diff, "max_abs_diff_triton": diff_triton,
                        "auto": auto, "splits": splits}

@@ -26,6 +26,8 @@
 #   bash scripts/gpu/measure.sh 22  # the engine under concurrency (plain vs auto, 2 rounds), the default tree and then with a lookup chain
 #   bash scripts/gpu/measure.sh 23  # lookup16 shipped with the Hydra++ heads: GPU tests; 80 prompts (chain on/off); engine at 1 (80 requests) and 1-64
 #   bash scripts/gpu/measure.sh 24  # the engine again (auto measures the lookup tree on steps without its chain too): at 1 (80 requests) and 1-64
+#   bash scripts/gpu/measure.sh 25  # one decoding core (issue 23), the working tree against the code in .old (as 18): GPU tests;
+#                                   # all 80 prompts x 256 (ar, hydra) and the engine at 1/16/64 (ar, auto), each code in turn
 source scripts/gpu/env.sh
 R=/tmp/res; mkdir -p $R
 quiet() { grep -v -E "run\]|run, |cell\]|cell, |req\]|req, |^\s*$|triton_mm|AUTOTUNE" ; }
@@ -155,6 +157,18 @@ import json; h = json.load(open('$H/heads.json')); h['tree'] = json.load(open('$
   [ "$1" = 24 ] && N=-c || N=
   echo "== engine, concurrency 1, 80 requests"; timeout 150 python3 -m medusa.cli bench --concurrency 1 --requests 80 --modes ar,spec,auto --max-new-tokens 256 --name concurrency-1-80-lookup$N-gpu --out $R 2>&1 | quiet | grep -E '^\| (ar|spec|auto)'
   echo "== engine, concurrency 1-64"; timeout 120 python3 -m medusa.cli bench --concurrency 1,4,16,64 --modes ar,auto --repeats 2 --max-new-tokens 128 --name concurrency-auto-lookup-b$N-gpu --out $R 2>&1 | quiet | grep -E '^\| (ar|auto)'
+  ;;
+25)
+  [ -d .old/medusa ] && ln -sfn $PWD/medusa/assets .old/medusa/assets
+  echo "== GPU tests"; timeout ${TEST_TIMEOUT:-170} python3 -m pytest -q -x ${GPU_TESTS:-tests/gpu} 2>&1 | tail -3
+  for V in new old; do
+    P=$PWD; [ $V = old ] && P=$PWD/.old
+    echo "== all 80 prompts, $V code"; (cd $P && PYTHONPATH=/tmp/site:$P timeout 130 python3 -m medusa.cli bench --modes ar,hydra --max-new-tokens 256 --name mt_bench-80-core-$V-gpu --out $R 2>&1) | quiet | grep -E '^\| (ar|hydra)'
+  done
+  for V in new old; do
+    P=$PWD; [ $V = old ] && P=$PWD/.old
+    echo "== engine, concurrency 1/16/64, $V code"; (cd $P && PYTHONPATH=/tmp/site:$P timeout 150 python3 -m medusa.cli bench --concurrency 1,16,64 --modes ar,auto --max-new-tokens 128 --name concurrency-core-$V-gpu --out $R 2>&1) | quiet | grep -E '^\| (ar|auto)'
+  done
   ;;
 14|15|16)
   # the prompt files are carried in .gpu/c/prompts (copied to /tmp/m/prompts with the model part)

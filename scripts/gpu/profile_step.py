@@ -1,7 +1,7 @@
 """Where the time of one graphed decode step goes, on a GPU (default model, batch 1).
 
 For the AR step and each shipped head set with its tree, after a 200-token prompt:
-  wall      median host time of one `GraphRunner.step` plus the read-back of the accepted
+  wall      median host time of one `Runner.step` (the engine's runner) plus the read-back of the accepted
             length (what the decode loop pays per step), over 60 steps from the prompt on
   replay    mean GPU time of one graph replay alone (CUDA events, 200 back-to-back replays), at
             --at committed tokens for every mode (one KV bucket; results before this option
@@ -24,13 +24,14 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from medusa.bench.decode import graph_runner
-from medusa.decoding.graphs import compile_blocks, kv_bucket
+from medusa.decoding.generate import single_engine
+from medusa.decoding.graphs import compile_blocks
 from medusa.decoding.kv_pool import scratch_state
+from medusa.decoding.runner import GraphKey
 from medusa.decoding.sampling import BatchSampling, SamplingParams
-from medusa.decoding.step import DecodeState, prefill, speculate
+from medusa.decoding.step import DecodeState, speculate
 from medusa.decoding.tree import build_tree, load_tree
-from medusa.model import llama
+from medusa.kernels import attention_choice
 from medusa.runtime import load_stack, resolve_heads
 
 
@@ -38,13 +39,14 @@ def op_profile(model, heads, tree, runner, committed: int, top: int = 30) -> lis
     """GPU time per aten operator (self time, summed over calls) of one eager step at the graph's
     KV bucket, run on scratch copies of the per-row state (the cache slots it writes lie past
     the committed tokens)."""
-    kv_len = kv_bucket(committed + tree.num_nodes, runner.max_len)
+    kv_len = runner.kv_len(committed, tree.num_nodes)
     dev_tree = tree.to(model.device)
+    sampling = BatchSampling.stack([SamplingParams()], model.device)
 
     def once():
-        st = DecodeState(runner.cache, runner.start.clone(), runner.root.clone(), runner.last_hidden.clone(),
-                         scratch_state(runner.head_state, 1))
-        speculate(model, heads, dev_tree, st, runner.sampling, None, kv_len=kv_len)
+        v = runner._view(1)
+        st = DecodeState(v.cache, v.start.clone(), v.root.clone(), v.last_hidden.clone(), scratch_state(v.head_state), v.draft)
+        speculate(model, heads, dev_tree, st, sampling, None, kv_len=kv_len)
 
     once()
     torch.cuda.synchronize()
@@ -88,18 +90,19 @@ def main() -> None:
         if name != "ar":
             heads, _ = resolve_heads(name, model, stack.source)
             tree = build_tree(heads.config.tree, name=f"{Path(name).name}-tree")
-        runner = graph_runner(model, heads, 1024, tree.num_nodes)
+        engine = single_engine(model, heads, tree, max_seq_len=1024, graphs=True)
+        runner, tree = engine.runner, engine.default_tree  # the engine's runner and its device tree
+        start = runner.rows.start
         sampling = BatchSampling.stack([SamplingParams()], model.device)
         prompt = torch.randint(0, model.cfg.vocab_size, (1, 200), device=model.device)
         with torch.inference_mode():
-            state = prefill(model, heads, runner.cache, prompt, torch.zeros(1, dtype=torch.long, device=model.device),
-                            sampling, None, head_state=runner.head_state)
-            runner.load(state, sampling)
+            lengths = torch.full((1,), 200, device=model.device)
+            runner.prefill(0, prompt, [0], lengths, sampling, None, defer=False)
             committed = 200
             walls = []
             for i in range(60):  # the loop's own pattern: replay, read the length back
                 t = time.perf_counter()
-                acc = runner.step(tree, committed)
+                acc, _ = runner.step(tree, 1, committed, sampling, "greedy", None, None, [])
                 n = int(acc.length[0]) + 1
                 walls.append(time.perf_counter() - t)
                 committed += n
@@ -110,22 +113,22 @@ def main() -> None:
             # timing sees. Each replay advances `start`, so it is put back before each one (one
             # tiny copy kernel, timed with it)
             committed = args.at
-            runner.start.fill_(committed)
-            saved = runner.start.clone()
-            runner.step(tree, committed)
-            runner.start.copy_(saved)
-            key = ((tree.name, tree.paths), kv_bucket(committed + tree.num_nodes, runner.max_len), False, False)
+            start.fill_(committed)
+            saved = start.clone()
+            runner.step(tree, 1, committed, sampling, "greedy", None, None, [])
+            start.copy_(saved)
+            key = GraphKey("step", 1, (tree.name, tree.paths, tree.lookup), runner.kv_len(committed, tree.num_nodes))
             g = runner.graphs[key].graph
             torch.cuda.synchronize()
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             e0.record()
             for _ in range(200):
-                runner.start.copy_(saved)
+                start.copy_(saved)
                 g.replay()
             e1.record()
             torch.cuda.synchronize()
             replay_ms = e0.elapsed_time(e1) / 200
-            runner.start.copy_(saved)
+            start.copy_(saved)
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 g.replay()
                 torch.cuda.synchronize()
@@ -152,7 +155,7 @@ def main() -> None:
         print(f"| {r['mode']} | {r['nodes']} | {r['wall_ms']:.3f} | {r['replay_ms']:.3f} | {r['kernels']} | {r['kernel_sum_ms']:.3f} |")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "compile": args.compile, "attention": llama.ATTENTION, "rows": rows}, f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name(), "compile": args.compile, "attention": attention_choice.ATTENTION, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

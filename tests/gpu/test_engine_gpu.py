@@ -64,8 +64,8 @@ def test_engine_graphs_equal_the_padded_eager_step(gpu_stack, mt_texts):
                3: SamplingParams(temperature=0.7, rule="typical", seed=6)}
     modes = ["on", "auto", "off", "on", "auto"]
 
-    def run(step_mode):
-        eng = Engine(s.model, s.heads, "tree16", max_batch=8, max_seq_len=1024, step_mode=step_mode)
+    def run(graphs):
+        eng = Engine(s.model, s.heads, "tree16", max_batch=8, max_seq_len=1024, graphs=graphs)
         hs = [eng.submit(Request(p, max_new_tokens=40, speculation=m, session_id=f"s{i}",
                                  sampling=sampled.get(i, SamplingParams())))
               for i, (p, m) in enumerate(zip(prompts, modes))]
@@ -75,8 +75,8 @@ def test_engine_graphs_equal_the_padded_eager_step(gpu_stack, mt_texts):
         assert st.reused_tokens >= len(prompts[0]) + len(first[0]) - 1
         return first, second, eng.stats()
 
-    f_graph, s_graph, stats = run("graphs")
-    f_eager, s_eager, _ = run("padded")
+    f_graph, s_graph, stats = run(True)
+    f_eager, s_eager, _ = run(False)
     assert stats["step_mode"] == "graphs" and stats["graphs_captured"] > 0
     assert f_graph == f_eager and s_graph == s_eager
     eos = tuple(s.model.cfg.eos_token_ids)

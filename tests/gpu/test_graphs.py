@@ -6,8 +6,7 @@ import time
 import pytest
 import torch
 
-from medusa.decoding.generate import Stats, generate
-from medusa.decoding.graphs import GraphRunner
+from medusa.decoding.generate import Stats, generate, single_engine
 
 pytestmark = pytest.mark.gpu
 
@@ -20,9 +19,16 @@ def gpu_stack():
     return load_stack(None, heads="default", dtype="float32", device="cuda", progress=False)
 
 
+def engine(stack, heads, tree, graphs=True):
+    """A batch-1 engine decoding with `tree` (heads None: plain), CUDA graphs on or off."""
+    return single_engine(stack.model, heads, tree, max_seq_len=1024, graphs=graphs)
+
+
 def decode(stack, ids, heads, tree, runner=None, n=64):
+    """runner: an engine from `engine` (None: a fresh eager one)."""
     st = Stats()
-    out = [t for c in generate(stack.model, ids, heads=heads, tree=tree, max_new_tokens=n, stats=st, runner=runner) for t in c.tokens]
+    runner = runner or engine(stack, heads, tree, graphs=False)
+    out = [t for c in generate(stack.model, ids, max_new_tokens=n, stats=st, engine=runner) for t in c.tokens]
     return out, st
 
 
@@ -31,27 +37,28 @@ def decode(stack, ids, heads, tree, runner=None, n=64):
 def test_graphed_spec_equals_eager_ar(gpu_stack, mt_texts, tree):
     s = gpu_stack
     prompts = [s.tokenizer.encode_prompt(t) for t in mt_texts[:5]]
-    runner = GraphRunner(s.model, s.heads, batch=1, max_len=1024)
-    ar_runner = GraphRunner(s.model, None, batch=1, max_len=1024)
+    runner = engine(s, s.heads, tree)
+    ar_runner = engine(s, None, None)
     for ids in prompts:
         ref, _ = decode(s, ids, None, None)
         assert decode(s, ids, None, None, ar_runner)[0] == ref
         out, st = decode(s, ids, s.heads, tree, runner)
         assert out == ref
-    assert runner.graphs, "no graph was captured"
+    assert runner.stats()["graphs_captured"], "no graph was captured"
     # the prompts' forwards replayed graphs too (Hydra++: with the heads' prefix layer inside)
-    assert runner.prefills.graphs and ar_runner.prefills.graphs
+    assert runner.stats()["prefill_graphs_captured"] and ar_runner.stats()["prefill_graphs_captured"]
 
 
 def test_graph_speed_report(gpu_stack, mt_texts):
     """Not a timing assertion: prints eager vs graphed tokens/s for the record (see medusa bench)."""
     s = gpu_stack
     ids = s.tokenizer.encode_prompt(mt_texts[0])
-    runner = GraphRunner(s.model, s.heads, batch=1, max_len=1024)
-    ar_runner = GraphRunner(s.model, None, batch=1, max_len=1024)
+    runner = engine(s, s.heads, s.tree)
+    ar_runner = engine(s, None, None)
     rows = {}
-    for name, heads, tree, r in [("ar-eager", None, None, None), ("ar-graph", None, None, ar_runner),
-                                 ("spec-eager", s.heads, s.tree, None), ("spec-graph", s.heads, s.tree, runner)]:
+    for name, heads, tree, r in [("ar-eager", None, None, engine(s, None, None, False)), ("ar-graph", None, None, ar_runner),
+                                 ("spec-eager", s.heads, s.tree, engine(s, s.heads, s.tree, False)),
+                                 ("spec-graph", s.heads, s.tree, runner)]:
         decode(s, ids, heads, tree, r, n=16)  # warm-up / capture
         torch.cuda.synchronize()
         t = time.perf_counter()
@@ -147,16 +154,16 @@ def test_graphed_spec_equals_eager_ar_with_triton_attention(gpu_stack, mt_texts,
     """MEDUSA_ATTENTION=triton through the graphed decode loop: speculative greedy output equals
     plain greedy output (float32), the kernel captured in the graphs."""
     pytest.importorskip("triton")
-    from medusa.model import llama
+    from medusa.kernels import attention_choice
 
-    monkeypatch.setattr(llama, "ATTENTION", "triton")
+    monkeypatch.setattr(attention_choice, "ATTENTION", "triton")
     s = gpu_stack
-    runner = GraphRunner(s.model, s.heads, batch=1, max_len=1024)
+    runner = engine(s, s.heads, "tree64")
     for t in mt_texts[:3]:
         ids = s.tokenizer.encode_prompt(t)
         ref, _ = decode(s, ids, None, None)
         assert decode(s, ids, s.heads, "tree64", runner)[0] == ref
-    assert runner.graphs
+    assert runner.stats()["graphs_captured"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

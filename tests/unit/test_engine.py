@@ -4,6 +4,7 @@ cancellation frees rows, a full pool queues, sessions reuse their KV with identi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 
 import pytest
@@ -77,15 +78,14 @@ def drain(engine: Engine, handles) -> list[tuple[list[int], object]]:
 
 # ------------------------------------------------------------------ batched == alone
 
-@pytest.mark.parametrize("step_mode", ["eager", "padded"])  # padded: also prefills admitted requests together
+@pytest.mark.parametrize("prefill_tokens", [0, 4096])  # 4096: also prefills admitted requests together
 @pytest.mark.parametrize("tree", ["chain", "tree", "lookup"])
-def test_batched_greedy_equals_alone(tiny, tiny_heads, tree, step_mode):
+def test_batched_greedy_equals_alone(tiny, tiny_heads, tree, prefill_tokens):
     """Mixed prompt lengths, mixed sampling (sampled rows ride along), mixed speculation switches.
-    "padded" runs the fixed-shape step the GPU captures as CUDA graphs (batch buckets 1, 2, 4, 6:
+    Every step runs at the fixed shape the GPU captures as CUDA graphs (batch buckets 1, 2, 4, 6:
     as rows finish, idle rows pad the batch)."""
     t = TREES[tree]
-    eng = Engine(tiny, tiny_heads, t, max_batch=6, max_seq_len=64, trees={t.name: t}, step_mode=step_mode,
-                 prefill_tokens=4096 if step_mode == "padded" else 0)
+    eng = Engine(tiny, tiny_heads, t, max_batch=6, max_seq_len=64, trees={t.name: t}, prefill_tokens=prefill_tokens)
     ps = prompts(6, seed=1)
     modes = ["on", "on", "off", "on", "on", "off"]
     sampled = {1: SamplingParams(temperature=0.8, top_k=5, rule="sample", seed=3),
@@ -140,11 +140,10 @@ def test_default_model_batched_equals_alone(stack):
 
 # ------------------------------------------------------------------ continuous batching
 
-@pytest.mark.parametrize("step_mode", ["eager", "padded"])  # padded: also prefills admitted requests together
-def test_requests_join_and_leave_mid_flight(tiny, tiny_heads, step_mode):
+@pytest.mark.parametrize("prefill_tokens", [0, 4096])  # 4096: also prefills admitted requests together
+def test_requests_join_and_leave_mid_flight(tiny, tiny_heads, prefill_tokens):
     t = TREES["tree"]
-    eng = Engine(tiny, tiny_heads, t, max_batch=3, max_seq_len=64, trees={t.name: t}, step_mode=step_mode,
-                 prefill_tokens=4096 if step_mode == "padded" else 0)
+    eng = Engine(tiny, tiny_heads, t, max_batch=3, max_seq_len=64, trees={t.name: t}, prefill_tokens=prefill_tokens)
     ps = prompts(5, seed=3)
     lengths = [4, 24, 9, 16, 6]
     hs = {0: eng.submit(Request(ps[0], max_new_tokens=lengths[0], speculation="on"))}
@@ -263,8 +262,7 @@ def test_padding_rows_keep_their_session_kv(tiny, tiny_heads):
     """A kept session's row pads a fixed-shape step (3 running rows in a bucket of 4) for a whole
     turn of other requests; its next turn still reuses the KV and decodes as it would alone."""
     t = TREES["tree"]
-    eng = Engine(tiny, tiny_heads, t, max_batch=4, max_seq_len=96, trees={t.name: t}, step_mode="padded",
-                 prefill_tokens=4096)
+    eng = Engine(tiny, tiny_heads, t, max_batch=4, max_seq_len=96, trees={t.name: t}, prefill_tokens=4096)
     p1 = prompts(1, seed=12)[0]
     ans1, _ = eng.submit(Request(p1, max_new_tokens=10, session_id="t/k", speculation="on")).result()
     others = prompts(3, seed=13)
@@ -282,7 +280,7 @@ def test_padding_rows_keep_their_session_kv(tiny, tiny_heads):
 def test_grouped_prefill_mixes_reused_prefixes_and_lengths(tiny, tiny_heads, monkeypatch):
     """Requests admitted together prefill in one padded forward, each row with its own reused
     session prefix and prompt length, and decode as they would alone."""
-    import medusa.decoding.engine as engine_mod
+    import medusa.decoding.runner as runner_mod
 
     t = TREES["tree"]
     eng = Engine(tiny, tiny_heads, t, max_batch=4, max_seq_len=96, trees={t.name: t}, prefill_tokens=4096)
@@ -291,8 +289,8 @@ def test_grouped_prefill_mixes_reused_prefixes_and_lengths(tiny, tiny_heads, mon
                for i, p in enumerate(first)]
     nxt = [first[0] + answers[0] + [1, 2], first[1] + answers[1] + [3, 4, 5, 6, 7, 8, 9], prompts(1, seed=16)[0]]
     calls = []
-    real = engine_mod.prefill
-    monkeypatch.setattr(engine_mod, "prefill", lambda *a, **k: calls.append(a[3].shape) or real(*a, **k))
+    real = runner_mod.prefill
+    monkeypatch.setattr(runner_mod, "prefill", lambda *a, **k: calls.append(a[3].shape) or real(*a, **k))
     hs = [eng.submit(Request(p, max_new_tokens=12, session_id=f"g{i}", stop_token_ids=(), speculation="on"))
           for i, p in enumerate(nxt)]
     res = drain(eng, hs)
@@ -305,12 +303,12 @@ def test_grouped_prefill_mixes_reused_prefixes_and_lengths(tiny, tiny_heads, mon
 def test_admitted_prompts_prefill_sorted_by_length_in_the_cheapest_split(tiny, monkeypatch):
     """Prompts admitted together are sorted by length and cut into forwards by plan_groups: short
     ones share a short bucket instead of padding to the longest; output is unchanged."""
-    from medusa.decoding.prefill_graphs import PrefillGraphs
+    from medusa.decoding.staging import PrefillStage
 
-    eng = Engine(tiny, None, max_batch=8, max_seq_len=96, step_mode="padded", prefill_tokens=512)
+    eng = Engine(tiny, None, max_batch=8, max_seq_len=96, prefill_tokens=512)
     shapes = []
-    real = PrefillGraphs.run
-    monkeypatch.setattr(PrefillGraphs, "run", lambda self, t, *a, **k: shapes.append(tuple(t.shape)) or real(self, t, *a, **k))
+    real = PrefillStage.run
+    monkeypatch.setattr(PrefillStage, "run", lambda self, t, *a, **k: shapes.append(tuple(t.shape)) or real(self, t, *a, **k))
     short, long = prompts(6, seed=31, lo=4, hi=12), prompts(2, seed=32, lo=70, hi=80)
     ps = [long[0], *short[:3], long[1], *short[3:]]  # arrival order mixes them
     hs = [eng.submit(Request(p, max_new_tokens=6, stop_token_ids=())) for p in ps]
@@ -326,7 +324,7 @@ def test_admitted_prompts_prefill_sorted_by_length_in_the_cheapest_split(tiny, m
 def test_kept_sessions_are_bounded_below_the_context_end(tiny):
     """A session kept at the end of the context keeps at most keep_cap tokens (so a padding row's
     tree stays inside the cache and the model's positions); its next turn still decodes right."""
-    eng = Engine(tiny, None, max_batch=2, max_seq_len=160, step_mode="padded")  # max positions 160
+    eng = Engine(tiny, None, max_batch=2, max_seq_len=160)  # max positions 160
     assert eng.keep_cap == 160 - 1 - 1  # plain decoding only: a 1-node tree
     p1 = prompts(1, seed=14, lo=140, hi=150)[0]
     ans1, _ = eng.submit(Request(p1, max_new_tokens=16, stop_token_ids=(), session_id="s")).result()
@@ -360,7 +358,8 @@ def test_plain_steps_defer_the_heads_observation_without_changing_proposals(tiny
     """With Hydra++ heads, prefills and plain steps keep the hidden states aside instead of running
     the prefix layer; speculative steps (and a kept session's end) catch the heads up first. The
     proposals, hence accepted lengths, equal those of an engine that observes every step."""
-    import medusa.decoding.engine as engine_mod
+    import medusa.decoding.engine.policy as engine_mod
+    import medusa.decoding.runner as runner_mod
     from medusa.decoding.adaptive import Choice
 
     heads = random_heads(tiny, "hydra++", seed=3)
@@ -383,13 +382,13 @@ def test_plain_steps_defer_the_heads_observation_without_changing_proposals(tiny
 
     monkeypatch.setattr(heads, "propose", spy)
     prefills = []  # whether each prefill deferred (the engine was decoding plainly) or not (speculating)
-    real_prefill = engine_mod.prefill
+    real_prefill = runner_mod.prefill
 
     def prefill(*args):
         prefills.append(args[-1] is not None)
         return real_prefill(*args)
 
-    monkeypatch.setattr(engine_mod, "prefill", prefill)
+    monkeypatch.setattr(runner_mod, "prefill", prefill)
 
     def run(defer: bool):
         turn["n"] = 0
@@ -398,6 +397,7 @@ def test_plain_steps_defer_the_heads_observation_without_changing_proposals(tiny
         eng = Engine(tiny, heads, t, max_batch=3, max_seq_len=96, trees={t.name: t})
         if not defer:
             eng.row_deferred = None
+            eng.runner.rows = dataclasses.replace(eng.runner.rows, deferred=None)
         hs = [eng.submit(Request(p, max_new_tokens=n, stop_token_ids=(), session_id=f"d{i}"))
               for i, (p, n) in enumerate(zip(ps, (18, 18, 6, 9, 12)))]  # rows finish apart: later prompts join
         res = drain(eng, hs)
@@ -527,7 +527,7 @@ def test_generate_concurrency_matches_one_at_a_time(capsys, tmp_path):
 def test_a_batch_keeps_its_tree_choice_a_few_steps(tiny, monkeypatch, n):
     """The policy is worked out once per CHOICE_STEPS steps while the batch size holds (host
     time per step), and again at once when the batch size changes."""
-    import medusa.decoding.engine as engine_mod
+    import medusa.decoding.engine.policy as engine_mod
     from medusa.decoding.adaptive import Choice
 
     heads = random_heads(tiny, "medusa")
@@ -569,7 +569,7 @@ def test_acceptance_priors_come_from_the_heads_accuracy_table(tiny):
 def test_speculating_engine_re_measures_plain_cost_now_and_then(tiny, monkeypatch):
     """While speculation wins, one plain step per REFRESH_EVERY steps (and one on a batch size's
     first speculative step) keeps plain decoding's cost measured rather than estimated."""
-    import medusa.decoding.engine as engine_mod
+    import medusa.decoding.engine.policy as engine_mod
 
     from medusa.decoding.adaptive import Choice
 
@@ -615,10 +615,10 @@ def test_lookup_chain_in_the_engine(tiny, tiny_heads):
         assert out == alone(tiny, p, tiny_heads, t, 40)
     assert deepest > 1 + 3  # more tokens in one step than the heads could give
     sp = SamplingParams(temperature=0.9, rule="sample", seed=2)
-    before = dict(eng._tree_steps)
+    before = dict(eng.policy.tree_steps)
     h = eng.submit(Request(ps[0], max_new_tokens=8, sampling=sp, speculation="on", stop_token_ids=()))  # no EOS: it steps
     assert len(h.result()[0]) == 8
-    assert eng._tree_steps["tree7"] > before.get("tree7", 0) and eng._tree_steps["tree7+lookup5"] == before["tree7+lookup5"]
+    assert eng.policy.tree_steps["tree7"] > before.get("tree7", 0) and eng.policy.tree_steps["tree7+lookup5"] == before["tree7+lookup5"]
 
 
 def test_sampled_generate_drops_the_lookup_chain(tiny, tiny_heads):
@@ -639,9 +639,9 @@ def test_steps_without_the_lookup_chain_measure_it_too(tiny, tiny_heads):
     on the same tokens, so it is never below tree7's own measurement of those steps."""
     base, look = TREES["tree"], TREES["lookup"]
     eng = Engine(tiny, tiny_heads, base, max_batch=2, max_seq_len=96, trees={base.name: base, look.name: look})
-    assert eng._twin == {"tree7": eng.trees["tree7+lookup5"]}
+    assert eng.policy.twin == {"tree7": eng.trees["tree7+lookup5"]}
     drain(eng, [eng.submit(Request(p, max_new_tokens=40, speculation="on")) for p in prompts(2, seed=5)])
     c, m = eng.meter.count, eng.meter.mean
-    assert eng._tree_steps["tree7+lookup5"] == 0 and eng._tree_steps["tree7"] > 0  # the chain itself never ran
+    assert eng.policy.tree_steps["tree7+lookup5"] == 0 and eng.policy.tree_steps["tree7"] > 0  # the chain itself never ran
     assert 0 < c["tree7+lookup5"] <= c["tree7"]  # steps near each request's end stay unresolved
     assert m["tree7+lookup5"] > m["tree7"]  # these random models loop: the chain accepts more

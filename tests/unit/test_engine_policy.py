@@ -185,14 +185,21 @@ def test_tensor_row_helpers():
     before = cache.k.clone()
     swap_cache_rows(cache, Swap(0, 2, 2, 3))
     assert torch.equal(cache.k[:, 0, :, :3], before[:, 2, :, :3]) and torch.equal(cache.k[:, 2, :, :2], before[:, 0, :, :2])
-    state = {"kv": cache, "last": torch.arange(3.0)[:, None], "table": torch.arange(10.0)}
-    swap_state_rows(state, 0, 1, rows=3)
-    assert state["last"].flatten().tolist() == [1.0, 0.0, 2.0] and state["table"].tolist() == list(range(10))
-    view = state_rows(state, 1, 3, rows=3)
-    assert view["last"].shape == (2, 1) and view["table"] is state["table"]
-    view["last"] = view["last"] + 10  # a head family that rebinds instead of writing in place
-    write_back(state, view, 1, 3, rows=3)
-    assert state["last"].flatten().tolist() == [1.0, 10.0, 12.0]
+    # a head state declares its rows (kv_pool.PerRow): its RoPE table has as many rows as the
+    # pool here, and stays as it is
+    from medusa.heads.hydra import HydraState
+
+    table = torch.arange(6.0).view(3, 2)
+    state = HydraState(KVCache(cache.kv.clone()), torch.arange(3.0)[:, None], table, table)
+    kv = state.cache.kv.clone()
+    swap_state_rows(state, 0, 1)
+    assert state.last.flatten().tolist() == [1.0, 0.0, 2.0] and state.rope_cos.tolist() == [[0, 1], [2, 3], [4, 5]]
+    assert torch.equal(state.cache.kv[:, :, 0], kv[:, :, 1]) and torch.equal(state.cache.kv[:, :, 1], kv[:, :, 0])
+    view = state_rows(state, 1, 3)
+    assert view.last.shape == (2, 1) and view.rope_cos is state.rope_cos
+    view.last = view.last + 10  # a head family that rebinds instead of writing in place
+    write_back(state, view, 1, 3)
+    assert state.last.flatten().tolist() == [1.0, 10.0, 12.0]
 
 
 def test_stop_cut():

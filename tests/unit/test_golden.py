@@ -68,20 +68,24 @@ class OracleHeads(DraftHeads):
         return cand
 
     def new_state(self, batch, max_len, base):
-        return 0
+        return None  # no state: CountingOracle keeps one
 
     def observe(self, state, hidden, positions, count, kv_len=None):
         pass
 
 
 class CountingOracle(OracleHeads):
-    """Tracks how many output tokens are committed by watching `observe` (state is a 1-list)."""
+    """Tracks how many output tokens are committed by watching `observe`: the state holds, per
+    row, the output tokens in the cache (the last observed position + 1 - the prompt length;
+    the prefill's observe of the prompt makes it 0, the root being output index 0)."""
 
     def new_state(self, batch, max_len, base):
-        return [-1]  # the prefill's observe adds the prompt; the root is output index 0
+        return torch.full((batch,), -1, dtype=torch.long)  # per-row, updated in place
 
     def observe(self, state, hidden, positions, count, kv_len=None):
-        state[0] += int(count[0]) if state[0] >= 0 else 1
+        count = torch.as_tensor(count, device=positions.device).long().clamp_min(1)
+        last = positions.gather(1, (count - 1)[:, None])[:, 0]  # [B]
+        state.copy_(last + 1 - self.prompt_len)
 
     def propose(self, state, last_hidden, root, tree, base):
         return super().propose(state[0], last_hidden, root, tree, base)

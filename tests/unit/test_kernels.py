@@ -47,6 +47,7 @@ ATTENTION_CHECKS = textwrap.dedent('''
     import torch
     from medusa.decoding.step import attention_mask
     from medusa.kernels.attention import tree_attention
+    from medusa.kernels import attention_choice
     from medusa.model import llama
     from tests.conftest import tiny_model
 
@@ -93,11 +94,11 @@ ATTENTION_CHECKS = textwrap.dedent('''
     mask = attention_mask(start, torch.ones(9, 9, dtype=torch.bool).tril(), 24)
 
     def run(kind):
-        llama.ATTENTION = kind
+        attention_choice.ATTENTION = kind
         with torch.inference_mode():
             return model(tokens, pos, model.new_cache(3, 32), pos, mask).logits
 
-    llama.kernels_enabled = lambda device: True
+    attention_choice.kernels_enabled = lambda device: True
     torch.testing.assert_close(run("triton"), run("sdpa"), rtol=1e-5, atol=1e-5)
     print("checked")
 ''')
@@ -233,7 +234,7 @@ def test_attention_kernel_equals_the_models_attention_under_the_interpreter():
 def test_triton_attention_setting_falls_back_where_the_kernel_cannot_run(monkeypatch):
     """MEDUSA_ATTENTION=triton on a CPU (or without Triton) runs auto's path, same outputs."""
     from medusa.decoding.step import attention_mask
-    from medusa.model import llama
+    from medusa.kernels import attention_choice
     from tests.conftest import tiny_model
 
     model = tiny_model(seed=3, vocab=16)
@@ -242,8 +243,8 @@ def test_triton_attention_setting_falls_back_where_the_kernel_cannot_run(monkeyp
     mask = attention_mask(torch.zeros(2, dtype=torch.long), torch.ones(5, 5, dtype=torch.bool).tril(), 8)
 
     def run(kind):
-        monkeypatch.setattr(llama, "ATTENTION", kind)
-        llama.check_attention_setting()
+        monkeypatch.setattr(attention_choice, "ATTENTION", kind)
+        attention_choice.check_attention_setting()
         with torch.inference_mode():
             return model(tokens, pos, model.new_cache(2, 8), pos, mask).logits
 

@@ -61,7 +61,7 @@ def test_rope_with_folded_sign_equals_rotate_half():
 def test_matmul_attention_equals_sdpa(monkeypatch):
     """The GPU's small-shape attention path (two GEMMs, float32 softmax) gives SDPA's outputs,
     over a whole forward whose mask has rows with different visible spans (a second turn)."""
-    from medusa.model import llama
+    from medusa.kernels import attention_choice
 
     model = tiny_model(seed=5, vocab=16)
     tokens = torch.randint(0, 16, (3, 9), generator=torch.Generator().manual_seed(1))
@@ -71,7 +71,7 @@ def test_matmul_attention_equals_sdpa(monkeypatch):
     mask = attention_mask(start, torch.ones(9, 9, dtype=torch.bool).tril(), 24)
 
     def run(kind):
-        monkeypatch.setattr(llama, "ATTENTION", kind)
+        monkeypatch.setattr(attention_choice, "ATTENTION", kind)
         c = model.new_cache(3, 32)
         c.kv.copy_(cache.kv)
         with torch.inference_mode():
@@ -82,17 +82,17 @@ def test_matmul_attention_equals_sdpa(monkeypatch):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out_cache.k, ref_cache.k)
     # on a CPU the automatic choice keeps SDPA
-    monkeypatch.setattr(llama, "ATTENTION", "auto")
-    assert not llama.use_matmul_attention(1, 3, 3, 256, torch.device("cpu"))
+    monkeypatch.setattr(attention_choice, "ATTENTION", "auto")
+    assert not attention_choice.use_matmul_attention(1, 3, 3, 256, torch.device("cpu"))
 
 
 def test_unknown_attention_setting_is_a_load_error(monkeypatch):
     from medusa.errors import ModelLoadError
-    from medusa.model import llama
+    from medusa.kernels import attention_choice
 
-    monkeypatch.setattr(llama, "ATTENTION", "flash")
+    monkeypatch.setattr(attention_choice, "ATTENTION", "flash")
     with pytest.raises(ModelLoadError, match="MEDUSA_ATTENTION"):
-        llama.check_attention_setting()
+        attention_choice.check_attention_setting()
 
 
 def test_layer_inputs_rotate_q_and_k_scale_q_and_pass_v_through():
@@ -151,46 +151,47 @@ def test_auto_attention_picks_a_path_that_measured_near_the_fastest(monkeypatch)
     import json
     from pathlib import Path
 
-    from medusa.model import llama
+    from medusa.kernels import attention_choice
 
-    monkeypatch.setattr(llama, "ATTENTION", "auto")
-    monkeypatch.setattr(llama, "kernels_enabled", lambda device: True)
-    monkeypatch.setattr(llama, "_sm_count", lambda device: 132)  # the H200 the models were fitted on
+
+    monkeypatch.setattr(attention_choice, "ATTENTION", "auto")
+    monkeypatch.setattr(attention_choice, "kernels_enabled", lambda device: True)
+    monkeypatch.setattr(attention_choice, "_sm_count", lambda device: 132)  # the H200 the models were fitted on
     cuda = torch.device("cuda")  # a device object only: no GPU is touched
     bench = Path(__file__).resolve().parents[2] / "benchmarks/results/attention-bench-split-h200.json"
     rows = json.loads(bench.read_text())["rows"]
     assert len(rows) == 48
     for r in rows:
         B, R, S, us = r["batch"], 3 * r["nodes"], r["kv"], r["us"]
-        if llama.use_triton_attention(B, 3, R, S, 64, torch.bfloat16, cuda):
+        if attention_choice.use_triton_attention(B, 3, R, S, 64, torch.bfloat16, cuda):
             got = us["triton"]
         else:
-            got = us["matmul+copies"] if llama.use_matmul_attention(B, 3, R, S, cuda) else us["efficient"]
+            got = us["matmul+copies"] if attention_choice.use_matmul_attention(B, 3, R, S, cuda) else us["efficient"]
         assert got <= 1.1 * min(us["triton"], us["matmul+copies"], us["efficient"]), r
 
 
 def test_auto_attention_keeps_the_kernel_to_shapes_and_dtypes_it_serves(monkeypatch):
-    from medusa.model import llama
+    from medusa.kernels import attention_choice
 
     cuda = torch.device("cuda")
-    monkeypatch.setattr(llama, "_sm_count", lambda device: 132)
-    monkeypatch.setattr(llama, "kernels_enabled", lambda device: device.type == "cuda")
-    monkeypatch.setattr(llama, "ATTENTION", "auto")
-    use = llama.use_triton_attention
+    monkeypatch.setattr(attention_choice, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(attention_choice, "kernels_enabled", lambda device: device.type == "cuda")
+    monkeypatch.setattr(attention_choice, "ATTENTION", "auto")
+    use = attention_choice.use_triton_attention
     assert use(1, 3, 3, 512, 64, torch.bfloat16, cuda) and use(1, 3, 3, 512, 64, torch.float16, cuda)
     assert use(1, 3, 3, 8192, 64, torch.bfloat16, cuda)  # a long span is split over the SMs
     assert not use(1, 3, 3, 512, 64, torch.float32, cuda)  # IEEE products without tensor cores
     assert not use(1, 3, 3, 512, 80, torch.bfloat16, cuda)  # head dim the kernel does not take
     assert not use(1, 3, 3, 512, 64, torch.bfloat16, torch.device("cpu"))
     # the choice is the cost models': a kernel predicted slower is not taken
-    monkeypatch.setattr(llama, "triton_us", lambda *a: 1e9)
+    monkeypatch.setattr(attention_choice, "triton_us", lambda *a: 1e9)
     assert not use(1, 3, 3, 512, 64, torch.bfloat16, cuda)
-    monkeypatch.setattr(llama, "ATTENTION", "triton")
+    monkeypatch.setattr(attention_choice, "ATTENTION", "triton")
     assert use(1, 3, 3, 8192, 64, torch.float32, cuda)
     assert not use(1, 3, 3, 512, 80, torch.bfloat16, cuda)
-    monkeypatch.setattr(llama, "ATTENTION", "torch")
+    monkeypatch.setattr(attention_choice, "ATTENTION", "torch")
     assert not use(1, 3, 3, 512, 64, torch.bfloat16, cuda)
-    llama.check_attention_setting()  # "torch" is a valid setting
+    attention_choice.check_attention_setting()  # "torch" is a valid setting
 
 
 def test_kv_splits_spread_few_programs_over_the_gpu():

@@ -1,4 +1,4 @@
-"""Prefill at bucketed shapes (prefill_graphs.py, run eagerly here: the GPU replays the same
+"""Prefill at bucketed shapes (staging.py through runner.py, run eagerly here: the GPU replays the same
 forward as a CUDA graph) gives what the direct prefill gives: the same first tokens, hidden
 states, K/V in every real slot and draft-head state; and the split of admitted prompts into
 forwards (plan_groups) is the cheapest one."""
@@ -7,20 +7,15 @@ import random
 import pytest
 import torch
 
-from medusa.decoding.prefill_graphs import FIXED_TOKENS, PrefillGraphs, length_buckets, plan_groups
+from medusa.decoding.staging import FIXED_TOKENS, PrefillStage, plan_groups
 from medusa.decoding.sampling import BatchSampling, SamplingParams
 from medusa.decoding.step import prefill
 
 from tests.unit.test_engine import prompts, random_heads, tiny_model
 
 
-def test_length_buckets():
-    assert length_buckets(100) == (16, 32, 64, 100)
-    assert length_buckets(8) == (8,)
-
-
 def test_shapes_respect_the_capacity():
-    pg = PrefillGraphs(tiny_model(), max_rows=6, max_len=128, capacity=256, capture=False)
+    pg = PrefillStage(tiny_model(), max_rows=6, max_len=128, capacity=256)
     assert pg.row_buckets == (1, 2, 4, 6)
     assert pg.shape(3, 20) == (4, 32)
     assert pg.shape(6, 40) is None  # 6 x 64 slots > 256
@@ -42,7 +37,7 @@ def test_bucketed_prefill_equals_direct(head_type):
     lengths = torch.tensor([len(p) for p in ids])
     start = torch.zeros(k, dtype=torch.long)
     sampling = BatchSampling.stack([SamplingParams()] * k, "cpu")
-    pg = PrefillGraphs(model, max_rows=4, max_len=64, capacity=256, capture=False, heads=heads)
+    pg = PrefillStage(model, max_rows=4, max_len=64, capacity=256, heads=heads)
     assert pg.observes == (head_type == "hydra++")  # heads with state see the prompt in the graph
     old = torch.tensor(prompts(4, seed=9, lo=40, hi=40))
     pg.run(old, model.new_cache(4, 80), torch.full((4,), 40), heads.new_state(4, 80, model))  # stale buffers
@@ -126,11 +121,11 @@ def test_plan_groups_trades_padding_for_forwards():
 
 
 def test_prefill_cost_uses_measured_bucket_times_and_a_fit_for_the_rest():
-    pg = PrefillGraphs(tiny_model(), max_rows=4, max_len=128, capacity=512, capture=False)
+    pg = PrefillStage(tiny_model(), max_rows=4, max_len=128, capacity=512)
     assert pg.cost(3, 20) == FIXED_TOKENS + 4 * 32  # nothing measured: fixed cost + padded slots
     assert pg.cost(4, 256) is None  # over the capacity
-    pg.times = {(R, Tb): 0.002 + 8e-6 * R * Tb for R, Tb in ((1, 16), (4, 32), (2, 128))}  # 2 ms + 8 us a slot
-    pg.times[(4, 32)] = 0.0031  # off the line: a measured bucket keeps its own time
-    pg._refit()
+    for R, Tb in ((1, 16), (4, 32), (2, 128)):  # 2 ms + 8 us a slot
+        pg.measured(R, Tb, 0.002 + 8e-6 * R * Tb)
+    pg.measured(4, 32, 0.0031)  # off the line: a measured bucket keeps its own time
     assert pg.cost(3, 20) == 0.0031
     assert pg.cost(1, 64) == pytest.approx(0.002 + 64 * 8e-6, rel=0.05)  # unmeasured (1, 64): the fit

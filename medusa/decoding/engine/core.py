@@ -1,0 +1,385 @@
+"""The batched speculative-decoding engine: continuous batching of many requests over one
+preallocated KV pool, each request with its own sampling, stopping and speculation switch.
+
+One scheduler iteration (`Engine.step`):
+  1. apply cancellations (a cancelled request's row is freed at once);
+  2. admit waiting requests while a pool row is free (while rows run, arrivals wait a few steps
+     for company): the admitted rows prefill in padded forwards on a view of their cache rows
+     (`step.prefill` with start > 0 where a kept session holds a prefix); fresh prompts, sorted
+     by length and split where padding would cost more than another forward, run at bucketed
+     shapes, as CUDA graphs on a GPU (runner.py, staging.py);
+  3. one batched verification step (`step.speculate`) over all running rows: the running rows
+     are kept in rows 0 .. n-1 of the pool (see kv_pool.py), so the step runs on a zero-copy
+     view of them, padded to the batch bucket by idle rows (on a GPU, as the bucket's CUDA
+     graph: see runner.py). Each row advances by its own accepted length.
+The tree is chosen per step for the whole batch (policy.py): "auto" rows follow the load-
+adaptive choice, an "on" row makes the step use the engine's default tree, and "off" rows ride
+along in the same forward with their acceptance capped at the root (plain decoding; their
+extra tree nodes are wasted compute, which the policy counts).
+
+Sampled rows draw from a per-request seeded stream of uniforms indexed by output position
+(token j of a request always uses uniform j), so a sampled request's tokens do not depend on
+its batch-mates, on the tree chosen, or on whether it speculated.
+
+The package's files: requests.py (Request, RequestHandle, TokenEvent, RequestStats),
+scheduler.py (inbox, admission, prefill grouping, row swaps), policy.py (the tree choice and
+what steps teach it), warmup.py (graphs and step costs before traffic), core.py (this: the
+Engine, its rows, one step, output). Every step and prefill runs through runner.py.
+
+This package knows token ids only (never text), and nothing of transports or tenants: session
+ids arrive already namespaced. All decoding goes through medusa.decoding.step."""
+from __future__ import annotations
+
+import collections
+import secrets
+import threading
+import time
+
+import torch
+
+from medusa.decoding.engine.policy import Policy
+from medusa.decoding.engine.requests import (Live, Request, RequestHandle, RequestStats, TokenEvent, Uniforms,
+                                             validate)
+from medusa.decoding.engine.scheduler import Scheduler
+from medusa.decoding.engine.warmup import Warmup
+from medusa.decoding.kv_pool import RowPool
+from medusa.decoding.lookup import NgramLookup
+from medusa.decoding.runner import RowState, Runner
+from medusa.decoding.sampling import BatchSampling, SamplingParams
+from medusa.decoding.stopping import stop_cut
+from medusa.decoding.tree import MAX_LOOKUP, NAMED_TREES, Tree, load_tree
+from medusa.errors import RequestError, TreeError
+
+DEFAULT_TREE = "tree16"
+DEFAULT_MAX_SEQ_LEN = 2048
+
+
+class Engine(Scheduler, Warmup):
+    """Continuous-batching speculative decoder. Thread-safe `submit`/`cancel`; one scheduler
+    (a background thread after `start()`, or the caller through `step()`)."""
+
+    def __init__(self, model, heads=None, tree: Tree | str | None = None, *, max_batch: int = 16,
+                 kv_budget_tokens: int | None = None, max_seq_len: int | None = None,
+                 trees: dict[str, Tree] | None = None, step_cost: dict | None = None,
+                 graphs: bool | None = None, prefill_tokens: int | None = None,
+                 admit_wait_steps: int | None = None):
+        if max_batch < 1:
+            raise RequestError(f"max_batch must be >= 1, got {max_batch}")
+        self.model, self.heads = model, heads
+        cfg = model.cfg
+        self.device = model.device
+        self.eos = tuple(cfg.eos_token_ids)
+        self.vocab = cfg.vocab_size
+        self.max_pos = cfg.max_position_embeddings
+        self.trees, self.default_tree = self._trees(heads, tree, trees)
+        self.max_seq_len = min(max_seq_len or DEFAULT_MAX_SEQ_LEN, self.max_pos)
+        n_max = max(t.num_nodes for t in self.trees.values())
+        self.row_len = self.max_seq_len + n_max + 1  # room for the last step's tree slots
+        rows = max_batch if kv_budget_tokens is None else kv_budget_tokens // self.max_seq_len
+        if rows < 1:
+            raise RequestError(f"kv_budget_tokens={kv_budget_tokens} holds no row of max_seq_len={self.max_seq_len} tokens")
+        self.pool = RowPool(rows, max_batch)
+        with torch.inference_mode():
+            self.cache = model.new_cache(rows, self.row_len)  # kv [L, 2, rows, Hkv, row_len, Dh]
+            self.head_state = heads.new_state(rows, self.row_len, model) if heads is not None else None
+            self.row_start = torch.zeros(rows, dtype=torch.long, device=self.device)  # [rows]
+            self.row_root = torch.zeros(rows, dtype=torch.long, device=self.device)  # [rows]
+            self.row_hidden = torch.zeros(rows, cfg.hidden_size, dtype=model.dtype, device=self.device)  # [rows, D]
+            self.row_draft = torch.zeros(rows, MAX_LOOKUP, dtype=torch.long, device=self.device)  # [rows, L]: lookup chains
+            # heads with state (Hydra++) see the prompt and the tokens of plain steps only when
+            # speculation resumes (step.catch_up): the hidden states wait here, so a prefill and a
+            # plain step cost what they cost headless
+            self.row_deferred = (torch.zeros(rows, self.row_len, cfg.hidden_size, dtype=model.dtype, device=self.device)
+                                 if self.head_state is not None else None)  # [rows, row_len, D]
+        self._rows: list[Live | None] = [None] * rows  # row -> running request
+        # kept session KV is bounded so that an idle row padding a fixed-shape step keeps its tree
+        # slots in the row and its positions in the model's context (runner.py); tokens past
+        # max_seq_len - 1 could never be reused anyway (a next prompt is shorter)
+        self.keep_cap = max(0, min(self.max_seq_len - 1, self.max_pos - 1 - n_max))
+        # prompt tokens (padding included) one prefill forward may take: batched prefill saves the
+        # GPU's per-forward launch cost; a CPU's forward is compute-bound, so it prefills one by one
+        self.prefill_tokens = prefill_tokens if prefill_tokens is not None else (8192 if self.device.type == "cuda" else 0)
+        # admission coalescing (see _admit_now); a CPU prefills one by one, so nothing to gain there
+        self.admit_wait_steps = admit_wait_steps if admit_wait_steps is not None else (16 if self.prefill_tokens else 0)
+        self.admit_group = max(1, self.pool.max_active // 4)
+        # every step and prefill runs at fixed shapes (runner.py): as CUDA graphs on a GPU unless
+        # graphs=False, eagerly elsewhere
+        capture = self.device.type == "cuda" if graphs is None else graphs
+        self.runner = Runner(model, heads, self._row_state(), self.pool.max_active, self.max_seq_len,
+                             self.prefill_tokens, capture=capture)
+        self.policy = Policy(self.trees, self.default_tree, heads, step_cost, self.max_pos)
+        self.meter, self.cost = self.policy.meter, self.policy.cost  # what the policy has measured
+        self._sampling_key: tuple = ()
+        self._sampling: BatchSampling | None = None
+        self._time = {"prefill": 0.0, "prefills": 0, "step": 0.0, "busy": 0.0, "catch_up": 0.0, "catch_ups": 0}
+        self._last_error: str | None = None
+        # threading: _mu guards the inbox (waiting queue, cancels, ids); _step_lock the decode state
+        self._mu = threading.Lock()
+        self._wake = threading.Condition(self._mu)
+        self._step_lock = threading.RLock()
+        self._waiting: collections.deque[Live] = collections.deque()
+        self._cancels: set[str] = set()
+        self._live: dict[str, Live] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    def _row_state(self) -> RowState:
+        return RowState(self.cache, self.row_start, self.row_root, self.row_hidden, self.head_state, self.pool.rows,
+                        self.row_deferred, self.row_draft)
+
+    def _trees(self, heads, tree, trees) -> tuple[dict[str, Tree], Tree]:
+        """The trees a step may use ("ar" always) and the default one (speculation="on")."""
+        ar = load_tree("ar")
+        if heads is None:
+            return {"ar": ar.to(self.device)}, ar.to(self.device)
+        depth = heads.config.num_heads
+        base = tree if isinstance(tree, Tree) else load_tree(tree or DEFAULT_TREE)
+        if trees is None:
+            named = (load_tree(n) for n in NAMED_TREES if n != "ar")
+            trees = {t.name: t for t in named if t.max_depth <= depth}
+        out = {"ar": ar, **dict(trees), base.name: base}
+        for t in list(out.values()):  # a step with a sampled row takes a lookup tree's heads' nodes alone
+            if t.lookup:
+                out.setdefault(t.heads_only.name, t.heads_only)
+        for t in out.values():
+            if t.max_depth > depth:
+                raise TreeError(f"tree {t.name} is {t.max_depth} deep but the heads guess only {depth} tokens ahead")
+        out = {n: t.to(self.device) for n, t in out.items()}  # tree buffers live on the model's device
+        return out, out[base.name]
+
+    # -------------------------------------------------------------- public API
+    def submit(self, request: Request) -> RequestHandle:
+        validate(request, self.vocab, self.max_seq_len)
+        live = Live(request, RequestHandle(self, request.request_id),
+                     set(self.eos if request.stop_token_ids is None else request.stop_token_ids),
+                     time.perf_counter(), self._uniforms(request.sampling))
+        live.queued_step = self.policy.steps
+        with self._wake:
+            if request.request_id in self._live:
+                raise RequestError(f"request id {request.request_id!r} is already in flight")
+            self._live[request.request_id] = live
+            self._waiting.append(live)
+            self._wake.notify()
+        return live.handle
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="medusa-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the scheduler thread; requests still in flight end with "cancelled"."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        with self._step_lock, torch.inference_mode():
+            with self._mu:
+                self._cancels.update(self._live)
+            self._apply_cancels()
+
+    def __enter__(self) -> "Engine":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def step(self) -> bool:
+        """One scheduler iteration; False when there was nothing to do."""
+        with self._step_lock, torch.inference_mode():
+            t0 = time.perf_counter()
+            did = self._apply_cancels()
+            did |= self._admit()
+            if self.pool.n_active:
+                self._decode()
+                did = True
+            if did:
+                self._time["busy"] += time.perf_counter() - t0
+            return did
+
+    @property
+    def threaded(self) -> bool:
+        """Whether a scheduler thread runs the engine (else iterating a handle drives `step`)."""
+        return self._thread is not None
+
+    def health(self) -> dict:
+        """scheduler: whether the scheduler thread runs (None: none was started, callers drive
+        `step`); last_error: the last step failure (its requests ended with "error")."""
+        t = self._thread
+        return {"scheduler": None if t is None else t.is_alive(), "last_error": self._last_error}
+
+    def load(self) -> int:
+        with self._mu:
+            return len(self._live)
+
+    def stats(self) -> dict:
+        with self._mu:
+            waiting = len(self._waiting)
+            live = len(self._live)
+        p = self.pool
+        return {
+            "running": p.n_active, "waiting": waiting, "load": live,
+            "max_batch": p.max_active, "max_seq_len": self.max_seq_len,
+            "kv_rows": p.rows, "kv_rows_used": p.n_active, "kv_rows_kept": p.kept, "kv_rows_free": p.free,
+            "sessions_kept": p.kept, "steps": self.policy.steps, "steps_by_tree": dict(self.policy.tree_steps),
+            "trees": {n: t.num_nodes for n, t in self.trees.items()},
+            "acceptance": {n: round(self.meter.expected(n), 3) for n in self.trees},
+            "speculation": dict(self.policy.choice),
+            "step_mode": "graphs" if self.runner.capture else "eager",
+            # where the scheduler's time went: prefill forwards, verification steps (GPU time included:
+            # each ends in a host sync), Hydra++ catch-ups (host time), and the whole of its busy
+            # iterations (the rest is bookkeeping)
+            "time_s": {k: round(self._time[k], 3) for k in ("prefill", "step", "catch_up", "busy")},
+            "prefill_forwards": self._time["prefills"],
+            "catch_ups": self._time["catch_ups"],
+            "graphs_captured": self.runner.captures("step"),
+            "prefill_graphs_captured": self.runner.captures("prefill"),
+            "last_error": self._last_error,
+        }
+
+    # -------------------------------------------------------------- submission helpers
+    def _uniforms(self, p: SamplingParams) -> Uniforms | None:
+        if p.greedy:
+            return None
+        return Uniforms(p.seed if p.seed is not None else secrets.randbits(63), self.device)
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request (RequestHandle.cancel); unknown or finished ids are ignored."""
+        with self._wake:
+            if request_id not in self._live:
+                return
+            self._cancels.add(request_id)
+            self._wake.notify()
+        if self._step_lock.acquire(blocking=False):  # free the row now unless a step is running
+            try:
+                with torch.inference_mode():
+                    self._apply_cancels()
+            finally:
+                self._step_lock.release()
+
+    def _batch_sampling(self, lives: list[Live]) -> BatchSampling:
+        key = tuple(id(x) for x in lives)
+        if key != self._sampling_key:
+            self._sampling = BatchSampling.stack([x.req.sampling for x in lives], self.device)
+            self._sampling_key = key
+        return self._sampling
+
+    def _decode(self) -> None:
+        t_in, caught = time.perf_counter(), self._time["catch_up"]
+        n = self.pool.n_active
+        lives = self._rows[:n]
+        policy = self.policy
+        tree = policy.choose([x.req.speculation for x in lives], max(x.kv_len for x in lives))
+        dev = self.device
+        sampling = self._batch_sampling(lives)
+        if tree.lookup and sampling.any_random:  # sampling stays exact only while siblings carry distinct tokens
+            tree = policy.without_lookup(tree)
+        if tree.lookup:
+            self._set_drafts(lives, tree.lookup)
+        twin = policy.shadowed(tree, n, sampling.any_random)
+        shadow = self._drafts(lives, twin.lookup) if twin is not None else None
+        N, D = tree.num_nodes, tree.accept_depth
+        uniforms = None
+        if sampling.any_random:
+            depth = tree.depth.to(dev)
+            zero = torch.zeros(N, device=dev)
+            uniforms = torch.stack([x.uniforms.at(len(x.out), depth, D) if x.uniforms is not None else zero
+                                    for x in lives])  # [n, N]: node at depth d predicts output len(out) + d
+        off = [x.req.speculation == "off" for x in lives]
+        max_accept = None
+        if N > 1 and any(off):
+            max_accept = torch.tensor([0 if o else D for o in off], dtype=torch.long, device=dev)  # [n]
+        committed_max = max(x.kv_len for x in lives)  # known on the host: no sync
+        behind = [i for i, x in enumerate(lives) if x.seen < x.kv_len] if N > 1 and self.row_deferred is not None else []
+        if behind:  # only the span of rows that are behind (admitted rows sit at the end)
+            lo, hi = behind[0], behind[-1] + 1
+            self._catch_up(lo, [x.seen for x in lives[lo:hi]], [x.kv_len for x in lives[lo:hi]])
+        t0 = time.perf_counter()
+        pad = [self.pool.length[r] for r in range(n, self.runner.bucket(n))]
+        acc, captured = self.runner.step(tree, n, committed_max, sampling, self._sampling_key, uniforms, max_accept, pad)
+        rows = torch.cat([acc.length[:n, None], acc.tokens[:n], acc.path[:n]], 1).tolist()  # one host sync
+        dt = time.perf_counter() - t0
+        self._time["step"] += dt
+        policy.ran(tree, n, rows, off, not sampling.any_typical)  # rows: [accepted, D + 1 tokens, D + 1 path ids]
+        for i, (live, row) in enumerate(zip(lives, rows)):  # before any release swaps rows
+            self.pool.length[i] = live.kv_len + row[0] + 1
+        for i, (live, row) in enumerate(zip(lives, rows)):
+            k = row[0] + 1
+            if N > 1:  # the step showed the heads every token it committed
+                live.seen = live.kv_len + k
+            live.steps += 1
+            live.step_tokens += k
+            live.tree = tree.name
+            if shadow is not None and not off[i]:
+                live.shadow.append((len(live.out), shadow[i], row[0]))
+            self._emit(live, row[1:1 + k])
+            if live.shadow and twin is not None:
+                policy.shadow(live.shadow, live.out, twin.name)
+        if not captured:  # a capturing step's time is not the step's cost
+            # the policy weighs a step's whole cost to the scheduler: choosing the tree, the step,
+            # recording acceptance, emitting tokens and finishing requests, less the Hydra++ catch-up
+            # (not the step's). At batch 64 on an H200 the host work outside the steps was 1.8 ms
+            # per step of the adaptive engine against 0.76 ms of a plain one, and counting only
+            # the step made trees look 10% better than plain decoding where they were at parity
+            self.cost.record(n, N, time.perf_counter() - t_in - (self._time["catch_up"] - caught))
+
+    def _drafts(self, lives: list[Live], L: int) -> list[list[int]]:
+        """Each row's lookup chain for this step (medusa.decoding.lookup)."""
+        drafts = []
+        for x in lives:
+            if x.lookup is None:  # first step with a lookup chain: index what the row holds so far
+                x.lookup = NgramLookup(list(x.req.prompt_ids) + x.out)
+            drafts.append(x.lookup.draft(L))
+        return drafts
+
+    def _set_drafts(self, lives: list[Live], L: int) -> None:
+        self.row_draft[:len(lives), :L].copy_(torch.tensor(self._drafts(lives, L), dtype=torch.long), non_blocking=True)
+
+
+    # -------------------------------------------------------------- output
+    def _emit(self, live: Live, new: list[int]) -> None:
+        req = live.req
+        before = len(live.out)
+        live.out.extend(new)
+        if live.lookup is not None:
+            live.lookup.extend(new)
+        if live.row >= 0:
+            self.pool.length[live.row] = live.kv_len
+        limit = req.max_new_tokens
+        view = live.out[:limit]
+        cut = stop_cut(view, min(before, len(view)), live.eos, req.stop_sequences)
+        if cut is None and len(live.out) >= limit:
+            cut = (limit, "length")
+        if cut is None:
+            live.handle.push(TokenEvent(req.request_id, live.out[live.sent:], produced=len(new)))
+            live.sent = len(live.out)
+            return
+        self._finish(live, cut[1], keep=True, end=cut[0], produced=len(new))
+
+    def _finish(self, live: Live, reason: str, keep: bool, end: int | None = None, produced: int = 0) -> None:
+        req = live.req
+        end = live.sent if end is None else end
+        if live.row >= 0:
+            r, live.row = live.row, -1
+            keep_tokens = None
+            if keep and req.session_id is not None:
+                keep_tokens = (list(req.prompt_ids) + live.out[:-1])[:self.keep_cap]  # committed KV slots
+                if self.row_deferred is not None and live.seen < len(keep_tokens):  # the next turn's heads need them
+                    self._catch_up(r, [live.seen], [len(keep_tokens)])
+            self._rows[r] = None
+            self._apply_swaps(self.pool.release(r, req.session_id if keep_tokens else None, keep_tokens))
+        now = time.perf_counter()
+        stats = RequestStats(
+            prompt_tokens=len(req.prompt_ids), new_tokens=end, steps=live.steps,
+            mean_accepted=live.step_tokens / live.steps if live.steps else 0.0,
+            reused_tokens=live.reused, ttft_s=(live.t_first or now) - live.t_submit,
+            seconds=now - live.t_submit, tree=live.tree)
+        with self._mu:
+            self._live.pop(req.request_id, None)
+        live.handle.push(TokenEvent(req.request_id, live.out[live.sent:end], reason, stats, produced))
+        live.sent = end
