@@ -1,5 +1,5 @@
 """The Ray Serve application: Tokenizer, Engine (with the session-affinity request router) and
-the gRPC Ingress, bound by `build_app(args)` (the serve config's import_path target), plus the
+the Ingress (gRPC medusa.v1 + grpc.health.v1, and the OpenAI-compatible HTTP API), bound by `build_app(args)` (the serve config's import_path target), plus the
 gRPC options the proxy needs. Deployment classes are thin: the logic is in the plain classes.
 
 Knows Ray Serve's API; nothing of decoding or of the wire format beyond the servicer name."""
@@ -12,8 +12,11 @@ from ray.serve.config import RequestRouterConfig
 
 from services.config import Settings
 from services.engine_replica import EngineReplica
+from services.health import SERVICER as HEALTH_SERVICER
+from services.health import HealthMixin
 from services.ingress import Ingress
 from services.metrics import Metrics
+from services.openai_api import OpenAIFace
 from services.tokenizer_service import TokenizerService
 
 APP_NAME = "medusa"
@@ -68,9 +71,16 @@ class EngineDeployment(EngineReplica):
 
 
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
-class IngressDeployment(Ingress):
+class IngressDeployment(HealthMixin, Ingress):
+    """gRPC: medusa.v1.Medusa and grpc.health.v1.Health (methods called by name by Serve's gRPC
+    proxy); HTTP: the OpenAI-compatible API through Serve's HTTP proxy (__call__)."""
+
     def __init__(self, tokenizer, engine, settings: dict):
         super().__init__(tokenizer, engine, Settings.parse(settings), metrics=Metrics())
+        self._http = OpenAIFace(self)
+
+    async def __call__(self, request):
+        return await self._http(request)
 
 
 def engine_deployment(s: Settings):
@@ -104,4 +114,4 @@ def build_app(args: dict | None = None):
 def grpc_options(port: int):
     from ray.serve.config import gRPCOptions
 
-    return gRPCOptions(port=port, grpc_servicer_functions=[SERVICER])
+    return gRPCOptions(port=port, grpc_servicer_functions=[SERVICER, HEALTH_SERVICER])

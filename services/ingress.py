@@ -27,6 +27,7 @@ from services.metrics import Metrics
 from services.redis_guard import RedisGuard
 from services.requests import input_of, parse_generate
 from services.routing import SessionStore, engine_session_id
+from services.stops import StopMatcher
 from services.tenancy import AuthError, KeyStore, Quota, QuotaError, bearer_key
 
 log = logging.getLogger("medusa.services.ingress")
@@ -123,7 +124,7 @@ class Ingress:
     # ----- Generate -----
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None):
         request_id = uuid.uuid4().hex
-        with self.tracer.start_as_current_span("ingress.Generate", context=_parent(grpc_context)) as span:
+        with telemetry.server_span(self.tracer, "ingress.Generate", grpc_context, "Generate", _parent(grpc_context)) as span:
             span.set_attribute("medusa.request_id", request_id)
             tenant = ""
             try:
@@ -144,12 +145,15 @@ class Ingress:
 
     async def _generate(self, request, request_id: str, tenant: str, span):
         spec = parse_generate(request, self.settings)
+        telemetry.genai_request(span, operation="chat" if spec.messages is not None else "text_completion",
+                                model=self._model_name(), max_tokens=spec.max_new_tokens, sampling=spec.sampling)
         enc = await self.tokenizer.encode.remote({"messages": spec.messages, "prompt": spec.prompt, "stop": spec.stop,
                                                   "trace": telemetry.inject()})
         prompt_ids = enc["prompt_ids"]
         span.set_attribute("medusa.prompt_tokens", len(prompt_ids))
         lease = await self.quota.acquire(tenant, len(prompt_ids) + spec.max_new_tokens)
         detok = await self._detokenizer()
+        stops = StopMatcher(spec.stop)
         ids: list[int] = []
         stream = None
         try:
@@ -187,12 +191,20 @@ class Ingress:
                     ids.extend(new)
                     text, p, r = await detok(ids[prefix:], 0, read - prefix, fin is not None)
                     prefix, read = prefix + p, prefix + r
+                    text, hit = stops.push(text)  # stop strings on text: trimmed, the engine request cancelled
                     yield pb.GenerateResponse(delta=pb.Delta(text=text, token_ids=new))
+                    if hit:
+                        yield self._final(ev, "stop", request_id, replica, len(prompt_ids), len(ids), span, tenant)
+                        return
                 if fin is not None:
+                    tail = ""
                     if read < len(ids):
-                        text, _, _ = await detok(ids[prefix:], 0, read - prefix, True)
-                        if text:
-                            yield pb.GenerateResponse(delta=pb.Delta(text=text))
+                        tail, _, _ = await detok(ids[prefix:], 0, read - prefix, True)
+                    text, hit = stops.push(tail)
+                    text += stops.flush()
+                    fin = "stop" if hit else fin
+                    if text:
+                        yield pb.GenerateResponse(delta=pb.Delta(text=text))
                     if fin == "error":
                         raise RuntimeError("the engine failed on this request")
                     yield self._final(ev, fin, request_id, replica, len(prompt_ids), len(ids), span, tenant)
@@ -208,6 +220,8 @@ class Ingress:
         self.metrics.tokens(tenant, n_new)
         span.set_attribute("medusa.completion_tokens", n_new)
         span.set_attribute("medusa.mean_accepted", float(st.get("mean_accepted", 0.0)))
+        telemetry.genai_response(span, response_id=request_id, model=self._model_name(), finish_reason=fin,
+                                 input_tokens=st.get("prompt_tokens", n_prompt), output_tokens=n_new)
         return pb.GenerateResponse(final=pb.Final(
             finish_reason=fin, request_id=request_id, replica_id=replica,
             usage=pb.Usage(prompt_tokens=st.get("prompt_tokens", n_prompt), completion_tokens=n_new,
@@ -215,10 +229,13 @@ class Ingress:
             stats=pb.SpeculationStats(steps=st.get("steps", 0), mean_accepted=st.get("mean_accepted", 0.0),
                                       tree=st.get("tree", ""), ttft_s=st.get("ttft_s", 0.0), seconds=st.get("seconds", 0.0))))
 
+    def _model_name(self) -> str:
+        return self.settings.model_id or (self._model_info or {}).get("id", "")
+
     # ----- unary methods -----
     async def _unary(self, name: str, grpc_context, fn):
         request_id = uuid.uuid4().hex
-        with self.tracer.start_as_current_span(f"ingress.{name}", context=_parent(grpc_context)):
+        with telemetry.server_span(self.tracer, f"ingress.{name}", grpc_context, name, _parent(grpc_context)):
             try:
                 return await fn()
             except Exception as e:  # noqa: BLE001

@@ -1,0 +1,185 @@
+"""The OpenAI-compatible HTTP face, grpc.health.v1 and stop strings on text, without Ray: the
+plain Ingress (scripted engine, character tokenizer, a private redis-server) behind a real
+uvicorn server and a grpc.aio server, driven by the real `openai` client and the standard
+health stub. The real model through a live `medusa serve` is in tests/integration/test_openai_serving.py."""
+import asyncio
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("redis")
+pytest.importorskip("uvicorn")
+
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+from test_services import CharTokenizer, ScriptedEngine  # noqa: E402  (the stand-ins of the gRPC path's tests)
+
+from services import telemetry  # noqa: E402
+from services.config import Settings  # noqa: E402
+from services.engine_replica import EngineReplica  # noqa: E402
+from services.ingress import Ingress  # noqa: E402
+from services.local import LocalHandle, start_http, start_server  # noqa: E402
+from services.redis_local import start_redis  # noqa: E402
+from services.stops import StopMatcher  # noqa: E402
+from services.tokenizer_service import TokenizerService  # noqa: E402
+
+
+def T(text):  # what the scripted engine answers to a chat turn: the templated prompt reversed
+    return ("<user>" + text + "<assistant>")[::-1]
+
+
+class BrokenEngine:
+    async def health(self):
+        raise RuntimeError("engine down")
+
+
+@pytest.fixture(scope="module")
+def face():
+    r = start_redis()
+    settings = Settings.parse({
+        "redis_url": r.url, "tracing": "memory", "default_max_new_tokens": 6, "max_new_tokens_limit": 64,
+        "model_id": "char", "api_keys": [{"tenant": "acme", "key": "k-acme"}, {"tenant": "tiny", "key": "k-tiny"}],
+        "tenant_limits": {"tiny": {"tokens_per_minute": 30}},
+    })
+    engine = ScriptedEngine()
+    tok = TokenizerService(CharTokenizer(), tracing="memory")
+    replica = EngineReplica(engine, replica_id="replica-1", eos=(3,), info={"id": "char", "heads": "medusa"}, tracing="memory")
+    ingress = Ingress(LocalHandle(tok), LocalHandle(replica), settings)
+    broken = Ingress(LocalHandle(tok), LocalHandle(BrokenEngine()), Settings.parse({"require_auth": False}))
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    def on_loop(coro):
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(30)
+
+    http, port = on_loop(start_http(ingress))
+    http_broken, port_broken = on_loop(start_http(broken))
+    grpc_server, grpc_port = on_loop(start_server(ingress))
+    yield {"url": f"http://127.0.0.1:{port}/v1", "broken": f"http://127.0.0.1:{port_broken}", "engine": engine,
+           "grpc": f"127.0.0.1:{grpc_port}"}
+    for s in (http, http_broken):
+        s.should_exit = True
+    on_loop(grpc_server.stop(None))
+    on_loop(asyncio.sleep(0.3))
+    loop.call_soon_threadsafe(loop.stop)
+    r.stop()
+
+
+def client(face, key="k-acme"):
+    return openai.OpenAI(base_url=face["url"], api_key=key, max_retries=0, timeout=10)
+
+
+def test_chat_completion_streamed_and_not(face):
+    c = client(face)
+    msgs = [{"role": "user", "content": "abcd"}]
+    r = c.chat.completions.create(model="char", messages=msgs, max_tokens=5, temperature=0)
+    assert r.choices[0].message.content == T("abcd")[:5] and r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == "length" and r.object == "chat.completion" and r.model == "char"
+    assert r.usage.prompt_tokens == len(T("abcd")) and r.usage.completion_tokens == 5
+    assert r.model_extra["medusa"]["mean_accepted"] == 2.0 and r.model_extra["medusa"]["replica_id"] == "replica-1"
+    chunks = list(c.chat.completions.create(model="char", messages=msgs, max_completion_tokens=5, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == r.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant" and len({ch.id for ch in chunks}) == 1
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+    req = face["engine"].submitted[-1]
+    assert req.sampling.greedy and req.max_new_tokens == 5
+
+
+def test_completions_models_and_session_header(face):
+    c = client(face)
+    r = c.completions.create(model="char", prompt="hello", max_tokens=4, temperature=0, extra_body={"speculation": "off"})
+    assert r.choices[0].text == "olle" and r.object == "text_completion"
+    assert face["engine"].submitted[-1].speculation == "off"
+    assert "".join(x.choices[0].text for x in c.completions.create(model="char", prompt="hello", max_tokens=4, stream=True)) == "olle"
+    assert [m.id for m in c.models.list()] == ["char"]
+    c.chat.completions.create(model="char", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                              extra_headers={"X-Session-Id": "conv-9"})
+    assert face["engine"].submitted[-1].session_id.endswith("conv-9")
+
+
+def test_errors_have_openais_shape_and_status(face):
+    msgs = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.AuthenticationError) as e:
+        client(face, "wrong").chat.completions.create(model="char", messages=msgs)
+    assert e.value.status_code == 401 and e.value.body["message"] == "unknown API key"
+    with pytest.raises(openai.NotFoundError) as e:
+        client(face).chat.completions.create(model="gpt-4o", messages=msgs)
+    assert e.value.body["code"] == "model_not_found"
+    for kwargs, param in (({"n": 2}, "n"), ({"temperature": 3}, "temperature"), ({"logprobs": True}, "logprobs"),
+                          ({"max_tokens": 1000}, None)):
+        with pytest.raises(openai.BadRequestError) as e:
+            client(face).chat.completions.create(model="char", messages=msgs, **kwargs)
+        assert e.value.body["type"] == "invalid_request_error" and e.value.body["param"] == param, e.value.body
+    with pytest.raises(openai.BadRequestError):
+        client(face).chat.completions.create(model="char", messages=[])
+    with pytest.raises(openai.RateLimitError) as e:  # tenant "tiny" may spend 30 tokens a minute
+        client(face, "k-tiny").chat.completions.create(model="char", messages=[{"role": "user", "content": "x" * 40}])
+    assert e.value.response.headers["retry-after"] == "1" and e.value.body["type"] == "rate_limit_error"
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(face["broken"] + "/health", timeout=10)
+    assert e.value.code == 503 and json.loads(e.value.read())["details"]["engine"].startswith("unavailable")
+    ok = json.loads(urllib.request.urlopen(face["url"][:-3] + "/health", timeout=10).read())
+    assert ok["status"] == "ok"
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(face["url"] + "/nothing", timeout=10)
+    assert e.value.code == 404 and "error" in json.loads(e.value.read())
+
+
+def test_stop_strings_match_text_across_chunks_and_are_trimmed(face):
+    c = client(face)
+    before = len(face["engine"].cancelled)
+    # The engine answers "zyx" + 40 "m" two characters per event: "yx" spans two events.
+    r = c.completions.create(model="char", prompt="m" * 40 + "xyz", max_tokens=43, stop=["yx", "q"], temperature=0)
+    assert r.choices[0].text == "z" and r.choices[0].finish_reason == "stop"
+    assert len(face["engine"].cancelled) == before + 1  # the engine request was cancelled at the match
+    chunks = list(c.completions.create(model="char", prompt="abcxyz", max_tokens=6, stop="cb", stream=True))
+    assert "".join(x.choices[0].text for x in chunks) == "zyx"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    r = c.completions.create(model="char", prompt="abcxyz", max_tokens=6, stop=["ab"], temperature=0)  # "ba" is no match
+    assert r.choices[0].text == "zyxcba" and r.choices[0].finish_reason == "length"
+
+
+def test_stop_matcher_holds_back_only_possible_beginnings():
+    m = StopMatcher(["</end>", "STOP"])
+    assert m.push("hello <") == ("hello ", False)  # "<" may begin "</end>"
+    assert m.push("b>") == ("<b>", False)  # it did not
+    assert m.push("ST") == ("", False)
+    assert m.push("OPPED") == ("", True) and m.matched == "STOP"
+    m = StopMatcher(["ab"])
+    assert m.push("xa") == ("x", False) and m.flush() == "a"
+    assert StopMatcher([]).push("abc") == ("abc", False)
+
+
+def test_grpc_health_v1_check(face):
+    with grpc.insecure_channel(face["grpc"]) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        for service in ("", "medusa.v1.Medusa"):
+            assert stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=10)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        first = next(stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10))
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_server_spans_carry_http_and_genai_attributes(face):
+    client(face).chat.completions.create(model="char", messages=[{"role": "user", "content": "spans"}], max_tokens=3,
+                                         temperature=0, extra_headers={"traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"})
+    spans = [s for s in telemetry._memory.get_finished_spans() if s.name == "ingress.Generate"
+             and s.context.trace_id == int("ab" * 16, 16)]
+    assert len(spans) == 1
+    s = spans[0]
+    a = dict(s.attributes)
+    assert s.kind.name == "SERVER" and a["http.request.method"] == "POST" and a["http.route"] == "/v1/chat/completions"
+    assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.request.model"] == "char"
+    assert a["gen_ai.usage.input_tokens"] == len(T("spans")) and a["gen_ai.usage.output_tokens"] == 3
+    assert a["gen_ai.response.finish_reasons"] == ("length",) and a["gen_ai.request.max_tokens"] == 3
+    grpc_spans = [x for x in telemetry._memory.get_finished_spans() if x.name == "ingress.Generate" and "rpc.system" in x.attributes]
+    assert all(x.kind.name == "SERVER" and x.attributes["rpc.method"] == "Generate" for x in grpc_spans)
