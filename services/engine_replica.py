@@ -52,7 +52,7 @@ class EngineReplica:
         except (MedusaError, TypeError, ValueError) as e:
             yield {"error": "invalid_argument", "message": str(e), "replica": self.replica_id}
             return
-        self.metrics.queue_depth(self.engine.load())
+        self._engine_gauges()
         attrs = {"medusa.replica": self.replica_id, "medusa.tenant": payload.get("tenant", ""),
                  "medusa.prompt_tokens": len(payload["prompt_ids"])}
         prefill = self.tracer.start_span("engine.prefill", context=ctx, attributes=attrs)
@@ -77,7 +77,7 @@ class EngineReplica:
                     out["finish_reason"] = ev.finish_reason
                     if ev.stats is not None:
                         out["stats"] = asdict(ev.stats)
-                        self._annotate(decode or prefill, ev.stats)
+                        self._annotate(decode or prefill, ev.stats, ev.finish_reason)
                 yield out
         finally:
             if not done:
@@ -86,15 +86,27 @@ class EngineReplica:
                 prefill.end()
             if decode is not None:
                 decode.end()
-            self.metrics.queue_depth(self.engine.load())
+            self._engine_gauges()
 
-    def _annotate(self, span, stats) -> None:
+    def _engine_gauges(self) -> None:
+        self.metrics.queue_depth(self.engine.load())
+        if self.metrics.enabled:
+            self.metrics.engine_state(self.engine.stats())
+
+    def _depth(self, tree: str) -> int:
+        t = getattr(self.engine, "trees", {}).get(tree) if tree and tree != "ar" else None
+        return int(getattr(t, "accept_depth", 0) or 0) if t is not None else 0
+
+    def _annotate(self, span, stats, finish_reason: str = "") -> None:
         span.set_attribute("medusa.completion_tokens", stats.new_tokens)
         span.set_attribute("medusa.reused_tokens", stats.reused_tokens)
         span.set_attribute("medusa.steps", stats.steps)
         span.set_attribute("medusa.mean_accepted", float(stats.mean_accepted))
         span.set_attribute("medusa.tree", stats.tree)
         self.metrics.accepted_length(float(stats.mean_accepted))
+        self.metrics.finished(prompt_tokens=stats.prompt_tokens, new_tokens=stats.new_tokens, reused_tokens=stats.reused_tokens,
+                              finish_reason=finish_reason, seconds=stats.seconds, ttft_s=stats.ttft_s, steps=stats.steps,
+                              mean_accepted=float(stats.mean_accepted), draft_depth=self._depth(stats.tree))
 
     def info(self) -> dict:
         return dict(self._info, replica=self.replica_id)

@@ -24,10 +24,16 @@ class Cluster:
     settings: dict
     redis: LocalRedis | None = None
     dev_keys: dict = field(default_factory=dict)  # tenant -> key, generated for this run only
+    http_port: int = 0  # Serve's HTTP proxy: the OpenAI-compatible API under /v1
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI-compatible API's base URL (for openai.OpenAI(base_url=...))."""
+        return f"http://127.0.0.1:{self.http_port}/v1"
 
     def stop(self) -> None:
         import ray
@@ -87,12 +93,12 @@ def start(args: dict, *, grpc_port: int = 9000, redis_url: str | None = None, nu
         redis_url = redis.url
     args["redis_url"] = redis_url
     Settings.parse(args)  # a bad config fails here, before Ray starts
-    cluster = Cluster(grpc_port, args, redis, dev)
+    cluster = Cluster(grpc_port, args, redis, dev, http_port or free_port())
     try:
         if not ray.is_initialized():
             extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
             ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=True, logging_level="WARNING", **extra)
-        serve.start(grpc_options=grpc_options(grpc_port), http_options={"host": "127.0.0.1", "port": http_port or free_port()})
+        serve.start(grpc_options=grpc_options(grpc_port), http_options={"host": "127.0.0.1", "port": cluster.http_port})
         serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
     except BaseException:
         cluster.stop()

@@ -1,4 +1,5 @@
-"""`medusa serve`: the gRPC serving cluster on this machine. Starts a local Ray cluster, a
+"""`medusa serve`: the serving cluster on this machine (gRPC medusa.v1 + grpc.health.v1, and the
+OpenAI-compatible HTTP API). Starts a local Ray cluster, a
 private redis-server (unless --redis-url / REDIS_URL), and the application (tokenizer, engine
 replicas with session affinity, gRPC ingress) on CPU with the default model and shipped heads,
 or as declared by --config (a Ray Serve config file such as deploy/serve_config.yaml).
@@ -21,6 +22,7 @@ def register(sub) -> None:
     p = sub.add_parser("serve", help="serve the gRPC cluster (Ray Serve) on this machine")
     p.add_argument("--config", help="Ray Serve config file (e.g. deploy/serve_config.yaml); flags below override it")
     p.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default: the config's, else 9000)")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP port of the OpenAI-compatible API (/v1/chat/completions, ...)")
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
                    help="Redis for sessions, quotas and keys (default: REDIS_URL, else a private redis-server)")
     add_model_args(p)
@@ -66,12 +68,15 @@ def run(args) -> int:
     print(f"medusa serve: starting Ray and the application (model: {app_args.get('model') or 'default'}, "
           f"heads: {app_args.get('heads', 'default')}, device: {app_args['device']}) ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
+    if not 0 < args.http_port < 65536:
+        raise MedusaError(f"--http-port must be a TCP port, got {args.http_port}")
     cluster = launch.start(app_args, grpc_port=port, redis_url=args.redis_url, num_cpus=args.num_cpus,
-                           metrics_port=args.metrics_port)
+                           metrics_port=args.metrics_port, http_port=args.http_port)
     try:
         redis = cluster.settings["redis_url"] + (" (private redis-server)" if cluster.redis else "")
         print(f"medusa serve: gRPC medusa.v1.Medusa at {cluster.target}  (ready in {time.perf_counter() - t0:.0f}s; "
               f"redis {redis})", flush=True)
+        print(f"medusa serve: OpenAI-compatible API at {cluster.base_url}  (grpc.health.v1 on the gRPC port)", flush=True)
         if args.metrics_port:
             print(f"medusa serve: Prometheus metrics at http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
         for tenant, key in cluster.dev_keys.items():
