@@ -4,14 +4,13 @@ in --out; writes heads.safetensors + heads.json (and train.json: the recipe and 
 evaluation history)."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
-from medusa.commands.common import add_model_args
+from medusa.commands.common import HelpFormatter, add_model_args
 from medusa.errors import RequestError
 
 HEAD_TYPES = ("medusa", "hydra", "hydra++")
@@ -19,7 +18,7 @@ HEAD_TYPES = ("medusa", "hydra", "hydra++")
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train draft heads on distilled data (frozen base model)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="distilled JSONL (medusa distill)")
     p.add_argument("--out", required=True, help="output folder (heads + checkpoint; rerun to resume)")
     p.add_argument("--init-heads", metavar="DIR",
@@ -30,25 +29,25 @@ def register(sub) -> None:
     p.add_argument("--num-heads", type=int, default=None, help="(default: 4)")
     p.add_argument("--num-layers", type=int, default=None, help="residual blocks per head, Hydra: MLP depth (default: 1)")
     p.add_argument("--prefix-intermediate", type=int, default=None, help="Hydra++ prefix layer MLP width (default: the base's)")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=50, help="warm-up steps")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=1, help="passes over the training records")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (default: the epochs' steps)")
     p.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per batch")
     p.add_argument("--max-len", type=int, default=1024, help="cut sequences to this many tokens")
     p.add_argument("--head-decay", type=float, default=0.8, help="loss weight of head i is DECAY**i")
     p.add_argument("--teacher-weight", type=float, default=None,
                    help="0 = CE on distilled tokens, 1 = soft CE vs the base distribution (default: 1 for hydra++, else 0)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--heldout", type=float, default=0.02, help="share of records held out for evaluation")
     p.add_argument("--time-limit", type=float, default=None, help="seconds; the schedule is fitted to it")
-    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--checkpoint-every", type=int, default=200, help="save the heads every N steps")
     p.add_argument("--eval-batches", type=int, default=40, help="held-out batches per evaluation (0: all)")
     p.add_argument("--draft-vocab", type=int, default=0,
                    help="restrict the saved heads' proposals to the N tokens most frequent in the training responses "
                         "(0: the whole vocabulary; `medusa vocab` sets it later)")
-    p.add_argument("--save-dtype", choices=("float16", "bfloat16", "float32"), default="float16")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-dtype", choices=("float16", "bfloat16", "float32"), default="float16", help="dtype of the saved head weights")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the run")
     add_model_args(p, heads=False)
     p.set_defaults(func=run)
 
