@@ -1,8 +1,13 @@
 """The KubeRay manifests (k8s/ base and overlays, built like `kustomize build`) validate against
-the RayService CRD shipped in ../shared/data/kuberay, their Serve config is a valid Ray Serve
-config for our app, and the base's Serve config is deploy/serve_config.yaml."""
-import os
-from pathlib import Path
+the RayService CRD (KubeRay v1.7.0's v1 schema, copied into tests/data/kuberay), their Serve
+config is a valid Ray Serve config for our app, the base's Serve config is
+deploy/serve_config.yaml, and they are what an operator needs: no KubeRay fields deprecated since
+1.1, an upgrade strategy that does not double the GPUs, a model from a volume, scaled ingress and
+tokenizer deployments, a termination grace period longer than Serve's drain, grpc.health.v1
+probes, Prometheus scraping (annotations + the PodMonitor) and no hard-coded OTLP endpoint."""
+import gzip
+import json
+from pathlib import Path, PurePosixPath
 
 import pytest
 
@@ -10,8 +15,8 @@ yaml = pytest.importorskip("yaml")
 jsonschema = pytest.importorskip("jsonschema")
 
 REPO = Path(__file__).resolve().parents[2]
-DATA = Path(os.environ.get("MEDUSA_DATA") or REPO.parent / "shared" / "data")
-CRD = DATA / "kuberay" / "ray.io_rayservices.yaml"
+SCHEMA = REPO / "tests" / "data" / "kuberay" / "rayservice-v1.schema.json.gz"
+DEPRECATED = {"serviceUnhealthySecondThreshold", "deploymentUnhealthySecondThreshold"}  # KubeRay >= 1.1 ignores them
 OVERLAYS = sorted(p.name for p in (REPO / "k8s" / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
 
 
@@ -59,12 +64,9 @@ def build(kdir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def rayservice_schema():
-    if not CRD.is_file():
-        pytest.skip(f"RayService CRD not found at {CRD}")
-    crd = yaml.safe_load(CRD.read_text())
-    assert crd["spec"]["names"]["kind"] == "RayService"
-    v1 = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-    return v1["schema"]["openAPIV3Schema"]
+    doc = json.loads(gzip.decompress(SCHEMA.read_bytes()))
+    assert doc["kind"] == "RayService" and doc["version"] == "v1"
+    return doc["openAPIV3Schema"]
 
 
 @pytest.mark.parametrize("variant", ["base", *OVERLAYS], ids=lambda v: f"k8s-{v}")  # (a bare "gpu" id reads as the gpu marker)
@@ -85,6 +87,53 @@ def test_manifests_validate_against_the_crd(variant, rayservice_schema):
     assert serve_cfg["grpc_options"]["port"] in ports
     check_serve_config(serve_cfg)
     assert {d["kind"] for d in docs} >= {"Deployment", "Service"}  # Redis
+    check_operability(rs, serve_cfg, docs, gpus=variant == "gpu")
+
+
+def _pods(rs):
+    rcc = rs["spec"]["rayClusterConfig"]
+    return [rcc["headGroupSpec"]["template"]] + [g["template"] for g in rcc["workerGroupSpecs"]]
+
+
+def check_operability(rs, serve_cfg, docs, gpus):
+    spec = rs["spec"]
+    assert not DEPRECATED & set(spec), f"deprecated KubeRay fields: {DEPRECATED & set(spec)}"
+    strategy = spec.get("upgradeStrategy", {}).get("type")
+    assert strategy in ("NewCluster", "NewClusterWithIncrementalUpgrade", "None")
+    if gpus:  # a cluster change must not start a second set of GPU pods
+        assert strategy != "NewCluster"
+        if strategy == "NewClusterWithIncrementalUpgrade":
+            assert spec["upgradeStrategy"]["clusterUpgradeOptions"]["maxSurgePercent"] < 100
+    assert "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server" in serve_cfg["grpc_options"]["grpc_servicer_functions"]
+    app = next(a for a in serve_cfg["applications"] if a["import_path"] == "services.app:build_app")
+    deps = {d["name"]: d for d in app.get("deployments", [])}
+    for name in ("Ingress", "Tokenizer"):  # scaled with traffic, not one replica each
+        d = deps[name]
+        assert d.get("autoscaling_config", {}).get("max_replicas", d.get("num_replicas", 1)) > 1, name
+    drain = max(d.get("graceful_shutdown_timeout_s", 20) for d in deps.values())
+    model = app["args"].get("model")
+    for pod in _pods(rs):
+        ps = pod["spec"]
+        assert ps.get("terminationGracePeriodSeconds", 30) > drain
+        labels = pod.get("metadata", {}).get("labels", {})
+        ann = pod.get("metadata", {}).get("annotations", {})
+        assert ann.get("prometheus.io/scrape") == "true"
+        c = ps["containers"][0]
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert int(ann["prometheus.io/port"]) == ports["metrics"]
+        probe = c["readinessProbe"]["grpc"]
+        assert probe["port"] == serve_cfg["grpc_options"]["port"] == ports["grpc"]
+        assert not [e for e in c.get("env", []) if e["name"].startswith("OTEL_EXPORTER_OTLP")]
+        if model and model.startswith("/"):  # a model path must be on a volume every pod mounts
+            mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])}
+            vols = {v["name"]: v for v in ps.get("volumes", [])}
+            assert any(PurePosixPath(model).is_relative_to(path) and name in vols for name, path in mounts.items()), model
+            for name in mounts:
+                claim = vols[name].get("persistentVolumeClaim", {}).get("claimName")
+                assert claim is None or any(d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == claim for d in docs)
+        monitor = yaml.safe_load((REPO / "k8s" / "monitoring" / "podmonitor.yaml").read_text())
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} <= set(ports)
 
 
 def check_serve_config(cfg: dict) -> None:
