@@ -243,6 +243,7 @@ class OpenAIFace:
 
     def __init__(self, ingress):
         self.ingress = ingress
+        self._served: list[str] = []  # model ids, from the first ListModels (the served model does not change)
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path.rstrip("/") or "/"
@@ -299,13 +300,14 @@ class OpenAIFace:
         except BadRequest as e:
             return error_response(400, str(e), "invalid_request_error", "invalid_value", e.param)
         ctx = HttpContext(request, route)
-        try:
-            models = await self._model_list(ctx)  # authenticates first: 401 before 404
-        except Exception as e:  # noqa: BLE001
-            status, err, headers = error_of(e, "-")
-            return JSONResponse({"error": err}, status_code=status, headers=headers)
-        served = models[0].id if models else ""
-        if body.model and body.model not in {m.id for m in models}:
+        if not self._served or (body.model and body.model not in self._served):
+            try:  # authenticates first: an unknown key is a 401 before an unknown model is a 404
+                self._served = [m.id for m in await self._model_list(ctx)]
+            except Exception as e:  # noqa: BLE001
+                status, err, headers = error_of(e, "-")
+                return JSONResponse({"error": err}, status_code=status, headers=headers)
+        served = self._served[0] if self._served else ""
+        if body.model and body.model not in self._served:
             return error_response(404, f"the model {body.model!r} does not exist: this server serves {served!r}",
                                   "invalid_request_error", "model_not_found", "model")
         events = self.ingress.Generate(req, ctx)
