@@ -3,7 +3,8 @@ request, asks the tokenizer deployment for ids, takes quota, looks up the sessio
 in Redis and streams the engine's tokens back as text deltas, then a Final message.
 
 Every failure leaves as a status code with a one-line reason (never a stack trace):
-AuthError -> UNAUTHENTICATED, QuotaError -> RESOURCE_EXHAUSTED, MedusaError -> INVALID_ARGUMENT,
+AuthError -> UNAUTHENTICATED, QuotaError -> RESOURCE_EXHAUSTED, MedusaError -> INVALID_ARGUMENT, Serve
+back-pressure or a deployment not running -> UNAVAILABLE (services.overload),
 anything else -> INTERNAL. Deployment handles are duck-typed (`h.method.remote(...)`,
 `h.options(stream=True)`), so services.local runs this class without Ray.
 
@@ -24,6 +25,7 @@ from services import telemetry
 from services.config import Settings
 from services.detok import JsonDecoder, decode_delta
 from services.metrics import Metrics
+from services.overload import overloaded
 from services.redis_guard import RedisGuard
 from services.requests import input_of, parse_generate
 from services.routing import SessionStore, engine_session_id
@@ -56,6 +58,8 @@ STATUS = ((AuthError, grpc.StatusCode.UNAUTHENTICATED), (QuotaError, grpc.Status
 def status_for(e: BaseException, request_id: str) -> tuple[grpc.StatusCode, str]:
     if isinstance(e, ServiceAbort):
         return e.code, e.details
+    if overloaded(e) is not None:
+        return grpc.StatusCode.UNAVAILABLE, "the server is overloaded or not ready: retry later"
     root = _cause(e)
     for cls, code in STATUS:
         if isinstance(root, cls) or isinstance(e, cls):

@@ -33,8 +33,19 @@ def T(text):  # what the scripted engine answers to a chat turn: the templated p
 
 
 class BrokenEngine:
+    """Health fails; generate raises what Serve raises when the engine's queue is full."""
+
     async def health(self):
         raise RuntimeError("engine down")
+
+    async def generate(self, payload):
+        from ray.serve.exceptions import BackPressureError
+
+        raise BackPressureError(num_queued_requests=9, max_queued_requests=8, retry_after_s=2.5)
+        yield  # an async generator, like EngineReplica.generate
+
+    async def info(self):
+        return {"id": "char"}
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +136,11 @@ def test_errors_have_openais_shape_and_status(face):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(face["broken"] + "/health", timeout=10)
     assert e.value.code == 503 and json.loads(e.value.read())["details"]["engine"].startswith("unavailable")
+    busy = openai.OpenAI(base_url=face["broken"] + "/v1", api_key="-", max_retries=0, timeout=10)
+    with pytest.raises(openai.InternalServerError) as e:
+        busy.chat.completions.create(model="char", messages=msgs)
+    assert e.value.status_code == 503 and e.value.response.headers["retry-after"] == "1"
+    assert e.value.body["type"] == "service_unavailable"
     ok = json.loads(urllib.request.urlopen(face["url"][:-3] + "/health", timeout=10).read())
     assert ok["status"] == "ok"
     with pytest.raises(urllib.error.HTTPError) as e:
