@@ -62,6 +62,18 @@ def read_config(path: str | Path) -> tuple[dict, dict]:
     return dict(apps[0].get("args") or {}), dict(doc.get("grpc_options") or {})
 
 
+def read_http_port(path: str | Path) -> int | None:
+    """The Serve config's http_options.port, if it sets one."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise MedusaError(f"cannot read serve config {path}: {e}") from None
+    port = (doc.get("http_options") or {}).get("port")
+    return int(port) if port else None
+
+
 def with_keys(args: dict, env_keys: str | None) -> tuple[dict, dict]:
     """args with MEDUSA_API_KEYS folded in as hashes; when no key is configured at all, one
     development key per run (returned so the caller can print it)."""

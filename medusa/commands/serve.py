@@ -14,15 +14,17 @@ import signal
 import sys
 import time
 
-from medusa.commands.common import add_model_args
+from medusa.commands.common import HelpFormatter, add_model_args
 from medusa.errors import MedusaError
 
 
 def register(sub) -> None:
-    p = sub.add_parser("serve", help="serve the gRPC cluster (Ray Serve) on this machine")
+    p = sub.add_parser("serve", help="serve the cluster (Ray Serve: gRPC and the OpenAI-compatible HTTP API) on this machine",
+                       formatter_class=HelpFormatter)
     p.add_argument("--config", help="Ray Serve config file (e.g. deploy/serve_config.yaml); flags below override it")
     p.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default: the config's, else 9000)")
-    p.add_argument("--http-port", type=int, default=8000, help="HTTP port of the OpenAI-compatible API (/v1/chat/completions, ...)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="HTTP port of the OpenAI-compatible API, /v1/... (default: the config's, else 8000)")
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
                    help="Redis for sessions, quotas and keys (default: REDIS_URL, else a private redis-server)")
     add_model_args(p)
@@ -68,10 +70,11 @@ def run(args) -> int:
     print(f"medusa serve: starting Ray and the application (model: {app_args.get('model') or 'default'}, "
           f"heads: {app_args.get('heads', 'default')}, device: {app_args['device']}) ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    if not 0 < args.http_port < 65536:
-        raise MedusaError(f"--http-port must be a TCP port, got {args.http_port}")
+    http_port = args.http_port or (launch.read_http_port(args.config) if args.config else None) or 8000
+    if not 0 < http_port < 65536:
+        raise MedusaError(f"--http-port must be a TCP port, got {http_port}")
     cluster = launch.start(app_args, grpc_port=port, redis_url=args.redis_url, num_cpus=args.num_cpus,
-                           metrics_port=args.metrics_port, http_port=args.http_port)
+                           metrics_port=args.metrics_port, http_port=http_port)
     try:
         redis = cluster.settings["redis_url"] + (" (private redis-server)" if cluster.redis else "")
         print(f"medusa serve: gRPC medusa.v1.Medusa at {cluster.target}  (ready in {time.perf_counter() - t0:.0f}s; "

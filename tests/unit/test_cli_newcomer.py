@@ -115,3 +115,15 @@ def test_progress_bars_stay_out_of_logs(env, quiet):
     plain = subprocess.run([sys.executable, "-c", BAR], capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
     assert len(plain.stderr.splitlines()) > 100  # without it, a log gets a line per refresh
 
+
+
+def test_serve_takes_the_http_port_from_the_config(tmp_path):
+    pytest.importorskip("ray")
+    from services.launch import read_http_port
+
+    assert read_http_port(ROOT / "deploy" / "serve_config.yaml") == 8000
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text("http_options: {port: 8123}\napplications: []\n")
+    assert read_http_port(cfg) == 8123
+    cfg.write_text("applications: []\n")
+    assert read_http_port(cfg) is None
