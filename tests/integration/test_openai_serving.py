@@ -64,15 +64,15 @@ def server():
 
 
 @pytest.fixture(scope="module")
-def generated():
-    """`medusa generate --json` (greedy) for each prompt: the reference text."""
-    out = {}
-    for p in PROMPTS:
-        res = subprocess.run([sys.executable, "-m", "medusa.cli", "generate", p, "--json", "--max-new-tokens", str(MAX_NEW)],
-                             capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)
-        assert res.returncode == 0, res.stderr[-2000:]
-        out[p] = json.loads(res.stdout.splitlines()[-1])["text"]
-    return out
+def generated(tmp_path_factory):
+    """`medusa generate --json` (greedy, one process for all prompts): the reference texts."""
+    f = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    f.write_text("".join(json.dumps({"id": str(i), "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
+    res = subprocess.run([sys.executable, "-m", "medusa.cli", "generate", "--prompt-file", str(f), "--json",
+                          "--max-new-tokens", str(MAX_NEW)], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    return {PROMPTS[int(r["id"])]: r["text"] for r in rows}
 
 
 def test_openai_client_streams_the_greedy_text_of_medusa_generate(server, generated):
@@ -102,12 +102,14 @@ def test_grpc_health_probe(server):
 
 def test_prometheus_scrape_shows_the_vllm_equivalent_series(server):
     c = openai.OpenAI(base_url=server["base_url"], api_key=KEY, max_retries=0, timeout=120)
-    c.completions.create(model=c.models.list().data[0].id, prompt="Hello", max_tokens=4, temperature=0)
+    # speculation "on": the spec_decode counters exist once a request ran speculative steps
+    c.completions.create(model=c.models.list().data[0].id, prompt="Hello", max_tokens=8, temperature=0,
+                         extra_body={"speculation": "on"})
     want = {"ray_medusa_prompt_tokens_total", "ray_medusa_generation_tokens_total", "ray_medusa_e2e_request_latency_seconds_bucket",
             "ray_medusa_engine_time_to_first_token_seconds_bucket", "ray_medusa_num_requests_running",
             "ray_medusa_num_requests_waiting", "ray_medusa_kv_cache_usage_perc", "ray_medusa_request_success_total",
             "ray_medusa_spec_decode_num_drafts_total", "ray_medusa_spec_decode_num_draft_tokens_total"}
-    deadline = time.monotonic() + 60  # pushed to the node's exporter every few seconds
+    deadline = time.monotonic() + 90  # pushed to the node's exporter every few seconds
     while True:
         try:
             body = urllib.request.urlopen(f"http://127.0.0.1:{server['metrics']}/metrics", timeout=5).read().decode()
