@@ -1,6 +1,7 @@
 """The Ray Serve application: Tokenizer, Engine (with the session-affinity request router) and
 the Ingress (gRPC medusa.v1 + grpc.health.v1, and the OpenAI-compatible HTTP API), bound by
-`build_app(args)` (the serve config's import_path target), plus the gRPC options the proxy needs. Deployment classes are thin: the logic is in the plain classes.
+`build_app(args)` (the serve config's import_path target), plus the gRPC options the proxy
+needs. Deployment classes are thin: the logic is in the plain classes.
 
 Knows Ray Serve's API; nothing of decoding or of the wire format beyond the servicer name."""
 from __future__ import annotations
