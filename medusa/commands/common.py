@@ -41,7 +41,8 @@ def check_device(device: str | None) -> None:
             raise RequestError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
-def add_model_args(p: argparse.ArgumentParser, heads: bool = True, tree: bool = True) -> None:
+def add_model_args(p: argparse.ArgumentParser, heads: bool = True, tree: bool = True,
+                   device_default: str = "cuda if available, else cpu") -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", help="HF checkpoint directory or GGUF file (default: the embedded SmolLM2-135M-Instruct)")
     if heads:
@@ -50,7 +51,7 @@ def add_model_args(p: argparse.ArgumentParser, heads: bool = True, tree: bool = 
         g.add_argument("--tree", help="tree name (ar, tree2, tree4, tree8, chain, tree16, tree32, tree64) or JSON file (default: the heads' own); "
                                       "a +lookupN suffix adds a chain of N prompt-lookup nodes for greedy requests (alone, +lookup8: to the default tree)")
     g.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (float32 on CPU, bfloat16 on GPU)")
-    g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available, else cpu)")
+    g.add_argument("--device", default=None, help=f"cpu | cuda | cuda:N (default: {device_default})")
 
 
 @dataclass(frozen=True)

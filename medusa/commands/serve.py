@@ -27,7 +27,7 @@ def register(sub) -> None:
                    help="HTTP port of the OpenAI-compatible API, /v1/... (default: the config's, else 8000)")
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
                    help="Redis for sessions, quotas and keys (default: REDIS_URL, else a private redis-server)")
-    add_model_args(p)
+    add_model_args(p, device_default="the config's, else cpu")
     p.add_argument("--replicas", type=int, default=None, help="engine replicas (default 1)")
     p.add_argument("--max-batch", type=int, default=None, help="requests decoded together per replica")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs the local Ray cluster may use (default: all)")
