@@ -11,6 +11,7 @@ import inspect
 import grpc
 
 from medusa.proto.v1 import medusa_pb2_grpc as pb_grpc
+from services.grpc_wire import add_MedusaServicer_to_server
 from services.ingress import Ingress, ServiceAbort
 
 
@@ -45,15 +46,28 @@ class _Context:
 
     def __init__(self, ctx: grpc.aio.ServicerContext):
         self._ctx = ctx
+        self.code = None
+        self.details = ""
+        self.trailing: list = []
 
     def invocation_metadata(self):
         return self._ctx.invocation_metadata()
 
     def set_code(self, code):
-        pass
+        self.code = code
 
     def set_details(self, details):
-        pass
+        self.details = details
+
+    def set_trailing_metadata(self, md):
+        self.trailing = list(md)
+
+    async def finish(self):
+        """Send the status the ingress set (as Serve's proxy does)."""
+        if self.code is not None and self.code != grpc.StatusCode.OK:
+            if self.trailing:
+                self._ctx.set_trailing_metadata(tuple(self.trailing))
+            await self._ctx.abort(self.code, self.details)
 
 
 class GrpcServicer(pb_grpc.MedusaServicer):
@@ -61,17 +75,22 @@ class GrpcServicer(pb_grpc.MedusaServicer):
         self.ingress = ingress
 
     async def Generate(self, request, context):
+        ctx = _Context(context)
         try:
-            async for resp in self.ingress.Generate(request, _Context(context)):
+            async for resp in self.ingress.Generate(request, ctx):
                 yield resp
         except ServiceAbort as e:
             await context.abort(e.code, e.details)
+        await ctx.finish()
 
     async def _unary(self, name, request, context):
+        ctx = _Context(context)
         try:
-            return await getattr(self.ingress, name)(request, _Context(context))
+            out = await getattr(self.ingress, name)(request, ctx)
         except ServiceAbort as e:
             await context.abort(e.code, e.details)
+        await ctx.finish()
+        return out
 
     async def Tokenize(self, request, context):
         return await self._unary("Tokenize", request, context)
@@ -85,7 +104,7 @@ class GrpcServicer(pb_grpc.MedusaServicer):
 
 async def start_server(ingress: Ingress, address: str = "127.0.0.1:0") -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server()
-    pb_grpc.add_MedusaServicer_to_server(GrpcServicer(ingress), server)
+    add_MedusaServicer_to_server(GrpcServicer(ingress), server)
     port = server.add_insecure_port(address)
     await server.start()
     return server, port
