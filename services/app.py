@@ -111,7 +111,11 @@ def build_app(args: dict | None = None):
     s = Settings.parse(args)  # fail early, in the caller, on a bad config
     tok = TokenizerDeployment.bind(args)
     eng = engine_deployment(s).bind(args)
-    ingress = IngressDeployment.options(graceful_shutdown_timeout_s=s.drain_grace_s + 1, graceful_shutdown_wait_loop_s=1)
+    ingress_opts = dict(graceful_shutdown_timeout_s=s.drain_grace_s + 1, graceful_shutdown_wait_loop_s=1)
+    pin = os.environ.get("MEDUSA_INGRESS_RESOURCE")  # k8s: the custom resource of the pod the keys are mounted in
+    if pin:
+        ingress_opts["ray_actor_options"] = {"num_cpus": 0, "resources": {pin: 0.01}}
+    ingress = IngressDeployment.options(**ingress_opts)
     return ingress.bind(tok, eng, args)
 
 

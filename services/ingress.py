@@ -5,7 +5,8 @@ in Redis and streams the engine's tokens back as text deltas, then a Final messa
 Every failure leaves as a status code with a one-line reason (never a stack trace) and, where
 a retry may succeed, trailing metadata `retry-after-ms` (services.limits.status_for). The
 status is set on the gRPC context and the method returns, so Serve does not log a traceback
-for an expected rejection. Deployment handles are duck-typed (`h.method.remote(...)`,
+for an expected rejection (a failed Generate sends one empty GenerateResponse, with no event, to
+carry the status through Serve's proxy). Deployment handles are duck-typed (`h.method.remote(...)`,
 `h.options(stream=True)`), so services.local runs this class without Ray.
 
 Knows the wire messages, tenancy and sessions; nothing of how engines decode."""
@@ -160,6 +161,9 @@ class Ingress:
                 span.set_attribute("rpc.grpc.status_code", st.code.value[0])
                 self.metrics.request(tenant, st.code.name)
                 fail(grpc_context, st)
+                # Serve's proxy copies the context's status only along with a message: one empty
+                # GenerateResponse (no event) carries it. Clients skip messages without an event.
+                yield pb.GenerateResponse()
             finally:
                 if entered:
                     self.admission.leave(request_id)

@@ -78,7 +78,8 @@ class GrpcServicer(pb_grpc.MedusaServicer):
         ctx = _Context(context)
         try:
             async for resp in self.ingress.Generate(request, ctx):
-                yield resp
+                if resp.WhichOneof("event") is not None or ctx.code is None:
+                    yield resp
         except ServiceAbort as e:
             await context.abort(e.code, e.details)
         await ctx.finish()
