@@ -162,32 +162,43 @@ def test_load_every_greedy_output_equals_the_engine(cluster, reference, profile,
 # ---------------------------------------------------------------- fuzz
 
 
+MUTATIONS = {  # field -> values, most of them invalid
+    "prompt": ["", "x" * 300_000, "\u00e9\u4e2d\U0001f600", "\x00\x01"],
+    "chat": [[], [("robot", "x")], [("user", "")], [("", "hi")], [("system", "be brief"), ("user", "hi")]],
+    "max_new_tokens": [1, 65, 10**6, 2**32 - 1],
+    "session_id": ["../x", "a" * 200, "ok:1", "sp ace"],
+    "temperature": [-1.0, float("nan"), float("inf"), 1e9, 0.7],
+    "top_p": [1.5, -0.1, float("nan"), 0.5],
+    "top_k": [2**31 - 1, 5],
+    "rule": ["bogus", "sample", "greedy"],
+    "seed": [0, 2**63 - 1],
+    "stop": [[""], ["y" * 80], ["a"] * 9, ["\n"]],
+    "speculation": [3, 99, 1, 2],
+    "model": ["gpt-9", "x" * 300],
+}
+
+
 def fuzz_request(rng: random.Random) -> bytes:
-    """A GenerateRequest with random (often invalid) fields, or random / corrupted bytes."""
-    kind = rng.random()
-    if kind < 0.15:
+    """A valid short GenerateRequest with 0-2 fields mutated (mostly to invalid values), or random
+    or corrupted bytes (bad protobuf, invalid UTF-8)."""
+    if rng.random() < 0.1:
         return bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 40)))
-    req = pb.GenerateRequest()
-    pick = rng.random()
-    if pick < 0.45:
-        req.prompt = rng.choice(["", "hi", "x" * rng.randint(1, 50), "\u00e9\u4e2d\U0001f600", "\x00\x01"])
-    elif pick < 0.9:
-        for _ in range(rng.randint(0, 3)):
-            req.chat.messages.add(role=rng.choice(["user", "assistant", "system", "robot", ""]),
-                                  content=rng.choice(["", "hello", "q" * rng.randint(1, 30)]))
-    req.max_new_tokens = rng.choice([0, 1, 2, 3, 65, 10**6])
-    req.session_id = rng.choice(["", "", "s-1", "../x", "a" * 200, "ok:1"])
-    req.sampling.temperature = rng.choice([0.0, 0.0, 0.7, -1.0, float("nan"), 1e9])
-    req.sampling.top_p = rng.choice([0.0, 0.5, 1.5, -0.1])
-    req.sampling.top_k = rng.choice([0, 5, 2**31 - 1])
-    req.sampling.rule = rng.choice(["", "", "greedy", "sample", "bogus"])
-    if rng.random() < 0.3:
-        req.sampling.seed = rng.getrandbits(63)
-    req.stop.extend(rng.choice([[], ["x"], [""], ["y" * 80], ["a"] * 9]))
-    req.speculation = rng.choice([0, 1, 2, 3, 99])
-    req.model = rng.choice(["", "", "gpt-9"])
+    req = pb.GenerateRequest(prompt=rng.choice(PROMPTS), max_new_tokens=rng.randint(1, 3))
+    for field in rng.sample(sorted(MUTATIONS), rng.choice([0, 1, 1, 2])):
+        v = rng.choice(MUTATIONS[field])
+        if field == "chat":
+            req.ClearField("prompt")
+            req.chat.SetInParent()
+            for role, content in v:
+                req.chat.messages.add(role=role, content=content)
+        elif field == "stop":
+            req.stop.extend(v)
+        elif field in ("temperature", "top_p", "top_k", "rule", "seed"):
+            setattr(req.sampling, field, v)
+        else:
+            setattr(req, field, v)
     body = req.SerializeToString()
-    if kind > 0.9 and body:  # flip bytes: corrupt protobuf or invalid UTF-8
+    if rng.random() < 0.1:  # flip bytes
         b = bytearray(body)
         for _ in range(rng.randint(1, 3)):
             b[rng.randrange(len(b))] = rng.getrandbits(8)
@@ -394,26 +405,20 @@ def test_a_replica_killed_mid_stream_ends_unavailable_and_traffic_moves_on(clust
 
 
 def test_drain_finishes_in_flight_streams_and_refuses_new_ones(cluster, report):
-    out = {}
-
-    def stream():
-        with client(cluster) as c:
-            out["result"] = c.generate(messages=[{"role": "user", "content": "Count from 1 to 30."}], max_new_tokens=12)
-
-    t = threading.Thread(target=stream)
-    t.start()
-    time.sleep(1.5)
-    t0 = time.monotonic()
     drained = {}
-    d = threading.Thread(target=lambda: drained.update(cluster["cluster"].drain(30)))
-    d.start()
-    time.sleep(0.3)
-    with client(cluster, retry=RetryPolicy(max_attempts=1)) as c:
+    with client(cluster) as c, client(cluster, retry=RetryPolicy(max_attempts=1)) as c2:
+        s = c.stream(messages=[{"role": "user", "content": "Count from 1 to 30."}], max_new_tokens=32)
+        ids = list(next(s).token_ids)  # in flight
+        t0 = time.monotonic()
+        d = threading.Thread(target=lambda: drained.update(cluster["cluster"].drain(30)))
+        d.start()
+        time.sleep(0.5)
         with pytest.raises(MedusaClientError) as ei:
-            c.generate(prompt="new", max_new_tokens=2)
-    d.join(40)
-    t.join(40)
+            c2.generate(prompt="new", max_new_tokens=2)
+        for delta in s:
+            ids.extend(delta.token_ids)
+        d.join(60)
     report["drain"] = {"grace_s": 30, "drain_s": round(time.monotonic() - t0, 1), **drained,
-                       "new_request_status": ei.value.code.name}
+                       "new_request_status": ei.value.code.name, "in_flight_stream_tokens": len(ids)}
     assert ei.value.code == grpc.StatusCode.UNAVAILABLE
-    assert out["result"].usage.completion_tokens > 0 and drained["cancelled"] == 0
+    assert drained == {"in_flight": 1, "finished": 1, "cancelled": 0} and len(ids) > 1
