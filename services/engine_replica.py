@@ -132,7 +132,9 @@ class EngineReplica:
     def load(self) -> int:
         return self.engine.load()
 
-    def stats(self) -> dict:
+    def stats(self, route: dict | None = None) -> dict:
+        """The engine's counters; `route` ({"affinity": replica id}) only steers the call to
+        that replica (services.router), so a caller can read every replica's counters."""
         return dict(self.engine.stats(), replica=self.replica_id)
 
     def spans(self) -> list[dict]:

@@ -51,7 +51,7 @@ def cluster(tmp_path_factory, report):
         "engine_replicas": 2, "engine_num_cpus": 0.5, "torch_threads": 1, "max_batch": 4, "max_seq_len": 512,
         "device": "cpu", "tracing": f"file:{spans}", "default_max_new_tokens": MAX_NEW, "max_new_tokens_limit": 64,
         "tenant_limits": {"tiny": {"max_concurrent": 2}}, "sessions_per_tenant": 1, "quota_lease_s": 10,
-        "drain_grace_s": 30, "admit_timeout_s": 20, "require_auth": True,
+        "drain_grace_s": 5, "admit_timeout_s": 20, "require_auth": True,
     }
     t0 = time.monotonic()
     c = launch.start(args, grpc_port=free_port(), redis_url=r.url, num_cpus=2)
@@ -105,18 +105,20 @@ def reference(stack):
     return greedy
 
 
-def engine_stats(n_replicas=2, tries=24):
-    """stats() of every engine replica (Serve routes each call to one; idle replicas tie)."""
+def engine_stats():
+    """stats() of every live engine replica, each call steered to one replica by the router."""
+    import ray
     from ray import serve
 
     h = serve.get_deployment_handle("Engine", launch.APP_NAME)
-    seen = {}
-    for _ in range(tries):
-        st = h.stats.remote().result(timeout_s=30)
-        seen[st["replica"]] = st
-        if len(seen) >= n_replicas:
-            break
-    return seen
+    ids = [a["name"].rsplit("#", 1)[-1] for a in ray.util.list_named_actors(all_namespaces=True)
+           if a["name"].startswith("SERVE_REPLICA::medusa#Engine#")]
+    out = {}
+    for rid in ids:
+        st = h.stats.remote({"affinity": rid}).result(timeout_s=30)
+        out[st["replica"]] = st
+    assert set(out) == set(ids), (sorted(out), ids)
+    return out
 
 
 def code_of(e: BaseException) -> str:
