@@ -20,6 +20,9 @@ from services.redis_local import LocalRedis, start_redis
 from services.tenancy import hash_key, parse_env_keys
 
 
+MAX_MESSAGE_BYTES = 16 << 20
+
+
 @dataclass
 class Cluster:
     grpc_port: int
@@ -96,6 +99,9 @@ def start(args: dict, *, grpc_port: int = 9000, redis_url: str | None = None, nu
     from services.redis_local import free_port
 
     taken = take_env_keys()  # whatever the caller passes, the raw variable must not reach Ray
+    # Serve's gRPC proxy accepts 2 GiB messages by default: gRPC itself refuses larger than this one
+    # (RESOURCE_EXHAUSTED) before reading them; the ingress's max_request_bytes is the finer limit.
+    os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(MAX_MESSAGE_BYTES))
     args, dev = with_keys(args, taken if env_keys is None else env_keys)
     redis = None
     redis_url = redis_url or args.get("redis_url") or os.environ.get("REDIS_URL")
