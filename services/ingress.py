@@ -235,7 +235,13 @@ class Ingress:
         finally:
             if stream is not None and hasattr(stream, "cancel"):
                 stream.cancel()
-            await self.quota.release(lease, len(prompt_ids) + len(ids))
+            # Release now even if this task is cancelled again meanwhile (a cancelled stream must
+            # not hold its tenant's slot; the lease's expiry is only the backstop).
+            release = asyncio.ensure_future(self.quota.release(lease, len(prompt_ids) + len(ids)))
+            try:
+                await asyncio.shield(release)
+            except asyncio.CancelledError:
+                pass
 
     async def _events(self, stream, cut: asyncio.Event):
         """The engine's (coalesced) events; the first (the replica's admission) must come within

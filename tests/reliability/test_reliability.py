@@ -249,19 +249,24 @@ def test_cancelled_streams_leak_nothing(cluster, profile, report):
             s.close()  # cancels the RPC after its first delta
     t_last = time.monotonic()
     deadline = time.monotonic() + 30
+    first_clear = {}  # what settled when (seconds after the last cancel)
     while True:
         stats = engine_stats()
         busy = {r: (s["running"], s["waiting"], s["load"]) for r, s in stats.items() if s["load"] or s["running"] or s["waiting"]}
         conc = redis_client(cluster).zcard("medusa:conc:acme")
         with client(cluster) as c:
             details = c.health()[1]
+        now = round(time.monotonic() - t_last, 2)
+        for name, clear in (("engines_s", not busy), ("slots_s", conc == 0), ("ingress_s", details["ingress_in_flight"] == "0")):
+            if clear:
+                first_clear.setdefault(name, now)
         if not busy and conc == 0 and details["ingress_in_flight"] == "0":
             settled_s = time.monotonic() - t_last
             break
         assert time.monotonic() < deadline, f"after {n} cancels: engines {busy}, slots {conc}, health {details}"
         time.sleep(0.5)
     report["cancels"] = {"cancelled": n, "replicas_checked": len(stats), "leaked_rows": 0, "leaked_slots": 0,
-                         "settled_after_s": round(settled_s, 2)}
+                         "settled_after_s": round(settled_s, 2), "first_clear": first_clear}
     assert len(stats) == 2
 
 

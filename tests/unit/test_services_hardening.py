@@ -5,7 +5,6 @@ fail the way a real replica does (a Ray actor error by class name, a replica tha
 admits, a KV pool that keeps a few sessions)."""
 import asyncio
 import collections
-import dataclasses
 import logging
 import os
 import subprocess
