@@ -127,7 +127,11 @@ class Ingress:
 
     async def _info(self) -> dict:
         if self._model_info is None:
-            self._model_info = await asyncio.wait_for(_awaitable(self.engine.info.remote()), self.settings.admit_timeout_s or None)
+            timeout = self.settings.admit_timeout_s or None
+            try:
+                self._model_info = await asyncio.wait_for(_awaitable(self.engine.info.remote()), timeout)
+            except asyncio.TimeoutError:
+                raise Unavailable(f"no engine replica answered within {timeout:g}s; retry later") from None
         return self._model_info
 
     async def served_models(self) -> list[str]:
