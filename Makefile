@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY    := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: setup run test test-unit test-integration bench serve proto clean
+.PHONY: setup run test test-unit test-integration reliability bench serve proto clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,11 @@ test-unit: setup
 
 test-integration: setup
 	$(PY) -m pytest -q tests/integration
+
+# The reliability suite's long profile (bounded load, fuzz, cancels, faults; see RELIABILITY.md).
+# `make test` runs its short profile. The figures land in build/reliability.json.
+reliability: setup
+	MEDUSA_RELIABILITY=long MEDUSA_RELIABILITY_REPORT=build/reliability.json $(PY) -m pytest -q tests/reliability
 
 bench: setup
 	.venv/bin/medusa bench --dataset mt_bench --modes ar,medusa,hydra --limit 8 --max-new-tokens 128

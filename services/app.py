@@ -21,7 +21,7 @@ from services.openai_api import OpenAIFace
 from services.tokenizer_service import TokenizerService
 
 APP_NAME = "medusa"
-SERVICER = "medusa.proto.v1.medusa_pb2_grpc.add_MedusaServicer_to_server"
+SERVICER = "services.grpc_wire.add_MedusaServicer_to_server"  # tolerant deserializers: malformed -> INVALID_ARGUMENT
 ROUTER = "services.router:SessionAffinityRouter"
 
 
@@ -57,7 +57,8 @@ class EngineDeployment(EngineReplica):
                 "context_length": engine.max_seq_len, "vocab_size": cfg.vocab_size}
         eos = tuple(sorted(set(cfg.eos_token_ids) | set(stack.tokenizer.eos_token_ids)))
         rid = serve.get_replica_context().replica_id.unique_id
-        super().__init__(engine, replica_id=rid, eos=eos, info=info, tracing=s.tracing, metrics=Metrics())
+        super().__init__(engine, replica_id=rid, eos=eos, info=info, tracing=s.tracing, metrics=Metrics(),
+                         session_share=s.sessions_per_tenant)
 
     def check_health(self) -> None:
         """Serve's periodic health check: a replica whose scheduler thread died is replaced."""
@@ -74,7 +75,9 @@ class EngineDeployment(EngineReplica):
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 class IngressDeployment(HealthMixin, Ingress):
     """gRPC: medusa.v1.Medusa and grpc.health.v1.Health (methods called by name by Serve's gRPC
-    proxy); HTTP: the OpenAI-compatible API through Serve's HTTP proxy (__call__)."""
+    proxy); HTTP: the OpenAI-compatible API through Serve's HTTP proxy (__call__). Its keys come
+    from the serve config and the keys file mounted into this pod only (api_keys_file /
+    MEDUSA_API_KEYS_FILE)."""
 
     def __init__(self, tokenizer, engine, settings: dict):
         super().__init__(tokenizer, engine, Settings.parse(settings), metrics=Metrics())
@@ -82,6 +85,10 @@ class IngressDeployment(HealthMixin, Ingress):
 
     async def __call__(self, request):
         return await self._http(request)
+
+
+def replicas_of(s: Settings) -> int:
+    return int((s.autoscaling or {}).get("max_replicas", s.engine_replicas))
 
 
 def engine_deployment(s: Settings):
@@ -93,6 +100,11 @@ def engine_deployment(s: Settings):
                                                   request_router_kwargs={"tracing": s.tracing}),
         health_check_period_s=10,
         health_check_timeout_s=60,
+        # Bounded admission: beyond max_ongoing_requests per replica, each caller queues at most this
+        # many (Serve answers BackPressureError -> RESOURCE_EXHAUSTED with a retry hint).
+        max_queued_requests=s.max_queued_per_replica * max(1, replicas_of(s)),
+        graceful_shutdown_timeout_s=s.drain_grace_s,  # a stopping replica finishes its streams first
+        graceful_shutdown_wait_loop_s=1,
     )
     if s.autoscaling:
         opts["autoscaling_config"] = dict(s.autoscaling)
@@ -109,7 +121,12 @@ def build_app(args: dict | None = None):
     s = Settings.parse(args)  # fail early, in the caller, on a bad config
     tok = TokenizerDeployment.bind(args)
     eng = engine_deployment(s).bind(args)
-    return IngressDeployment.bind(tok, eng, args)
+    ingress_opts = dict(graceful_shutdown_timeout_s=s.drain_grace_s + 1, graceful_shutdown_wait_loop_s=1)
+    pin = os.environ.get("MEDUSA_INGRESS_RESOURCE")  # k8s: the custom resource of the pod the keys are mounted in
+    if pin:
+        ingress_opts["ray_actor_options"] = {"num_cpus": 0, "resources": {pin: 0.01}}
+    ingress = IngressDeployment.options(**ingress_opts)
+    return ingress.bind(tok, eng, args)
 
 
 def grpc_options(port: int):

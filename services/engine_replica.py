@@ -1,14 +1,21 @@
 """One engine replica's logic: owns a batched medusa.decoding.engine.Engine, turns a request
 payload (plain dict from the ingress) into an engine Request, and streams plain-dict events
-back: {"tokens", "replica"} first, then {"tokens"}, and a last one with "finish_reason" and
-"stats". Bad input comes back as one {"error": "invalid_argument", "message"} event.
+back: {"admitted", "replica", "tokens": []} as soon as the engine took the request (so the
+ingress can fail fast when no replica does), then {"tokens"}, and a last one with
+"finish_reason" and "stats". Bad input comes back as one {"error": "invalid_argument",
+"message"} event.
+
+Kept sessions are shared fairly: each tenant owns at most `session_share` engine session slots
+on this replica ("tenant/~k"); a tenant's new conversation beyond its share reuses its own least
+recently used slot, so one tenant's sessions never evict another tenant's kept KV.
 
 Spans: engine.prefill (submit -> first token) and engine.decode (first token -> end), children
 of the caller's trace. Knows token ids only; nothing of text, tenants or Redis."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from collections import OrderedDict
+from dataclasses import asdict, replace
 from typing import AsyncIterator
 
 from opentelemetry import trace
@@ -37,8 +44,10 @@ def engine_request(payload: dict, eos: tuple[int, ...]):
 
 class EngineReplica:
     def __init__(self, engine, *, replica_id: str, eos: tuple[int, ...] = (), info: dict | None = None,
-                 tracing: str | None = None, metrics: Metrics | None = None):
+                 tracing: str | None = None, metrics: Metrics | None = None, session_share: int = 4):
         self.engine = engine
+        self.session_share = session_share
+        self._slots: dict[str, OrderedDict[str, str]] = {}  # tenant -> session -> engine slot id, LRU first
         self.replica_id = replica_id
         self.eos = tuple(eos)
         self._info = dict(info or {})
@@ -48,11 +57,16 @@ class EngineReplica:
     async def generate(self, payload: dict) -> AsyncIterator[dict]:
         ctx = telemetry.extract(payload.get("trace"))
         try:
-            handle = self.engine.submit(engine_request(payload, self.eos))
+            req = engine_request(payload, self.eos)
+            if req.session_id is not None:
+                req = replace(req, session_id=self.slot(payload.get("tenant", ""), req.session_id,
+                                                        payload.get("session_share") or self.session_share))
+            handle = self.engine.submit(req)
         except (MedusaError, TypeError, ValueError) as e:
             yield {"error": "invalid_argument", "message": str(e), "replica": self.replica_id}
             return
         self._engine_gauges()
+        yield {"tokens": [], "admitted": True, "replica": self.replica_id}
         attrs = {"medusa.replica": self.replica_id, "medusa.tenant": payload.get("tenant", ""),
                  "medusa.prompt_tokens": len(payload["prompt_ids"])}
         prefill = self.tracer.start_span("engine.prefill", context=ctx, attributes=attrs)
@@ -97,6 +111,22 @@ class EngineReplica:
         t = getattr(self.engine, "trees", {}).get(tree) if tree and tree != "ar" else None
         return int(getattr(t, "accept_depth", 0) or 0) if t is not None else 0
 
+    def slot(self, tenant: str, session: str, share: int) -> str:
+        """The engine session id for (tenant, session): one of the tenant's `share` slots, the
+        session's own while it is among the tenant's most recent, else the tenant's least
+        recently used one (whose KV, if kept, is the only one the new conversation replaces)."""
+        slots = self._slots.setdefault(tenant, OrderedDict())
+        if session in slots:
+            slots.move_to_end(session)
+            return slots[session]
+        if len(slots) < max(1, share):
+            used = set(slots.values())
+            sid = next(f"{tenant}/~{k}" for k in range(len(slots) + 1) if f"{tenant}/~{k}" not in used)
+        else:
+            _, sid = slots.popitem(last=False)
+        slots[session] = sid
+        return sid
+
     def _annotate(self, span, stats, finish_reason: str = "") -> None:
         span.set_attribute("medusa.completion_tokens", stats.new_tokens)
         span.set_attribute("medusa.reused_tokens", stats.reused_tokens)
@@ -114,7 +144,9 @@ class EngineReplica:
     def load(self) -> int:
         return self.engine.load()
 
-    def stats(self) -> dict:
+    def stats(self, route: dict | None = None) -> dict:
+        """The engine's counters; `route` ({"affinity": replica id}) only steers the call to
+        that replica (services.router), so a caller can read every replica's counters."""
         return dict(self.engine.stats(), replica=self.replica_id)
 
     def spans(self) -> list[dict]:

@@ -16,7 +16,9 @@ from grpc_health.v1 import health_pb2_grpc
 
 from medusa.proto.v1 import medusa_pb2_grpc as pb_grpc
 from services import health
+from services.grpc_wire import add_MedusaServicer_to_server
 from services.ingress import Ingress, ServiceAbort
+from services.limits import StatusRecorder
 
 
 class _Method:
@@ -45,20 +47,22 @@ class LocalHandle:
         return _Method(getattr(self._obj, name), self._stream)
 
 
-class _Context:
+class _Context(StatusRecorder):
     """The part of a grpc context the Ingress uses (like Ray Serve's RayServegRPCContext)."""
 
     def __init__(self, ctx: grpc.aio.ServicerContext):
+        super().__init__()
         self._ctx = ctx
 
     def invocation_metadata(self):
         return self._ctx.invocation_metadata()
 
-    def set_code(self, code):
-        pass
-
-    def set_details(self, details):
-        pass
+    async def finish(self):
+        """Send the status the ingress set (as Serve's proxy does)."""
+        if self.code is not None and self.code != grpc.StatusCode.OK:
+            if self.trailing:
+                self._ctx.set_trailing_metadata(tuple(self.trailing))
+            await self._ctx.abort(self.code, self.details)
 
 
 class GrpcServicer(pb_grpc.MedusaServicer):
@@ -66,17 +70,23 @@ class GrpcServicer(pb_grpc.MedusaServicer):
         self.ingress = ingress
 
     async def Generate(self, request, context):
+        ctx = _Context(context)
         try:
-            async for resp in self.ingress.Generate(request, _Context(context)):
-                yield resp
+            async for resp in self.ingress.Generate(request, ctx):
+                if resp.WhichOneof("event") is not None or ctx.code is None:
+                    yield resp
         except ServiceAbort as e:
             await context.abort(e.code, e.details)
+        await ctx.finish()
 
     async def _unary(self, name, request, context):
+        ctx = _Context(context)
         try:
-            return await getattr(self.ingress, name)(request, _Context(context))
+            out = await getattr(self.ingress, name)(request, ctx)
         except ServiceAbort as e:
             await context.abort(e.code, e.details)
+        await ctx.finish()
+        return out
 
     async def Tokenize(self, request, context):
         return await self._unary("Tokenize", request, context)
@@ -107,7 +117,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
 
 async def start_server(ingress: Ingress, address: str = "127.0.0.1:0") -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server()
-    pb_grpc.add_MedusaServicer_to_server(GrpcServicer(ingress), server)
+    add_MedusaServicer_to_server(GrpcServicer(ingress), server)
     health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(ingress), server)
     port = server.add_insecure_port(address)
     await server.start()

@@ -4,10 +4,13 @@ GET /v1/models and GET /health, served from Ray Serve's HTTP proxy by the same I
 serves gRPC.
 
 Each HTTP request becomes a medusa.v1 GenerateRequest run through Ingress.Generate, so
-authentication (`Authorization: Bearer <key>`, the gRPC tenants' keys), quotas, session
-affinity, stop strings, tracing and metrics are the gRPC path's, written once. Failures come
-back in OpenAI's error shape ({"error": {"message", "type", "param", "code"}}) with the HTTP
-status the gRPC code stands for (401, 400, 404 unknown model, 429 with Retry-After, 503).
+authentication (`Authorization: Bearer <key>`, the gRPC tenants' keys), size limits, quota
+leases, the bounded admission queue, drain, unknown models, session affinity, stop strings,
+tracing and metrics are the gRPC path's, written once (services.ingress, services.limits).
+The body's bytes are checked against max_request_bytes before it is parsed (413). Failures
+come back in OpenAI's error shape ({"error": {"message", "type", "param", "code"}}) with the
+HTTP status the gRPC code stands for (401, 400, 404 unknown model, 429 with Retry-After from
+the retry hint, 503 with Retry-After).
 
 Extra fields (ignored by clients that do not know them):
   request: `session_id` (or the `X-Session-Id` header) keeps the conversation's KV on one
@@ -30,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from medusa.proto.v1 import medusa_pb2 as pb
-from services.ingress import ServiceAbort, status_for
+from services import limits
 
 MAX_LOGPROBS = 0  # per-token log-probabilities are not produced by the engine yet
 
@@ -102,7 +105,7 @@ def to_generate_request(body: _Common, session_header: str | None) -> pb.Generat
                                  top_p=body.top_p or 0.0)
     if body.seed is not None:
         sampling.seed = body.seed
-    req = pb.GenerateRequest(session_id=session_header or body.session_id or "", sampling=sampling,
+    req = pb.GenerateRequest(model=body.model or "", session_id=session_header or body.session_id or "", sampling=sampling,
                              max_new_tokens=body.max_completion_tokens or body.max_tokens or 0,
                              stop=stops, speculation=SPECULATION[body.speculation])
     if isinstance(body, ChatCompletionRequest):
@@ -142,26 +145,38 @@ def error_response(status: int, message: str, type_: str, code: str | None = Non
                         status_code=status, headers=headers)
 
 
-def error_of(e: BaseException, request_id: str, retry_after_s: float | None = None) -> tuple[int, dict, dict]:
-    """(HTTP status, OpenAI error body, headers) for a failure of the request path."""
-    code, details = status_for(e, request_id)
-    status, type_ = HTTP_STATUS.get(code, (500, "server_error"))
+def http_error(st: limits.Status) -> tuple[int, dict, dict]:
+    """(HTTP status, OpenAI error body, headers) of a status of the shared request path."""
+    status, type_ = HTTP_STATUS.get(st.code, (500, "server_error"))
     headers = {}
     if status in (429, 503):
-        wait = retry_after_s or getattr(getattr(e, "cause", None) or e, "retry_after_s", None) or RETRY_AFTER_S
-        headers["Retry-After"] = str(max(1, math.ceil(wait)))
-    return status, {"message": details, "type": type_, "param": None, "code": code.name.lower()}, headers
+        wait_ms = st.retry_after_ms if st.retry_after_ms is not None else RETRY_AFTER_S * 1000
+        headers["Retry-After"] = str(max(1, math.ceil(wait_ms / 1000)))
+    code, param = ("model_not_found", "model") if st.code == grpc.StatusCode.NOT_FOUND else (st.code.name.lower(), None)
+    return status, {"message": st.details, "type": type_, "param": param, "code": code}, headers
+
+
+def error_of(e: BaseException, request_id: str, settings) -> tuple[int, dict, dict]:
+    """(HTTP status, OpenAI error body, headers) for an exception of the request path."""
+    return http_error(limits.status_for(e, request_id, settings))
+
+
+def _json_error(err: tuple[int, dict, dict]) -> JSONResponse:
+    status, body, headers = err
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
 # ----------------------------------------------------------------- the HTTP context
 
 
-class HttpContext:
+class HttpContext(limits.StatusRecorder):
     """What Ingress needs of a gRPC context, from an HTTP request: the Authorization and trace
-    headers as metadata, and the server span's http.* attributes. set_code records the HTTP
-    status on the current (ingress) span."""
+    headers as metadata, and the server span's http.* attributes. The status the ingress sets
+    (code, details, retry hint) is kept in `status` for the face to answer with, and the HTTP
+    status it stands for is recorded on the current (ingress) span."""
 
     def __init__(self, request: Request, route: str):
+        super().__init__()
         h = request.headers
         self._md = [(k, h[k]) for k in ("authorization", "traceparent", "tracestate") if k in h]
         self.http_attributes = {"http.request.method": request.method, "http.route": route, "url.path": request.url.path,
@@ -173,10 +188,8 @@ class HttpContext:
         return self._md
 
     def set_code(self, code):
+        super().set_code(code)
         trace.get_current_span().set_attribute("http.response.status_code", HTTP_STATUS.get(code, (500,))[0])
-
-    def set_details(self, details):
-        pass
 
 
 # ----------------------------------------------------------------- responses
@@ -243,7 +256,6 @@ class OpenAIFace:
 
     def __init__(self, ingress):
         self.ingress = ingress
-        self._served: list[str] = []  # model ids, from the first ListModels (the served model does not change)
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path.rstrip("/") or "/"
@@ -256,24 +268,26 @@ class OpenAIFace:
             return error_response(404, f"no route {request.method} {path}", "not_found_error", "unknown_url")
         return await fn(request, path)
 
+    def _error(self, e: BaseException) -> JSONResponse:
+        return _json_error(error_of(e, "-", self.ingress.settings))
+
     async def _health(self, request: Request, route: str) -> Response:
         resp = await self.ingress.Health(pb.HealthRequest())
         ok = resp.status == pb.HealthResponse.SERVING
         body = {"status": "ok" if ok else "unavailable", "details": dict(resp.details)}
         return JSONResponse(body, status_code=200 if ok else 503, headers=None if ok else {"Retry-After": str(RETRY_AFTER_S)})
 
-    async def _model_list(self, ctx: HttpContext) -> list[pb.ModelInfo]:
-        return list((await self.ingress.ListModels(pb.ListModelsRequest(), ctx)).models)
-
     async def _models(self, request: Request, route: str) -> Response:
+        ctx = HttpContext(request, route)
         try:
-            models = await self._model_list(HttpContext(request, route))
+            resp = await self.ingress.ListModels(pb.ListModelsRequest(), ctx)
         except Exception as e:  # noqa: BLE001 - every failure in OpenAI's shape
-            status, err, headers = error_of(e, "-")
-            return JSONResponse({"error": err}, status_code=status, headers=headers)
+            return self._error(e)
+        if ctx.status is not None:
+            return _json_error(http_error(ctx.status))
         data = [{"id": m.id, "object": "model", "created": 0, "owned_by": "medusa",
                  "medusa": {"heads": m.heads, "tree": m.tree, "context_length": m.context_length, "vocab_size": m.vocab_size}}
-                for m in models]
+                for m in resp.models]
         return JSONResponse({"object": "list", "data": data})
 
     async def _chat(self, request: Request, route: str) -> Response:
@@ -282,9 +296,27 @@ class OpenAIFace:
     async def _completions(self, request: Request, route: str) -> Response:
         return await self._generate(request, route, CompletionRequest)
 
+    async def _body(self, request: Request, limit: int) -> bytes | JSONResponse:
+        """The body, refused (413) past `limit` bytes before it is all read or parsed."""
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            return error_response(413, f"the request is {declared} bytes; this server accepts at most {limit}",
+                                  "invalid_request_error", "request_too_large")
+        chunks, n = [], 0
+        async for chunk in request.stream():
+            n += len(chunk)
+            if n > limit:
+                return error_response(413, f"the request is over {limit} bytes; this server accepts at most {limit}",
+                                      "invalid_request_error", "request_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def _generate(self, request: Request, route: str, model_cls) -> Response:
+        raw = await self._body(request, self.ingress.settings.max_request_bytes)
+        if isinstance(raw, Response):
+            return raw
         try:
-            raw = await request.json()
+            raw = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             return error_response(400, "the request body is not valid JSON", "invalid_request_error")
         if not isinstance(raw, dict):
@@ -300,49 +332,47 @@ class OpenAIFace:
         except BadRequest as e:
             return error_response(400, str(e), "invalid_request_error", "invalid_value", e.param)
         ctx = HttpContext(request, route)
-        if not self._served or (body.model and body.model not in self._served):
-            try:  # authenticates first: an unknown key is a 401 before an unknown model is a 404
-                self._served = [m.id for m in await self._model_list(ctx)]
-            except Exception as e:  # noqa: BLE001
-                status, err, headers = error_of(e, "-")
-                return JSONResponse({"error": err}, status_code=status, headers=headers)
-        served = self._served[0] if self._served else ""
-        if body.model and body.model not in self._served:
-            return error_response(404, f"the model {body.model!r} does not exist: this server serves {served!r}",
-                                  "invalid_request_error", "model_not_found", "model")
+        # Auth, size, model (404), queue (429), drain (503) and quota are checked by the ingress,
+        # in that order; a failure ends its stream with an empty message and the status on ctx.
         events = self.ingress.Generate(req, ctx)
         try:
             first = await events.__anext__()
         except StopAsyncIteration:
-            return error_response(500, "the request ended without output", "server_error")
+            first = None
         except Exception as e:  # noqa: BLE001 - failures before the first token keep their HTTP status
-            status, err, headers = error_of(e, "-")
-            return JSONResponse({"error": err}, status_code=status, headers=headers)
+            return self._error(e)
+        if ctx.status is not None:
+            await events.aclose()
+            return _json_error(http_error(ctx.status))
+        if first is None:
+            return error_response(500, "the request ended without output", "server_error")
+        served = body.model or (await self.ingress.served_models() or [""])[0]
         shape = _Shape(model_cls is ChatCompletionRequest, served, uuid.uuid4().hex)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._stream(shape, first, events, include_usage), media_type="text/event-stream",
+            return StreamingResponse(self._stream(shape, first, events, ctx, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         text: list[str] = []
         final = None
         try:
-            async for msg in _chain(first, events):
-                if msg.HasField("delta"):
+            async for kind, msg in _events(first, events):
+                if kind == "delta":
                     text.append(msg.delta.text)
                 else:
                     final = msg.final
         except Exception as e:  # noqa: BLE001
-            status, err, headers = error_of(e, "-")
-            return JSONResponse({"error": err}, status_code=status, headers=headers)
+            return self._error(e)
+        if ctx.status is not None:
+            return _json_error(http_error(ctx.status))
         if final is None:
             return error_response(500, "the request ended without a final message", "server_error")
         return JSONResponse(shape.response("".join(text), final))
 
-    async def _stream(self, shape: _Shape, first, events, include_usage: bool) -> AsyncIterator[bytes]:
+    async def _stream(self, shape: _Shape, first, events, ctx: HttpContext, include_usage: bool) -> AsyncIterator[bytes]:
         opened = False
         try:
-            async for msg in _chain(first, events):
-                if msg.HasField("delta"):
+            async for kind, msg in _events(first, events):
+                if kind == "delta":
                     if msg.delta.text or not opened:
                         yield sse(shape.chunk(msg.delta.text, first=not opened))
                         opened = True
@@ -353,12 +383,22 @@ class OpenAIFace:
                 yield sse(last)
                 if include_usage:
                     yield sse(dict(shape.chunk(None), choices=[], usage=_usage(final)))
-        except Exception as e:  # noqa: BLE001 - after the headers went out, the error is an event
-            _, err, _ = error_of(e, "-")
-            yield sse({"error": err})
+            if ctx.status is not None:  # after the headers went out, the error is an event
+                yield sse({"error": http_error(ctx.status)[1]})
+        except Exception as e:  # noqa: BLE001
+            yield sse({"error": error_of(e, "-", self.ingress.settings)[1]})
         finally:
             await events.aclose()
         yield SSE_DONE
+
+
+async def _events(first, rest):
+    """(kind, message) of the stream's deltas and final; a message without an event (the one
+    that carries a failure's status) is skipped."""
+    async for msg in _chain(first, rest):
+        kind = msg.WhichOneof("event")
+        if kind:
+            yield kind, msg
 
 
 async def _chain(first, rest):
@@ -367,4 +407,4 @@ async def _chain(first, rest):
         yield x
 
 
-__all__ = ["OpenAIFace", "ChatCompletionRequest", "CompletionRequest", "to_generate_request", "sse", "error_of"]
+__all__ = ["OpenAIFace", "ChatCompletionRequest", "CompletionRequest", "to_generate_request", "sse", "error_of", "http_error"]

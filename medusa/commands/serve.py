@@ -33,6 +33,8 @@ def register(sub) -> None:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs the local Ray cluster may use (default: all)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics of this node on this port")
     p.add_argument("--tracing", default=None, help="otlp | console | none | file:PATH (default: from OTEL_* variables)")
+    p.add_argument("--drain-grace", type=float, default=None,
+                   help="seconds in-flight streams get to finish on Ctrl-C / SIGTERM (default: the config's, else 20)")
     p.set_defaults(func=run)
 
 
@@ -44,7 +46,8 @@ def settings_from_args(args) -> tuple[dict, int]:
 
         app_args, grpc = read_config(args.config)
     flags = {"model": args.model, "tree": args.tree, "dtype": None if args.dtype == "auto" else args.dtype,
-             "device": args.device, "engine_replicas": args.replicas, "max_batch": args.max_batch, "tracing": args.tracing}
+             "device": args.device, "engine_replicas": args.replicas, "max_batch": args.max_batch, "tracing": args.tracing,
+             "drain_grace_s": getattr(args, "drain_grace", None)}
     if args.heads != "default" or "heads" not in app_args:
         flags["heads"] = args.heads
     app_args.update({k: v for k, v in flags.items() if v is not None})
@@ -90,7 +93,21 @@ def run(args) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("medusa serve: stopping", file=sys.stderr)
+        _drain(cluster)
     finally:
         cluster.stop()
     return 0
+
+
+def _drain(cluster) -> None:
+    """Stop admitting, let in-flight streams finish within the grace period, then stop; a
+    second Ctrl-C / SIGTERM stops at once."""
+    print("medusa serve: draining (a second Ctrl-C stops at once) ...", file=sys.stderr, flush=True)
+    try:
+        out = cluster.drain()
+        print(f"medusa serve: drained: {out.get('finished', 0)} stream(s) finished, "
+              f"{out.get('cancelled', 0)} cut at the grace period; stopping", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        print("medusa serve: stopping now", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - stopping anyway
+        print(f"medusa serve: drain failed ({type(e).__name__}); stopping", file=sys.stderr)

@@ -32,8 +32,15 @@ def T(text):  # what the scripted engine answers to a chat turn: the templated p
     return ("<user>" + text + "<assistant>")[::-1]
 
 
+class ActorDiedError(Exception):
+    """Named as Ray's: what a call to a killed engine replica raises (matched by name)."""
+
+
 class BrokenEngine:
-    """Health fails; generate raises what Serve raises when the engine's queue is full."""
+    """Health fails; generate raises what Serve raises when the engine's queue is full, or
+    (dead = True) what a call to a dead replica raises."""
+
+    dead = False
 
     async def health(self):
         raise RuntimeError("engine down")
@@ -41,6 +48,8 @@ class BrokenEngine:
     async def generate(self, payload):
         from ray.serve.exceptions import BackPressureError
 
+        if self.dead:
+            raise ActorDiedError("the actor died unexpectedly")
         raise BackPressureError(num_queued_requests=9, max_queued_requests=8, retry_after_s=2.5)
         yield  # an async generator, like EngineReplica.generate
 
@@ -53,14 +62,16 @@ def face():
     r = start_redis()
     settings = Settings.parse({
         "redis_url": r.url, "tracing": "memory", "default_max_new_tokens": 6, "max_new_tokens_limit": 64,
-        "model_id": "char", "api_keys": [{"tenant": "acme", "key": "k-acme"}, {"tenant": "tiny", "key": "k-tiny"}],
-        "tenant_limits": {"tiny": {"tokens_per_minute": 30}},
+        "model_id": "char", "max_request_bytes": 20000, "max_prompt_chars": 1000,
+        "api_keys": [{"tenant": "acme", "key": "k-acme"}, {"tenant": "tiny", "key": "k-tiny"}, {"tenant": "noq", "key": "k-noq"}],
+        "tenant_limits": {"tiny": {"tokens_per_minute": 30}, "noq": {"max_queued": 0}},
     })
     engine = ScriptedEngine()
     tok = TokenizerService(CharTokenizer(), tracing="memory")
     replica = EngineReplica(engine, replica_id="replica-1", eos=(3,), info={"id": "char", "heads": "medusa"}, tracing="memory")
     ingress = Ingress(LocalHandle(tok), LocalHandle(replica), settings)
-    broken = Ingress(LocalHandle(tok), LocalHandle(BrokenEngine()), Settings.parse({"require_auth": False}))
+    broken_engine = BrokenEngine()
+    broken = Ingress(LocalHandle(tok), LocalHandle(broken_engine), Settings.parse({"require_auth": False, "retry_after_ms": 2500}))
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
 
@@ -71,7 +82,8 @@ def face():
     http_broken, port_broken = on_loop(start_http(broken))
     grpc_server, grpc_port = on_loop(start_server(ingress))
     yield {"url": f"http://127.0.0.1:{port}/v1", "broken": f"http://127.0.0.1:{port_broken}", "engine": engine,
-           "grpc": f"127.0.0.1:{grpc_port}"}
+           "grpc": f"127.0.0.1:{grpc_port}", "broken_engine": broken_engine, "broken_ingress": broken,
+           "on_loop": on_loop}
     for s in (http, http_broken):
         s.should_exit = True
     on_loop(grpc_server.stop(None))
@@ -110,9 +122,12 @@ def test_completions_models_and_session_header(face):
     assert face["engine"].submitted[-1].speculation == "off"
     assert "".join(x.choices[0].text for x in c.completions.create(model="char", prompt="hello", max_tokens=4, stream=True)) == "olle"
     assert [m.id for m in c.models.list()] == ["char"]
-    c.chat.completions.create(model="char", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
-                              extra_headers={"X-Session-Id": "conv-9"})
-    assert face["engine"].submitted[-1].session_id.endswith("conv-9")
+    slots = []
+    for sid in ("conv-9", "conv-10", "conv-9"):  # the replica maps a tenant's sessions to its own slots
+        c.chat.completions.create(model="char", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                  extra_headers={"X-Session-Id": sid})
+        slots.append(face["engine"].submitted[-1].session_id)
+    assert all(s.startswith("acme/") for s in slots) and slots[0] == slots[2] != slots[1]
 
 
 def test_errors_have_openais_shape_and_status(face):
@@ -137,9 +152,17 @@ def test_errors_have_openais_shape_and_status(face):
         urllib.request.urlopen(face["broken"] + "/health", timeout=10)
     assert e.value.code == 503 and json.loads(e.value.read())["details"]["engine"].startswith("unavailable")
     busy = openai.OpenAI(base_url=face["broken"] + "/v1", api_key="-", max_retries=0, timeout=10)
-    with pytest.raises(openai.InternalServerError) as e:
+    with pytest.raises(openai.RateLimitError) as e:  # the engines' bounded queues are full: 429, retry hint in s
         busy.chat.completions.create(model="char", messages=msgs)
-    assert e.value.status_code == 503 and e.value.response.headers["retry-after"] == "1"
+    assert e.value.status_code == 429 and e.value.response.headers["retry-after"] == "3"
+    assert e.value.body["type"] == "rate_limit_error"
+    face["broken_engine"].dead = True
+    try:
+        with pytest.raises(openai.InternalServerError) as e:  # a dead replica: 503, safe to retry
+            busy.chat.completions.create(model="char", messages=msgs)
+    finally:
+        face["broken_engine"].dead = False
+    assert e.value.status_code == 503 and e.value.response.headers["retry-after"] == "3"
     assert e.value.body["type"] == "service_unavailable"
     ok = json.loads(urllib.request.urlopen(face["url"][:-3] + "/health", timeout=10).read())
     assert ok["status"] == "ok"
@@ -199,3 +222,32 @@ def test_server_spans_carry_http_and_genai_attributes(face):
     assert a["gen_ai.response.finish_reasons"] == ("length",) and a["gen_ai.request.max_tokens"] == 3
     grpc_spans = [x for x in telemetry._memory.get_finished_spans() if x.name == "ingress.Generate" and "rpc.system" in x.attributes]
     assert all(x.kind.name == "SERVER" and x.attributes["rpc.method"] == "Generate" for x in grpc_spans)
+
+
+def test_http_face_has_the_grpc_paths_protections(face):
+    """Issue 26 through the HTTP face: the body's bytes are refused before parsing (413), the
+    prompt's characters before tokenisation (400), a tenant's full admission queue is 429 with
+    Retry-After, and a draining server is 503; nothing reaches the engine."""
+    before = len(face["engine"].submitted)
+    req = urllib.request.Request(face["url"] + "/completions", data=json.dumps({"prompt": "x" * 30000}).encode(),
+                                 headers={"Authorization": "Bearer k-acme", "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 413 and json.loads(e.value.read())["error"]["code"] == "request_too_large"
+    with pytest.raises(openai.BadRequestError) as e:
+        client(face).completions.create(model="char", prompt="x" * 1500, max_tokens=2)
+    assert "1500 characters" in e.value.body["message"]
+    with pytest.raises(openai.RateLimitError) as e:  # tenant "noq" may queue nothing
+        client(face, "k-noq").completions.create(model="char", prompt="hi", max_tokens=2)
+    assert int(e.value.response.headers["retry-after"]) >= 1 and "queue" in e.value.body["message"]
+    assert len(face["engine"].submitted) == before
+    broken = face["broken_ingress"]
+    face["on_loop"](broken.admission.drain(0))
+    try:
+        busy = openai.OpenAI(base_url=face["broken"] + "/v1", api_key="-", max_retries=0, timeout=10)
+        with pytest.raises(openai.InternalServerError) as e:
+            busy.completions.create(model="char", prompt="hi", max_tokens=2)
+        assert e.value.status_code == 503 and "shutting down" in e.value.body["message"]
+        assert e.value.response.headers["retry-after"] == "1"
+    finally:
+        broken.admission.draining = False

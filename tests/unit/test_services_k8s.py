@@ -156,3 +156,38 @@ def test_base_serve_config_is_deploy_serve_config():
     check_serve_config(deploy)
     base = next(d for d in build(REPO / "k8s" / "base") if d["kind"] == "RayService")
     assert yaml.safe_load(base["spec"]["serveConfigV2"]) == deploy
+
+
+@pytest.mark.parametrize("variant", ["base", *OVERLAYS], ids=lambda v: f"k8s-{v}")
+def test_redis_and_keys_are_locked_down(variant):
+    """Issue 26: Redis behind AUTH from a Secret, persistent, reachable only from the cluster's
+    pods; API keys mounted into the ingress (head) pod only; termination grace >= drain grace."""
+    docs = build(REPO / "k8s" / ("base" if variant == "base" else f"overlays/{variant}"))
+    kinds = {d["kind"]: d for d in docs}
+    redis = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "medusa-redis")
+    c = redis["spec"]["template"]["spec"]["containers"][0]
+    assert "--requirepass" in c["args"] and "$(REDIS_PASSWORD)" in c["args"]
+    assert c["env"][0]["valueFrom"]["secretKeyRef"]["name"] == "medusa-redis-auth"
+    assert c["args"][c["args"].index("--appendonly") + 1] == "yes" and c["volumeMounts"][0]["mountPath"] == "/data"
+    claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}  # Redis's, the models'
+    assert redis["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] in claims
+    policy = kinds["NetworkPolicy"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == redis["spec"]["selector"]["matchLabels"]
+    allowed = policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+    rs = kinds["RayService"]
+    rcc = rs["spec"]["rayClusterConfig"]
+    head = rcc["headGroupSpec"]["template"]
+    workers = [g["template"] for g in rcc["workerGroupSpecs"]]
+    app = next(a for a in yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"] if a["import_path"] == "services.app:build_app")
+    for t in [head, *workers]:
+        assert allowed.items() <= t["metadata"]["labels"].items()
+        assert t["spec"]["terminationGracePeriodSeconds"] >= app["args"]["drain_grace_s"] + 5
+        for ct in t["spec"]["containers"]:
+            assert not any(e["name"] == "MEDUSA_API_KEYS" for e in ct.get("env", []))  # raw keys in no environment
+    head_env = {e["name"]: e.get("value") for e in head["spec"]["containers"][0]["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in head["spec"]["containers"][0]["volumeMounts"]}
+    assert head_env["MEDUSA_API_KEYS_FILE"].startswith(mounts["api-keys"] + "/")
+    assert head_env["REDIS_PASSWORD_FILE"].startswith(mounts["redis-auth"] + "/")
+    assert head_env["MEDUSA_INGRESS_RESOURCE"] in rcc["headGroupSpec"]["rayStartParams"]["resources"]
+    for t in workers:
+        assert not any(v.get("secret", {}).get("secretName") == "medusa-api-keys" for v in t["spec"].get("volumes", []))
