@@ -169,6 +169,8 @@ class Ingress:
         await self.quota.precheck(tenant, spec.max_new_tokens + 1)  # before paying for tokenisation
         enc = await self.tokenizer.encode.remote({"messages": spec.messages, "prompt": spec.prompt, "stop": spec.stop,
                                                   "trace": telemetry.inject()})
+        if "error" in enc:
+            raise BadRequest(enc["error"])
         prompt_ids = enc["prompt_ids"]
         span.set_attribute("medusa.prompt_tokens", len(prompt_ids))
         max_new = limits.room_for(spec.max_new_tokens, len(prompt_ids), (await self._info()).get("context_length"))
@@ -302,6 +304,8 @@ class Ingress:
                 raise Unavailable("the server is shutting down; retry on another instance", 0.5)
             messages, text = input_of(request)
             enc = await self.tokenizer.encode.remote({"messages": messages, "prompt": text, "trace": telemetry.inject()})
+            if "error" in enc:
+                raise BadRequest(enc["error"])
             await self.quota.charge(tenant, len(enc["prompt_ids"]))
             return pb.TokenizeResponse(token_ids=enc["prompt_ids"])
         return await self._unary("Tokenize", request, grpc_context, run, pb.TokenizeResponse())

@@ -490,6 +490,7 @@ class Ctx:
 
 
 def test_rejections_set_a_status_without_raising_or_logging_errors(caplog):
+    assert "error" in TokenizerService(CharTokenizer()).encode({"messages": [{"role": "robot", "content": "x"}]})
     settings = Settings.parse({"api_keys": KEYS, "tenant_limits": {"none": {"max_concurrent": 0}}})
     ing = Ingress(LocalHandle(TokenizerService(CharTokenizer())), LocalHandle(EngineReplica(ScriptedEngine(), replica_id="r")),
                   settings)
@@ -503,7 +504,10 @@ def test_rejections_set_a_status_without_raising_or_logging_errors(caplog):
     with caplog.at_level(logging.INFO):
         for md, req, code in [((), pb.GenerateRequest(prompt="a"), grpc.StatusCode.UNAUTHENTICATED),
                               ((("authorization", "Bearer nope"),), pb.GenerateRequest(prompt="a"), grpc.StatusCode.UNAUTHENTICATED),
-                              ((("authorization", "Bearer k-acme"),), pb.GenerateRequest(prompt=""), grpc.StatusCode.INVALID_ARGUMENT)]:
+                              ((("authorization", "Bearer k-acme"),), pb.GenerateRequest(prompt=""), grpc.StatusCode.INVALID_ARGUMENT),
+                              ((("authorization", "Bearer k-acme"),),  # refused by the tokenizer service: returned, not raised
+                               pb.GenerateRequest(chat=pb.Conversation(messages=[pb.ChatMessage(role="robot", content="x")])),
+                               grpc.StatusCode.INVALID_ARGUMENT)]:
             ctx, out, tok = run(go(md, req))
             assert ctx.code == code and "Traceback" not in ctx.details
             assert [m.WhichOneof("event") for m in out] == [None]  # one empty message carries the status through Serve
