@@ -123,6 +123,14 @@ class Ingress:
                 raise Unavailable(f"no engine replica answered within {timeout:g}s; retry later") from None
         return self._model_info
 
+    async def _encode(self, req: dict) -> dict:
+        """The Tokenizer deployment's encode; bad input comes back as {"error"} (not raised, so
+        Serve logs no traceback) and becomes INVALID_ARGUMENT here."""
+        enc = await self.tokenizer.encode.remote(dict(req, trace=telemetry.inject()))
+        if "error" in enc:
+            raise BadRequest(enc["error"])
+        return enc
+
     async def served_models(self) -> list[str]:
         i = await self._info()
         return [n for n in dict.fromkeys((self.settings.model_id, i.get("id", ""))) if n]
@@ -167,10 +175,7 @@ class Ingress:
                                 model=self._model_name(), max_tokens=spec.max_new_tokens, sampling=spec.sampling)
         limits.check_model(request.model, await self.served_models())
         await self.quota.precheck(tenant, spec.max_new_tokens + 1)  # before paying for tokenisation
-        enc = await self.tokenizer.encode.remote({"messages": spec.messages, "prompt": spec.prompt, "stop": spec.stop,
-                                                  "trace": telemetry.inject()})
-        if "error" in enc:
-            raise BadRequest(enc["error"])
+        enc = await self._encode({"messages": spec.messages, "prompt": spec.prompt, "stop": spec.stop})
         prompt_ids = enc["prompt_ids"]
         span.set_attribute("medusa.prompt_tokens", len(prompt_ids))
         max_new = limits.room_for(spec.max_new_tokens, len(prompt_ids), (await self._info()).get("context_length"))
@@ -303,9 +308,7 @@ class Ingress:
             if self.admission.draining:
                 raise Unavailable("the server is shutting down; retry on another instance", 0.5)
             messages, text = input_of(request)
-            enc = await self.tokenizer.encode.remote({"messages": messages, "prompt": text, "trace": telemetry.inject()})
-            if "error" in enc:
-                raise BadRequest(enc["error"])
+            enc = await self._encode({"messages": messages, "prompt": text})
             await self.quota.charge(tenant, len(enc["prompt_ids"]))
             return pb.TokenizeResponse(token_ids=enc["prompt_ids"])
         return await self._unary("Tokenize", request, grpc_context, run, pb.TokenizeResponse())
