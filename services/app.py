@@ -1,6 +1,7 @@
 """The Ray Serve application: Tokenizer, Engine (with the session-affinity request router) and
-the gRPC Ingress, bound by `build_app(args)` (the serve config's import_path target), plus the
-gRPC options the proxy needs. Deployment classes are thin: the logic is in the plain classes.
+the Ingress (gRPC medusa.v1 + grpc.health.v1, and the OpenAI-compatible HTTP API), bound by
+`build_app(args)` (the serve config's import_path target), plus the gRPC options the proxy
+needs. Deployment classes are thin: the logic is in the plain classes.
 
 Knows Ray Serve's API; nothing of decoding or of the wire format beyond the servicer name."""
 from __future__ import annotations
@@ -12,12 +13,15 @@ from ray.serve.config import RequestRouterConfig
 
 from services.config import Settings
 from services.engine_replica import EngineReplica, engine_sizes
+from services.health import SERVICER as HEALTH_SERVICER
+from services.health import HealthMixin
 from services.ingress import Ingress
 from services.metrics import Metrics
+from services.openai_api import OpenAIFace
 from services.tokenizer_service import TokenizerService
 
 APP_NAME = "medusa"
-SERVICER = "medusa.proto.v1.medusa_pb2_grpc.add_MedusaServicer_to_server"
+SERVICER = "services.grpc_wire.add_MedusaServicer_to_server"  # tolerant deserializers: malformed -> INVALID_ARGUMENT
 ROUTER = "services.router:SessionAffinityRouter"
 
 
@@ -58,7 +62,7 @@ class EngineDeployment(EngineReplica):
         if kv_plan is not None:
             info["kv_plan"] = kv_plan
         super().__init__(engine, replica_id=rid, eos=eos, info=info, tracing=s.tracing, metrics=Metrics(),
-                         kv_plan=kv_plan)
+                         kv_plan=kv_plan, session_share=s.sessions_per_tenant)
 
     def check_health(self) -> None:
         """Serve's periodic health check: a replica whose scheduler thread died is replaced."""
@@ -72,9 +76,22 @@ class EngineDeployment(EngineReplica):
 
 
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
-class IngressDeployment(Ingress):
+class IngressDeployment(HealthMixin, Ingress):
+    """gRPC: medusa.v1.Medusa and grpc.health.v1.Health (methods called by name by Serve's gRPC
+    proxy); HTTP: the OpenAI-compatible API through Serve's HTTP proxy (__call__). Its keys come
+    from the serve config and the keys file mounted into this pod only (api_keys_file /
+    MEDUSA_API_KEYS_FILE)."""
+
     def __init__(self, tokenizer, engine, settings: dict):
         super().__init__(tokenizer, engine, Settings.parse(settings), metrics=Metrics())
+        self._http = OpenAIFace(self)
+
+    async def __call__(self, request):
+        return await self._http(request)
+
+
+def replicas_of(s: Settings) -> int:
+    return int((s.autoscaling or {}).get("max_replicas", s.engine_replicas))
 
 
 def engine_deployment(s: Settings):
@@ -86,6 +103,11 @@ def engine_deployment(s: Settings):
                                                   request_router_kwargs={"tracing": s.tracing}),
         health_check_period_s=10,
         health_check_timeout_s=60,
+        # Bounded admission: beyond max_ongoing_requests per replica, each caller queues at most this
+        # many (Serve answers BackPressureError -> RESOURCE_EXHAUSTED with a retry hint).
+        max_queued_requests=s.max_queued_per_replica * max(1, replicas_of(s)),
+        graceful_shutdown_timeout_s=s.drain_grace_s,  # a stopping replica finishes its streams first
+        graceful_shutdown_wait_loop_s=1,
     )
     if s.autoscaling:
         opts["autoscaling_config"] = dict(s.autoscaling)
@@ -102,10 +124,15 @@ def build_app(args: dict | None = None):
     s = Settings.parse(args)  # fail early, in the caller, on a bad config
     tok = TokenizerDeployment.bind(args)
     eng = engine_deployment(s).bind(args)
-    return IngressDeployment.bind(tok, eng, args)
+    ingress_opts = dict(graceful_shutdown_timeout_s=s.drain_grace_s + 1, graceful_shutdown_wait_loop_s=1)
+    pin = os.environ.get("MEDUSA_INGRESS_RESOURCE")  # k8s: the custom resource of the pod the keys are mounted in
+    if pin:
+        ingress_opts["ray_actor_options"] = {"num_cpus": 0, "resources": {pin: 0.01}}
+    ingress = IngressDeployment.options(**ingress_opts)
+    return ingress.bind(tok, eng, args)
 
 
 def grpc_options(port: int):
     from ray.serve.config import gRPCOptions
 
-    return gRPCOptions(port=port, grpc_servicer_functions=[SERVICER])
+    return gRPCOptions(port=port, grpc_servicer_functions=[SERVICER, HEALTH_SERVICER])

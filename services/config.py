@@ -15,11 +15,13 @@ class ConfigError(MedusaError):
 class TenantLimits:
     max_concurrent: int | None = None     # requests in flight at once; None = unlimited
     tokens_per_minute: int | None = None  # prompt + completion tokens; None = unlimited
+    max_queued: int | None = None         # requests waiting for their first token, per ingress replica
+    max_sessions: int | None = None       # kept sessions per engine replica (None: the serve setting)
 
     @classmethod
     def parse(cls, d: dict | None) -> "TenantLimits":
         d = d or {}
-        unknown = set(d) - {"max_concurrent", "tokens_per_minute"}
+        unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ConfigError(f"unknown tenant limit(s): {', '.join(sorted(unknown))}")
         for k, v in d.items():
@@ -56,6 +58,18 @@ class Settings:
     tenant_limits: dict = field(default_factory=dict)  # tenant -> TenantLimits
     tracing: str | None = None            # otlp | console | none | memory; None: from OTEL_* env
     model_id: str = ""                    # name reported by ListModels (default: the model's)
+    # ---- limits and faults (RELIABILITY.md) ----
+    api_keys_file: str | None = None      # "tenant:key" / "tenant:sha256:<hex>" lines, read by the ingress only
+    key_cache_s: float = 300.0            # how long a key found in Redis stays valid in memory (Redis blips)
+    quota_lease_s: float = 30.0           # a concurrency slot expires unless renewed (crashes cannot leak it)
+    max_request_bytes: int = 1 << 20      # serialized request size, checked before anything else
+    max_prompt_chars: int = 200_000       # prompt / chat characters, checked before tokenisation
+    max_queued_per_tenant: int = 32       # requests of one tenant waiting for a first token, per ingress replica
+    max_queued_per_replica: int = 16      # requests Serve queues per engine replica beyond max_ongoing
+    admit_timeout_s: float = 15.0         # no engine replica accepted within this: UNAVAILABLE, fail fast
+    retry_after_ms: int = 1000            # hint sent with RESOURCE_EXHAUSTED / UNAVAILABLE (trailer retry-after-ms)
+    sessions_per_tenant: int = 4          # kept sessions per tenant and engine replica (its share of the pool)
+    drain_grace_s: float = 20.0           # SIGTERM / Ctrl-C: in-flight streams get this long to finish
 
     @classmethod
     def parse(cls, d: dict | None) -> "Settings":
@@ -85,9 +99,15 @@ class Settings:
                 raise ConfigError(f"gpu_memory_utilization must be a fraction in (0, 1], got {u!r}")
             if not str(s.device).startswith("cuda"):
                 raise ConfigError("gpu_memory_utilization sizes GPU memory: set device: cuda (or remove it)")
-        for name in ("engine_replicas", "session_ttl_s", "default_max_new_tokens", "max_new_tokens_limit"):
+        for name in ("engine_replicas", "session_ttl_s", "default_max_new_tokens", "max_new_tokens_limit",
+                     "max_request_bytes", "max_prompt_chars", "max_queued_per_replica", "max_queued_per_tenant", "retry_after_ms",
+                     "sessions_per_tenant"):
             if not isinstance(getattr(s, name), int) or getattr(s, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(s, name)!r}")
+        for name in ("key_cache_s", "quota_lease_s", "admit_timeout_s", "drain_grace_s"):
+            v = getattr(s, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"{name} must be a non-negative number of seconds, got {v!r}")
         if s.default_max_new_tokens > s.max_new_tokens_limit:
             raise ConfigError("default_max_new_tokens exceeds max_new_tokens_limit")
         return s

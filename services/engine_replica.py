@@ -1,7 +1,13 @@
 """One engine replica's logic: owns a batched medusa.decoding.engine.Engine, turns a request
 payload (plain dict from the ingress) into an engine Request, and streams plain-dict events
-back: {"tokens", "replica"} first, then {"tokens"}, and a last one with "finish_reason" and
-"stats". Bad input comes back as one {"error": "invalid_argument", "message"} event.
+back: {"admitted", "replica", "tokens": []} as soon as the engine took the request (so the
+ingress can fail fast when no replica does), then {"tokens"}, and a last one with
+"finish_reason" and "stats". Bad input comes back as one {"error": "invalid_argument",
+"message"} event.
+
+Kept sessions are shared fairly: each tenant owns at most `session_share` engine session slots
+on this replica ("tenant/~k"); a tenant's new conversation beyond its share reuses its own least
+recently used slot, so one tenant's sessions never evict another tenant's kept KV.
 
 Spans: engine.prefill (submit -> first token) and engine.decode (first token -> end), children
 of the caller's trace. Knows token ids only; nothing of text, tenants or Redis."""
@@ -9,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
+from collections import OrderedDict
+from dataclasses import asdict, replace
 from typing import AsyncIterator
 
 from opentelemetry import trace
@@ -75,9 +82,12 @@ def engine_sizes(settings, model, heads, tree, mem_get_info=None) -> tuple[dict,
 
 class EngineReplica:
     def __init__(self, engine, *, replica_id: str, eos: tuple[int, ...] = (), info: dict | None = None,
-                 tracing: str | None = None, metrics: Metrics | None = None, kv_plan: dict | None = None):
+                 tracing: str | None = None, metrics: Metrics | None = None, kv_plan: dict | None = None,
+                 session_share: int = 4):
         self.engine = engine
         self.kv_plan = dict(kv_plan) if kv_plan else None  # the memory-derived KV sizes, when sized so
+        self.session_share = session_share
+        self._slots: dict[str, OrderedDict[str, str]] = {}  # tenant -> session -> engine slot id, LRU first
         self.replica_id = replica_id
         self.eos = tuple(eos)
         self._info = dict(info or {})
@@ -87,11 +97,16 @@ class EngineReplica:
     async def generate(self, payload: dict) -> AsyncIterator[dict]:
         ctx = telemetry.extract(payload.get("trace"))
         try:
-            handle = self.engine.submit(engine_request(payload, self.eos))
+            req = engine_request(payload, self.eos)
+            if req.session_id is not None:
+                req = replace(req, session_id=self.slot(payload.get("tenant", ""), req.session_id,
+                                                        payload.get("session_share") or self.session_share))
+            handle = self.engine.submit(req)
         except (MedusaError, TypeError, ValueError) as e:
             yield {"error": "invalid_argument", "message": str(e), "replica": self.replica_id}
             return
-        self.metrics.queue_depth(self.engine.load())
+        self._engine_gauges()
+        yield {"tokens": [], "admitted": True, "replica": self.replica_id}
         attrs = {"medusa.replica": self.replica_id, "medusa.tenant": payload.get("tenant", ""),
                  "medusa.prompt_tokens": len(payload["prompt_ids"])}
         prefill = self.tracer.start_span("engine.prefill", context=ctx, attributes=attrs)
@@ -116,7 +131,7 @@ class EngineReplica:
                     out["finish_reason"] = ev.finish_reason
                     if ev.stats is not None:
                         out["stats"] = asdict(ev.stats)
-                        self._annotate(decode or prefill, ev.stats)
+                        self._annotate(decode or prefill, ev.stats, ev.finish_reason)
                 yield out
         finally:
             if not done:
@@ -125,15 +140,43 @@ class EngineReplica:
                 prefill.end()
             if decode is not None:
                 decode.end()
-            self.metrics.queue_depth(self.engine.load())
+            self._engine_gauges()
 
-    def _annotate(self, span, stats) -> None:
+    def _engine_gauges(self) -> None:
+        self.metrics.queue_depth(self.engine.load())
+        if self.metrics.enabled:
+            self.metrics.engine_state(self.engine.stats())
+
+    def _depth(self, tree: str) -> int:
+        t = getattr(self.engine, "trees", {}).get(tree) if tree and tree != "ar" else None
+        return int(getattr(t, "accept_depth", 0) or 0) if t is not None else 0
+
+    def slot(self, tenant: str, session: str, share: int) -> str:
+        """The engine session id for (tenant, session): one of the tenant's `share` slots, the
+        session's own while it is among the tenant's most recent, else the tenant's least
+        recently used one (whose KV, if kept, is the only one the new conversation replaces)."""
+        slots = self._slots.setdefault(tenant, OrderedDict())
+        if session in slots:
+            slots.move_to_end(session)
+            return slots[session]
+        if len(slots) < max(1, share):
+            used = set(slots.values())
+            sid = next(f"{tenant}/~{k}" for k in range(len(slots) + 1) if f"{tenant}/~{k}" not in used)
+        else:
+            _, sid = slots.popitem(last=False)
+        slots[session] = sid
+        return sid
+
+    def _annotate(self, span, stats, finish_reason: str = "") -> None:
         span.set_attribute("medusa.completion_tokens", stats.new_tokens)
         span.set_attribute("medusa.reused_tokens", stats.reused_tokens)
         span.set_attribute("medusa.steps", stats.steps)
         span.set_attribute("medusa.mean_accepted", float(stats.mean_accepted))
         span.set_attribute("medusa.tree", stats.tree)
         self.metrics.accepted_length(float(stats.mean_accepted))
+        self.metrics.finished(prompt_tokens=stats.prompt_tokens, new_tokens=stats.new_tokens, reused_tokens=stats.reused_tokens,
+                              finish_reason=finish_reason, seconds=stats.seconds, ttft_s=stats.ttft_s, steps=stats.steps,
+                              mean_accepted=float(stats.mean_accepted), draft_depth=self._depth(stats.tree))
 
     def info(self) -> dict:
         return dict(self._info, replica=self.replica_id)
@@ -141,7 +184,10 @@ class EngineReplica:
     def load(self) -> int:
         return self.engine.load()
 
-    def stats(self) -> dict:
+    def stats(self, route: dict | None = None) -> dict:
+        """The engine's counters (and the memory-derived KV plan, when sized so); `route`
+        ({"affinity": replica id}) only steers the call to that replica (services.router), so a
+        caller can read every replica's counters."""
         out = dict(self.engine.stats(), replica=self.replica_id)
         if self.kv_plan is not None:
             out["kv_plan"] = dict(self.kv_plan)

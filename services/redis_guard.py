@@ -15,9 +15,20 @@ T = TypeVar("T")
 
 
 def connect(url: str, timeout_s: float = 0.5):
+    """A client for url; the password may be in the URL or, to keep it out of configs and the
+    Ray cluster's environment, in the file named by REDIS_PASSWORD_FILE (a mounted Secret)."""
+    import os
+
     import redis.asyncio as aioredis
 
-    return aioredis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=True)
+    extra = {}
+    pw_file = os.environ.get("REDIS_PASSWORD_FILE")
+    if pw_file and os.path.isfile(pw_file):
+        with open(pw_file) as f:
+            extra["password"] = f.read().strip()
+    elif os.environ.get("REDIS_PASSWORD"):
+        extra["password"] = os.environ["REDIS_PASSWORD"]
+    return aioredis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=True, **extra)
 
 
 class RedisGuard:
@@ -37,6 +48,10 @@ class RedisGuard:
     def configured(self) -> bool:
         return self.url is not None
 
+    def healthy(self) -> bool:
+        """False while a recent call failed (within the cooldown)."""
+        return self.url is not None and self.clock() >= self._down_until
+
     def client(self):
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:  # a client belongs to one event loop
@@ -52,7 +67,7 @@ class RedisGuard:
         except (OSError, asyncio.TimeoutError, ConnectionError, _redis_errors()) as e:
             self._down_until = self.clock() + self.cooldown_s
             if not self._warned:
-                log.warning("redis at %s unreachable (%s: %s): %s continues without it", self.url,
+                log.warning("redis at %s unreachable (%s: %s): %s continues without it", _safe(self.url),
                             type(e).__name__, e, component)
                 self._warned = True
             if self.metrics is not None:
@@ -66,3 +81,11 @@ def _redis_errors():
     import redis
 
     return redis.RedisError
+
+
+def _safe(url: str | None) -> str:
+    """The URL without its password (never logged)."""
+    if not url or "@" not in url:
+        return url or ""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"

@@ -81,6 +81,4 @@ def parse_generate(req: pb.GenerateRequest, settings: Settings) -> GenerateSpec:
         raise RequestError(f"stop sequences must be 1-{MAX_STOP_CHARS} characters")
     if req.speculation not in SPECULATION:
         raise RequestError(f"unknown speculation value {req.speculation}")
-    if req.model and settings.model_id and req.model != settings.model_id:
-        raise RequestError(f"unknown model {req.model!r}: this server serves {settings.model_id!r}")
     return GenerateSpec(session, messages, prompt, sampling_of(req.sampling), n, list(req.stop), SPECULATION[req.speculation])

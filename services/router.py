@@ -20,7 +20,7 @@ def _payload(pending: Optional[PendingRequest]) -> dict | None:
     if pending is None:
         return None
     for a in list(pending.args) + list(pending.kwargs.values()):
-        if isinstance(a, dict) and "prompt_ids" in a:
+        if isinstance(a, dict) and ("prompt_ids" in a or "affinity" in a):  # a request, or a bare {"affinity": id}
             return a
     return None
 

@@ -121,3 +121,46 @@ def finished_spans() -> list[dict]:
     if _memory is None:
         return []
     return [span_dict(s) for s in _memory.get_finished_spans()]
+
+
+# ----- semantic conventions: server spans (rpc.* / http.*) and GenAI attributes (gen_ai.*)
+
+GRPC_SERVICE = "medusa.v1.Medusa"
+
+
+def server_attributes(grpc_context, method: str) -> dict:
+    """Attributes of the SERVER span for one call: the HTTP face's context carries its own
+    (`http_attributes`: http.request.method, http.route, url.path, ...), gRPC calls get rpc.*."""
+    http = getattr(grpc_context, "http_attributes", None)
+    if http:
+        return dict(http)
+    return {"rpc.system": "grpc", "rpc.service": GRPC_SERVICE, "rpc.method": method}
+
+
+def server_span(tracer: trace.Tracer, name: str, grpc_context, method: str, parent=None):
+    """A span of kind SERVER, as the OpenTelemetry RPC and HTTP conventions want for the span
+    that receives a request."""
+    return tracer.start_as_current_span(name, context=parent, kind=trace.SpanKind.SERVER,
+                                        attributes=server_attributes(grpc_context, method))
+
+
+def genai_request(span, *, operation: str, model: str, max_tokens: int, sampling: dict) -> None:
+    """gen_ai.* request attributes where the GenAI conventions define them."""
+    span.set_attribute("gen_ai.operation.name", operation)
+    span.set_attribute("gen_ai.provider.name", "medusa")
+    if model:
+        span.set_attribute("gen_ai.request.model", model)
+    span.set_attribute("gen_ai.request.max_tokens", int(max_tokens))
+    for key, attr in (("temperature", "gen_ai.request.temperature"), ("top_p", "gen_ai.request.top_p"),
+                      ("top_k", "gen_ai.request.top_k"), ("seed", "gen_ai.request.seed")):
+        if sampling.get(key) is not None:
+            span.set_attribute(attr, sampling[key])
+
+
+def genai_response(span, *, response_id: str, model: str, finish_reason: str, input_tokens: int, output_tokens: int) -> None:
+    span.set_attribute("gen_ai.response.id", response_id)
+    if model:
+        span.set_attribute("gen_ai.response.model", model)
+    span.set_attribute("gen_ai.response.finish_reasons", (finish_reason,))
+    span.set_attribute("gen_ai.usage.input_tokens", int(input_tokens))
+    span.set_attribute("gen_ai.usage.output_tokens", int(output_tokens))

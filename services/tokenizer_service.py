@@ -18,7 +18,15 @@ class TokenizerService:
         self.tracer = telemetry.setup("tokenizer", tracing)
 
     def encode(self, req: dict) -> dict:
-        """{"messages" | "prompt", "stop": [str], "trace"} -> {"prompt_ids", "stop_sequences"}."""
+        """{"messages" | "prompt", "stop": [str], "trace"} -> {"prompt_ids", "stop_sequences"}, or
+        {"error": reason} for bad input (returned, not raised: Serve logs a traceback for every
+        exception a replica raises, and a rejected request must not write one)."""
+        try:
+            return self._encode(req)
+        except RequestError as e:
+            return {"error": str(e)}
+
+    def _encode(self, req: dict) -> dict:
         with self.tracer.start_as_current_span("tokenizer.encode", context=telemetry.extract(req.get("trace"))) as span:
             if req.get("messages") is not None:
                 ids = self.tok.encode_chat(req["messages"])

@@ -11,7 +11,7 @@ from typing import AsyncIterator, Awaitable, Callable, Sequence
 
 import grpc
 
-from medusa.client.errors import DeadlineExceededError, ServerError, from_rpc_error
+from medusa.client.errors import DeadlineExceededError, ServerError, from_rpc_error, retry_after_s
 from medusa.client.retry import RetryPolicy, remaining
 from medusa.client.types import Delta, GenerateResult, StreamFold, build_request
 from medusa.proto.v1 import medusa_pb2 as pb
@@ -68,7 +68,8 @@ class AsyncMedusaClient:
     async def _attempts(self, open_call: Callable[[pb_grpc.MedusaStub, float | None], object],
                         timeout, started: Callable[[], bool] = lambda: False) -> AsyncIterator[object]:
         """Yield the responses of open_call(stub, seconds_left), reopening it after UNAVAILABLE
-        until something was received, the attempts are spent or the deadline passed."""
+        (or RESOURCE_EXHAUSTED with a retry-after-ms hint, waiting at least the hint) until
+        something was received, the attempts are spent or the deadline passed."""
         timeout = self.timeout if timeout is _UNSET else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         attempt = 0
@@ -87,9 +88,10 @@ class AsyncMedusaClient:
                     yield await call
                 return
             except grpc.aio.AioRpcError as e:
-                if not self.retry.should_retry(e.code(), attempt, started()):
+                hint = retry_after_s(e)
+                if not self.retry.should_retry(e.code(), attempt, started(), hint):
                     raise from_rpc_error(e) from None
-                delay = self.retry.backoff(attempt)
+                delay = self.retry.delay(attempt, hint)
                 left = remaining(deadline, time.monotonic())
                 if left is not None and delay >= left:
                     raise DeadlineExceededError(

@@ -6,14 +6,19 @@ from __future__ import annotations
 import grpc
 
 
+RETRY_AFTER_MD = "retry-after-ms"  # trailing metadata the server sends when a retry may succeed later
+
+
 class MedusaClientError(Exception):
-    """Base class: every failed call raises a subclass of this."""
+    """Base class: every failed call raises a subclass of this. retry_after_s: the server's
+    hint (trailing metadata retry-after-ms) of when trying again may succeed, else None."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
-    def __init__(self, details: str = "", code: grpc.StatusCode | None = None):
+    def __init__(self, details: str = "", code: grpc.StatusCode | None = None, retry_after_s: float | None = None):
         super().__init__(details or (code or self.code).name.lower())
         self.details = details
+        self.retry_after_s = retry_after_s
         if code is not None:
             self.code = code
 
@@ -65,9 +70,25 @@ _BY_CODE = {
 }
 
 
-def error_for(code: grpc.StatusCode, details: str | None) -> MedusaClientError:
-    return _BY_CODE.get(code, ServerError)(details or "", code)
+def error_for(code: grpc.StatusCode, details: str | None, retry_after_s: float | None = None) -> MedusaClientError:
+    return _BY_CODE.get(code, ServerError)(details or "", code, retry_after_s)
+
+
+def retry_after_s(e: grpc.RpcError) -> float | None:
+    """The server's retry-after-ms trailer in seconds (None when absent or malformed)."""
+    try:
+        md = e.trailing_metadata() or ()
+    except Exception:  # noqa: BLE001 - a call that never reached a server has none
+        return None
+    for k, v in md:
+        if k == RETRY_AFTER_MD:
+            try:
+                ms = float(v)
+            except (TypeError, ValueError):
+                return None
+            return ms / 1000.0 if ms >= 0 else None
+    return None
 
 
 def from_rpc_error(e: grpc.RpcError) -> MedusaClientError:
-    return error_for(e.code(), e.details())
+    return error_for(e.code(), e.details(), retry_after_s(e))

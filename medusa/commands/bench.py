@@ -4,28 +4,28 @@
     medusa bench --step-cost --shape llama-7b [--contexts 512,2048] [--queries 1,4,16,32,64,128]
     medusa bench --concurrency 1,4,16,64 --modes ar,spec
 
-Each writes JSON + markdown (+ a PNG plot for decode runs) under --out, named after the
-dataset or shape and the device. The measuring lives in medusa.bench; this module parses
+Each writes JSON + markdown (+ a PNG plot for decode runs) under --out (default ./bench-results,
+in the current directory), named after the dataset or shape and the device, and prints the paths. The measuring lives in medusa.bench; this module parses
 arguments, loads the model, shows progress and writes the files."""
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from pathlib import Path
 
-from medusa.commands.common import add_model_args, read_prompts
+from medusa.commands.common import HelpFormatter, add_model_args, read_prompts
 from medusa.errors import RequestError
 
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmark decoding modes, step cost and concurrency",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     add_model_args(p, heads=False)
     p.add_argument("--tree", help="tree for the speculative modes (name or JSON file; default: the heads' own, else tree16); "
                                   "pin one per mode with medusa:TREE in --modes; a +lookupN suffix adds a prompt-lookup chain "
                                   "of N nodes (greedy requests), alone (+lookup8) to the default tree")
-    p.add_argument("--out", default="benchmarks/results", help="folder for the JSON, markdown and PNG results")
+    p.add_argument("--out", default="bench-results", help="folder for the JSON, markdown and PNG results, created if missing "
+                                                         "(default: ./bench-results in the current directory)")
     p.add_argument("--name", help="file stem of the results (default: <dataset>-<device>, step-cost-<shape>-<device>, ...)")
     p.add_argument("--no-graphs", action="store_true", help="on a GPU, run our decode steps eagerly (no CUDA graphs)")
     p.add_argument("--compile", action="store_true", help="on a GPU, torch.compile the per-layer pieces before capturing graphs")
@@ -34,7 +34,7 @@ def register(sub) -> None:
     d.add_argument("--modes", default=None,
                    help="comma list of hf, ar, medusa, hydra (spec modes may pin a tree: medusa:tree32); "
                         "with --concurrency: ar, spec [default: hf,ar,medusa,hydra; with --concurrency ar,spec]")
-    d.add_argument("--max-new-tokens", type=int, default=256)
+    d.add_argument("--max-new-tokens", type=int, default=256, help="tokens generated per prompt")
     d.add_argument("--limit", type=int, default=None, help="first N prompts only")
     d.add_argument("--warmup", type=int, default=1, help="prompts run once per mode before measuring (not counted)")
     d.add_argument("--no-chat", action="store_true", help="raw prompts (no chat template)")
@@ -102,7 +102,7 @@ def _publish(doc: dict, out: Path, stem: str, markdown) -> int:
     md = markdown(doc)
     paths = _write(out, stem, doc, md)
     print(md)
-    print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    print("wrote " + ", ".join(str(p.resolve()) for p in paths), file=sys.stderr)
     return 0
 
 
@@ -147,7 +147,7 @@ def run_through(args) -> int:
     dest = out / f"{_slug(args.name or f'grpc-{label}-cpu')}.json"
     dest.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps({k: v for k, v in res.items() if not isinstance(v, (list, dict))}, indent=2))
-    print(f"wrote {dest}", file=sys.stderr)
+    print(f"wrote {dest.resolve()}", file=sys.stderr)
     return 0
 
 
@@ -235,7 +235,7 @@ def run_decode(args) -> int:
     png = report.decode_plot(doc, out / f"{stem}.png")
     paths += [png] if png else []
     print(report.decode_markdown(doc))
-    print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    print("wrote " + ", ".join(str(p.resolve()) for p in paths), file=sys.stderr)
     return 1 if golden else 0
 
 

@@ -4,27 +4,26 @@ sampled responses from the base model through the batched engine, appended to a 
 rerunning skips what is done."""
 from __future__ import annotations
 
-import argparse
 import sys
 
-from medusa.commands.common import add_model_args
+from medusa.commands.common import HelpFormatter, add_model_args
 from medusa.errors import RequestError
 
 
 def register(sub) -> None:
     p = sub.add_parser("distill", help="write self-distillation data (base model responses) for head training",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("--prompts", nargs="+", required=True, metavar="FILE",
                    help="prompt files: JSONL {id, prompt} | {question, answer}, or JSON lists {instruction, input, output}")
     p.add_argument("--out", required=True, help="JSONL output (appended; ids already there are skipped)")
     p.add_argument("--limit", type=int, default=None, help="use the first N prompts of the mix")
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, default=512, help="longest response per prompt, in tokens")
     p.add_argument("--max-prompt-tokens", type=int, default=512, help="skip longer prompts")
     p.add_argument("--sample-fraction", type=float, default=0.3, help="share of prompts answered by sampling (rest greedy)")
     p.add_argument("--temperature", type=float, default=0.7, help="for the sampled responses")
     p.add_argument("--batch", type=int, default=64, help="engine rows decoded together")
     p.add_argument("--time-limit", type=float, default=None, help="seconds; stop (resumably) when reached")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompt mix and of the sampled responses")
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     add_model_args(p, heads=False)
     p.set_defaults(func=run)

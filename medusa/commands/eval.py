@@ -4,12 +4,11 @@ heads under teacher forcing), as a table and JSON (the input of `medusa tree`).
 stays to the original model on held-out prompts (medusa.training.quality), against a stated bar."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from medusa.commands.common import add_model_args
+from medusa.commands.common import HelpFormatter, add_model_args
 from medusa.errors import RequestError
 
 
@@ -17,16 +16,16 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="evaluate trained draft heads")
     what = p.add_subparsers(dest="what", required=True)
     h = what.add_parser("heads", help="per-head top-k accuracy on held-out distilled data",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=HelpFormatter)
     h.add_argument("--data", required=True, help="distilled JSONL (the held-out split of `medusa train` is used)")
     h.add_argument("--heldout", type=float, default=0.02, help="must match the --heldout of training")
     h.add_argument("--all", action="store_true", help="score every record, not only the held-out split")
-    h.add_argument("--topk", type=int, default=10)
-    h.add_argument("--max-batches", type=int, default=None)
-    h.add_argument("--batch-tokens", type=int, default=16384)
-    h.add_argument("--max-len", type=int, default=1024)
+    h.add_argument("--topk", type=int, default=10, help="accuracy at ranks 1..K per head")
+    h.add_argument("--max-batches", type=int, default=None, help="score at most this many batches (default: all)")
+    h.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per batch")
+    h.add_argument("--max-len", type=int, default=1024, help="cut sequences to this many tokens")
     h.add_argument("--json", dest="json_out", help="write the accuracies here (JSON)")
-    add_model_args(h)
+    add_model_args(h, tree=False)
     h.set_defaults(func=run)
     q = what.add_parser("quality", help="the adapted backbone of Medusa-2 heads against the original model",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -3,11 +3,10 @@ draft heads and tree verification (--mode spec), or by the engine's measured-cos
 (--mode auto, the default), streaming text or printing one JSON object per prompt."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-from medusa.commands.common import Prompt, add_model_args, read_prompts
+from medusa.commands.common import HelpFormatter, Prompt, add_model_args, read_prompts
 from medusa.decoding.generate import Stats, check_context, single_engine, stream
 from medusa.decoding.sampling import SamplingParams
 from medusa.decoding.tree import load_tree
@@ -16,7 +15,7 @@ from medusa.errors import RequestError
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate text (speculatively by default)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("prompt", nargs="?", help="the prompt (or use --prompt-file)")
     p.add_argument("--prompt-file", help='JSONL of {"id", "prompt"} or MT-Bench {"question_id", "turns"} rows')
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts of --prompt-file")
@@ -26,11 +25,11 @@ def register(sub) -> None:
                         "ar: plain autoregressive; spec: always speculate with the tree")
     p.add_argument("--rule", choices=("greedy", "typical", "sample"), default=None,
                    help="acceptance rule (default: greedy at temperature 0, else sample)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens generated per prompt")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: 0, or 1.0 with --rule sample/typical)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens with this much probability")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0: off)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: random)")
     p.add_argument("--posterior-threshold", type=float, default=0.09, help="typical acceptance epsilon")
     p.add_argument("--posterior-alpha", type=float, default=0.3, help="typical acceptance alpha")
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
@@ -55,9 +54,12 @@ def prompts_from_args(args) -> list[Prompt]:
     if args.prompt_file:
         return read_prompts(args.prompt_file, args.limit)
     if args.prompt is None:
-        if sys.stdin.isatty():
+        text = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+        if not text.strip():  # a terminal, or an empty pipe / /dev/null: never generate from nothing
             raise RequestError("no prompt: pass PROMPT, --prompt-file FILE, or pipe text on stdin")
-        return [Prompt("stdin", sys.stdin.read())]
+        return [Prompt("stdin", text)]
+    if not args.prompt.strip():
+        raise RequestError("the prompt is empty")
     return [Prompt("0", args.prompt)]
 
 

@@ -7,14 +7,13 @@ saved beside the heads (adapters.safetensors, named in heads.json) and merged in
 whenever the heads load."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
-from medusa.commands.common import add_model_args
+from medusa.commands.common import HelpFormatter, add_model_args
 from medusa.errors import RequestError
 from medusa.heads.adapters import ADAPTERS, ATTENTION_TARGETS, MLP_TARGETS, TARGETS
 
@@ -24,7 +23,7 @@ TARGET_SETS = {"all": TARGETS, "attention": ATTENTION_TARGETS, "mlp": MLP_TARGET
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train draft heads on distilled data (frozen base model)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="distilled JSONL (medusa distill)")
     p.add_argument("--out", required=True, help="output folder (heads + checkpoint; rerun to resume)")
     p.add_argument("--init-heads", metavar="DIR",
@@ -35,25 +34,25 @@ def register(sub) -> None:
     p.add_argument("--num-heads", type=int, default=None, help="(default: 4)")
     p.add_argument("--num-layers", type=int, default=None, help="residual blocks per head, Hydra: MLP depth (default: 1)")
     p.add_argument("--prefix-intermediate", type=int, default=None, help="Hydra++ prefix layer MLP width (default: the base's)")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=50, help="warm-up steps")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=1, help="passes over the training records")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (default: the epochs' steps)")
     p.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per batch")
     p.add_argument("--max-len", type=int, default=1024, help="cut sequences to this many tokens")
     p.add_argument("--head-decay", type=float, default=0.8, help="loss weight of head i is DECAY**i")
     p.add_argument("--teacher-weight", type=float, default=None,
                    help="0 = CE on distilled tokens, 1 = soft CE vs the base distribution (default: 1 for hydra++, else 0)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--heldout", type=float, default=0.02, help="share of records held out for evaluation")
     p.add_argument("--time-limit", type=float, default=None, help="seconds; the schedule is fitted to it")
-    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--checkpoint-every", type=int, default=200, help="save the heads every N steps")
     p.add_argument("--eval-batches", type=int, default=40, help="held-out batches per evaluation (0: all)")
     p.add_argument("--draft-vocab", type=int, default=0,
                    help="restrict the saved heads' proposals to the N tokens most frequent in the training responses "
                         "(0: the whole vocabulary; `medusa vocab` sets it later)")
-    p.add_argument("--save-dtype", choices=("float16", "bfloat16", "float32"), default="float16")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-dtype", choices=("float16", "bfloat16", "float32"), default="float16", help="dtype of the saved head weights")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the run")
     j = p.add_argument_group("joint training (Medusa-2: heads + LoRA adapters on the backbone)")
     j.add_argument("--joint", action="store_true", help="train LoRA adapters on the backbone with the heads, the backbone's "
                    "loss being the KL to the original model (warm up first: --init-heads with trained heads)")

@@ -9,22 +9,22 @@ the per-rank accuracy table and multiplies along a path as if the heads erred in
 the tree of --ship-nodes and the accuracy table in that heads folder's heads.json."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
+from medusa.commands.common import HelpFormatter
 from medusa.errors import RequestError
 
 
 def register(sub) -> None:
     p = sub.add_parser("tree", help="search the best tree per node budget from head accuracies",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("--accuracies", required=True, help="JSON from `medusa eval heads --json`")
     p.add_argument("--nodes", default="16,32,64,128", help="node budgets (root included), comma separated")
     p.add_argument("--out", required=True, help="folder for tree<N>.json files")
     p.add_argument("--heads", default=None, help="heads folder whose heads.json gets the tree of --ship-nodes")
-    p.add_argument("--ship-nodes", type=int, default=64)
+    p.add_argument("--ship-nodes", type=int, default=64, help="node budget of the tree written into --heads")
     p.add_argument("--search", choices=("counts", "independent"), default=None,
                    help="counts: on the observed rank paths (default when the accuracies have them); independent: on the rank table")
     p.set_defaults(func=run)

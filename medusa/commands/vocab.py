@@ -4,17 +4,17 @@ only; verification still scores the whole vocabulary, so output is unchanged. Wr
 into the folder's heads.safetensors and the size into heads.json (the weights are untouched)."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
+from medusa.commands.common import HelpFormatter
 from medusa.errors import RequestError
 
 
 def register(sub) -> None:
     p = sub.add_parser("vocab", help="restrict draft heads to the most frequent tokens of distilled data",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("--heads", required=True, help="heads folder to update in place")
     p.add_argument("--data", help="distilled JSONL (medusa distill); the training split is counted")
     p.add_argument("--size", type=int, required=True, help="tokens to keep (0: remove the draft vocabulary)")

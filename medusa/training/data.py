@@ -65,15 +65,26 @@ def read_prompt_file(path: str | Path) -> list[PromptText]:
     except (OSError, UnicodeDecodeError) as e:
         raise RequestError(f"cannot read prompt file {path}: {e}") from None
     stripped = text.lstrip()
-    try:
-        rows = json.loads(text) if stripped.startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
-    except json.JSONDecodeError as e:
-        raise RequestError(f"{path}: not JSON or JSONL ({e.msg} at line {e.lineno})") from None
+    if stripped.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RequestError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        numbered = list(enumerate(rows, 1))  # (row number, row)
+    else:
+        numbered = []
+        for lineno, line in enumerate(text.splitlines(), 1):  # the file's own line numbers, blank lines counted
+            if not line.strip():
+                continue
+            try:
+                numbered.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise RequestError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
     out = []
-    for n, row in enumerate(rows):
+    for n, (where, row) in enumerate(numbered):
         t = _row_text(row)
         if t is None:
-            raise RequestError(f"{path}: row {n + 1} has none of prompt, question, instruction")
+            raise RequestError(f"{path}:{where}: row has none of prompt, question, instruction")
         if t.strip():
             rid = row.get("id", n) if isinstance(row, dict) else n
             out.append(PromptText(f"{path.stem}:{rid}", t))

@@ -148,15 +148,17 @@ def test_settings_parse_and_reject_unknown_fields():
             Settings.parse(bad)
 
 
-def test_keys_are_hashed_and_bearer_parsed(redis_url):
+def test_keys_are_hashed_and_bearer_parsed(redis_url, tmp_path):
     assert bearer_key([("authorization", "Bearer abc ")]) == "abc"
     assert bearer_key([("Authorization", "basic abc")]) is None and bearer_key([]) is None
     assert parse_env_keys("a:k1, b:k2") == {hash_key("k1"): "a", hash_key("k2"): "b"}
     with pytest.raises(ValueError):
         parse_env_keys("nokey")
-    s = Settings.parse({"api_keys": [{"tenant": "cfg", "key_sha256": hash_key("secret")}]})
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# tenant:key lines\nenvt:k-env\n")
+    s = Settings.parse({"api_keys": [{"tenant": "cfg", "key_sha256": hash_key("secret")}], "api_keys_file": str(keys_file)})
     guard = RedisGuard(redis_url)
-    ks = KeyStore.from_settings(s, guard, env="envt:k-env")
+    ks = KeyStore.from_settings(s, guard)
     assert "secret" not in repr(ks.hashed) and "k-env" not in repr(ks.hashed)
 
     async def go():
@@ -303,7 +305,7 @@ def test_sessions_are_namespaced_and_recorded(stack):
     assert first.usage.reused_prompt_tokens == 0 and second.usage.reused_prompt_tokens > 0
     assert other.usage.reused_prompt_tokens == 0  # same session name, other tenant: no shared KV
     ids = {r.session_id for r in stack["engine"].submitted}
-    assert {"acme/conv-1", "zeta/conv-1"} <= ids
+    assert {"acme/~0", "zeta/~0"} <= ids  # each tenant's own session slots (services.engine_replica)
     r = redis.Redis.from_url(stack["redis_url"])
     assert r.get(session_key("acme", "conv-1")) == b"replica-1" and 0 < r.ttl(session_key("acme", "conv-1")) <= 1800
 
@@ -492,6 +494,8 @@ def test_engine_replica_cancels_when_the_caller_goes_away():
 
     async def go():
         gen = replica.generate({"prompt_ids": [11, 12, 13, 14, 15, 16], "max_new_tokens": 6, "sampling": {}})
+        admitted = await gen.__anext__()  # sent as soon as the engine took the request
+        assert admitted == {"tokens": [], "admitted": True, "replica": "r"}
         first = await gen.__anext__()
         await gen.aclose()
         bad = [ev async for ev in replica.generate({"prompt_ids": [1], "max_new_tokens": 2, "sampling": {"temperature": -1}})]

@@ -49,3 +49,47 @@ def test_bad_config_exits_with_code_2(tmp_path, capsys):
     with pytest.raises(Exception, match="services.app:build_app"):
         read_config(tmp_path / "other.yaml")
     assert main(["serve", "--grpc-port", "70000"]) == 2
+
+
+def test_ctrl_c_and_sigterm_drain_before_stopping(monkeypatch, capsys):
+    """Issue 26: Ctrl-C / SIGTERM used to stop Serve at once (streams cut); now the ingress
+    drains first (--drain-grace becomes the drain_grace_s setting), then the cluster stops."""
+    import signal
+
+    from medusa.commands import serve as serve_cmd
+    from services import launch
+
+    calls = []
+
+    class FakeCluster:
+        settings = {"redis_url": "redis://127.0.0.1:1/0"}
+        redis = None
+        dev_keys = {}
+        target = "127.0.0.1:9"
+        base_url = "http://127.0.0.1:8/v1"
+
+        def drain(self):
+            calls.append("drain")
+            return {"in_flight": 2, "finished": 2, "cancelled": 0}
+
+        def stop(self):
+            calls.append("stop")
+
+    started = {}
+
+    def fake_start(app_args, **kw):
+        started.update(app_args)
+        return FakeCluster()
+
+    def interrupted(_):
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # as if SIGTERM arrived
+
+    monkeypatch.setattr(launch, "start", fake_start)
+    monkeypatch.setattr(serve_cmd.time, "sleep", interrupted)
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        assert main(["serve", "--drain-grace", "7"]) == 0
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert calls == ["drain", "stop"] and started["drain_grace_s"] == 7.0
+    assert "2 stream(s) finished" in capsys.readouterr().err

@@ -1,7 +1,11 @@
 """The KubeRay manifests (k8s/ base and overlays, built like `kustomize build`) validate against
-the KubeRay RayService CRD copied into tests/data/kuberay, their Serve config is a valid Ray Serve
-config for our app, and the base's Serve config is deploy/serve_config.yaml."""
-from pathlib import Path
+the KubeRay v1.7.0 RayService CRD copied into tests/data/kuberay, their Serve
+config is a valid Ray Serve config for our app, the base's Serve config is
+deploy/serve_config.yaml, and they are what an operator needs: no KubeRay fields deprecated since
+1.1, an upgrade strategy that does not double the GPUs, a model from a volume, scaled ingress and
+tokenizer deployments, a termination grace period longer than Serve's drain, grpc.health.v1
+probes, Prometheus scraping (annotations + the PodMonitor) and no hard-coded OTLP endpoint."""
+from pathlib import Path, PurePosixPath
 
 import pytest
 
@@ -10,6 +14,7 @@ jsonschema = pytest.importorskip("jsonschema")
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "tests" / "data" / "kuberay" / "ray.io_rayservices.yaml"
+DEPRECATED = {"serviceUnhealthySecondThreshold", "deploymentUnhealthySecondThreshold"}  # KubeRay >= 1.1 ignores them
 OVERLAYS = sorted(p.name for p in (REPO / "k8s" / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
 
 
@@ -81,6 +86,53 @@ def test_manifests_validate_against_the_crd(variant, rayservice_schema):
     assert serve_cfg["grpc_options"]["port"] in ports
     check_serve_config(serve_cfg)
     assert {d["kind"] for d in docs} >= {"Deployment", "Service"}  # Redis
+    check_operability(rs, serve_cfg, docs, gpus=variant == "gpu")
+
+
+def _pods(rs):
+    rcc = rs["spec"]["rayClusterConfig"]
+    return [rcc["headGroupSpec"]["template"]] + [g["template"] for g in rcc["workerGroupSpecs"]]
+
+
+def check_operability(rs, serve_cfg, docs, gpus):
+    spec = rs["spec"]
+    assert not DEPRECATED & set(spec), f"deprecated KubeRay fields: {DEPRECATED & set(spec)}"
+    strategy = spec.get("upgradeStrategy", {}).get("type")
+    assert strategy in ("NewCluster", "NewClusterWithIncrementalUpgrade", "None")
+    if gpus:  # a cluster change must not start a second set of GPU pods
+        assert strategy != "NewCluster"
+        if strategy == "NewClusterWithIncrementalUpgrade":
+            assert spec["upgradeStrategy"]["clusterUpgradeOptions"]["maxSurgePercent"] < 100
+    assert "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server" in serve_cfg["grpc_options"]["grpc_servicer_functions"]
+    app = next(a for a in serve_cfg["applications"] if a["import_path"] == "services.app:build_app")
+    deps = {d["name"]: d for d in app.get("deployments", [])}
+    for name in ("Ingress", "Tokenizer"):  # scaled with traffic, not one replica each
+        d = deps[name]
+        assert d.get("autoscaling_config", {}).get("max_replicas", d.get("num_replicas", 1)) > 1, name
+    drain = max(d.get("graceful_shutdown_timeout_s", 20) for d in deps.values())
+    model = app["args"].get("model")
+    for pod in _pods(rs):
+        ps = pod["spec"]
+        assert ps.get("terminationGracePeriodSeconds", 30) > drain
+        labels = pod.get("metadata", {}).get("labels", {})
+        ann = pod.get("metadata", {}).get("annotations", {})
+        assert ann.get("prometheus.io/scrape") == "true"
+        c = ps["containers"][0]
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert int(ann["prometheus.io/port"]) == ports["metrics"]
+        probe = c["readinessProbe"]["grpc"]
+        assert probe["port"] == serve_cfg["grpc_options"]["port"] == ports["grpc"]
+        assert not [e for e in c.get("env", []) if e["name"].startswith("OTEL_EXPORTER_OTLP")]
+        if model and model.startswith("/"):  # a model path must be on a volume every pod mounts
+            mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])}
+            vols = {v["name"]: v for v in ps.get("volumes", [])}
+            assert any(PurePosixPath(model).is_relative_to(path) and name in vols for name, path in mounts.items()), model
+            for name in mounts:
+                claim = vols[name].get("persistentVolumeClaim", {}).get("claimName")
+                assert claim is None or any(d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == claim for d in docs)
+        monitor = yaml.safe_load((REPO / "k8s" / "monitoring" / "podmonitor.yaml").read_text())
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} <= set(ports)
 
 
 def check_serve_config(cfg: dict) -> None:
@@ -103,3 +155,38 @@ def test_base_serve_config_is_deploy_serve_config():
     check_serve_config(deploy)
     base = next(d for d in build(REPO / "k8s" / "base") if d["kind"] == "RayService")
     assert yaml.safe_load(base["spec"]["serveConfigV2"]) == deploy
+
+
+@pytest.mark.parametrize("variant", ["base", *OVERLAYS], ids=lambda v: f"k8s-{v}")
+def test_redis_and_keys_are_locked_down(variant):
+    """Issue 26: Redis behind AUTH from a Secret, persistent, reachable only from the cluster's
+    pods; API keys mounted into the ingress (head) pod only; termination grace >= drain grace."""
+    docs = build(REPO / "k8s" / ("base" if variant == "base" else f"overlays/{variant}"))
+    kinds = {d["kind"]: d for d in docs}
+    redis = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "medusa-redis")
+    c = redis["spec"]["template"]["spec"]["containers"][0]
+    assert "--requirepass" in c["args"] and "$(REDIS_PASSWORD)" in c["args"]
+    assert c["env"][0]["valueFrom"]["secretKeyRef"]["name"] == "medusa-redis-auth"
+    assert c["args"][c["args"].index("--appendonly") + 1] == "yes" and c["volumeMounts"][0]["mountPath"] == "/data"
+    claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}  # Redis's, the models'
+    assert redis["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] in claims
+    policy = kinds["NetworkPolicy"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == redis["spec"]["selector"]["matchLabels"]
+    allowed = policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+    rs = kinds["RayService"]
+    rcc = rs["spec"]["rayClusterConfig"]
+    head = rcc["headGroupSpec"]["template"]
+    workers = [g["template"] for g in rcc["workerGroupSpecs"]]
+    app = next(a for a in yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"] if a["import_path"] == "services.app:build_app")
+    for t in [head, *workers]:
+        assert allowed.items() <= t["metadata"]["labels"].items()
+        assert t["spec"]["terminationGracePeriodSeconds"] >= app["args"]["drain_grace_s"] + 5
+        for ct in t["spec"]["containers"]:
+            assert not any(e["name"] == "MEDUSA_API_KEYS" for e in ct.get("env", []))  # raw keys in no environment
+    head_env = {e["name"]: e.get("value") for e in head["spec"]["containers"][0]["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in head["spec"]["containers"][0]["volumeMounts"]}
+    assert head_env["MEDUSA_API_KEYS_FILE"].startswith(mounts["api-keys"] + "/")
+    assert head_env["REDIS_PASSWORD_FILE"].startswith(mounts["redis-auth"] + "/")
+    assert head_env["MEDUSA_INGRESS_RESOURCE"] in rcc["headGroupSpec"]["rayStartParams"]["resources"]
+    for t in workers:
+        assert not any(v.get("secret", {}).get("secretName") == "medusa-api-keys" for v in t["spec"].get("volumes", []))
