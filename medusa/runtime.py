@@ -76,8 +76,15 @@ def resolve_heads(spec: str | None, model, source: ModelSource):
 
 
 def tqdm_progress():
-    """A loading.Progress callback drawing a tqdm bar on stderr."""
+    """A loading.Progress callback drawing a tqdm bar on stderr (none when stderr is not a
+    terminal, unless a TQDM_* variable says otherwise)."""
+    import os
+
     from tqdm import tqdm
+
+    # TQDM_DISABLE is read here, not left to tqdm: tqdm reads its TQDM_* defaults once, at import
+    flag = os.environ.get("TQDM_DISABLE")
+    quiet = {"disable": None if flag is None else flag.lower() in ("1", "true")}  # None: off on a non-TTY
 
     bar, doing = None, None
 
@@ -86,7 +93,7 @@ def tqdm_progress():
         if bar is None or what != doing:  # a new phase (a GGUF's conversion, then the load): a new bar
             if bar is not None:
                 bar.close()
-            bar, doing = tqdm(total=total, desc=what, unit="tensor", leave=False), what
+            bar, doing = tqdm(total=total, desc=what, unit="tensor", leave=False, **quiet), what
         bar.n = done + 1
         bar.refresh()
         if done + 1 >= total:

@@ -28,7 +28,7 @@ def register(sub) -> None:
     add_model_args(h, tree=False)
     h.set_defaults(func=run)
     q = what.add_parser("quality", help="the adapted backbone of Medusa-2 heads against the original model",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=HelpFormatter)
     src = q.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt-file", help="held-out prompts (JSONL {id, prompt} or MT-Bench questions), chat-templated")
     src.add_argument("--data", help="distilled JSONL: the prompts of its held-out split (never trained on)")
