@@ -58,6 +58,16 @@ def setup(component: str, exporter: str | None = None) -> trace.Tracer:
                 raise ValueError(f"unknown trace exporter {name!r}: otlp, console, memory or none")
             trace.set_tracer_provider(provider)
             _configured = name
+        elif name == "memory" and _memory is None and _configured is not None:
+            # a process whose provider an earlier exporter installed (OTel allows one per
+            # process) still gets the in-memory exporter asked for, beside that one
+            from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+            from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+            provider = trace.get_tracer_provider()
+            if hasattr(provider, "add_span_processor"):
+                _memory = InMemorySpanExporter()
+                provider.add_span_processor(SimpleSpanProcessor(_memory))
     return trace.get_tracer(f"medusa.services.{component}")
 
 

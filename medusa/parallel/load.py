@@ -20,16 +20,19 @@ import torch
 from safetensors import safe_open
 
 from medusa.errors import ModelLoadError
-from medusa.model.llama import Transformer, check_attention_setting
+from medusa.kernels.attention_choice import check_attention_setting
+from medusa.model.llama import Transformer
 from medusa.model.loading import _safetensors_files, read_config, resolve
 from medusa.model.rope import rope_table
 from medusa.parallel.comm import Group
-from medusa.parallel.shard import keep, pad_rows, shard_model
+from medusa.parallel.shard import ZERO, keep, pad_rows, shard_model
 
 
 def _read(st, key: str, cut) -> torch.Tensor:
     if cut is None:
         return st.get_tensor(key)
+    if cut == ZERO:  # a row-parallel bias (small): added once, by the first rank
+        return torch.zeros_like(st.get_tensor(key))
     part = st.get_slice(key)
     index = tuple(slice(cut.start, cut.stop) if d == cut.dim else slice(None) for d in range(len(part.get_shape())))
     return part[index]

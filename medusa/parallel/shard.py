@@ -61,11 +61,16 @@ def layout(cfg: ModelConfig, rank: int, world: int) -> Layout:
 
 
 class Cut(NamedTuple):
-    """Keep rows (dim 0) or columns (dim 1) start .. stop-1 of a weight."""
+    """Keep rows (dim 0) or columns (dim 1) start .. stop-1 of a weight; dim -1 (ZERO): keep
+    the tensor's shape, all zeros (a row-parallel bias on every rank but the first: the
+    all-reduce after the projection adds it once)."""
 
     dim: int
     start: int
     stop: int
+
+
+ZERO = Cut(-1, 0, 0)
 
 
 def keep(name: str, cfg: ModelConfig, rank: int, world: int) -> Cut | None:
@@ -82,6 +87,8 @@ def keep(name: str, cfg: ModelConfig, rank: int, world: int) -> Cut | None:
         return Cut(0, rank * lay.heads * Dh, (rank + 1) * lay.heads * Dh)
     if mod in ("k_proj", "v_proj"):
         return Cut(0, lay.kv_first * Dh, (lay.kv_first + lay.kv_heads) * Dh)
+    if mod in ("o_proj", "down_proj") and name.endswith(".bias"):
+        return None if rank == 0 else ZERO
     if mod == "o_proj":
         return Cut(1, rank * lay.heads * Dh, (rank + 1) * lay.heads * Dh)
     if mod in ("gate_proj", "up_proj"):
@@ -95,7 +102,9 @@ def keep(name: str, cfg: ModelConfig, rank: int, world: int) -> Cut | None:
 
 def take(t: torch.Tensor, cut: Cut | None) -> torch.Tensor:
     """The kept part of a whole tensor, as a copy (so the whole one can be freed)."""
-    return t if cut is None else t.narrow(cut.dim, cut.start, cut.stop - cut.start).clone()
+    if cut is None:
+        return t
+    return torch.zeros_like(t) if cut == ZERO else t.narrow(cut.dim, cut.start, cut.stop - cut.start).clone()
 
 
 def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:

@@ -27,7 +27,8 @@
 #   bash scripts/gpu/measure.sh 23  # lookup16 shipped with the Hydra++ heads: GPU tests; 80 prompts (chain on/off); engine at 1 (80 requests) and 1-64
 #   bash scripts/gpu/measure.sh 24  # the engine again (auto measures the lookup tree on steps without its chain too): at 1 (80 requests) and 1-64
 #   bash scripts/gpu/measure.sh 25  # one decoding core (issue 23), the working tree against the code in .old (as 18): GPU tests;
-#                                   # all 80 prompts x 256 (ar, hydra) and the engine at 1/16/64 (ar, auto), each code in turn
+#                                   # all 80 prompts x 256 (ar, hydra), each code in turn
+#   bash scripts/gpu/measure.sh 26  # the same comparison for the engine at concurrency 1/16/64 (ar, auto)
 source scripts/gpu/env.sh
 R=/tmp/res; mkdir -p $R
 quiet() { grep -v -E "run\]|run, |cell\]|cell, |req\]|req, |^\s*$|triton_mm|AUTOTUNE" ; }
@@ -158,19 +159,25 @@ import json; h = json.load(open('$H/heads.json')); h['tree'] = json.load(open('$
   echo "== engine, concurrency 1, 80 requests"; timeout 150 python3 -m medusa.cli bench --concurrency 1 --requests 80 --modes ar,spec,auto --max-new-tokens 256 --name concurrency-1-80-lookup$N-gpu --out $R 2>&1 | quiet | grep -E '^\| (ar|spec|auto)'
   echo "== engine, concurrency 1-64"; timeout 120 python3 -m medusa.cli bench --concurrency 1,4,16,64 --modes ar,auto --repeats 2 --max-new-tokens 128 --name concurrency-auto-lookup-b$N-gpu --out $R 2>&1 | quiet | grep -E '^\| (ar|auto)'
   ;;
-25)
-  [ -d .old/medusa ] && ln -sfn $PWD/medusa/assets .old/medusa/assets
-  echo "== GPU tests"; timeout ${TEST_TIMEOUT:-170} python3 -m pytest -q -x ${GPU_TESTS:-tests/gpu} 2>&1 | tail -3
-  for V in new old; do
-    P=$PWD; [ $V = old ] && P=$PWD/.old
-    echo "== all 80 prompts, $V code"; (cd $P && PYTHONPATH=/tmp/site:$P timeout 130 python3 -m medusa.cli bench --modes ar,hydra --max-new-tokens 256 --name mt_bench-80-core-$V-gpu --out $R 2>&1) | quiet | grep -E '^\| (ar|hydra)'
-  done
-  for V in new old; do
-    P=$PWD; [ $V = old ] && P=$PWD/.old
-    echo "== engine, concurrency 1/16/64, $V code"; (cd $P && PYTHONPATH=/tmp/site:$P timeout 150 python3 -m medusa.cli bench --concurrency 1,16,64 --modes ar,auto --max-new-tokens 128 --name concurrency-core-$V-gpu --out $R 2>&1) | quiet | grep -E '^\| (ar|auto)'
-  done
+25|26)
+  # the base commit's package (.old, carried: `git archive BASE medusa ':(exclude)medusa/assets' | tar -x -C .old`),
+  # with its own heads.json and trees (also carried: `git archive BASE medusa/assets ':(exclude)*.safetensors'`),
+  # the weights linked from this tree's (the same files); its GGUF cache apart (the base caches float32, this tree float16)
+  for f in medusa/assets/heads/*/heads.safetensors; do ln -sf $PWD/$f .old/$f; done
+  if [ "$1" = 25 ]; then
+    echo "== GPU tests"; timeout ${TEST_TIMEOUT:-170} python3 -m pytest -q -x ${GPU_TESTS:-tests/gpu} 2>&1 | tail -3
+    for V in new old; do
+      P=$PWD C=/tmp/mc; [ $V = old ] && P=$PWD/.old C=/tmp/mc-old
+      echo "== all 80 prompts, $V code"; (cd $P && MEDUSA_CACHE=$C PYTHONPATH=/tmp/site:$P timeout 150 python3 -m medusa.cli bench --modes ar,hydra --max-new-tokens 256 --name mt_bench-80-core-$V-gpu --out $R 2>&1) | quiet | grep -E '^\| (ar|hydra)'
+    done
+  else
+    for V in new old; do
+      P=$PWD C=/tmp/mc; [ $V = old ] && P=$PWD/.old C=/tmp/mc-old
+      echo "== engine, concurrency 1/16/64, $V code"; (cd $P && MEDUSA_CACHE=$C PYTHONPATH=/tmp/site:$P timeout 170 python3 -m medusa.cli bench --concurrency 1,16,64 --modes ar,auto --max-new-tokens 128 --name concurrency-core-$V-gpu --out $R 2>&1) | quiet | grep -E '^\| (ar|auto)'
+    done
+  fi
   ;;
-14|15|16)
+4|15|16)
   # the prompt files are carried in .gpu/c/prompts (copied to /tmp/m/prompts with the model part)
   export MODEL=/tmp/m/smollm2.gguf PROMPTS=/tmp/m/prompts WORK=/tmp/heads_run HEADS=hydra DISTILL_SEED=3 SAMPLE_FRACTION=0.5 \
     INIT_HEADS=hydra HYDRA_LAYERS=${HYDRA_LAYERS:-3} HYDRA_PREFIX=${HYDRA_PREFIX:-1536} HYDRA_LR=6e-4 DRAFT_VOCAB=32768

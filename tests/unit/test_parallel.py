@@ -22,8 +22,7 @@ from safetensors.torch import save_file
 from medusa.decoding.generate import generate
 from medusa.decoding.sampling import SamplingParams
 from medusa.decoding.tree import load_tree, with_lookup
-from medusa.heads.io import load_heads
-from medusa.parallel.comm import NO_MULTICAST, Group, ParallelError, check_world
+from medusa.parallel.comm import NO_MULTICAST, Group, ParallelError, check_world, single
 from medusa.parallel.decode import Executor, decode
 from medusa.parallel.launch import launch
 from medusa.parallel.load import load_heads_sharded, load_sharded
@@ -122,10 +121,14 @@ def reference(stack, heads_dirs, prompts):
     greedy run at TP 3."""
     ref = {"plain": [[t for c in generate(stack.model, p, max_new_tokens=NEW, stop_token_ids=()) for t in c.tokens]
                      for p in prompts]}
-    heads = load_heads(heads_dirs["hydra"], stack.model)
-    params = SamplingParams(**{**vars(SAMPLED), "seed": SEED})
-    ref["sampled"] = [t for c in generate(stack.model, prompts[0], heads=heads, tree=_heads_tree("hydra", heads_dirs["hydra"]),
-                                          params=params, max_new_tokens=SAMPLED_NEW, stop_token_ids=()) for t in c.tokens]
+    # sampling: the lockstep decode draws its own seeded stream (not the Engine's per-request
+    # uniforms), so TP 1 runs the same decode, as the group of one rank
+    one = single("cpu")
+    model, _ = load_sharded(str(stack.source.hf_dir), one)
+    heads = load_heads_sharded(heads_dirs["hydra"], model)
+    tree = _heads_tree("hydra", heads_dirs["hydra"])
+    ref["sampled"] = _serve_or_drive(one, Executor(model, heads),
+                                     lambda lock: decode(lock, prompts[0], SAMPLED_NEW, tree, SAMPLED, seed=SEED))
     teacher = prompts[0] + ref["plain"][0]
     with torch.inference_mode():
         T = len(teacher)
@@ -268,6 +271,17 @@ def test_sharded_linears_reassemble(world, kind, names, dim):
             assert all(x.shape[dim] == full.shape[dim] // (min(world, 2) if "kv" in kind else world) for x in pieces)
             assert torch.equal(_unique_cat(pieces, dim), full)
     assert parts[0].layers[0].self_attn.n_heads == 4 // world
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_row_parallel_bias_is_added_once(world):
+    """A row-parallel projection's bias stays whole on the first rank and is zero on the others,
+    so the all-reduce of the partial outputs adds it exactly once."""
+    whole, parts = _shards(world)
+    for layer in range(whole.cfg.num_layers):
+        full = whole.get_parameter(f"layers.{layer}.self_attn.o_proj.bias")
+        pieces = [p.get_parameter(f"layers.{layer}.self_attn.o_proj.bias") for p in parts]
+        assert torch.equal(pieces[0], full) and not any(x.any() for x in pieces[1:])
 
 
 @pytest.mark.parametrize("tied", [False, True])
