@@ -16,7 +16,7 @@
 # parts $DATA_GZ.part-*) and, for the benches, the MT-Bench questions.
 #
 # Environment (defaults in brackets): MODEL [/tmp/m/smollm2.gguf]  WORK [.cache/heads_run]  OUT [out_medusa2]
-#   DATA_GZ [distill.jsonl.gz]  MTBENCH [../shared/data/mt_bench/question.jsonl]  VARIANTS [medusa2 hydra2]
+#   DATA_GZ [distill.jsonl.gz]  MTBENCH [medusa/bench/datasets/mt_bench/question.jsonl]  VARIANTS [medusa2 hydra2]
 #   M2_SECONDS [240]  H2_SECONDS [240]  MARGIN [90] (seconds a training run may take past its time limit)  EVAL_TIMEOUT [150]
 #   LORA_RANK [16]  LORA_ALPHA [32]  LORA_TARGETS [all]
 #   M2_LR [3e-4]  H2_LR [3e-4] (heads)  ADAPTER_LR [5e-5]  KL_WEIGHT [1]  HEADS_WEIGHT [0.2]
@@ -30,7 +30,7 @@ MODEL=${MODEL:-/tmp/m/smollm2.gguf}
 WORK=${WORK:-.cache/heads_run}
 OUT=${OUT:-out_medusa2}
 DATA_GZ=${DATA_GZ:-distill.jsonl.gz}
-MTBENCH=${MTBENCH:-../shared/data/mt_bench/question.jsonl}
+MTBENCH=${MTBENCH:-medusa/bench/datasets/mt_bench/question.jsonl}
 [[ -f $MTBENCH ]] || MTBENCH=${MEDUSA_DATA:-shared/data}/mt_bench/question.jsonl
 VARIANTS=${VARIANTS:-medusa2 hydra2}
 M2_SECONDS=${M2_SECONDS:-240}
