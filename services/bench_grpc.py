@@ -139,7 +139,7 @@ def bench_through_grpc(prompts: list[str], *, max_new_tokens: int = 64, settings
 
 
 def _free_port() -> int:
-    from services.redis_local import free_port
+    from medusa.ports import free_port
 
     return free_port()
 

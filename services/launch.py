@@ -114,7 +114,7 @@ def start(args: dict, *, grpc_port: int = 9000, redis_url: str | None = None, nu
     import ray
     from ray import serve
 
-    from services.redis_local import free_port
+    from medusa.ports import free_port
 
     taken = take_env_keys()  # whatever the caller passes, the raw variable must not reach Ray
     # Serve's gRPC proxy accepts 2 GiB messages by default: gRPC itself refuses larger than this one

@@ -13,12 +13,7 @@ import time
 from dataclasses import dataclass
 
 from medusa.errors import MedusaError
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from medusa.ports import free_port
 
 
 @dataclass

@@ -16,7 +16,6 @@ Does not know about models, weights or plans."""
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -49,12 +48,6 @@ def check_world(world: int, device_type: str) -> None:
         n = torch.cuda.device_count()
         if world > n:
             raise ParallelError(f"tensor parallel size {world} needs {world} GPU{'s' * (world > 1)}; this machine has {n}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -23,7 +23,8 @@ from typing import Any, Callable
 import torch
 import torch.multiprocessing as mp
 
-from medusa.parallel.comm import ParallelError, check_world, disable_multicast, free_port, init_rank, leave
+from medusa.parallel.comm import ParallelError, check_world, disable_multicast, init_rank, leave
+from medusa.ports import free_port
 
 
 def _rank_main(rank: int, world: int, port: int, backend: str, pg_timeout_s: float, threads: int,

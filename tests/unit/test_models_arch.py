@@ -95,12 +95,16 @@ def test_llama3_scaling_is_read_and_changes_the_frequencies(tmp_path):
     assert not torch.allclose(plain, scaled)
 
 
+def _checkpoint_of_type(folder, model_type: str) -> None:
+    """A Llama checkpoint whose config.json names another model_type."""
+    write_checkpoint(transformers.LlamaConfig(**COMMON), folder)
+    raw = json.loads((folder / "config.json").read_text())
+    raw["model_type"] = model_type
+    (folder / "config.json").write_text(json.dumps(raw))
+
+
 def test_unsupported_model_type_is_one_line_naming_the_supported(tmp_path):
-    cfg = transformers.LlamaConfig(**COMMON)
-    write_checkpoint(cfg, tmp_path)
-    raw = json.loads((tmp_path / "config.json").read_text())
-    raw["model_type"] = "gpt_neox"
-    (tmp_path / "config.json").write_text(json.dumps(raw))
+    _checkpoint_of_type(tmp_path, "gpt_neox")
     with pytest.raises(ModelLoadError) as e:
         load_model(tmp_path, dtype=torch.float32, device="cpu")
     msg = str(e.value)
@@ -112,11 +116,7 @@ def test_unsupported_model_type_exits_2_in_the_cli(tmp_path):
     import subprocess
     import sys
 
-    cfg = transformers.LlamaConfig(**COMMON)
-    write_checkpoint(cfg, tmp_path)
-    raw = json.loads((tmp_path / "config.json").read_text())
-    raw["model_type"] = "falcon"
-    (tmp_path / "config.json").write_text(json.dumps(raw))
+    _checkpoint_of_type(tmp_path, "falcon")
     r = subprocess.run([sys.executable, "-m", "medusa.cli", "generate", "--model", str(tmp_path), "--heads", "none",
                         "--device", "cpu", "hello"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
