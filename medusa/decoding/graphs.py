@@ -18,7 +18,7 @@ from medusa.decoding.kv_pool import scratch_state
 from medusa.decoding.sampling import BatchSampling
 from medusa.decoding.step import DecodeState, speculate
 from medusa.decoding.tree import Tree
-from medusa.decoding.verify import Acceptance
+from medusa.decoding.verify import Acceptance, packed
 
 _capturing = contextvars.ContextVar("medusa_graph_capture", default=False)
 
@@ -85,8 +85,8 @@ def capture_step(model, heads, tree: Tree, kv_len: int, state: DecodeState, samp
     A capture executes nothing: replay the graph to run the step."""
 
     def body(st: DecodeState, static: bool) -> Acceptance:
-        acc = speculate(model, heads, tree, st, sampling, uniforms if sampling.any_random else None, max_accept,
-                        kv_len=kv_len, defer=defer)
+        acc = packed(speculate(model, heads, tree, st, sampling, uniforms if sampling.any_random else None, max_accept,
+                               kv_len=kv_len, defer=defer))
         if static:
             state.start.copy_(st.start)
             state.root.copy_(st.root)

@@ -38,7 +38,7 @@ from medusa.decoding.sampling import BatchSampling
 from medusa.decoding.staging import PrefillStage
 from medusa.decoding.step import DecodeState, prefill, speculate
 from medusa.decoding.tree import Tree
-from medusa.decoding.verify import Acceptance
+from medusa.decoding.verify import Acceptance, packed
 from medusa.model.kv_cache import KVCache
 
 # a padding row's sampling: greedy, no cuts (typical threshold / alpha are unused when greedy)
@@ -68,6 +68,7 @@ class _Bucket:
     uniforms: dict[int, torch.Tensor] = field(default_factory=dict)  # N -> [Bb, N]
     loaded: object = None  # key of the sampling rows now in the buffers
     capped: object = None  # (running rows, depth) when max_accept holds the plain cap (no row off)
+    views: dict[tuple[bool, bool], BatchSampling] = field(default_factory=dict)  # (any_random, any_typical) -> sampling
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,11 @@ class Runner:
     @staticmethod
     def _static(b: _Bucket, any_random: bool = False, any_typical: bool = False) -> BatchSampling:
         """The bucket's static sampling buffers with the step's host-side flags (greedy by default)."""
-        return BatchSampling(*(getattr(b.sampling, k) for k in _FIELDS), any_random=any_random, any_typical=any_typical)
+        v = b.views.get((any_random, any_typical))
+        if v is None:
+            v = b.views[any_random, any_typical] = BatchSampling(*(getattr(b.sampling, k) for k in _FIELDS),
+                                                                 any_random=any_random, any_typical=any_typical)
+        return v
 
     def _view(self, Bb: int) -> DecodeState:
         """The decode state of rows 0 .. Bb-1: views of the engine's row tensors (in-place writes land there)."""
@@ -205,7 +210,7 @@ class Runner:
         over views of the rows on first use; a replay needs no views), or the same work eagerly."""
         if not self.capture:
             state = self._view(Bb)
-            acc = speculate(self.model, self.heads, tree, state, s, u, cap, kv_len=kv_len, defer=self._defer(tree, Bb))
+            acc = packed(speculate(self.model, self.heads, tree, state, s, u, cap, kv_len=kv_len, defer=self._defer(tree, Bb)))
             R = self.rows
             R.start[:Bb], R.root[:Bb], R.hidden[:Bb] = state.start, state.root, state.last_hidden
             self._after(Bb)(state)

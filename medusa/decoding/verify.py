@@ -13,7 +13,7 @@ The bonus token at the last accepted node is the target token there (argmax or a
 Pure functions over tensors; knows nothing of models, caches or heads."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,10 +29,18 @@ class Acceptance:
     length: torch.Tensor  # [B] accepted candidates beyond the root (0..D)
     tokens: torch.Tensor  # [B, D+1] emitted tokens: accepted candidates then the bonus token, padded
     last_node: torch.Tensor  # [B] node id of the last accepted node (its hidden state feeds the heads)
+    packed: torch.Tensor | None = None  # [B, 1 + 2(D+1)] length, tokens, path in one tensor (`packed`)
 
     @property
     def emitted(self) -> torch.Tensor:  # [B] tokens this step emits (accepted + bonus)
         return self.length + 1
+
+
+def packed(acc: Acceptance) -> Acceptance:
+    """`acc` with its host-side fields in one tensor, [B, 1 + 2(D+1)]: length, the D+1 emitted
+    tokens, the D+1 path node ids. Built inside the step (and its graph) so that the scheduler
+    reads a step's outcome with one copy and no per-step slicing or concatenation."""
+    return replace(acc, packed=torch.cat([acc.length[:, None], acc.tokens, acc.path], 1))
 
 
 def _targets(logits: torch.Tensor, s: BatchSampling, uniforms: torch.Tensor | None):

@@ -28,7 +28,7 @@
 #   bash scripts/gpu/measure.sh 24  # the engine again (auto measures the lookup tree on steps without its chain too): at 1 (80 requests) and 1-64
 #   bash scripts/gpu/measure.sh 25  # one decoding core (issue 23), the working tree against the code in .old (as 18): GPU tests;
 #                                   # all 80 prompts x 256 (ar, hydra), each code in turn
-#   bash scripts/gpu/measure.sh 26  # the same comparison for the engine at concurrency 1/16/64 (ar, auto)
+#   bash scripts/gpu/measure.sh 26  # the same comparison for the engine at concurrency 1/16/64 (ar, auto; REPEATS=2 for two rounds)
 source scripts/gpu/env.sh
 R=/tmp/res; mkdir -p $R
 quiet() { grep -v -E "run\]|run, |cell\]|cell, |req\]|req, |^\s*$|triton_mm|AUTOTUNE" ; }
@@ -173,7 +173,7 @@ import json; h = json.load(open('$H/heads.json')); h['tree'] = json.load(open('$
   else
     for V in new old; do
       P=$PWD C=/tmp/mc; [ $V = old ] && P=$PWD/.old C=/tmp/mc-old
-      echo "== engine, concurrency 1/16/64, $V code"; (cd $P && MEDUSA_CACHE=$C PYTHONPATH=/tmp/site:$P timeout 170 python3 -m medusa.cli bench --concurrency 1,16,64 --modes ar,auto --max-new-tokens 128 --name concurrency-core-$V-gpu --out $R 2>&1) | quiet | grep -E '^\| (ar|auto)'
+      echo "== engine, concurrency 1/16/64, $V code"; (cd $P && MEDUSA_CACHE=$C PYTHONPATH=/tmp/site:$P timeout ${CONC_TIMEOUT:-170} python3 -m medusa.cli bench --concurrency 1,16,64 --modes ar,auto --repeats ${REPEATS:-1} --max-new-tokens 128 --name concurrency-core-$V-gpu --out $R 2>&1) | quiet | grep -E '^\| (ar|auto)'
     done
   fi
   ;;

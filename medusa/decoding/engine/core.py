@@ -191,7 +191,10 @@ class Engine(Scheduler, Warmup):
 
     def step(self) -> bool:
         """One scheduler iteration; False when there was nothing to do."""
-        with self._step_lock, torch.inference_mode():
+        if not torch.is_inference_mode_enabled():  # the scheduler thread runs in it already
+            with torch.inference_mode():
+                return self.step()
+        with self._step_lock:
             t0 = time.perf_counter()
             did = self._apply_cancels()
             did |= self._admit()
@@ -302,11 +305,11 @@ class Engine(Scheduler, Warmup):
         t0 = time.perf_counter()
         pad = [self.pool.length[r] for r in range(n, self.runner.bucket(n))]
         acc, captured = self.runner.step(tree, n, committed_max, sampling, self._sampling_key, uniforms, max_accept, pad)
-        rows = torch.cat([acc.length[:n, None], acc.tokens[:n], acc.path[:n]], 1).tolist()  # one host sync
+        rows = acc.packed.tolist()  # one host sync; rows n .. Bb-1 are padding
         dt = time.perf_counter() - t0
         self._time["step"] += dt
         policy.ran(tree, n, rows, off, not sampling.any_typical)  # rows: [accepted, D + 1 tokens, D + 1 path ids]
-        for i, (live, row) in enumerate(zip(lives, rows)):  # before any release swaps rows
+        for i, (live, row) in enumerate(zip(lives, rows)):  # before any release swaps rows (zip stops at n)
             self.pool.length[i] = live.kv_len + row[0] + 1
         for i, (live, row) in enumerate(zip(lives, rows)):
             k = row[0] + 1
@@ -351,7 +354,7 @@ class Engine(Scheduler, Warmup):
         if live.row >= 0:
             self.pool.length[live.row] = live.kv_len
         limit = req.max_new_tokens
-        view = live.out[:limit]
+        view = live.out if len(live.out) <= limit else live.out[:limit]
         cut = stop_cut(view, min(before, len(view)), live.eos, req.stop_sequences)
         if cut is None and len(live.out) >= limit:
             cut = (limit, "length")

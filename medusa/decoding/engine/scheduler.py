@@ -24,12 +24,17 @@ from medusa.decoding.step import catch_up
 
 class Scheduler:
     def _loop(self) -> None:
+        with torch.inference_mode():  # for the thread's life: entering it per step costs host time
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
-            with self._wake:
-                while not self._stopping and not (self._waiting or self._cancels or self.pool.n_active):
-                    self._wake.wait(0.5)
-                if self._stopping:
-                    return
+            if not self.pool.n_active or self._stopping:  # busy rows: straight on, no lock to take
+                with self._wake:
+                    while not self._stopping and not (self._waiting or self._cancels or self.pool.n_active):
+                        self._wake.wait(0.5)
+                    if self._stopping:
+                        return
             try:
                 self.step()
             except Exception as e:  # a bug must not leave clients waiting forever
@@ -49,6 +54,8 @@ class Scheduler:
         self._last_error = repr(exc)
 
     def _apply_cancels(self) -> bool:
+        if not self._cancels:  # the usual step: nothing to take the lock for (a cancel arriving now waits a step)
+            return False
         with self._mu:
             ids, self._cancels = self._cancels, set()
             waiting = [x for x in self._waiting if x.req.request_id in ids]
@@ -66,7 +73,7 @@ class Scheduler:
         rows, one padded forward each. Fresh prompts come first, sorted by length and cut where
         the padding saved outweighs a forward's fixed cost (staging.plan_groups); requests
         continuing a kept session follow, joining the last group while it fits."""
-        if not self._admit_now():
+        if not self._waiting or not self._admit_now():
             return False
         with self._mu:
             batch = [self._waiting.popleft()
