@@ -69,7 +69,7 @@ def engine_sizes(settings, model, heads, tree, mem_get_info=None) -> tuple[dict,
     elt = model.dtype.itemsize
     per_token = cfg.kv_bytes_per_token * elt // 2
     extra = 0
-    if heads is not None and heads.config.head_type == "hydra++":  # prefix layer KV + deferred hidden states
+    if heads is not None and heads.config.head_type == "hydra++":  # prefix layer KV + pending hidden states (lazy HydraState)
         extra = row_tokens * (2 * cfg.num_kv_heads * cfg.head_dim + cfg.hidden_size) * elt
     batch = settings.max_batch or MAX_BATCH_CAP
     reserve = step_reserve_bytes(batch, nodes, cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, elt)

@@ -186,11 +186,12 @@ def _hf(hf_model, eos: tuple[int, ...], device: torch.device):
 
 # ------------------------------------------------------------------ assembling and running
 
-def engine_for(model, heads, tree: Tree, longest: int, graphs: bool = False):
+def engine_for(model, heads, tree: Tree, longest: int, graphs: bool = False, compile_mode: str | None = None):
     """An Engine(max_batch=1) decoding with exactly `tree` (heads None: plain decoding), for
     sequences up to `longest` tokens; with graphs (a CUDA device), its greedy step and prompt
-    graphs are captured now, so that no timed request pays a capture."""
-    engine = single_engine(model, heads, tree, max_seq_len=min(longest, model.cfg.max_position_embeddings), graphs=graphs)
+    graphs are captured now, so that no timed request pays a capture. compile_mode: Engine's."""
+    engine = single_engine(model, heads, tree, max_seq_len=min(longest, model.cfg.max_position_embeddings), graphs=graphs,
+                           compile_mode=compile_mode)
     if graphs:
         engine.warmup(trees=[engine.default_tree.name], measure=False)
     return engine
@@ -198,15 +199,16 @@ def engine_for(model, heads, tree: Tree, longest: int, graphs: bool = False):
 
 def prepare_modes(specs: list[ModeSpec], model, source, eos: tuple[int, ...], cli_tree: str | None = None,
                   hf_loader: Callable[[], object] | None = None, longest: int = 2048,
-                  graphs: bool = False) -> tuple[list[Mode], dict[str, str]]:
+                  graphs: bool = False, compile_mode: str | None = None) -> tuple[list[Mode], dict[str, str]]:
     """Build an engine per mode for sequences up to `longest` tokens. graphs: replay our decode
     steps and prompt forwards as CUDA graphs (on a CUDA device); else they run eagerly.
+    compile_mode: torch.compile the per-layer pieces inside the step graphs (Engine's).
     Returns (modes, skipped: label -> reason)."""
     modes, skipped, heads_cache = [], {}, {}
     for spec in specs:
         if spec.kind == "ar":
             tree = load_tree("ar")
-            modes.append(Mode(spec, _ours(engine_for(model, None, tree, longest, graphs), eos), None, tree))
+            modes.append(Mode(spec, _ours(engine_for(model, None, tree, longest, graphs, compile_mode), eos), None, tree))
         elif spec.kind == "hf":
             hf_model = hf_loader() if hf_loader else load_hf_model(source, model.dtype, model.device)
             modes.append(Mode(spec, _hf(hf_model, eos, model.device), None, None,
@@ -217,7 +219,7 @@ def prepare_modes(specs: list[ModeSpec], model, source, eos: tuple[int, ...], cl
                 skipped[spec.label] = note
                 continue
             tree = _spec_tree(spec, cli_tree, heads, label)
-            modes.append(Mode(spec, _ours(engine_for(model, heads, tree, longest, graphs), eos), label, tree, note))
+            modes.append(Mode(spec, _ours(engine_for(model, heads, tree, longest, graphs, compile_mode), eos), label, tree, note))
     return modes, skipped
 
 

@@ -23,40 +23,26 @@ class MedusaClientError(Exception):
             self.code = code
 
 
-class AuthenticationError(MedusaClientError):
-    """Missing or unknown API key (UNAUTHENTICATED / PERMISSION_DENIED)."""
-
-    code = grpc.StatusCode.UNAUTHENTICATED
-
-
-class QuotaExceededError(MedusaClientError):
-    """The tenant's concurrency or tokens-per-minute limit is reached (RESOURCE_EXHAUSTED)."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-
-
-class InvalidRequestError(MedusaClientError):
-    """The server rejected the request as malformed (INVALID_ARGUMENT); details say why."""
-
-    code = grpc.StatusCode.INVALID_ARGUMENT
-
-
-class DeadlineExceededError(MedusaClientError):
-    """The call's deadline passed (DEADLINE_EXCEEDED)."""
-
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
-
-
-class UnavailableError(MedusaClientError):
-    """The server could not be reached, or no replica could take the request (UNAVAILABLE)."""
-
-    code = grpc.StatusCode.UNAVAILABLE
-
-
-class ServerError(MedusaClientError):
-    """Any other failure (INTERNAL, UNKNOWN, CANCELLED, ...)."""
-
-    code = grpc.StatusCode.INTERNAL
+# one subclass per status a caller handles differently: (name, status, what it means)
+_KINDS = (
+    ("AuthenticationError", grpc.StatusCode.UNAUTHENTICATED, "Missing or unknown API key (UNAUTHENTICATED / PERMISSION_DENIED)."),
+    ("QuotaExceededError", grpc.StatusCode.RESOURCE_EXHAUSTED,
+     "The tenant's concurrency or tokens-per-minute limit is reached (RESOURCE_EXHAUSTED)."),
+    ("InvalidRequestError", grpc.StatusCode.INVALID_ARGUMENT,
+     "The server rejected the request as malformed (INVALID_ARGUMENT); details say why."),
+    ("DeadlineExceededError", grpc.StatusCode.DEADLINE_EXCEEDED, "The call's deadline passed (DEADLINE_EXCEEDED)."),
+    ("UnavailableError", grpc.StatusCode.UNAVAILABLE,
+     "The server could not be reached, or no replica could take the request (UNAVAILABLE)."),
+    ("ServerError", grpc.StatusCode.INTERNAL, "Any other failure (INTERNAL, UNKNOWN, CANCELLED, ...)."),
+)
+_classes = {name: type(name, (MedusaClientError,), {"code": code, "__doc__": doc, "__module__": __name__})
+            for name, code, doc in _KINDS}
+AuthenticationError = _classes["AuthenticationError"]
+QuotaExceededError = _classes["QuotaExceededError"]
+InvalidRequestError = _classes["InvalidRequestError"]
+DeadlineExceededError = _classes["DeadlineExceededError"]
+UnavailableError = _classes["UnavailableError"]
+ServerError = _classes["ServerError"]
 
 
 _BY_CODE = {

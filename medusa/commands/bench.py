@@ -180,11 +180,8 @@ def run_decode(args) -> int:
         raise RequestError(f"the longest prompt + --max-new-tokens = {longest} tokens exceeds the model's context "
                            f"of {model.cfg.max_position_embeddings}")
     graphs = dev.type == "cuda" and not args.no_graphs
-    if graphs and args.compile:
-        from medusa.decoding.graphs import compile_blocks
-
-        compile_blocks(model)
-    modes, skipped = decode.prepare_modes(specs, model, src, eos, cli_tree=args.tree, longest=longest, graphs=graphs)
+    modes, skipped = decode.prepare_modes(specs, model, src, eos, cli_tree=args.tree, longest=longest, graphs=graphs,
+                                          compile_mode="" if graphs and args.compile else None)
     for lab, why in skipped.items():
         print(f"medusa bench: {lab}: {why}", file=sys.stderr)
     if not modes:

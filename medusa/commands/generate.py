@@ -82,16 +82,14 @@ def build_engine(args, stack, encoded: list[list[int]], speculation: str):
     for ids in encoded:
         check_context(stack.model.cfg, len(ids), args.max_new_tokens)
     cuda = stack.model.device.type == "cuda" and not args.no_graphs
-    if cuda and args.compile:
-        from medusa.decoding.graphs import compile_blocks
-
-        compile_blocks(stack.model)
+    compile_mode = "" if cuda and args.compile else None  # the default torch.compile mode
     batch = min(args.concurrency or 1, len(encoded))
     if speculation == "on":
-        engine = single_engine(stack.model, stack.heads, stack.tree, max_seq_len=longest, graphs=cuda, max_batch=batch)
+        engine = single_engine(stack.model, stack.heads, stack.tree, max_seq_len=longest, graphs=cuda, max_batch=batch,
+                               compile_mode=compile_mode)
     else:
         engine = Engine(stack.model, stack.heads if speculation != "off" else None, stack.tree, max_batch=batch,
-                        max_seq_len=longest, graphs=cuda)
+                        max_seq_len=longest, graphs=cuda, compile_mode=compile_mode)
     if cuda:
         from tqdm import tqdm
 

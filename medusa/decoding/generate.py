@@ -57,15 +57,17 @@ def check_context(cfg, prompt_len: int, max_new_tokens: int) -> int:
 
 
 def single_engine(model, heads=None, tree: Tree | str | None = None, *, max_seq_len: int,
-                  graphs: bool | None = None, max_batch: int = 1) -> Engine:
+                  graphs: bool | None = None, max_batch: int = 1, compile_mode: str | None = None) -> Engine:
     """An engine that decodes with exactly `tree` when a request asks for speculation "on"
-    (no other tree but plain decoding). heads=None or the 'ar' tree: plain decoding."""
+    (no other tree but plain decoding). heads=None or the 'ar' tree: plain decoding.
+    compile_mode: Engine's (torch.compile inside the step graphs)."""
     tree = tree if isinstance(tree, Tree) else load_tree(tree or ("ar" if heads is None else None))
     if heads is not None and tree.max_depth > heads.config.num_heads:
         raise RequestError(f"tree {tree.name} is {tree.max_depth} deep but the heads guess only {heads.config.num_heads} tokens ahead")
     if tree.num_nodes == 1:
         heads = None  # plain decoding: the heads would only observe
-    return Engine(model, heads, tree, max_batch=max_batch, max_seq_len=max_seq_len, trees={}, graphs=graphs)
+    return Engine(model, heads, tree, max_batch=max_batch, max_seq_len=max_seq_len, trees={}, graphs=graphs,
+                  compile_mode=compile_mode)
 
 
 def stream(engine: Engine, prompt_ids: list[int], *, params: SamplingParams = SamplingParams(),

@@ -3,13 +3,12 @@ know about it. `capture` records any function over static buffers (a padded pref
 `capture_step` records one verification step over a decode state's static buffers, so that a
 replay launches the whole step (heads, base forward over every tree node, acceptance, KV
 commit) with no host synchronisation. Which shapes are captured, and when, is the runner's
-business (runner.py). `compile_blocks` compiles the model's pure per-layer pieces for the
-captured code only."""
+business (runner.py). `CompiledBlocks` holds compiled copies of the model's pure per-layer
+pieces, which the runner hands to the captured code only (the model itself is not changed)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import contextvars
 import os
 
 import torch
@@ -19,37 +18,58 @@ from medusa.decoding.sampling import BatchSampling
 from medusa.decoding.step import DecodeState, speculate
 from medusa.decoding.tree import Tree
 from medusa.decoding.verify import Acceptance, packed
+from medusa.model.llama import BlockOps
 
-_capturing = contextvars.ContextVar("medusa_graph_capture", default=False)
+class CompiledBlocks(BlockOps):
+    """The model's pure per-layer pieces (RMSNorm, q/k/v projection with RoPE, SwiGLU MLP), each
+    torch.compiled once, so that their elementwise work fuses into fewer kernels; the KV-cache
+    writes and attention stay eager so that captured graphs keep writing the cache in place.
+    The model is not changed: a forward runs these only when passed them (`model(..., ops=)`,
+    here through `with_ops`), which the runner does inside step-graph warm-up and capture only
+    (fixed shapes, compiled once per tree size; eager prefill's many prompt lengths would
+    recompile per length). mode: a torch.compile mode; default $MEDUSA_COMPILE_MODE, else
+    "default" (max-autotune-no-cudagraphs autotunes the GEMMs for minutes on a first run)."""
+
+    def __init__(self, model, mode: str | None = None):
+        mode = mode or os.environ.get("MEDUSA_COMPILE_MODE", "default")
+
+        def compiled(fn):
+            return torch.compile(fn, mode=mode, dynamic=False)
+
+        self._fns: dict[int, object] = {}  # id(module) -> its compiled forward (project, for attention)
+        for layer in model.layers:
+            for mod in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
+                self._fns[id(mod)] = compiled(mod.forward)
+            self._fns[id(layer.self_attn)] = compiled(layer.self_attn.project)
+        self._fns[id(model.norm)] = compiled(model.norm.forward)
+        self._model = model  # keeps the modules (and so their ids) alive
+
+    def norm(self, norm, x):
+        return self._fns[id(norm)](x)
+
+    def project(self, attn, x, cos, sin):
+        return self._fns[id(attn)](x, cos, sin)
+
+    def mlp(self, mlp, x):
+        return self._fns[id(mlp)](x)
 
 
-def _routed(eager, compiled):
-    """Compiled code inside graph warm-up and capture (fixed shapes, compiled once per tree size),
-    eager code elsewhere: prefill's many prompt lengths would otherwise recompile per length."""
-    def forward(*args, **kwargs):
-        return compiled(*args, **kwargs) if _capturing.get() else eager(*args, **kwargs)
+class _WithOps:
+    """The model as the step sees it, its forward running with `ops`; every attribute is the model's."""
 
-    return forward
+    def __init__(self, model, ops: BlockOps):
+        self._model, self._ops = model, ops
+
+    def __call__(self, *args, **kwargs):
+        return self._model(*args, ops=self._ops, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
 
 
-def compile_blocks(model, mode: str | None = None):
-    """torch.compile the pure per-layer pieces (RMSNorm, q/k/v projection with RoPE, SwiGLU MLP)
-    so their elementwise work fuses into fewer kernels; the KV-cache writes and attention stay
-    eager so that captured graphs keep writing the cache in place. The compiled pieces run only
-    while a step graph is warmed up and captured (capture_step). Returns the model.
-    mode: a torch.compile mode; default $MEDUSA_COMPILE_MODE, else "default" (max-autotune-no-cudagraphs
-    autotunes the GEMMs for minutes on a first run)."""
-    mode = mode or os.environ.get("MEDUSA_COMPILE_MODE", "default")
-
-    def wrap(fn):
-        return _routed(fn, torch.compile(fn, mode=mode, dynamic=False))
-
-    for layer in model.layers:
-        for mod in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
-            mod.forward = wrap(mod.forward)
-        layer.self_attn.project = wrap(layer.self_attn.project)
-    model.norm.forward = wrap(model.norm.forward)
-    return model
+def with_ops(model, ops: BlockOps | None):
+    """`model`, or a wrapper whose calls run the forward with `ops` (None: the model itself)."""
+    return model if ops is None else _WithOps(model, ops)
 
 
 def capture(fn, warmup: int = 2, pool=None):
@@ -76,17 +96,19 @@ class _Captured:
 
 def capture_step(model, heads, tree: Tree, kv_len: int, state: DecodeState, sampling: BatchSampling,
                  uniforms: torch.Tensor | None, max_accept: torch.Tensor | None, pool, after=None,
-                 defer: torch.Tensor | None = None) -> _Captured:
+                 ops: BlockOps | None = None) -> _Captured:
     """Capture one `speculate` over the static buffers of `state` (whose start, root and
     last_hidden the replay updates in place; the head state and the cache are written in place
     by the step itself). `after(step_state)`, if given, runs inside the capture after the step
     (copies back whatever a head family rebinds). Warm-up runs twice on a side stream on scratch
     copies of the per-row state, so it changes nothing but cache slots past each row's start.
-    A capture executes nothing: replay the graph to run the step."""
+    ops: how the model runs its per-layer pieces in warm-up and capture (CompiledBlocks; None:
+    as written). A capture executes nothing: replay the graph to run the step."""
+    model = with_ops(model, ops)
 
     def body(st: DecodeState, static: bool) -> Acceptance:
         acc = packed(speculate(model, heads, tree, st, sampling, uniforms if sampling.any_random else None, max_accept,
-                               kv_len=kv_len, defer=defer))
+                               kv_len=kv_len))
         if static:
             state.start.copy_(st.start)
             state.root.copy_(st.root)
@@ -97,18 +119,14 @@ def capture_step(model, heads, tree: Tree, kv_len: int, state: DecodeState, samp
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    token = _capturing.set(True)
-    try:
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                scratch = DecodeState(state.cache, state.start.clone(), state.root.clone(), state.last_hidden.clone(),
-                                      scratch_state(state.head_state), state.draft)
-                body(scratch, static=False)
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=pool):
-            acc = body(DecodeState(state.cache, state.start, state.root, state.last_hidden, state.head_state, state.draft),
-                       static=True)
-    finally:
-        _capturing.reset(token)
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            scratch = DecodeState(state.cache, state.start.clone(), state.root.clone(), state.last_hidden.clone(),
+                                  scratch_state(state.head_state), state.draft)
+            body(scratch, static=False)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, pool=pool):
+        acc = body(DecodeState(state.cache, state.start, state.root, state.last_hidden, state.head_state, state.draft),
+                   static=True)
     return _Captured(g, acc)

@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 import torch
 
 from medusa.decoding.buckets import batch_buckets, bucket_of, kv_bucket, kv_round
-from medusa.decoding.graphs import capture as capture_fn, capture_step
+from medusa.decoding.graphs import CompiledBlocks, capture as capture_fn, capture_step
 from medusa.decoding.kv_pool import state_rows, write_back
 from medusa.decoding.sampling import BatchSampling
 from medusa.decoding.staging import PrefillStage
-from medusa.decoding.step import DecodeState, prefill, speculate
+from medusa.decoding.step import DecodeState, first_token, prefill, speculate
 from medusa.decoding.tree import Tree
 from medusa.decoding.verify import Acceptance, packed
 from medusa.model.kv_cache import KVCache
@@ -81,18 +81,25 @@ class RowState:
     hidden: torch.Tensor  # [rows, D]
     head_state: object
     rows: int
-    deferred: torch.Tensor | None = None  # [rows, row_len, D]: plain steps' hidden states (step.catch_up)
     draft: torch.Tensor | None = None  # [rows, MAX_LOOKUP] long: lookup chains' tokens (DecodeState.draft)
 
 
 class Runner:
     def __init__(self, model, heads, rows: RowState, max_batch: int, max_prompt: int, prefill_tokens: int,
-                 capture: bool = True):
+                 capture: bool = True, compile_mode: str | None = None):
         """max_batch: most running rows; max_prompt: longest prompt; prefill_tokens: most token
-        slots one prefill forward may take (0: one prompt a forward); capture: CUDA graphs."""
+        slots one prefill forward may take (0: one prompt a forward); capture: CUDA graphs;
+        compile_mode: torch.compile the model's per-layer pieces for the step graphs (a
+        torch.compile mode, "" for the default; graphs.CompiledBlocks), None: as written."""
         if capture and model.device.type != "cuda":
             raise RuntimeError("CUDA graphs need the model on a CUDA device")
+        if compile_mode is not None and not capture:
+            raise RuntimeError("compiled per-layer pieces run only inside CUDA-graph capture: compile needs graphs")
         self.model, self.heads, self.rows = model, heads, rows
+        self.ops = CompiledBlocks(model, compile_mode or None) if compile_mode is not None else None
+        # the heads' host-side preparation before steps (Hydra++ catching up on what plain steps
+        # and prompts showed it): rows caught up, how often, and the host time it took
+        self.catch_ups = {"rows": 0, "calls": 0, "seconds": 0.0}
         self.buckets = batch_buckets(min(max_batch, rows.rows))
         self.capture = capture
         self.graphs: dict[GraphKey, object] = {}  # the one graph cache
@@ -168,19 +175,28 @@ class Runner:
         R = self.rows
         return lambda st: write_back(R.head_state, st.head_state, 0, Bb)
 
-    def _defer(self, tree: Tree, Bb: int) -> torch.Tensor | None:
-        """Plain steps defer the heads' observation (step.speculate) when the engine keeps a buffer."""
-        d = self.rows.deferred
-        return d[:Bb] if d is not None and tree.num_nodes == 1 else None
+    def _prepare(self, lo: int, kv_lens: list[int], speculating: bool) -> None:
+        """The heads' host-side hook before a step or prompt forward over rows lo .. lo+k-1
+        (DraftHeads.prepare), outside any graph."""
+        if self.heads is None or self.rows.head_state is None:
+            return
+        t0 = time.perf_counter()
+        rows = self.heads.prepare(self.rows.head_state, lo, kv_lens, speculating)
+        if rows:
+            self.catch_ups["rows"] += rows
+            self.catch_ups["calls"] += 1
+            self.catch_ups["seconds"] += time.perf_counter() - t0  # host time: the GPU's runs on into the step
 
-    def step(self, tree: Tree, n: int, committed_max: int, sampling: BatchSampling, sampling_key,
+    def step(self, tree: Tree, n: int, committed: list[int], sampling: BatchSampling, sampling_key,
              uniforms: torch.Tensor | None, max_accept: torch.Tensor | None, pad_start: list[int]) -> tuple[Acceptance, bool]:
-        """One step over rows 0 .. n-1 (padded to the bucket). sampling / uniforms [n, N] /
-        max_accept [n] are the running rows'; pad_start the valid KV length of each padding row.
-        Returns the acceptance of all Bb rows (read rows :n) and whether a graph was captured
-        (a step that also captured is not a fair timing)."""
+        """One step over rows 0 .. n-1 (padded to the bucket). committed: each running row's
+        tokens in the cache; sampling / uniforms [n, N] / max_accept [n] are the running rows';
+        pad_start the valid KV length of each padding row. Returns the acceptance of all Bb rows
+        (read rows :n) and whether a graph was captured (a step that also captured is not a
+        fair timing)."""
         Bb, N = self.bucket(n), tree.num_nodes
         R = self.rows
+        self._prepare(0, committed, N > 1)
         b = self._bucket(Bb)
         s = self._load(b, n, sampling, sampling_key)
         if Bb > n:
@@ -202,7 +218,7 @@ class Runner:
                 cap[:n].fill_(tree.accept_depth)
                 cap[n:].zero_()
                 b.capped = (n, tree.accept_depth)
-        return self._run_step(tree, Bb, self.kv_len(committed_max, N), s, u, cap)
+        return self._run_step(tree, Bb, self.kv_len(max(committed), N), s, u, cap)
 
     def _run_step(self, tree: Tree, Bb: int, kv_len: int, s: BatchSampling, u: torch.Tensor | None,
                   cap: torch.Tensor | None) -> tuple[Acceptance, bool]:
@@ -210,7 +226,7 @@ class Runner:
         over views of the rows on first use; a replay needs no views), or the same work eagerly."""
         if not self.capture:
             state = self._view(Bb)
-            acc = packed(speculate(self.model, self.heads, tree, state, s, u, cap, kv_len=kv_len, defer=self._defer(tree, Bb)))
+            acc = packed(speculate(self.model, self.heads, tree, state, s, u, cap, kv_len=kv_len))
             R = self.rows
             R.start[:Bb], R.root[:Bb], R.hidden[:Bb] = state.start, state.root, state.last_hidden
             self._after(Bb)(state)
@@ -224,7 +240,7 @@ class Runner:
             if dtree is None:
                 dtree = self.trees[tkey] = tree.to(self.rows.start.device)
             g = self.graphs[key] = capture_step(self.model, self.heads, dtree, kv_len, self._view(Bb), s, u, cap,
-                                                self.pools["step"], self._after(Bb), self._defer(tree, Bb))
+                                                self.pools["step"], self._after(Bb), self.ops)
         g.graph.replay()
         return g.acc, captured
 
@@ -250,7 +266,7 @@ class Runner:
         dtree = self.trees.setdefault(tkey, tree.to(self.rows.start.device))
         self.graphs[key] = capture_step(self.model, self.heads, dtree, kv_len, self._view(Bb), self._static(b), None,
                                         b.max_accept if tree.num_nodes > 1 else None, self.pools["step"],
-                                        self._after(Bb), self._defer(tree, Bb))
+                                        self._after(Bb), self.ops)
         return True
 
     def time_step(self, tree: Tree, Bb: int, kv_len: int, lengths: list[int], repeats: int = 3) -> float:
@@ -301,26 +317,26 @@ class Runner:
         return captured
 
     def prefill(self, r0: int, tokens: torch.Tensor, reused: list[int], lengths: torch.Tensor,
-                sampling: BatchSampling, uniforms: torch.Tensor | None, defer: bool) -> tuple[torch.Tensor, bool]:
+                sampling: BatchSampling, uniforms: torch.Tensor | None) -> torch.Tensor:
         """Prefill pool rows r0 .. r0+k-1: tokens [k, T] right-padded (lengths [k]), after the
-        reused[i] tokens each row already holds. Fresh rows (none reused) run at their padded shape;
-        rows with a prefix run eagerly over it. defer: keep the hidden states for the heads in
-        the row buffer (step.catch_up) instead of showing them now. Sets the rows' start, root,
-        hidden and head state; returns each row's first token [k] and whether the heads' view
-        was deferred."""
+        reused[i] tokens each row already holds. Fresh rows (none reused) run at their padded
+        shape (the staged forward also shows the heads with state the prompts); rows with a
+        prefix run eagerly over it (step.prefill). Sets the rows' start, root, hidden and head
+        state; returns each row's first token [k]."""
         R = self.rows
         k, T = tokens.shape
         rows = slice(r0, r0 + k)
         cache = R.cache.rows(r0, r0 + k)  # writes land in the pool
+        self._prepare(r0, reused, False)
         hs = state_rows(R.head_state, r0, r0 + k)
-        body, heads = None, self.heads
-        start = torch.tensor(reused, dtype=torch.long, device=tokens.device)
         if self.prefill_shape(k, T) is not None and not any(reused):
-            body = lambda t: self.stage.run(t, cache, lengths, hs, self._forward)  # noqa: E731
-            if self.stage.observes:
-                heads = None  # the staged forward showed the heads the prompts
-        buf = R.deferred[rows] if heads is not None and R.deferred is not None and defer else None
-        st = prefill(self.model, heads, cache, tokens, start, sampling, uniforms, hs, lengths, body, buf)
-        write_back(R.head_state, st.head_state, r0, r0 + k)
-        R.start[rows], R.root[rows], R.hidden[rows] = st.start, st.root, st.last_hidden
-        return st.root, buf is not None
+            hidden = self.stage.run(tokens, cache, lengths, hs, self._forward)
+            root, last = first_token(self.model, hidden, lengths, sampling, uniforms)
+            start = lengths
+        else:
+            start = torch.tensor(reused, dtype=torch.long, device=tokens.device)
+            st = prefill(self.model, self.heads, cache, tokens, start, sampling, uniforms, hs, lengths)
+            root, last, start = st.root, st.last_hidden, st.start
+        write_back(R.head_state, hs, r0, r0 + k)
+        R.start[rows], R.root[rows], R.hidden[rows] = start, root, last
+        return root

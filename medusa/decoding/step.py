@@ -5,7 +5,9 @@
     accepted   = verify(out.logits, candidates, tree, sampling)
     cache.commit_path(accepted path -> slots start .. start + length)
 
-Plain autoregressive decoding is the same step with the one-node tree and no heads.
+Plain autoregressive decoding is the same step with the one-node tree and no heads. Draft heads
+with state of their own see what each forward computed through one call (`DraftHeads.see`),
+with everything passed explicitly; whether they keep it now or later is theirs to decide.
 State lives in an explicit DecodeState passed in, never on a module. This module does not
 know about requests, stopping, text, or scheduling."""
 from __future__ import annotations
@@ -19,6 +21,7 @@ from medusa.decoding.buckets import kv_round
 from medusa.decoding.sampling import BatchSampling, base_probs, sample_from
 from medusa.decoding.tree import Tree
 from medusa.decoding.verify import Acceptance, verify
+from medusa.heads.base import Seen
 from medusa.model.kv_cache import KVCache
 
 @dataclass
@@ -51,6 +54,21 @@ def _kv_len(start: torch.Tensor, n: int, max_len: int) -> int:
     return kv_round(int(start.max()) + n, max_len)
 
 
+def first_token(model, hidden: torch.Tensor, lengths: torch.Tensor, sampling: BatchSampling,
+                uniforms: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's first new token (the root) from a prompt forward's final hidden states
+    [B, T, D] (row b's last real token at lengths[b] - 1): root [B] and that token's hidden
+    state [B, D]. The prompt forward may have run anywhere (runner.py runs padded ones)."""
+    last = (lengths - 1)[:, None, None].expand(-1, 1, hidden.shape[-1])  # [B, 1, D]
+    last_hidden = hidden.gather(1, last)  # [B, 1, D]
+    logits = model.lm_head(last_hidden)  # [B, 1, V]
+    if uniforms is None or not sampling.any_random:
+        root = logits[:, 0].argmax(-1)
+    else:
+        root = sample_from(base_probs(logits, sampling), uniforms)[:, 0]
+    return root, last_hidden[:, 0]
+
+
 def prefill(
     model,
     heads,
@@ -61,16 +79,10 @@ def prefill(
     uniforms: torch.Tensor | None,  # [B, 1] or None when every row is greedy
     head_state: Any = None,
     lengths: torch.Tensor | None = None,  # [B] real new tokens per row (default: all T)
-    body=None,  # body(tokens) -> hidden [B, T, D]: the same forward run elsewhere (runner.py), start 0 only
-    defer: torch.Tensor | None = None,  # [B, S, D]: keep the prompt's hidden states here (as speculate's defer)
 ) -> DecodeState:
-    """Run the prompt, choose each row's first new token (the root). Padding tokens past a row's
-    length write K/V only past its new start, which later steps overwrite, and no real token
-    attends to them (causal mask). `body`, if given, runs the base model's forward instead
-    (writing the K/V into `cache` itself); everything else is this function's.
-    defer: store the hidden states at their positions instead of showing them to heads with
-    state; `catch_up` shows them when speculation starts (a row that never speculates never
-    pays for the heads' prefix layer)."""
+    """Run the prompt, choose each row's first new token (the root) and show the draft heads
+    the prompt (`DraftHeads.see`). Padding tokens past a row's length write K/V only past its
+    new start, which later steps overwrite, and no real token attends to them (causal mask)."""
     B, T = tokens.shape
     dev = tokens.device
     if lengths is None:
@@ -78,25 +90,14 @@ def prefill(
     offsets = torch.arange(T, device=dev)
     positions = start[:, None] + offsets  # [B, T]
     kv_len = _kv_len(start, T, cache.max_len)
-    if body is None:
-        mask = attention_mask(start, torch.ones(T, T, dtype=torch.bool, device=dev).tril(), kv_len)
-        hidden = model(tokens, positions, cache, positions, mask, logits_for=None).hidden  # [B, T, D]
-    else:
-        hidden = body(tokens)
-    last = (lengths - 1)[:, None, None].expand(-1, 1, hidden.shape[-1])  # [B, 1, D]
-    last_hidden = hidden.gather(1, last)  # [B, 1, D]
-    logits = model.lm_head(last_hidden)  # [B, 1, V]
-    if uniforms is None or not sampling.any_random:
-        root = logits[:, 0].argmax(-1)
-    else:
-        root = sample_from(base_probs(logits, sampling), uniforms)[:, 0]
-    if heads is not None and defer is not None:
-        defer[torch.arange(B, device=dev)[:, None], positions] = hidden.to(defer.dtype)  # padding: overwritten later
-    elif heads is not None:
+    mask = attention_mask(start, torch.ones(T, T, dtype=torch.bool, device=dev).tril(), kv_len)
+    hidden = model(tokens, positions, cache, positions, mask, logits_for=None).hidden  # [B, T, D]
+    root, last_hidden = first_token(model, hidden, lengths, sampling, uniforms)
+    if heads is not None:
         if head_state is None:
             head_state = heads.new_state(B, cache.max_len, model)
-        heads.observe(head_state, hidden, positions, lengths, kv_len=kv_len)
-    return DecodeState(cache, start + lengths, root, last_hidden[:, 0], head_state)
+        heads.see(head_state, Seen(hidden, positions, positions, mask, kv_len, count=lengths))
+    return DecodeState(cache, start + lengths, root, last_hidden, head_state)
 
 
 def speculate(
@@ -108,15 +109,10 @@ def speculate(
     uniforms: torch.Tensor | None,  # [B, N] or None when every row is greedy
     max_accept: torch.Tensor | None = None,  # [B] long: cap on accepted candidates (0: this row decodes plainly)
     kv_len: int | None = None,  # cache slots to attend over (fixed for CUDA graphs; default: bucketed, needs a host sync)
-    defer: torch.Tensor | None = None,  # [B, S, D]: with the 1-node tree, keep the committed hidden state here
 ) -> Acceptance:
-    """One verification forward over every tree node; commits the accepted path and advances
-    `state` in place. Returns what each row accepted.
-
-    defer: a plain step (1-node tree) stores each row's committed base hidden state at its
-    position in `defer` instead of showing it to heads with state (Hydra++'s prefix layer), which
-    would cost a layer per plain step; `catch_up` shows the heads the stored states before the
-    next speculative step."""
+    """One verification forward over every tree node; commits the accepted path, shows the draft
+    heads what the forward computed and which nodes were accepted (`DraftHeads.see`), and
+    advances `state` in place. Returns what each row accepted. heads None: plain decoding."""
     B, N = state.root.shape[0], tree.num_nodes
     dev = state.root.device
     if heads is None or tree.head_nodes == 1:
@@ -133,9 +129,6 @@ def speculate(
     kv_len = kv_len or _kv_len(state.start, N, state.cache.max_len)
     mask = attention_mask(state.start, tree.mask, kv_len)
     out = model(cand, positions, state.cache, slots, mask, logits_for="all")  # logits [B, N, V]
-    deferring = heads is not None and defer is not None and N == 1
-    # heads with state may see every node now, as one more layer of this forward (observe_tree)
-    seen = heads.observe_tree(state.head_state, out.hidden, out.inputs) if heads is not None and not deferring else None
     acc = verify(out.logits, cand, tree, sampling, uniforms, max_accept)
     # move the accepted path's K/V to slots start .. start + length (padding copies are harmless:
     # they land at or beyond the new start, which later steps overwrite)
@@ -143,29 +136,10 @@ def speculate(
     src = state.start[:, None] + path  # [B, D+1]
     dst = (state.start[:, None] + torch.arange(path.shape[1], device=dev)).clamp_max(state.cache.max_len - 1)
     state.cache.commit_path(src, dst)
-    if seen is not None:
-        heads.commit_tree(state.head_state, seen, src, dst, acc.last_node)
-    elif deferring:
-        defer[torch.arange(B, device=dev), state.start] = out.hidden[:, 0].to(defer.dtype)
-    elif heads is not None:
-        hid = out.hidden.gather(1, path[..., None].expand(-1, -1, out.hidden.shape[-1]))  # [B, D+1, Dm]
-        heads.observe(state.head_state, hid, state.start[:, None] + depth[path], acc.length + 1, kv_len=kv_len)
+    if heads is not None:
+        heads.see(state.head_state, Seen(out.hidden, positions, slots, mask, kv_len, src=src, dst=dst,
+                                         last_node=acc.last_node))
     state.last_hidden = out.hidden[torch.arange(B, device=dev), acc.last_node]  # [B, Dm]
     state.start = state.start + acc.length + 1
     state.root = acc.tokens.gather(1, acc.length[:, None]).squeeze(1)  # the bonus token
     return acc
-
-
-def catch_up(heads, head_state: Any, deferred: torch.Tensor, seen: list[int], committed: list[int]) -> None:
-    """Show the heads the base hidden states that plain steps deferred (`speculate(defer=...)`):
-    row b's positions seen[b] .. committed[b]-1, in one forward of the heads' own layers.
-    deferred [B, S, D]; seen, committed: per row, known on the host."""
-    counts = [c - s for s, c in zip(seen, committed)]
-    P = max(counts, default=0)
-    if heads is None or head_state is None or P <= 0:
-        return
-    dev = deferred.device
-    pos = (torch.tensor(seen, device=dev)[:, None] + torch.arange(P, device=dev)).clamp_max(deferred.shape[1] - 1)  # [B, P]
-    hid = deferred.gather(1, pos[..., None].expand(-1, -1, deferred.shape[-1]))  # [B, P, D]
-    heads.observe(head_state, hid, pos, torch.tensor(counts, device=dev).clamp_min(0),
-                  kv_len=kv_round(max(committed), deferred.shape[1]))

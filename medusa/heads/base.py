@@ -49,9 +49,32 @@ def with_draft_vocab(config: HeadsConfig, ids, coverage: float | None = None) ->
     return dataclasses.replace(config, extra=extra), ids
 
 
+@dataclass(frozen=True)
+class Seen:
+    """What one forward of the base model shows the draft heads (`DraftHeads.see`), explicitly:
+    the final hidden states of its new tokens, where they sit (RoPE positions, cache slots, the
+    mask of cache slots each may see) and which of them are now committed. A prompt commits its
+    first count[b] tokens at their slots; a verification step commits its accepted path, whose
+    K/V moved from slots src to dst (as `KVCache.commit_path`)."""
+
+    hidden: torch.Tensor  # [B, N, D]
+    positions: torch.Tensor  # [B, N] long
+    slots: torch.Tensor  # [B, N] long
+    mask: torch.Tensor  # [B, N, S] bool: may token n see cache slot s
+    kv_len: int  # S, known on the host
+    count: torch.Tensor | None = None  # [B] long, a prompt: real (committed) tokens per row
+    src: torch.Tensor | None = None  # [B, A] long, a step: slots of the accepted path's nodes
+    dst: torch.Tensor | None = None  # [B, A] long, a step: the committed slots they move to
+    last_node: torch.Tensor | None = None  # [B] long, a step: the last accepted node of each row
+
+    @property
+    def prompt(self) -> bool:
+        return self.src is None
+
+
 class DraftHeads(nn.Module):
     """Base class. A family implements `propose`; families with state of their own (Hydra++'s
-    prefix layer KV) override `new_state` and `observe`.
+    prefix layer KV) override `new_state`, `observe`, `see` and `prepare`.
 
     Draft vocabulary (optional, config.extra["draft_vocab"] = F): the heads propose only among
     F token ids (the tokens most frequent in their training responses, `draft_vocab_from`), so
@@ -117,8 +140,9 @@ class DraftHeads(nn.Module):
         """Head i's logits over the draft vocabulary (or the whole one): z [..., D] -> [..., F]."""
         if self.draft_vocab is None:
             return self.lm_logits(i, z, base)
-        if self.draft_weight is None:  # not bound yet (the first, eager call: graphs capture later)
-            self.bind_draft_vocab(base)
+        if self.draft_weight is None:
+            raise RuntimeError("the draft vocabulary's LM-head rows are not bound: call bind_draft_vocab(base) "
+                               "once the weights are loaded (medusa.heads.io does)")
         return torch.nn.functional.linear(z, self.draft_weight[i if self.draft_weight.shape[0] > 1 else 0])
 
     def draft_topk(self, i: int, z: torch.Tensor, base, k: int, into=None) -> torch.Tensor:
@@ -136,29 +160,34 @@ class DraftHeads(nn.Module):
             logits = torch.stack([self._draft_logits(j, z[..., j, :], base) for j in range(z.shape[-2])], dim=-2)
         return topk_ids(logits, k, self.draft_vocab)
 
-    def new_state(self, batch: int, max_len: int, base) -> Any:
-        """Per-request state kept between steps (explicit, never a module attribute)."""
+    def new_state(self, batch: int, max_len: int, base, lazy: bool = False) -> Any:
+        """Per-request state kept between steps (explicit, never a module attribute). lazy: the
+        state may keep what plain steps and prompts show it (`see`) pending, and take it in only
+        when `prepare` announces a speculative step (Hydra++: plain decoding then never runs its
+        prefix layer); a lazy state needs `prepare` before every step."""
         return None
 
     def observe(self, state: Any, hidden: torch.Tensor, positions: torch.Tensor, count: torch.Tensor,
                 kv_len: int | None = None) -> None:
-        """See the base hidden states of newly committed tokens.
+        """See the base hidden states of newly committed tokens, now.
 
         hidden [B, A, D], positions [B, A]; row b's first count[b] entries are real. kv_len, when
         given, bounds every position (known on the host): state caches need attend no further."""
 
-    def observe_tree(self, state: Any, hidden: torch.Tensor, inputs) -> Any:
-        """Optional fast path of `observe` for a verification step: see the base hidden states of
-        every tree node [B, N, D] inside the step, before acceptance, with the base forward's
-        shared layer inputs (`ForwardOut.inputs`: RoPE tables, the nodes' cache slots, the tree
-        mask), writing whatever the state keeps at the nodes' slots. Returns what `commit_tree`
-        needs once the accepted path is known, or None: this family (or this call) takes
-        `observe` over the accepted tokens instead."""
-        return None
+    def see(self, state: Any, seen: "Seen") -> None:
+        """What one forward of the base model (a prompt, or a verification step once its
+        acceptance is known) shows the heads, called inside the step (also inside a captured
+        graph: no host synchronisation). A family with state keeps what it needs; a lazy state
+        (`new_state(lazy=True)`) may store it instead, for `prepare` to take in later. Stateless
+        families ignore it."""
 
-    def commit_tree(self, state: Any, seen: Any, src: torch.Tensor, dst: torch.Tensor, last_node: torch.Tensor) -> None:
-        """Keep the accepted path of an `observe_tree` call: src, dst [B, A] cache slots (as the
-        base cache's `commit_path`), last_node [B] the last accepted node of each row."""
+    def prepare(self, state: Any, lo: int, kv_lens: list[int], speculating: bool) -> int:
+        """Host side, outside any captured graph, before a step or a prompt forward over rows
+        lo .. lo+len(kv_lens)-1 of `state`, which hold kv_lens[i] committed tokens each.
+        speculating: the step proposes candidates (a prompt forward and a plain step do not).
+        A lazy state catches up here on what it stored. Returns the rows caught up (0: nothing
+        ran on the device)."""
+        return 0
 
     def propose(self, state: Any, last_hidden: torch.Tensor, root: torch.Tensor, tree, base) -> torch.Tensor:
         """Candidate token of every tree node. last_hidden [B, D] (hidden state of the last

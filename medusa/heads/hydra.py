@@ -10,7 +10,8 @@ embeddings of tokens t+1 .. t+1+i (the tokens on its tree path) and guesses toke
 - "hydra":   s_t = h_t, the base model's final hidden state at t.
 - "hydra++": s_t = the output of one extra decoder layer (the "prefix attention" layer, a
   Llama block with its own small KV cache) run causally over the base hidden states h_0..h_t.
-  At inference its KV lives in an explicit HydraState, written by `observe` as tokens commit.
+  At inference its KV lives in an explicit HydraState, written by `see` and `observe` as
+  tokens commit (or kept pending, with plain decoding, until speculation resumes: `prepare`).
 
 An untrained head (all W zero, prefix-layer output projections zero) is the base LM head at t.
 This module knows nothing of acceptance, the base model's KV cache or training losses."""
@@ -50,31 +51,49 @@ class HydraHead(nn.Module):
         return self.blocks(add_silu(s, self.cond(x)))
 
 
+FOLLOWING = -1  # HydraState.observed: the row has seen every committed token, and sees each step
+
+
 @dataclass
 class HydraState:
     """Hydra++ per-request state: the prefix layer's KV (one layer; the last slot is a scratch
-    slot that padded entries write to) and its output at the last committed token."""
+    slot that padded entries write to) and its output at the last committed token.
+
+    A lazy state (`HydraHeads.new_state(lazy=True)`) also keeps `pending`: the base hidden
+    states that prompts and plain steps showed it (`see`), at their positions, and on the host,
+    per row, how far the prefix layer has seen (`observed`: the positions below it are in its
+    KV, or FOLLOWING). `HydraHeads.prepare` runs the prefix layer over the pending positions
+    when speculation resumes: plain decoding never pays a layer per step for heads it does not
+    use, and the heads propose exactly what they would had they seen every step."""
 
     cache: KVCache  # k, v [1, B, kv_heads, max_len + 1, head_dim]
     last: torch.Tensor  # [B, D] prefix-layer output at the last committed token
     rope_cos: torch.Tensor  # [P, Dh] the base model's RoPE tables (float32)
     rope_sin: torch.Tensor
+    pending: torch.Tensor | None = None  # [B, max_len, D] (lazy): base hidden states by position
+    observed: torch.Tensor | None = None  # [B] long on the host (lazy): see above
 
     @property
     def scratch_slot(self) -> int:
         return self.cache.max_len - 1
 
-    # per-row state (medusa.decoding.kv_pool.PerRow): the cache and `last` hold one row per
-    # request; the RoPE tables are the base model's, shared by every row
+    # per-row state (medusa.decoding.kv_pool.PerRow): the cache, `last`, `pending` and `observed`
+    # hold one row per request; the RoPE tables are the base model's, shared by every row
     def rows(self, lo: int, hi: int) -> "HydraState":
-        return HydraState(self.cache.rows(lo, hi), self.last[lo:hi], self.rope_cos, self.rope_sin)
+        lazy = self.pending is not None
+        return HydraState(self.cache.rows(lo, hi), self.last[lo:hi], self.rope_cos, self.rope_sin,
+                          self.pending[lo:hi] if lazy else None, self.observed[lo:hi] if lazy else None)
 
     def swap_rows(self, a: int, b: int) -> None:
         self.cache.swap_rows(a, b)
         self.last[[a, b]] = self.last[[b, a]]
+        if self.pending is not None:
+            self.pending[[a, b]] = self.pending[[b, a]]
+            self.observed[[a, b]] = self.observed[[b, a]]
 
     def scratch(self) -> "HydraState":
-        return HydraState(self.cache, self.last.clone(), self.rope_cos, self.rope_sin)
+        # a trial step writes `pending` only at the positions the real step writes next (as the KV)
+        return HydraState(self.cache, self.last.clone(), self.rope_cos, self.rope_sin, self.pending, self.observed)
 
     def write_back(self, view: "HydraState", lo: int, hi: int) -> None:
         self.cache.write_back(view.cache, lo, hi)
@@ -82,8 +101,15 @@ class HydraState:
             self.last[lo:hi] = view.last
 
     def copy_prefix(self, src: "HydraState", k: int, T: int) -> None:
+        """Rows 0 .. k-1 of src; a state that is not lazy has seen everything it holds."""
         self.cache.copy_prefix(src.cache, k, T)
         self.last[:k].copy_(src.last[:k])
+        if self.observed is not None:
+            if src.observed is not None:
+                self.observed[:k] = src.observed[:k]
+                self.pending[:k, :T].copy_(src.pending[:k, :T])
+            else:
+                self.observed[:k] = FOLLOWING
 
 
 @dataclass(frozen=True)
@@ -173,13 +199,16 @@ class HydraHeads(DraftHeads):
 
     # ------------------------------------------------------------------ DraftHeads contract
 
-    def new_state(self, batch: int, max_len: int, base):
+    def new_state(self, batch: int, max_len: int, base, lazy: bool = False):
         if self.prefix is None:
             return None
         p = self.prefix.self_attn.k_proj.weight
         cache = KVCache.allocate(prefix_config(self.config), batch, max_len + 1, p.dtype, p.device)
         last = torch.zeros(batch, self.config.hidden_size, dtype=p.dtype, device=p.device)
-        return HydraState(cache, last, base.rope_cos, base.rope_sin)
+        if not lazy:
+            return HydraState(cache, last, base.rope_cos, base.rope_sin)
+        pending = torch.zeros(batch, max_len, self.config.hidden_size, dtype=base.dtype, device=p.device)
+        return HydraState(cache, last, base.rope_cos, base.rope_sin, pending, torch.zeros(batch, dtype=torch.long))
 
     def observe(self, state, hidden, positions, count, kv_len: int | None = None) -> None:
         if self.prefix is None:
@@ -198,24 +227,57 @@ class HydraHeads(DraftHeads):
         picked = out[torch.arange(B, device=dev), last]  # [B, D]
         state.last.copy_(torch.where((count > 0)[:, None], picked, state.last))  # in place: the state may be a view
 
-    def observe_tree(self, state, hidden, inputs):
-        """The prefix layer over every tree node, as one more layer of the verification forward:
-        it reuses that forward's RoPE tables, slots and tree mask (built once per step), and
-        writes its K/V at the nodes' slots of its own cache. A node sees the committed tokens and
-        its ancestors, so on the accepted path this is what `observe` computes over the accepted
-        tokens alone, without a second forward's inputs, mask and launches. None (use `observe`)
-        where the layer's shape or dtype differs from the base layers' that built `inputs`."""
-        if self.prefix is None or inputs is None or torch.is_grad_enabled():
-            return None
-        attn = self.prefix.self_attn
-        if inputs.cos.shape[-2:] != (attn.n_heads + 2 * attn.n_kv, attn.head_dim) or inputs.cos.dtype != state.last.dtype:
-            return None
-        return self.prefix(hidden.to(state.last.dtype), inputs, 0, state.cache)  # [B, N, D]
+    def see(self, state, seen) -> None:
+        """A lazy state stores a prompt's and a plain step's hidden states (`prepare` takes them
+        in). Otherwise the prefix layer runs over every new token with the forward's own
+        positions, slots and mask, writing its K/V at the same slots as the base model: for a
+        tree, a node sees the committed tokens and its ancestors, so on the accepted path this is
+        what `observe` computes over the accepted tokens alone; the path's K/V is then committed
+        as the base cache's."""
+        if self.prefix is None:
+            return
+        B, N, _ = seen.hidden.shape
+        rows = torch.arange(B, device=seen.hidden.device)
+        if state.pending is not None and (seen.prompt or N == 1):
+            state.pending[rows[:, None], seen.positions] = seen.hidden.to(state.pending.dtype)  # padding: overwritten later
+            return
+        out = self._prefix(seen.hidden.to(state.last.dtype), seen.positions, state.cache, seen.slots, seen.mask,
+                           state.rope_cos, state.rope_sin)  # [B, N, D]
+        if seen.prompt:
+            picked = out[rows, (seen.count - 1).clamp(0, N - 1)]
+            state.last.copy_(torch.where((seen.count > 0)[:, None], picked, state.last))  # in place: may be a view
+        else:
+            state.cache.commit_path(seen.src, seen.dst)
+            state.last.copy_(out[rows, seen.last_node])
 
-    def commit_tree(self, state, seen, src, dst, last_node) -> None:
-        state.cache.commit_path(src, dst)
-        rows = torch.arange(seen.shape[0], device=seen.device)
-        state.last.copy_(seen[rows, last_node])  # in place: the state may be a view
+    def prepare(self, state, lo: int, kv_lens: list[int], speculating: bool) -> int:
+        """Bring rows lo .. lo+n-1 of a lazy state up to date on the host: a row FOLLOWING has
+        seen its kv_lens[i] tokens; a row may hold fewer than it had seen (a kept session's
+        next turn reuses a prefix of it). Before a speculative step, the prefix layer runs over
+        the pending positions of the rows behind, in one forward, and every row follows."""
+        if self.prefix is None or state is None or state.observed is None:
+            return 0
+        obs = state.observed[lo:lo + len(kv_lens)]
+        kv = torch.tensor(kv_lens, dtype=torch.long)
+        obs.copy_(torch.where(obs == FOLLOWING, kv, torch.minimum(obs, kv)))
+        if not speculating:
+            return 0
+        behind = (obs < kv).nonzero().flatten().tolist()
+        if behind:  # only the span of rows that are behind
+            a, b = behind[0], behind[-1] + 1
+            self._catch_up(state.rows(lo + a, lo + b), obs[a:b].tolist(), kv_lens[a:b])
+        obs.fill_(FOLLOWING)
+        return len(behind)
+
+    def _catch_up(self, view: HydraState, seen: list[int], committed: list[int]) -> None:
+        """The prefix layer over row b's pending positions seen[b] .. committed[b]-1."""
+        counts = [c - s for s, c in zip(seen, committed)]
+        P, S = max(counts), view.pending.shape[1]
+        dev = view.pending.device
+        pos = (torch.tensor(seen, device=dev)[:, None] + torch.arange(P, device=dev)).clamp_max(S - 1)  # [B, P]
+        hid = view.pending.gather(1, pos[..., None].expand(-1, -1, view.pending.shape[-1]))  # [B, P, D]
+        kv_len = min(S, -(-max(committed) // 64) * 64)  # few distinct shapes
+        self.observe(view, hid, pos, torch.tensor(counts, device=dev), kv_len=kv_len)
 
     def propose(self, state, last_hidden, root, tree, base) -> torch.Tensor:
         B, N = root.shape[0], tree.num_nodes

@@ -5,7 +5,8 @@ optional per-head q/k RMSNorm (Qwen3).
 `forward` runs N new tokens per row at explicit positions, writes their K/V at explicit cache
 slots and lets each token see exactly the cache slots its mask allows, which is all a tree
 verification pass needs. The model does not know about trees, heads, batching policy,
-parallelism or compilation; those are applied from outside."""
+parallelism or compilation; those are applied from outside (compiled per-layer pieces come in
+as a `BlockOps` argument of the forward, never by rebinding the modules' methods)."""
 from __future__ import annotations
 
 import functools
@@ -83,6 +84,26 @@ class LayerInputs:
     matmul: bool  # attention path: attend_matmul (else SDPA)
     kv_len: int  # S
     visible: torch.Tensor | None = None  # [B, N, S] bool, set when the Triton kernel is to run
+
+
+class BlockOps:
+    """How a forward runs the pure per-layer pieces: the RMSNorms, the q/k/v projection with RoPE
+    (`Attention.project`) and the SwiGLU MLP. This default calls the modules as written; a
+    caller may pass another (`Transformer.forward(ops=...)`), such as compiled copies of the
+    pieces (medusa.decoding.graphs.CompiledBlocks), without the model changing. The K/V cache
+    writes and attention always run as written."""
+
+    def norm(self, norm: "RMSNorm", x: torch.Tensor) -> torch.Tensor:
+        return norm(x)
+
+    def project(self, attn: "Attention", x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        return attn.project(x, cos, sin)
+
+    def mlp(self, mlp: "MLP", x: torch.Tensor) -> torch.Tensor:
+        return mlp(x)
+
+
+EAGER = BlockOps()
 
 
 class RMSNorm(nn.Module):
@@ -194,10 +215,10 @@ class Attention(nn.Module):
         qkv = apply_rope(qkv, cos, sin)
         return qkv[:, :, :H], qkv[:, :, H:]
 
-    def forward(self, x, inp: LayerInputs, layer: int, cache: KVCache):
+    def forward(self, x, inp: LayerInputs, layer: int, cache: KVCache, ops: BlockOps = EAGER):
         B, N, _ = x.shape
         H, Hkv, Dh = self.n_heads, self.n_kv, self.head_dim
-        q, kv = self.project(x, inp.cos, inp.sin)
+        q, kv = ops.project(self, x, inp.cos, inp.sin)
         cache.write(layer, inp.rows, inp.slots, kv)
         keys = cache.k[layer][:, :, :inp.kv_len]  # [B, Hkv, S, Dh]
         values = cache.v[layer][:, :, :inp.kv_len]
@@ -252,9 +273,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, inp: LayerInputs, layer: int, cache: KVCache):
-        x = x + self.self_attn(self.input_layernorm(x), inp, layer, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, inp: LayerInputs, layer: int, cache: KVCache, ops: BlockOps = EAGER):
+        x = x + self.self_attn(ops.norm(self.input_layernorm, x), inp, layer, cache, ops)
+        return x + ops.mlp(self.mlp, ops.norm(self.post_attention_layernorm, x))
 
     def fuse(self) -> None:
         self.self_attn.fuse()
@@ -265,7 +286,6 @@ class Block(nn.Module):
 class ForwardOut:
     hidden: torch.Tensor  # [B, N, D] final-norm hidden states (what the LM head and draft heads read)
     logits: torch.Tensor | None  # [B, N or len(logits_for), V] or None
-    inputs: LayerInputs | None = None  # what the layers shared (RoPE tables, slots, mask): a caller's extra layer may reuse it
 
 
 class Transformer(nn.Module):
@@ -325,15 +345,16 @@ class Transformer(nn.Module):
         slots: torch.Tensor,  # [B, N] cache slots where the new K/V go
         mask: torch.Tensor,  # [B, N, S] bool: may query n see cache slot s (S = kv_len)
         logits_for: torch.Tensor | None | str = "all",  # "all" | None (no logits) | [B, M] indices into N
+        ops: BlockOps = EAGER,  # how the pure per-layer pieces run (BlockOps)
     ) -> ForwardOut:
         x = self.embed_tokens(tokens)  # [B, N, D]
         inp = self.layers[0].self_attn.inputs(x.dtype, self.rope_cos, self.rope_sin, positions, slots, mask)
         for i, layer in enumerate(self.layers):
-            x = layer(x, inp, i, cache)
-        h = self.norm(x)  # [B, N, D]
+            x = layer(x, inp, i, cache, ops)
+        h = ops.norm(self.norm, x)  # [B, N, D]
         if logits_for is None:
-            return ForwardOut(h, None, inp)
+            return ForwardOut(h, None)
         if isinstance(logits_for, str):
-            return ForwardOut(h, self.lm_head(h), inp)
+            return ForwardOut(h, self.lm_head(h))
         picked = torch.gather(h, 1, logits_for[..., None].expand(-1, -1, h.shape[-1]))  # [B, M, D]
-        return ForwardOut(h, self.lm_head(picked), inp)
+        return ForwardOut(h, self.lm_head(picked))

@@ -53,7 +53,7 @@ def plan_kv(total_bytes: int, free_bytes: int, utilization: float, kv_bytes_per_
     """The KV pool that fits. total_bytes / free_bytes: the device's, now (weights loaded);
     kv_bytes_per_token: K and V of one token over all layers in the cache's dtype; row_tokens:
     slots per row (max_seq_len plus the step's tree slots); extra_row_bytes: other per-row state
-    (heads' KV, deferred hidden states). ModelLoadError when not one row fits."""
+    (heads' KV, pending hidden states). ModelLoadError when not one row fits."""
     if not 0.0 < utilization <= 1.0:
         raise ModelLoadError(f"gpu_memory_utilization must be in (0, 1], got {utilization}")
     used = total_bytes - free_bytes

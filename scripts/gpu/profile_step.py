@@ -25,7 +25,6 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from medusa.decoding.generate import single_engine
-from medusa.decoding.graphs import compile_blocks
 from medusa.decoding.kv_pool import scratch_state
 from medusa.decoding.runner import GraphKey
 from medusa.decoding.sampling import BatchSampling, SamplingParams
@@ -82,27 +81,25 @@ def main() -> None:
     args = ap.parse_args()
     stack = load_stack(heads="none", progress=False)
     model = stack.model
-    if args.compile:
-        compile_blocks(model, mode=args.compile)
     rows = []
     for name in args.heads.split(","):
         heads, tree = None, load_tree("ar")
         if name != "ar":
             heads, _ = resolve_heads(name, model, stack.source)
             tree = build_tree(heads.config.tree, name=f"{Path(name).name}-tree")
-        engine = single_engine(model, heads, tree, max_seq_len=1024, graphs=True)
+        engine = single_engine(model, heads, tree, max_seq_len=1024, graphs=True, compile_mode=args.compile)
         runner, tree = engine.runner, engine.default_tree  # the engine's runner and its device tree
         start = runner.rows.start
         sampling = BatchSampling.stack([SamplingParams()], model.device)
         prompt = torch.randint(0, model.cfg.vocab_size, (1, 200), device=model.device)
         with torch.inference_mode():
             lengths = torch.full((1,), 200, device=model.device)
-            runner.prefill(0, prompt, [0], lengths, sampling, None, defer=False)
+            runner.prefill(0, prompt, [0], lengths, sampling, None)
             committed = 200
             walls = []
             for i in range(60):  # the loop's own pattern: replay, read the length back
                 t = time.perf_counter()
-                acc, _ = runner.step(tree, 1, committed, sampling, "greedy", None, None, [])
+                acc, _ = runner.step(tree, 1, [committed], sampling, "greedy", None, None, [])
                 n = int(acc.length[0]) + 1
                 walls.append(time.perf_counter() - t)
                 committed += n
@@ -115,7 +112,7 @@ def main() -> None:
             committed = args.at
             start.fill_(committed)
             saved = start.clone()
-            runner.step(tree, 1, committed, sampling, "greedy", None, None, [])
+            runner.step(tree, 1, [committed], sampling, "greedy", None, None, [])
             start.copy_(saved)
             key = GraphKey("step", 1, (tree.name, tree.paths, tree.lookup), runner.kv_len(committed, tree.num_nodes))
             g = runner.graphs[key].graph

@@ -83,3 +83,43 @@ def test_engine_graphs_equal_the_padded_eager_step(gpu_stack, mt_texts):
     for i in (0, 2, 4):
         assert f_graph[i] == [t for c in generate(s.model, prompts[i], max_new_tokens=40, stop_token_ids=eos) for t in c.tokens]
     print(stats)
+
+
+def test_lazy_hydra_state_in_graphs_equals_eager(monkeypatch):
+    """Hydra++ heads under the engine's lazy head state, with plain and speculative steps
+    alternating, as CUDA graphs (the pending store captured in the plain step graph, the catch-up
+    on the host before speculative steps) and eagerly: the same tokens and the same proposals.
+    A tiny random model (float32): needs no weights."""
+    import medusa.decoding.engine.policy as engine_mod
+    from medusa.decoding.adaptive import Choice
+    from medusa.decoding.tree import build_tree
+    from tests.conftest import tiny_model
+    from tests.unit.test_hydra import random_heads
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = tiny_model()
+    heads = random_heads(model, "hydra++", seed=3).cuda()
+    model.cuda()
+    tree = build_tree([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]], name="tree6")
+    turn = {"n": 0}
+
+    def alternate(batch, speculating, options, cost, margin=0.0):  # plain, plain, tree, ...
+        turn["n"] += 1
+        return Choice("tree6" if turn["n"] % 3 == 0 else "ar", 0.0, "test", {})
+
+    monkeypatch.setattr(engine_mod, "choose_tree", alternate)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 61, (int(n),), generator=g).tolist() for n in torch.randint(4, 30, (6,), generator=g)]
+
+    def run(graphs: bool):
+        turn["n"] = 0
+        eng = Engine(model, heads, tree, max_batch=4, max_seq_len=128, trees={"tree6": tree}, graphs=graphs)
+        hs = [eng.submit(Request(p, max_new_tokens=20 + 3 * i, stop_token_ids=(), session_id=f"s{i % 2}"))
+              for i, p in enumerate(prompts)]
+        outs = [h.result()[0] for h in hs]
+        return outs, eng.stats()
+
+    eager, st_e = run(False)
+    graphed, st_g = run(True)
+    assert graphed == eager
+    assert st_g["graphs_captured"] and st_g["catch_ups"] > 0 and st_e["catch_ups"] > 0

@@ -204,3 +204,14 @@ def test_draft_and_accept_kernels_equal_their_torch_paths_on_gpu(dtype):
             want = V._accept(target, cand, None, tree, sampling, tree.parent, tree.retrieve, cap)
             got = accept.accept(target, cand, tree.parent, tree.retrieve, cap)
             assert all(torch.equal(a, b) for a, b in zip(got, (want.path, want.length, want.tokens, want.last_node)))
+
+
+def test_compiled_step_graphs_equal_eager_and_leave_the_model_alone(gpu_stack, mt_texts):
+    """compile_mode: the runner's step graphs run torch.compiled per-layer pieces (graphs.CompiledBlocks);
+    the output is the eager greedy output, and no module of the model had a method rebound."""
+    s = gpu_stack
+    ids = s.tokenizer.encode_prompt(mt_texts[0])
+    ref, _ = decode(s, ids, None, None)
+    runner = single_engine(s.model, s.heads, "tree16", max_seq_len=1024, graphs=True, compile_mode="")
+    assert decode(s, ids, s.heads, "tree16", runner)[0] == ref
+    assert not any("forward" in vars(m) or "project" in vars(m) for m in s.model.modules())

@@ -168,3 +168,20 @@ def test_vocab_command(tmp_path, capsys):
     assert main(["vocab", "--heads", str(folder), "--data", str(data), "--size", "5"]) == 2
     err = capsys.readouterr().err
     assert "not a readable heads folder" in err and "Traceback" not in err
+
+
+def test_heads_built_with_a_vocabulary_refuse_to_propose_until_bound():
+    """Draft-vocabulary weights are bound when the weights are loaded (medusa.heads.io), never
+    lazily inside a forward: heads built with a vocabulary in their config but not bound raise,
+    and propose once bound."""
+    base = tiny_model()
+    cfg = HeadsConfig("medusa", 3, 1, base.cfg.hidden_size, V, fingerprint(base), extra={"draft_vocab": 4})
+    heads = build_heads(cfg, base)
+    heads.draft_vocab.copy_(torch.tensor([2, 4, 6, 8]))
+    tree = build_tree([[0], [0, 0]])
+    hidden = torch.randn(1, base.cfg.hidden_size)
+    with pytest.raises(RuntimeError, match="bind_draft_vocab"):
+        heads.propose(None, hidden, torch.tensor([9]), tree, base)
+    heads.bind_draft_vocab(base)
+    cand = heads.propose(None, hidden, torch.tensor([9]), tree, base)
+    assert cand[0, 0] == 9 and set(cand[0, 1:].tolist()) <= {2, 4, 6, 8}

@@ -354,12 +354,12 @@ def test_warmup_measures_step_costs_so_auto_never_explores(tiny, tiny_heads):
         assert out == alone(tiny, p, tiny_heads, t, 12, stop=())
 
 
-def test_plain_steps_defer_the_heads_observation_without_changing_proposals(tiny, monkeypatch):
-    """With Hydra++ heads, prefills and plain steps keep the hidden states aside instead of running
-    the prefix layer; speculative steps (and a kept session's end) catch the heads up first. The
-    proposals, hence accepted lengths, equal those of an engine that observes every step."""
+def test_plain_steps_keep_the_heads_observation_pending_without_changing_proposals(tiny, monkeypatch):
+    """With Hydra++ heads, the engine's lazy head state stores what eager prefills and plain steps
+    show it instead of running the prefix layer; before a speculative step the heads catch up
+    (heads.prepare, outside the step). The proposals, hence accepted lengths, equal those of an
+    engine whose heads observe every step, and the lazy engine runs the prefix layer less."""
     import medusa.decoding.engine.policy as engine_mod
-    import medusa.decoding.runner as runner_mod
     from medusa.decoding.adaptive import Choice
 
     heads = random_heads(tiny, "hydra++", seed=3)
@@ -381,33 +381,30 @@ def test_plain_steps_defer_the_heads_observation_without_changing_proposals(tiny
         return cand
 
     monkeypatch.setattr(heads, "propose", spy)
-    prefills = []  # whether each prefill deferred (the engine was decoding plainly) or not (speculating)
-    real_prefill = runner_mod.prefill
+    prefix_tokens = {"n": 0}  # tokens the prefix layer ran over
+    hook = heads.prefix.register_forward_hook(lambda mod, args, out: prefix_tokens.__setitem__(
+        "n", prefix_tokens["n"] + out.shape[0] * out.shape[1]))
 
-    def prefill(*args):
-        prefills.append(args[-1] is not None)
-        return real_prefill(*args)
-
-    monkeypatch.setattr(runner_mod, "prefill", prefill)
-
-    def run(defer: bool):
+    def run(lazy: bool):
         turn["n"] = 0
         proposals.clear()
-        prefills.clear()
+        prefix_tokens["n"] = 0
         eng = Engine(tiny, heads, t, max_batch=3, max_seq_len=96, trees={t.name: t})
-        if not defer:
-            eng.row_deferred = None
-            eng.runner.rows = dataclasses.replace(eng.runner.rows, deferred=None)
+        if not lazy:  # the same engine with a head state that observes at once
+            eng.head_state = heads.new_state(eng.pool.rows, eng.row_len, tiny)
+            eng.runner.rows = dataclasses.replace(eng.runner.rows, head_state=eng.head_state)
         hs = [eng.submit(Request(p, max_new_tokens=n, stop_token_ids=(), session_id=f"d{i}"))
               for i, (p, n) in enumerate(zip(ps, (18, 18, 6, 9, 12)))]  # rows finish apart: later prompts join
         res = drain(eng, hs)
         nxt = ps[0] + res[0][0] + [4, 2]
         res.append(eng.submit(Request(nxt, max_new_tokens=18, stop_token_ids=(), session_id="d0")).result())
-        return res, nxt, list(proposals), list(prefills)
+        return res, nxt, list(proposals), eng.stats()["catch_ups"], prefix_tokens["n"]
 
-    lazy, nxt, prop_lazy, deferred = run(True)
-    assert True in deferred and False in deferred  # prompts admitted both while plain and while speculating
-    eager, _, prop_eager, _ = run(False)
+    lazy, nxt, prop_lazy, caught, ran_lazy = run(True)
+    assert caught > 0  # speculation resumed after plain steps
+    eager, _, prop_eager, caught_eager, ran_eager = run(False)
+    hook.remove()
+    assert caught_eager == 0 and ran_lazy < ran_eager
     assert len(prop_lazy) > 3 and prop_lazy == prop_eager  # the draft heads proposed the very same candidates
     for (out_l, st_l), (out_e, st_e) in zip(lazy, eager):
         assert out_l == out_e and st_l.steps == st_e.steps and st_l.mean_accepted == pytest.approx(st_e.mean_accepted)

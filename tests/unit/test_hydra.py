@@ -233,11 +233,11 @@ def test_a_sub_tree_accepts_what_its_enclosing_tree_shows(head_type, sampled):
 
 
 def test_prefix_layer_seen_inside_the_step_equals_observing_the_accepted_tokens(monkeypatch):
-    """Hydra++ runs its prefix layer over every tree node inside the verification forward
-    (observe_tree) and keeps the accepted path (commit_tree). Over several steps of two rows
-    with different acceptances, that leaves the same prefix state (output at the last committed
-    token, K/V at every committed slot) and the same proposals as `observe` over the accepted
-    tokens alone, the path it replaces."""
+    """Hydra++ runs its prefix layer over every tree node of the verification forward (`see`, with
+    the step's positions, slots and tree mask) and keeps the accepted path. Over several steps of
+    two rows with different acceptances, that leaves the same prefix state (output at the last
+    committed token, K/V at every committed slot) and the same proposals as `observe` over the
+    accepted tokens alone."""
     import copy
 
     from medusa.decoding.sampling import BatchSampling, SamplingParams
@@ -251,17 +251,22 @@ def test_prefix_layer_seen_inside_the_step_equals_observing_the_accepted_tokens(
                       + [[i, j, k] for i in range(2) for j in range(4) for k in range(10)])
     sampling = BatchSampling.stack([SamplingParams()] * 2, "cpu")
     prompt = torch.randint(0, 61, (2, 6), generator=torch.Generator().manual_seed(11))
-    calls = {"tree": 0, "observe": 0}
-    real_tree, real_observe = HydraHeads.observe_tree, HydraHeads.observe
-
-    def counted_tree(self, *a):
-        out = real_tree(self, *a)
-        calls["tree"] += out is not None
-        return out
+    calls = {"observe": 0}
+    real_see, real_observe = HydraHeads.see, HydraHeads.observe
 
     def counted_observe(self, *a, **k):
         calls["observe"] += 1
         return real_observe(self, *a, **k)
+
+    def by_observe(self, state, seen):
+        """The reference: `observe` over the accepted tokens only, at their committed positions."""
+        if seen.prompt:
+            return real_see(self, state, seen)
+        start = seen.slots[:, 0]
+        path = seen.src - start[:, None]  # [B, A] accepted node ids (padded)
+        hid = seen.hidden.gather(1, path[..., None].expand(-1, -1, seen.hidden.shape[-1]))
+        count = seen.positions.gather(1, seen.last_node[:, None])[:, 0] - start + 1
+        self.observe(state, hid, seen.dst, count, kv_len=seen.kv_len)
 
     monkeypatch.setattr(HydraHeads, "observe", counted_observe)
     with torch.inference_mode():
@@ -269,9 +274,9 @@ def test_prefix_layer_seen_inside_the_step_equals_observing_the_accepted_tokens(
         alone = copy.deepcopy(fused)
         lengths = []
         for _ in range(8):
-            monkeypatch.setattr(HydraHeads, "observe_tree", counted_tree)
+            monkeypatch.setattr(HydraHeads, "see", real_see)
             a = speculate(base, heads, tree, fused, sampling, None)
-            monkeypatch.setattr(HydraHeads, "observe_tree", lambda self, *args: None)
+            monkeypatch.setattr(HydraHeads, "see", by_observe)
             b = speculate(base, heads, tree, alone, sampling, None)
             assert torch.equal(a.tokens, b.tokens) and torch.equal(fused.start, alone.start)
             assert torch.equal(heads.propose(fused.head_state, fused.last_hidden, fused.root, tree, base),
@@ -282,5 +287,53 @@ def test_prefix_layer_seen_inside_the_step_equals_observing_the_accepted_tokens(
                 torch.testing.assert_close(fused.head_state.cache.kv[:, :, r, :, :n], alone.head_state.cache.kv[:, :, r, :, :n],
                                            atol=1e-4, rtol=1e-3)
             lengths += a.length.tolist()
-    assert calls["tree"] == 8 and calls["observe"] == 1 + 8  # the prefill, then only the reference path
+    assert calls["observe"] == 8  # only the reference path observes: the step's own `see` runs the layer itself
     assert max(lengths) >= 2 and min(lengths) < max(lengths), "commits of 3 tokens and of differing lengths untested"
+
+
+def test_lazy_state_skips_the_prefix_layer_in_plain_steps_and_catches_up_exactly():
+    """A lazy Hydra++ state (the engine's) stores what the prompt and plain steps show it: those
+    never run the prefix layer. When speculation resumes, `prepare` runs it over the stored
+    positions once, and the heads then propose exactly what heads that saw every step propose;
+    a speculative step after that leaves both states alike."""
+    from medusa.decoding.sampling import BatchSampling, SamplingParams
+    from medusa.decoding.step import prefill, speculate
+    from medusa.decoding.tree import load_tree
+
+    base = tiny_model(seed=0)
+    heads = random_heads(base, "hydra++", std=0.6, seed=7)
+    ar, tree = load_tree("ar"), build_tree([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0]])
+    sampling = BatchSampling.stack([SamplingParams()] * 2, "cpu")
+    prompt = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(3))
+    lengths = torch.tensor([7, 4])  # row 1's prompt is shorter (right-padded)
+    runs = {"n": 0}
+    hook = heads.prefix.register_forward_hook(lambda *a: runs.__setitem__("n", runs["n"] + 1))
+    with torch.inference_mode():
+        lazy_hs = heads.new_state(2, 64, base, lazy=True)
+        assert heads.prepare(lazy_hs, 0, [0, 0], speculating=False) == 0  # before the prompt, as the runner does
+        lazy = prefill(base, heads, base.new_cache(2, 64), prompt, torch.zeros(2, dtype=torch.long), sampling, None,
+                       lazy_hs, lengths)
+        assert runs["n"] == 0  # the prompt was stored, not seen
+        eager = prefill(base, heads, base.new_cache(2, 64), prompt, torch.zeros(2, dtype=torch.long), sampling, None,
+                        None, lengths)
+        for _ in range(5):
+            assert heads.prepare(lazy.head_state, 0, lazy.start.tolist(), speculating=False) == 0
+            runs["n"] = 0
+            speculate(base, heads, ar, lazy, sampling, None)
+            assert runs["n"] == 0  # a plain step: no prefix layer
+            speculate(base, heads, ar, eager, sampling, None)
+            assert runs["n"] == 1
+            assert torch.equal(lazy.root, eager.root) and torch.equal(lazy.start, eager.start)
+        runs["n"] = 0
+        assert heads.prepare(lazy.head_state, 0, lazy.start.tolist(), speculating=True) == 2  # both rows were behind
+        assert runs["n"] == 1  # one forward of the prefix layer caught both rows up
+        torch.testing.assert_close(lazy.head_state.last, eager.head_state.last, atol=1e-4, rtol=1e-3)
+        assert torch.equal(heads.propose(lazy.head_state, lazy.last_hidden, lazy.root, tree, base),
+                           heads.propose(eager.head_state, eager.last_hidden, eager.root, tree, base))
+        for _ in range(3):  # following now: speculative steps show the heads every node, lazy or not
+            assert heads.prepare(lazy.head_state, 0, lazy.start.tolist(), speculating=True) == 0
+            a, b = speculate(base, heads, tree, lazy, sampling, None), speculate(base, heads, tree, eager, sampling, None)
+            assert torch.equal(a.tokens, b.tokens) and torch.equal(lazy.start, eager.start)
+            assert torch.equal(heads.propose(lazy.head_state, lazy.last_hidden, lazy.root, tree, base),
+                               heads.propose(eager.head_state, eager.last_hidden, eager.root, tree, base))
+    hook.remove()

@@ -206,3 +206,41 @@ def test_kv_splits_spread_few_programs_over_the_gpu():
         for span in (64, 300, 1000, 5000):
             n = kv_splits(programs, span, 132)
             assert n & (n - 1) == 0 and (n == 1 or span >= n * MIN_SPLIT)
+
+
+@torch.inference_mode()
+def test_block_ops_run_the_pure_pieces_without_changing_the_model():
+    """A forward takes its per-layer pieces from `ops` (llama.BlockOps): another implementation
+    runs in their place and gives the same output, and building compiled pieces
+    (graphs.CompiledBlocks) rebinds no method of the model."""
+    from medusa.decoding.graphs import CompiledBlocks
+    from medusa.model.llama import BlockOps
+
+    class Counting(BlockOps):
+        def __init__(self):
+            self.calls = {"norm": 0, "project": 0, "mlp": 0}
+
+        def norm(self, norm, x):
+            self.calls["norm"] += 1
+            return super().norm(norm, x)
+
+        def project(self, attn, x, cos, sin):
+            self.calls["project"] += 1
+            return super().project(attn, x, cos, sin)
+
+        def mlp(self, mlp, x):
+            self.calls["mlp"] += 1
+            return super().mlp(mlp, x)
+
+    model = tiny_model()
+    L = model.cfg.num_layers
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(5)[None].expand(2, 5)
+    mask = torch.ones(5, 5, dtype=torch.bool).tril()[None].expand(2, 5, 5)
+    ref = model(tokens, pos, model.new_cache(2, 5), pos, mask).logits
+    ops = Counting()
+    out = model(tokens, pos, model.new_cache(2, 5), pos, mask, ops=ops).logits
+    assert torch.equal(out, ref)
+    assert ops.calls == {"norm": 2 * L + 1, "project": L, "mlp": L}
+    CompiledBlocks(model)
+    assert not any("forward" in vars(m) or "project" in vars(m) for m in model.modules())

@@ -9,7 +9,7 @@ import torch
 
 from medusa.decoding.staging import FIXED_TOKENS, PrefillStage, plan_groups
 from medusa.decoding.sampling import BatchSampling, SamplingParams
-from medusa.decoding.step import prefill
+from medusa.decoding.step import DecodeState, first_token, prefill
 
 from tests.unit.test_engine import prompts, random_heads, tiny_model
 
@@ -42,13 +42,13 @@ def test_bucketed_prefill_equals_direct(head_type):
     old = torch.tensor(prompts(4, seed=9, lo=40, hi=40))
     pg.run(old, model.new_cache(4, 80), torch.full((4,), 40), heads.new_state(4, 80, model))  # stale buffers
 
-    def run(body: bool):
+    def run(staged: bool):
         cache = model.new_cache(k, 80)
         hs = heads.new_state(k, 80, model)
-        if not body:
+        if not staged:
             return cache, prefill(model, heads, cache, tokens, start, sampling, None, hs, lengths)
-        return cache, prefill(model, None if pg.observes else heads, cache, tokens, start, sampling, None, hs, lengths,
-                              lambda t: pg.run(t, cache, lengths, hs))
+        root, last = first_token(model, pg.run(tokens, cache, lengths, hs), lengths, sampling, None)
+        return cache, DecodeState(cache, lengths, root, last, hs)
 
     (c0, s0), (c1, s1) = run(False), run(True)
     assert torch.equal(s0.root, s1.root) and torch.equal(s0.start, s1.start)

@@ -62,7 +62,9 @@ class Engine(Scheduler, Warmup):
                  kv_budget_tokens: int | None = None, max_seq_len: int | None = None,
                  trees: dict[str, Tree] | None = None, step_cost: dict | None = None,
                  graphs: bool | None = None, prefill_tokens: int | None = None,
-                 admit_wait_steps: int | None = None):
+                 admit_wait_steps: int | None = None, compile_mode: str | None = None):
+        """compile_mode: torch.compile the model's per-layer pieces inside the step graphs (a
+        torch.compile mode, "" for the default; runner.py), None: as written."""
         if max_batch < 1:
             raise RequestError(f"max_batch must be >= 1, got {max_batch}")
         self.model, self.heads = model, heads
@@ -81,16 +83,13 @@ class Engine(Scheduler, Warmup):
         self.pool = RowPool(rows, max_batch)
         with torch.inference_mode():
             self.cache = model.new_cache(rows, self.row_len)  # kv [L, 2, rows, Hkv, row_len, Dh]
-            self.head_state = heads.new_state(rows, self.row_len, model) if heads is not None else None
+            # lazy: heads with state (Hydra++) may keep what prompts and plain steps show them until
+            # speculation resumes, so a plain step costs what it costs headless (heads.prepare)
+            self.head_state = heads.new_state(rows, self.row_len, model, lazy=True) if heads is not None else None
             self.row_start = torch.zeros(rows, dtype=torch.long, device=self.device)  # [rows]
             self.row_root = torch.zeros(rows, dtype=torch.long, device=self.device)  # [rows]
             self.row_hidden = torch.zeros(rows, cfg.hidden_size, dtype=model.dtype, device=self.device)  # [rows, D]
             self.row_draft = torch.zeros(rows, MAX_LOOKUP, dtype=torch.long, device=self.device)  # [rows, L]: lookup chains
-            # heads with state (Hydra++) see the prompt and the tokens of plain steps only when
-            # speculation resumes (step.catch_up): the hidden states wait here, so a prefill and a
-            # plain step cost what they cost headless
-            self.row_deferred = (torch.zeros(rows, self.row_len, cfg.hidden_size, dtype=model.dtype, device=self.device)
-                                 if self.head_state is not None else None)  # [rows, row_len, D]
         self._rows: list[Live | None] = [None] * rows  # row -> running request
         # kept session KV is bounded so that an idle row padding a fixed-shape step keeps its tree
         # slots in the row and its positions in the model's context (runner.py); tokens past
@@ -106,12 +105,12 @@ class Engine(Scheduler, Warmup):
         # graphs=False, eagerly elsewhere
         capture = self.device.type == "cuda" if graphs is None else graphs
         self.runner = Runner(model, heads, self._row_state(), self.pool.max_active, self.max_seq_len,
-                             self.prefill_tokens, capture=capture)
+                             self.prefill_tokens, capture=capture, compile_mode=compile_mode)
         self.policy = Policy(self.trees, self.default_tree, heads, step_cost, self.max_pos)
         self.meter, self.cost = self.policy.meter, self.policy.cost  # what the policy has measured
         self._sampling_key: tuple = ()
         self._sampling: BatchSampling | None = None
-        self._time = {"prefill": 0.0, "prefills": 0, "step": 0.0, "busy": 0.0, "catch_up": 0.0, "catch_ups": 0}
+        self._time = {"prefill": 0.0, "prefills": 0, "step": 0.0, "busy": 0.0}
         self._last_error: str | None = None
         # threading: _mu guards the inbox (waiting queue, cancels, ids); _step_lock the decode state
         self._mu = threading.Lock()
@@ -125,7 +124,7 @@ class Engine(Scheduler, Warmup):
 
     def _row_state(self) -> RowState:
         return RowState(self.cache, self.row_start, self.row_root, self.row_hidden, self.head_state, self.pool.rows,
-                        self.row_deferred, self.row_draft)
+                        self.row_draft)
 
     def _trees(self, heads, tree, trees) -> tuple[dict[str, Tree], Tree]:
         """The trees a step may use ("ar" always) and the default one (speculation="on")."""
@@ -235,11 +234,13 @@ class Engine(Scheduler, Warmup):
             "speculation": dict(self.policy.choice),
             "step_mode": "graphs" if self.runner.capture else "eager",
             # where the scheduler's time went: prefill forwards, verification steps (GPU time included:
-            # each ends in a host sync), Hydra++ catch-ups (host time), and the whole of its busy
-            # iterations (the rest is bookkeeping)
-            "time_s": {k: round(self._time[k], 3) for k in ("prefill", "step", "catch_up", "busy")},
+            # each ends in a host sync), the heads' catch-ups before steps (Hydra++ after plain
+            # steps; host time, part of the steps' time), and the whole of its busy iterations
+            # (the rest is bookkeeping)
+            "time_s": {"prefill": round(self._time["prefill"], 3), "step": round(self._time["step"], 3),
+                       "catch_up": round(self.runner.catch_ups["seconds"], 3), "busy": round(self._time["busy"], 3)},
             "prefill_forwards": self._time["prefills"],
-            "catch_ups": self._time["catch_ups"],
+            "catch_ups": self.runner.catch_ups["calls"],
             "graphs_captured": self.runner.captures("step"),
             "prefill_graphs_captured": self.runner.captures("prefill"),
             "last_error": self._last_error,
@@ -273,7 +274,7 @@ class Engine(Scheduler, Warmup):
         return self._sampling
 
     def _decode(self) -> None:
-        t_in, caught = time.perf_counter(), self._time["catch_up"]
+        t_in, caught = time.perf_counter(), self.runner.catch_ups["seconds"]
         n = self.pool.n_active
         lives = self._rows[:n]
         policy = self.policy
@@ -297,24 +298,17 @@ class Engine(Scheduler, Warmup):
         max_accept = None
         if N > 1 and any(off):
             max_accept = torch.tensor([0 if o else D for o in off], dtype=torch.long, device=dev)  # [n]
-        committed_max = max(x.kv_len for x in lives)  # known on the host: no sync
-        behind = [i for i, x in enumerate(lives) if x.seen < x.kv_len] if N > 1 and self.row_deferred is not None else []
-        if behind:  # only the span of rows that are behind (admitted rows sit at the end)
-            lo, hi = behind[0], behind[-1] + 1
-            self._catch_up(lo, [x.seen for x in lives[lo:hi]], [x.kv_len for x in lives[lo:hi]])
+        committed = [x.kv_len for x in lives]  # known on the host: no sync
         t0 = time.perf_counter()
         pad = [self.pool.length[r] for r in range(n, self.runner.bucket(n))]
-        acc, captured = self.runner.step(tree, n, committed_max, sampling, self._sampling_key, uniforms, max_accept, pad)
+        acc, captured = self.runner.step(tree, n, committed, sampling, self._sampling_key, uniforms, max_accept, pad)
         rows = acc.packed.tolist()  # one host sync; rows n .. Bb-1 are padding
-        dt = time.perf_counter() - t0
-        self._time["step"] += dt
+        self._time["step"] += time.perf_counter() - t0 - (self.runner.catch_ups["seconds"] - caught)
         policy.ran(tree, n, rows, off, not sampling.any_typical)  # rows: [accepted, D + 1 tokens, D + 1 path ids]
         for i, (live, row) in enumerate(zip(lives, rows)):  # before any release swaps rows (zip stops at n)
             self.pool.length[i] = live.kv_len + row[0] + 1
         for i, (live, row) in enumerate(zip(lives, rows)):
             k = row[0] + 1
-            if N > 1:  # the step showed the heads every token it committed
-                live.seen = live.kv_len + k
             live.steps += 1
             live.step_tokens += k
             live.tree = tree.name
@@ -325,11 +319,11 @@ class Engine(Scheduler, Warmup):
                 policy.shadow(live.shadow, live.out, twin.name)
         if not captured:  # a capturing step's time is not the step's cost
             # the policy weighs a step's whole cost to the scheduler: choosing the tree, the step,
-            # recording acceptance, emitting tokens and finishing requests, less the Hydra++ catch-up
+            # recording acceptance, emitting tokens and finishing requests, less the heads' catch-up
             # (not the step's). At batch 64 on an H200 the host work outside the steps was 1.8 ms
             # per step of the adaptive engine against 0.76 ms of a plain one, and counting only
             # the step made trees look 10% better than plain decoding where they were at parity
-            self.cost.record(n, N, time.perf_counter() - t_in - (self._time["catch_up"] - caught))
+            self.cost.record(n, N, time.perf_counter() - t_in - (self.runner.catch_ups["seconds"] - caught))
 
     def _drafts(self, lives: list[Live], L: int) -> list[list[int]]:
         """Each row's lookup chain for this step (medusa.decoding.lookup)."""
@@ -372,8 +366,6 @@ class Engine(Scheduler, Warmup):
             keep_tokens = None
             if keep and req.session_id is not None:
                 keep_tokens = (list(req.prompt_ids) + live.out[:-1])[:self.keep_cap]  # committed KV slots
-                if self.row_deferred is not None and live.seen < len(keep_tokens):  # the next turn's heads need them
-                    self._catch_up(r, [live.seen], [len(keep_tokens)])
             self._rows[r] = None
             self._apply_swaps(self.pool.release(r, req.session_id if keep_tokens else None, keep_tokens))
         now = time.perf_counter()

@@ -171,7 +171,6 @@ class Live:
     step_tokens: int = 0
     t_first: float = 0.0
     tree: str = "ar"
-    seen: int = 0  # committed tokens the draft heads have observed (plain steps defer, step.catch_up)
     lookup: NgramLookup | None = None  # the sequence's n-grams, from its first step with a lookup chain
     shadow: list = field(default_factory=list)  # (output index, draft, heads' accepted) of steps whose chain went unrun
     queued_step: int = 0  # engine step count at submission (admission coalescing)

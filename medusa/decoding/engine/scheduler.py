@@ -2,8 +2,7 @@
 cancellations, admission into the row pool (kv_pool.RowPool: running rows are kept in rows
 0 .. n-1, swaps keep it so), prefill grouping (fresh prompts sorted by length and cut into
 padded forwards where padding would cost more than another forward: staging.plan_groups;
-rows continuing a kept session join the last group while it fits), and the Hydra++ catch-up of
-rows whose heads missed plain steps.
+rows continuing a kept session join the last group while it fits).
 
 A mixin of Engine (core.py): it works on the engine's pool, rows and runner, and knows nothing
 of the speculation policy or of how a step is run."""
@@ -16,10 +15,9 @@ import time
 import torch
 
 from medusa.decoding.engine.requests import Live
-from medusa.decoding.kv_pool import Swap, state_rows, swap_cache_rows, swap_state_rows, write_back
+from medusa.decoding.kv_pool import Swap, swap_cache_rows, swap_state_rows
 from medusa.decoding.sampling import BatchSampling
 from medusa.decoding.staging import plan_groups
-from medusa.decoding.step import catch_up
 
 
 class Scheduler:
@@ -147,11 +145,6 @@ class Scheduler:
             swap_state_rows(self.head_state, s.a, s.b)
             for t in (self.row_start, self.row_root, self.row_hidden):
                 t[[s.a, s.b]] = t[[s.b, s.a]]
-            if self.row_deferred is not None:  # only the valid slots matter (as for the KV)
-                d = self.row_deferred
-                tmp = d[s.a, : s.len_a].clone()
-                d[s.a, : s.len_b] = d[s.b, : s.len_b]
-                d[s.b, : s.len_a] = tmp
             self._rows[s.a], self._rows[s.b] = self._rows[s.b], self._rows[s.a]
             for r in (s.a, s.b):
                 if self._rows[r] is not None:
@@ -172,20 +165,4 @@ class Scheduler:
             zero = torch.zeros(1, device=dev)
             u = torch.stack([x.uniforms.at(0, torch.zeros(1, dtype=torch.long, device=dev), 0)
                              if x.uniforms is not None else zero for x in group])  # [k, 1]
-        # while the engine decodes plainly, the prompt waits in row_deferred for speculation to
-        # resume (step.catch_up); while it speculates, the heads see it now (only these rows)
-        roots, deferred = self.runner.prefill(r0, tokens, [x.reused for x in group], lengths, sampling, u,
-                                              defer=not self.policy.speculating)
-        for x in group:  # a reused prefix was seen in the session's earlier turns
-            x.seen = x.reused if deferred else len(x.req.prompt_ids)
-        return roots.tolist()
-
-    def _catch_up(self, lo: int, seen: list[int], committed: list[int]) -> None:
-        """Show the draft heads of rows lo .. lo+len(seen)-1 the hidden states plain steps deferred."""
-        t0 = time.perf_counter()
-        hi = lo + len(seen)
-        hs = state_rows(self.head_state, lo, hi)
-        catch_up(self.heads, hs, self.row_deferred[lo:hi], seen, committed)
-        write_back(self.head_state, hs, lo, hi)
-        self._time["catch_up"] += time.perf_counter() - t0  # host time: the GPU's runs on into the next step
-        self._time["catch_ups"] += 1
+        return self.runner.prefill(r0, tokens, [x.reused for x in group], lengths, sampling, u).tolist()
