@@ -10,12 +10,13 @@ State lives in an explicit DecodeState passed in, never on a module. This module
 know about requests, stopping, text, or scheduling."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from medusa.decoding.buckets import kv_round
+from medusa.decoding.logprobs import path_logprobs
 from medusa.decoding.sampling import BatchSampling, base_probs, sample_from
 from medusa.decoding.tree import Tree
 from medusa.decoding.verify import Acceptance, verify
@@ -31,6 +32,7 @@ class DecodeState:
     last_hidden: torch.Tensor  # [B, D]: hidden state of the last committed token
     head_state: Any = None
     draft: torch.Tensor | None = None  # [B, >= L] long: tokens of a tree's lookup chain (Tree.lookup), set before each step
+    logprobs: Any = None  # prefill(logprobs=True): logprobs.PathLogprobs of each row's first token
 
 
 def attention_mask(start: torch.Tensor, local: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -63,6 +65,7 @@ def prefill(
     lengths: torch.Tensor | None = None,  # [B] real new tokens per row (default: all T)
     body=None,  # body(tokens) -> hidden [B, T, D]: the same forward run elsewhere (runner.py), start 0 only
     defer: torch.Tensor | None = None,  # [B, S, D]: keep the prompt's hidden states here (as speculate's defer)
+    logprobs: bool = False,  # also the first token's log-probabilities (DecodeState.logprobs)
 ) -> DecodeState:
     """Run the prompt, choose each row's first new token (the root). Padding tokens past a row's
     length write K/V only past its new start, which later steps overwrite, and no real token
@@ -96,7 +99,8 @@ def prefill(
         if head_state is None:
             head_state = heads.new_state(B, cache.max_len, model)
         heads.observe(head_state, hidden, positions, lengths, kv_len=kv_len)
-    return DecodeState(cache, start + lengths, root, last_hidden[:, 0], head_state)
+    lp = path_logprobs(logits, torch.zeros(B, 1, dtype=torch.long, device=dev), root[:, None]) if logprobs else None
+    return DecodeState(cache, start + lengths, root, last_hidden[:, 0], head_state, logprobs=lp)
 
 
 def speculate(
@@ -109,6 +113,7 @@ def speculate(
     max_accept: torch.Tensor | None = None,  # [B] long: cap on accepted candidates (0: this row decodes plainly)
     kv_len: int | None = None,  # cache slots to attend over (fixed for CUDA graphs; default: bucketed, needs a host sync)
     defer: torch.Tensor | None = None,  # [B, S, D]: with the 1-node tree, keep the committed hidden state here
+    logprobs: bool = False,  # also the emitted tokens' log-probabilities (Acceptance.logprobs)
 ) -> Acceptance:
     """One verification forward over every tree node; commits the accepted path and advances
     `state` in place. Returns what each row accepted.
@@ -137,6 +142,8 @@ def speculate(
     # heads with state may see every node now, as one more layer of this forward (observe_tree)
     seen = heads.observe_tree(state.head_state, out.hidden, out.inputs) if heads is not None and not deferring else None
     acc = verify(out.logits, cand, tree, sampling, uniforms, max_accept)
+    if logprobs:  # from the logits at hand: node path[d] predicted the token emitted at index d
+        acc = replace(acc, logprobs=path_logprobs(out.logits, acc.path, acc.tokens))
     # move the accepted path's K/V to slots start .. start + length (padding copies are harmless:
     # they land at or beyond the new start, which later steps overwrite)
     path = acc.path.clamp_min(0)  # [B, D+1]

@@ -17,6 +17,7 @@ import torch
 
 from medusa.decoding.engine.requests import Live
 from medusa.decoding.kv_pool import Swap, state_rows, swap_cache_rows, swap_state_rows, write_back
+from medusa.decoding.logprobs import host_entries
 from medusa.decoding.sampling import BatchSampling
 from medusa.decoding.staging import plan_groups
 from medusa.decoding.step import catch_up
@@ -75,7 +76,9 @@ class Scheduler:
             return False
         batch.sort(key=lambda x: (x.req.session_id in self.pool.lru, len(x.req.prompt_ids)))  # stable: FIFO ties
         admitted: list[Live] = []
+        t_admit = time.perf_counter()
         for live in batch:  # each takes the next row: the admitted rows are consecutive, in this order
+            live.t_admit = t_admit
             adm = self.pool.admit(live.req.request_id, live.req.prompt_ids, live.req.session_id)
             self._apply_swaps(adm.swaps)
             live.row, live.reused = adm.row, adm.reused
@@ -167,11 +170,18 @@ class Scheduler:
                              if x.uniforms is not None else zero for x in group])  # [k, 1]
         # while the engine decodes plainly, the prompt waits in row_deferred for speculation to
         # resume (step.catch_up); while it speculates, the heads see it now (only these rows)
+        want = [x.req.logprobs for x in group]
+        asked = any(w is not None for w in want)
         roots, deferred = self.runner.prefill(r0, tokens, [x.reused for x in group], lengths, sampling, u,
-                                              defer=not self.policy.speculating)
+                                              defer=not self.policy.speculating, logprobs=asked)
         for x in group:  # a reused prefix was seen in the session's earlier turns
             x.seen = x.reused if deferred else len(x.req.prompt_ids)
-        return roots.tolist()
+        roots = roots.tolist()
+        if asked:  # the first token's logprobs, from the prefill's last logits (emitted by the caller)
+            for x, e in zip(group, host_entries(self.runner.prefill_logprobs, [[r] for r in roots], want)):
+                if e is not None:
+                    x.logprobs.extend(e)
+        return roots
 
     def _catch_up(self, lo: int, seen: list[int], committed: list[int]) -> None:
         """Show the draft heads of rows lo .. lo+len(seen)-1 the hidden states plain steps deferred."""
