@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY    := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: setup run test test-unit test-integration reliability bench serve proto clean
+.PHONY: setup run test test-unit test-integration test-floors reliability bench serve proto clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,19 @@ test-unit: setup
 
 test-integration: setup
 	$(PY) -m pytest -q tests/integration
+
+# The client SDK at its declared floors: a separate venv with the `client` extra pinned at the
+# `>=` versions pyproject names (scripts/floors.py reads them; nothing is copied by hand), then
+# the SDK's tests, which need no torch (a fake gRPC server in-process; --noconftest: the suite's
+# conftest imports torch). Not part of `make test`.
+FLOORS_PY := .venv-floors/bin/python
+test-floors:
+	test -x $(FLOORS_PY) || python3 -m venv .venv-floors
+	$(FLOORS_PY) -m pip install -q --upgrade pip
+	python3 scripts/floors.py client > .venv-floors/floors.txt
+	$(FLOORS_PY) -m pip install -q -r .venv-floors/floors.txt "pytest>=8"
+	$(FLOORS_PY) -m pip list --format=freeze | grep -iE '^(grpcio|protobuf)=='
+	PYTHONPATH=$(CURDIR) $(FLOORS_PY) -m pytest -q --noconftest -p no:cacheprovider tests/unit/test_client.py
 
 # The reliability suite's long profile (bounded load, fuzz, cancels, faults; see RELIABILITY.md).
 # `make test` runs its short profile. The figures land in build/reliability.json.

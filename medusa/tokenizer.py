@@ -69,6 +69,11 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)
 
+    def token_text(self, token_id: int) -> str:
+        """One token's text alone, special tokens included (a piece of a multi-byte character
+        decodes to U+FFFD): the `token` of per-token log-probabilities."""
+        return self.hf.decode([token_id], skip_special_tokens=False)
+
     def stream(self) -> "StreamDecoder":
         return StreamDecoder(self)
 

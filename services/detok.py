@@ -30,3 +30,7 @@ class JsonDecoder:
 
     def decode(self, ids: list[int]) -> str:
         return self._tk.decode(ids, skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text alone (special tokens included), as Tokenizer.token_text."""
+        return self._tk.decode([token_id], skip_special_tokens=False)

@@ -1,7 +1,8 @@
 """One engine replica's logic: owns a batched medusa.decoding.engine.Engine, turns a request
 payload (plain dict from the ingress) into an engine Request, and streams plain-dict events
 back: {"admitted", "replica", "tokens": []} as soon as the engine took the request (so the
-ingress can fail fast when no replica does), then {"tokens"}, and a last one with
+ingress can fail fast when no replica does), then {"tokens"} (with "logprobs" when the request
+asked: services.logprobs.to_event), and a last one with
 "finish_reason" and "stats". Bad input comes back as one {"error": "invalid_argument",
 "message"} event.
 
@@ -23,6 +24,7 @@ from opentelemetry import trace
 
 from medusa.errors import MedusaError
 from services import telemetry
+from services.logprobs import to_event
 from services.metrics import Metrics
 
 
@@ -39,6 +41,7 @@ def engine_request(payload: dict, eos: tuple[int, ...]):
         stop_sequences=tuple(tuple(s) for s in payload.get("stop_sequences") or ()),
         speculation=payload.get("speculation", "auto"),
         session_id=payload.get("session"),
+        logprobs=payload.get("logprobs"),
         **({"request_id": payload["request_id"]} if payload.get("request_id") else {}),
     )
 
@@ -118,6 +121,8 @@ class EngineReplica:
             async for ev in handle:
                 now = time.perf_counter()
                 out: dict = {"tokens": list(ev.tokens)}
+                if ev.logprobs is not None:  # one [logprob, [[id, logprob], ...]] per token
+                    out["logprobs"] = to_event(ev.logprobs)
                 if first:
                     out["replica"] = self.replica_id
                     prefill.end()
@@ -176,7 +181,8 @@ class EngineReplica:
         self.metrics.accepted_length(float(stats.mean_accepted))
         self.metrics.finished(prompt_tokens=stats.prompt_tokens, new_tokens=stats.new_tokens, reused_tokens=stats.reused_tokens,
                               finish_reason=finish_reason, seconds=stats.seconds, ttft_s=stats.ttft_s, steps=stats.steps,
-                              mean_accepted=float(stats.mean_accepted), draft_depth=self._depth(stats.tree))
+                              mean_accepted=float(stats.mean_accepted), draft_depth=self._depth(stats.tree),
+                              queue_s=getattr(stats, "queue_s", None))
 
     def info(self) -> dict:
         return dict(self._info, replica=self.replica_id)

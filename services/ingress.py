@@ -28,6 +28,7 @@ from services.config import Settings
 from services.detok import JsonDecoder, decode_delta
 from services.grpc_wire import Malformed
 from services.limits import Admission, BadRequest, Unavailable, cause
+from services.logprobs import LogprobStream, entries, ids_of
 from services.metrics import Metrics
 from services.redis_guard import RedisGuard
 from services.requests import input_of, parse_generate
@@ -86,6 +87,8 @@ class Ingress:
         self.tracer = telemetry.setup("ingress", settings.tracing)
         self._model_info: dict | None = None
         self._detok = None
+        self._decoder = None  # the local decoder, when the Tokenizer deployment handed one out
+        self._token_text: dict[int, str] = {}  # token id -> its text alone (logprobs), at most a vocabulary
 
     async def _detokenizer(self):
         """detok(ids, prefix_offset, read_offset, final) -> (text, prefix, read): local with the
@@ -98,7 +101,7 @@ class Ingress:
                 except Exception as e:  # noqa: BLE001 - fall back to the remote path
                     log.warning("no local decoder (%s): detokenising through the Tokenizer deployment", type(_cause(e)).__name__)
             if spec:
-                dec = JsonDecoder(spec)
+                dec = self._decoder = JsonDecoder(spec)
 
                 async def detok(ids, p, r, final):
                     return decode_delta(dec, ids, p, r, final)
@@ -107,6 +110,34 @@ class Ingress:
                     return await self.tokenizer.detokenize.remote(ids, p, r, final)
             self._detok = detok
         return self._detok
+
+    async def _texts(self, ids: set[int]) -> dict[int, str]:
+        """Each token's text alone (for logprobs): from the local decoder, else one call to the
+        Tokenizer deployment for the ids not seen before."""
+        missing = [i for i in ids if i not in self._token_text]
+        if missing:
+            await self._detokenizer()
+            if self._decoder is not None:
+                texts = [self._decoder.token_text(i) for i in missing]
+            else:
+                texts = await self.tokenizer.token_texts.remote(missing)
+            self._token_text.update(zip(missing, texts))
+        return {i: self._token_text[i] for i in ids}
+
+    async def _lp_text(self, detok, ids: list[int], new: list[int], ev: dict, prefix: int, read: int, final: bool,
+                       lp: LogprobStream) -> tuple[str, int, int]:
+        """The text the new tokens add, detokenised token by token so that each token's logprob
+        entry knows which characters it added (LogprobStream). Returns (text, prefix, read)."""
+        event = ev.get("logprobs") or []
+        msgs = entries(new, event, await self._texts(ids_of(new, event)))
+        base, parts = len(ids) - len(new), []
+        for j in range(len(new)):
+            t, p, r = await detok(ids[prefix:base + j + 1], 0, read - prefix, final and j == len(new) - 1)
+            prefix, read = prefix + p, prefix + r
+            parts.append(t)
+            if j < len(msgs):
+                lp.add(msgs[j], len(t))
+        return "".join(parts), prefix, read
 
     async def _tenant(self, grpc_context) -> str:
         if not self.settings.require_auth:
@@ -182,6 +213,7 @@ class Ingress:
         lease = await self.quota.acquire(tenant, len(prompt_ids) + max_new)
         detok = await self._detokenizer()
         stops = StopMatcher(spec.stop)
+        lp = LogprobStream() if spec.logprobs is not None else None  # entries follow their text through `stops`
         ids: list[int] = []
         stream = None
         try:
@@ -195,7 +227,7 @@ class Ingress:
                     "stop_sequences": enc["stop_sequences"], "speculation": spec.speculation,
                     "session": engine_session_id(tenant, spec.session_id) if spec.session_id else None,
                     "session_share": lim.max_sessions or self.settings.sessions_per_tenant,
-                    "affinity": hint, "trace": telemetry.inject(),
+                    "affinity": hint, "trace": telemetry.inject(), "logprobs": spec.logprobs,
                 }
                 stream = self.engine.options(stream=True).generate.remote(payload)
             t0 = time.perf_counter()
@@ -222,10 +254,14 @@ class Ingress:
                         await self.sessions.put(tenant, spec.session_id, replica)
                 if new:
                     ids.extend(new)
-                    text, p, r = await detok(ids[prefix:], 0, read - prefix, fin is not None)
-                    prefix, read = prefix + p, prefix + r
+                    if lp is None:
+                        text, p, r = await detok(ids[prefix:], 0, read - prefix, fin is not None)
+                        prefix, read = prefix + p, prefix + r
+                    else:
+                        text, prefix, read = await self._lp_text(detok, ids, new, ev, prefix, read, fin is not None, lp)
                     text, hit = stops.push(text)  # stop strings on text: trimmed, the engine request cancelled
-                    yield pb.GenerateResponse(delta=pb.Delta(text=text, token_ids=new))
+                    released = lp.release(len(text), matched=hit) if lp is not None else ()
+                    yield pb.GenerateResponse(delta=pb.Delta(text=text, token_ids=new, logprobs=released))
                     if hit:
                         yield self._final(ev, "stop", request_id, replica, len(prompt_ids), len(ids), span, tenant)
                         return
@@ -234,10 +270,12 @@ class Ingress:
                     if read < len(ids):
                         tail, _, _ = await detok(ids[prefix:], 0, read - prefix, True)
                     text, hit = stops.push(tail)
-                    text += stops.flush()
+                    held = stops.flush()
+                    released = lp.release(len(text) + len(held), matched=hit, final=True) if lp is not None else ()
+                    text += held
                     fin = "stop" if hit else fin
-                    if text:
-                        yield pb.GenerateResponse(delta=pb.Delta(text=text))
+                    if text or released:
+                        yield pb.GenerateResponse(delta=pb.Delta(text=text, logprobs=released))
                     if fin == "error":
                         raise RuntimeError("the engine failed on this request")
                     yield self._final(ev, fin, request_id, replica, len(prompt_ids), len(ids), span, tenant)
@@ -403,9 +441,13 @@ async def coalesce(stream, cut: asyncio.Event | None = None):
                     raise it
                 if merged is None:
                     merged = dict(it, tokens=list(it.get("tokens", ())))
+                    if "logprobs" in it:
+                        merged["logprobs"] = list(it["logprobs"])
                 else:
                     merged["tokens"].extend(it.get("tokens", ()))
-                    merged.update({k: v for k, v in it.items() if k not in ("tokens", "replica")})
+                    if "logprobs" in it:
+                        merged.setdefault("logprobs", []).extend(it["logprobs"])
+                    merged.update({k: v for k, v in it.items() if k not in ("tokens", "replica", "logprobs")})
             yield merged
     finally:
         task.cancel()

@@ -60,6 +60,13 @@ class Metrics:
                                      "Draft tokens proposed: steps x the tree's acceptable depth (vllm:spec_decode_num_draft_tokens)")
         self._accepted_tokens = Counter("medusa_spec_decode_num_accepted_tokens",
                                         "Draft tokens accepted (vllm:spec_decode_num_accepted_tokens)")
+        self._accepted_per_pos = Counter("medusa_spec_decode_num_accepted_tokens_per_pos",
+                                         "Speculative steps that accepted a draft token at each draft position, from 0 "
+                                         "(vllm:spec_decode_num_accepted_tokens_per_pos)", tag_keys=("position",))
+        self._queue_time = Histogram("medusa_request_queue_time_seconds",
+                                     "Submit to admission (prefill start) in the engine (vllm:request_queue_time_seconds)",
+                                     boundaries=LATENCY_BUCKETS)
+        self._pos_seen: list[int] = []  # the engine's cumulative per-position counts already exported
         self.enabled = True
 
     def tokens(self, tenant: str, n: int) -> None:
@@ -95,7 +102,8 @@ class Metrics:
             self._routes.inc(1, tags={"reason": reason})
 
     def finished(self, *, prompt_tokens: int, new_tokens: int, reused_tokens: int, finish_reason: str,
-                 seconds: float, ttft_s: float, steps: int, mean_accepted: float, draft_depth: int) -> None:
+                 seconds: float, ttft_s: float, steps: int, mean_accepted: float, draft_depth: int,
+                 queue_s: float | None = None) -> None:
         """One engine request's end (vLLM's per-request series). Speculative steps are those of a
         request whose tree was not "ar"; draft_depth is the most candidates one step can accept."""
         if not self.enabled:
@@ -106,6 +114,8 @@ class Metrics:
             self._generation.inc(new_tokens)
         self._success.inc(1, tags={"finished_reason": finish_reason})
         self._e2e.observe(seconds)
+        if queue_s is not None:
+            self._queue_time.observe(queue_s)
         if new_tokens:
             self._engine_ttft.observe(ttft_s)
         if steps and draft_depth > 0:
@@ -116,9 +126,17 @@ class Metrics:
                 self._accepted_tokens.inc(accepted)
 
     def engine_state(self, stats: dict) -> None:
-        """Gauges from Engine.stats(): running and waiting requests, KV rows in use."""
+        """Gauges from Engine.stats(): running and waiting requests, KV rows in use; and the
+        per-position acceptance counter, by what the engine's cumulative counts grew since the
+        last call (one engine per replica, so one Metrics)."""
         if not self.enabled:
             return
+        per_pos = stats.get("accepted_per_pos") or []
+        self._pos_seen.extend([0] * (len(per_pos) - len(self._pos_seen)))
+        for i, n in enumerate(per_pos):
+            if n > self._pos_seen[i]:
+                self._accepted_per_pos.inc(n - self._pos_seen[i], tags={"position": str(i)})
+                self._pos_seen[i] = n
         self._running.set(stats.get("running", 0))
         self._waiting.set(stats.get("waiting", 0))
         rows = stats.get("kv_rows") or 0

@@ -34,8 +34,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from medusa.proto.v1 import medusa_pb2 as pb
 from services import limits
+from services.logprobs import MAX_TOP
 
-MAX_LOGPROBS = 0  # per-token log-probabilities are not produced by the engine yet
+MAX_LOGPROBS = MAX_TOP  # alternatives per token (OpenAI allows 20 for chat; the engine returns at most 5)
 
 
 # ----------------------------------------------------------------- request models
@@ -71,8 +72,8 @@ class _Common(BaseModel):
     stream_options: _StreamOptions | None = None
     user: str | None = None
     n: int = 1
-    logprobs: bool | int | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: bool | int | None = None  # chat: bool (with top_logprobs); completions: int 0-5
+    top_logprobs: int | None = Field(None, ge=0)
     session_id: str | None = None
     speculation: Literal["auto", "on", "off"] | None = None
 
@@ -98,8 +99,7 @@ def to_generate_request(body: _Common, session_header: str | None) -> pb.Generat
     """An OpenAI request -> the medusa.v1 request the gRPC path runs."""
     if body.n != 1:
         raise BadRequest(f"n must be 1 (this server returns one choice), got {body.n}", "n")
-    if body.logprobs or body.top_logprobs:
-        raise BadRequest("logprobs are not supported by this server", "logprobs")
+    top = _logprobs(body)
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     sampling = pb.SamplingParams(temperature=1.0 if body.temperature is None else body.temperature,
                                  top_p=body.top_p or 0.0)
@@ -108,6 +108,8 @@ def to_generate_request(body: _Common, session_header: str | None) -> pb.Generat
     req = pb.GenerateRequest(model=body.model or "", session_id=session_header or body.session_id or "", sampling=sampling,
                              max_new_tokens=body.max_completion_tokens or body.max_tokens or 0,
                              stop=stops, speculation=SPECULATION[body.speculation])
+    if top is not None:
+        req.logprobs, req.top_logprobs = True, top
     if isinstance(body, ChatCompletionRequest):
         try:
             msgs = [pb.ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text()) for m in body.messages]
@@ -122,6 +124,31 @@ def to_generate_request(body: _Common, session_header: str | None) -> pb.Generat
             prompt = prompt[0]
         req.prompt = prompt
     return req
+
+
+def _logprobs(body: _Common) -> int | None:
+    """The alternatives per token the request asks for, None without logprobs. Chat:
+    `logprobs: true` and `top_logprobs` 0-5; completions: `logprobs` 0-5 (OpenAI's shapes)."""
+    if isinstance(body, ChatCompletionRequest):
+        if body.logprobs is not None and not isinstance(body.logprobs, bool):
+            raise BadRequest("logprobs must be true or false for chat completions (top_logprobs sets the alternatives)",
+                             "logprobs")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
+        if not body.logprobs:
+            return None
+        top = body.top_logprobs or 0
+        if top > MAX_LOGPROBS:
+            raise BadRequest(f"top_logprobs must be at most {MAX_LOGPROBS} on this server, got {top}", "top_logprobs")
+        return top
+    if body.top_logprobs is not None:
+        raise BadRequest("top_logprobs is a chat completions field; completions take logprobs: 0-"
+                         f"{MAX_LOGPROBS}", "top_logprobs")
+    if body.logprobs is None or body.logprobs is False:
+        return None
+    if isinstance(body.logprobs, bool) or not 0 <= body.logprobs <= MAX_LOGPROBS:
+        raise BadRequest(f"logprobs must be an integer 0-{MAX_LOGPROBS} for completions, got {body.logprobs!r}", "logprobs")
+    return body.logprobs
 
 
 # ----------------------------------------------------------------- errors
@@ -212,33 +239,50 @@ def _extras(final: pb.Final) -> dict:
             "request_id": final.request_id}
 
 
+def _chat_logprob(e: pb.TokenLogprob) -> dict:
+    return {"token": e.token, "logprob": e.logprob, "bytes": list(e.token.encode("utf-8"))}
+
+
 class _Shape:
     """The chat or the text-completion flavour of responses and chunks."""
 
-    def __init__(self, chat: bool, model: str, request_id: str):
-        self.chat, self.model = chat, model
+    def __init__(self, chat: bool, model: str, request_id: str, logprobs: bool = False):
+        self.chat, self.model, self.asked = chat, model, logprobs
         self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
         self.created = int(time.time())
 
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def response(self, text: str, final: pb.Final) -> dict:
-        fin = FINISH.get(final.finish_reason, final.finish_reason)
+    def logprobs(self, entries) -> dict | None:
+        """OpenAI's `choices[].logprobs` for these medusa.v1 TokenLogprobs (None when not asked)."""
+        if not self.asked:
+            return None
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": fin}
+            return {"content": [dict(_chat_logprob(e), top_logprobs=[_chat_logprob(t) for t in e.top_logprobs])
+                                for e in entries]}
+        return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{t.token: t.logprob for t in e.top_logprobs} for e in entries],
+                "text_offset": [e.text_offset for e in entries]}
+
+    def response(self, text: str, final: pb.Final, entries=()) -> dict:
+        fin = FINISH.get(final.finish_reason, final.finish_reason)
+        lp = self.logprobs(entries)
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": fin}
             out = self._head("chat.completion")
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": fin}
+            choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": fin}
             out = self._head("text_completion")
         return dict(out, choices=[choice], usage=_usage(final), medusa=_extras(final))
 
-    def chunk(self, text: str | None, finish: str | None = None, first: bool = False) -> dict:
+    def chunk(self, text: str | None, finish: str | None = None, first: bool = False, entries=None) -> dict:
+        lp = self.logprobs(entries) if entries is not None else None
         if self.chat:
             delta = {} if text is None else ({"role": "assistant", "content": text} if first else {"content": text})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
             return dict(self._head("chat.completion.chunk"), choices=[choice])
-        return dict(self._head("text_completion"), choices=[{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}])
+        return dict(self._head("text_completion"), choices=[{"index": 0, "text": text or "", "logprobs": lp, "finish_reason": finish}])
 
 
 def sse(obj: Any) -> bytes:
@@ -347,17 +391,19 @@ class OpenAIFace:
         if first is None:
             return error_response(500, "the request ended without output", "server_error")
         served = body.model or (await self.ingress.served_models() or [""])[0]
-        shape = _Shape(model_cls is ChatCompletionRequest, served, uuid.uuid4().hex)
+        shape = _Shape(model_cls is ChatCompletionRequest, served, uuid.uuid4().hex, req.logprobs)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(self._stream(shape, first, events, ctx, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         text: list[str] = []
+        entries: list = []
         final = None
         try:
             async for kind, msg in _events(first, events):
                 if kind == "delta":
                     text.append(msg.delta.text)
+                    entries.extend(msg.delta.logprobs)
                 else:
                     final = msg.final
         except Exception as e:  # noqa: BLE001
@@ -366,15 +412,15 @@ class OpenAIFace:
             return _json_error(http_error(ctx.status))
         if final is None:
             return error_response(500, "the request ended without a final message", "server_error")
-        return JSONResponse(shape.response("".join(text), final))
+        return JSONResponse(shape.response("".join(text), final, entries))
 
     async def _stream(self, shape: _Shape, first, events, ctx: HttpContext, include_usage: bool) -> AsyncIterator[bytes]:
         opened = False
         try:
             async for kind, msg in _events(first, events):
                 if kind == "delta":
-                    if msg.delta.text or not opened:
-                        yield sse(shape.chunk(msg.delta.text, first=not opened))
+                    if msg.delta.text or msg.delta.logprobs or not opened:
+                        yield sse(shape.chunk(msg.delta.text, first=not opened, entries=list(msg.delta.logprobs)))
                         opened = True
                     continue
                 final = msg.final

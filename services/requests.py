@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from medusa.errors import RequestError
 from medusa.proto.v1 import medusa_pb2 as pb
 from services.config import Settings
+from services.logprobs import MAX_TOP
 
 SESSION_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 SPECULATION = {pb.SPECULATION_AUTO: "auto", pb.SPECULATION_ON: "on", pb.SPECULATION_OFF: "off"}
@@ -26,6 +27,7 @@ class GenerateSpec:
     max_new_tokens: int
     stop: list[str] = field(default_factory=list)
     speculation: str = "auto"
+    logprobs: int | None = None  # None: none; k: each token's logprob and its top k alternatives
 
 
 def check_session(session_id: str) -> str | None:
@@ -81,4 +83,16 @@ def parse_generate(req: pb.GenerateRequest, settings: Settings) -> GenerateSpec:
         raise RequestError(f"stop sequences must be 1-{MAX_STOP_CHARS} characters")
     if req.speculation not in SPECULATION:
         raise RequestError(f"unknown speculation value {req.speculation}")
-    return GenerateSpec(session, messages, prompt, sampling_of(req.sampling), n, list(req.stop), SPECULATION[req.speculation])
+    return GenerateSpec(session, messages, prompt, sampling_of(req.sampling), n, list(req.stop), SPECULATION[req.speculation],
+                        logprobs_of(req))
+
+
+def logprobs_of(req: pb.GenerateRequest) -> int | None:
+    """The engine's Request.logprobs: None unless asked, else the alternatives wanted (0-MAX_TOP)."""
+    if not req.logprobs:
+        if req.top_logprobs:
+            raise RequestError("top_logprobs needs logprobs set")
+        return None
+    if req.top_logprobs > MAX_TOP:
+        raise RequestError(f"top_logprobs is at most {MAX_TOP} on this server, got {req.top_logprobs}")
+    return int(req.top_logprobs)

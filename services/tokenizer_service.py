@@ -43,6 +43,10 @@ class TokenizerService:
     def detokenize(self, ids: list[int], prefix_offset: int, read_offset: int, final: bool = False) -> tuple[str, int, int]:
         return decode_delta(self.tok, ids, prefix_offset, read_offset, final)
 
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """Each token's text alone (logprobs' `token`)."""
+        return [self.tok.token_text(i) for i in ids]
+
     def decoder_json(self) -> str | None:
         """The fast tokenizer's definition (tokenizer.json text), so a caller can detokenise a
         stream next to it with exactly this tokenizer's decoding; None for a slow tokenizer."""

@@ -114,7 +114,8 @@ class AsyncMedusaClient:
             on_final(fold.final)
 
     async def generate(self, prompt: str | None = None, *, messages=None, timeout=_UNSET, **params) -> GenerateResult:
-        """Generate to the end; returns .text, .token_ids, .finish_reason, .usage, .stats."""
+        """Generate to the end; returns .text, .token_ids, .finish_reason, .usage, .stats (and
+        .logprobs with logprobs=k)."""
         fold = StreamFold()
         async for _ in self._stream(prompt, messages, timeout, params, fold):
             pass
@@ -122,6 +123,7 @@ class AsyncMedusaClient:
 
     async def _stream(self, prompt, messages, timeout, params, fold: StreamFold):
         req = build_request(prompt, messages=messages, **params)
+        fold.asked = req.logprobs
         md = self._metadata
         async for resp in self._attempts(lambda stub, left: stub.Generate(req, metadata=md, timeout=left),
                                          timeout, started=lambda: fold.started):

@@ -13,9 +13,26 @@ SPECULATION = {"auto": pb.SPECULATION_AUTO, "on": pb.SPECULATION_ON, "off": pb.S
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the base model's raw distribution (before temperature
+    and top-p) and, when asked, the most likely tokens there (best first)."""
+
+    token_id: int
+    token: str  # the token's text alone
+    logprob: float
+    text_offset: int = 0  # where its text starts in the generated text
+    top: tuple["TokenLogprob", ...] = ()
+
+    @classmethod
+    def of(cls, m: pb.TokenLogprob) -> "TokenLogprob":
+        return cls(m.token_id, m.token, m.logprob, m.text_offset, tuple(cls.of(t) for t in m.top_logprobs))
+
+
+@dataclass(frozen=True)
 class Delta:
     text: str
     token_ids: list[int]
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # with logprobs=k: the tokens whose text came out
 
 
 @dataclass(frozen=True)
@@ -43,6 +60,7 @@ class GenerateResult:
     stats: SpecStats
     request_id: str = ""
     replica_id: str = ""
+    logprobs: list[TokenLogprob] | None = None  # with logprobs=k: one per token of the text
 
 
 def build_request(
@@ -59,9 +77,11 @@ def build_request(
     stop: Sequence[str] = (),
     speculation: str = "auto",
     model: str = "",
+    logprobs: int | None = None,
 ) -> pb.GenerateRequest:
     """A GenerateRequest from keyword arguments: exactly one of `prompt` (raw text) or
-    `messages` (chat, [{"role", "content"}]). Values are checked by the server."""
+    `messages` (chat, [{"role", "content"}]). logprobs: None, or the alternatives per token
+    (0-5) to return with each token's log-probability. Values are checked by the server."""
     if (prompt is None) == (messages is None):
         raise ValueError("give exactly one of prompt= (raw text) or messages= (chat)")
     if speculation not in SPECULATION:
@@ -71,6 +91,8 @@ def build_request(
         sampling.seed = seed
     req = pb.GenerateRequest(session_id=session_id, sampling=sampling, max_new_tokens=max_new_tokens,
                              stop=list(stop), speculation=SPECULATION[speculation], model=model)
+    if logprobs is not None:
+        req.logprobs, req.top_logprobs = True, logprobs
     if prompt is not None:
         req.prompt = prompt
     else:
@@ -85,6 +107,8 @@ class StreamFold:
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     final: GenerateResult | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    asked: bool = False  # the request asked for logprobs
 
     @property
     def started(self) -> bool:
@@ -94,9 +118,10 @@ class StreamFold:
     def push(self, resp: pb.GenerateResponse) -> Delta | None:
         kind = resp.WhichOneof("event")
         if kind == "delta":
-            d = Delta(resp.delta.text, list(resp.delta.token_ids))
+            d = Delta(resp.delta.text, list(resp.delta.token_ids), [TokenLogprob.of(m) for m in resp.delta.logprobs])
             self.text.append(d.text)
             self.token_ids.extend(d.token_ids)
+            self.logprobs.extend(d.logprobs)
             return d
         if kind == "final":
             f = resp.final
@@ -104,5 +129,5 @@ class StreamFold:
                 text="".join(self.text), token_ids=list(self.token_ids), finish_reason=f.finish_reason,
                 usage=Usage(f.usage.prompt_tokens, f.usage.completion_tokens, f.usage.reused_prompt_tokens),
                 stats=SpecStats(f.stats.steps, f.stats.mean_accepted, f.stats.tree, f.stats.ttft_s, f.stats.seconds),
-                request_id=f.request_id, replica_id=f.replica_id)
+                request_id=f.request_id, replica_id=f.replica_id, logprobs=list(self.logprobs) if self.asked else None)
         return None

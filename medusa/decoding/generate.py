@@ -22,6 +22,7 @@ class Chunk:
     tokens: list[int]
     accepted: int  # tokens this step produced (accepted candidates + bonus); 1 for the prefill
     finish_reason: str | None = None  # "eos" | "stop" | "length" on the last chunk
+    logprobs: list | None = None  # a TokenLogprob per token, when asked (generate(logprobs=k))
 
 
 @dataclass
@@ -72,7 +73,8 @@ def single_engine(model, heads=None, tree: Tree | str | None = None, *, max_seq_
 
 def stream(engine: Engine, prompt_ids: list[int], *, params: SamplingParams = SamplingParams(),
            max_new_tokens: int = 256, stop_token_ids: tuple[int, ...] | None = None,
-           stop_sequences=(), stats: Stats | None = None, speculation: str | None = None) -> Iterator[Chunk]:
+           stop_sequences=(), stats: Stats | None = None, speculation: str | None = None,
+           logprobs: int | None = None) -> Iterator[Chunk]:
     """Submit one request to `engine` and yield its chunks (driving the engine when it has no
     scheduler thread). speculation: default "on" when the engine has heads, else "off"."""
     if speculation is None:
@@ -80,7 +82,7 @@ def stream(engine: Engine, prompt_ids: list[int], *, params: SamplingParams = Sa
     stats = stats if stats is not None else Stats()
     stats.prompt_tokens = len(prompt_ids)
     req = Request(list(prompt_ids), max_new_tokens=max_new_tokens, sampling=params, stop_token_ids=stop_token_ids,
-                  stop_sequences=tuple(tuple(s) for s in stop_sequences), speculation=speculation)
+                  stop_sequences=tuple(tuple(s) for s in stop_sequences), speculation=speculation, logprobs=logprobs)
     first = True
     for ev in engine.submit(req):
         if not first and ev.produced:  # the first event is the prefill's token
@@ -92,22 +94,23 @@ def stream(engine: Engine, prompt_ids: list[int], *, params: SamplingParams = Sa
             st = ev.stats
             stats.new_tokens, stats.seconds, stats.ttft, stats.tree = st.new_tokens, st.seconds, st.ttft_s, st.tree
             stats.finish_reason = ev.finish_reason
-        yield Chunk(list(ev.tokens), ev.produced, ev.finish_reason)
+        yield Chunk(list(ev.tokens), ev.produced, ev.finish_reason, ev.logprobs)
 
 
 def generate(model, prompt_ids: list[int], *, heads=None, tree: Tree | str | None = None,
              params: SamplingParams = SamplingParams(), max_new_tokens: int = 256,
              stop_token_ids: tuple[int, ...] | None = None, stop_sequences=(), stats: Stats | None = None,
-             engine: Engine | None = None) -> Iterator[Chunk]:
+             engine: Engine | None = None, logprobs: int | None = None) -> Iterator[Chunk]:
     """Stream the chunks of one request. With heads=None (or the 'ar' tree) this is plain
     autoregressive decoding through the very same step. `engine` (from `single_engine`, built
     for the same model, heads and tree) is reused instead of building one for this request
     (its graphs and buffers stay warm). A tree's lookup chain (Tree.lookup) drafts from the
-    sequence itself for greedy requests; a sampled request decodes with the heads' nodes alone."""
+    sequence itself for greedy requests; a sampled request decodes with the heads' nodes alone.
+    logprobs: k in 0..5 gives each chunk the tokens' base-model log-probabilities and top k."""
     if not prompt_ids:
         raise RequestError("the prompt is empty")
     total = check_context(model.cfg, len(prompt_ids), max_new_tokens)
     if engine is None:
         engine = single_engine(model, heads, tree, max_seq_len=total)
     return stream(engine, prompt_ids, params=params, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
-                  stop_sequences=stop_sequences, stats=stats)
+                  stop_sequences=stop_sequences, stats=stats, logprobs=logprobs)

@@ -96,7 +96,7 @@ class _Captured:
 
 def capture_step(model, heads, tree: Tree, kv_len: int, state: DecodeState, sampling: BatchSampling,
                  uniforms: torch.Tensor | None, max_accept: torch.Tensor | None, pool, after=None,
-                 ops: BlockOps | None = None) -> _Captured:
+                 ops: BlockOps | None = None, logprobs: bool = False) -> _Captured:
     """Capture one `speculate` over the static buffers of `state` (whose start, root and
     last_hidden the replay updates in place; the head state and the cache are written in place
     by the step itself). `after(step_state)`, if given, runs inside the capture after the step
@@ -108,7 +108,7 @@ def capture_step(model, heads, tree: Tree, kv_len: int, state: DecodeState, samp
 
     def body(st: DecodeState, static: bool) -> Acceptance:
         acc = packed(speculate(model, heads, tree, st, sampling, uniforms if sampling.any_random else None, max_accept,
-                               kv_len=kv_len))
+                               kv_len=kv_len, logprobs=logprobs))
         if static:
             state.start.copy_(st.start)
             state.root.copy_(st.root)

@@ -57,6 +57,7 @@ class GraphKey:
     random: bool = False  # a sampled row in the step
     typical: bool = False  # a typical-acceptance row in the step
     prompt: int = 0  # the prefill's prompt bucket
+    logprobs: bool = False  # the step also returns the emitted tokens' log-probabilities (logprobs.py)
 
 
 @dataclass
@@ -108,6 +109,7 @@ class Runner:
         self.pools = {k: torch.cuda.graph_pool_handle() for k in ("step", "prefill")} if capture else {}
         self._buckets: dict[int, _Bucket] = {}
         self.prefill_tokens = prefill_tokens
+        self.prefill_logprobs = None  # of the last prefill that asked (prefill(logprobs=True))
         self.stage = PrefillStage(model, self.buckets[-1], max_prompt, prefill_tokens, heads=heads, fine=not capture)
 
     def captures(self, kind: str) -> int:
@@ -188,12 +190,17 @@ class Runner:
             self.catch_ups["seconds"] += time.perf_counter() - t0  # host time: the GPU's runs on into the step
 
     def step(self, tree: Tree, n: int, committed: list[int], sampling: BatchSampling, sampling_key,
-             uniforms: torch.Tensor | None, max_accept: torch.Tensor | None, pad_start: list[int]) -> tuple[Acceptance, bool]:
+             uniforms: torch.Tensor | None, max_accept: torch.Tensor | None, pad_start: list[int],
+             logprobs: bool = False) -> tuple[Acceptance, bool]:
         """One step over rows 0 .. n-1 (padded to the bucket). committed: each running row's
         tokens in the cache; sampling / uniforms [n, N] / max_accept [n] are the running rows';
-        pad_start the valid KV length of each padding row. Returns the acceptance of all Bb rows
-        (read rows :n) and whether a graph was captured (a step that also captured is not a
-        fair timing)."""
+        pad_start the valid KV length of each padding row.
+        logprobs: some row asked for log-probabilities (acc.logprobs, for every row of the step).
+        They are computed inside the step (a graph of their own key) from the logits the step has
+        anyway: keeping [B, N, V] logits alive past a replay for a separate function would cost
+        that memory in every step graph, so steps without logprobs keep their graphs unchanged.
+        Returns the acceptance of all Bb rows (read rows :n) and whether a graph was captured
+        (a step that also captured is not a fair timing)."""
         Bb, N = self.bucket(n), tree.num_nodes
         R = self.rows
         self._prepare(0, committed, N > 1)
@@ -218,21 +225,21 @@ class Runner:
                 cap[:n].fill_(tree.accept_depth)
                 cap[n:].zero_()
                 b.capped = (n, tree.accept_depth)
-        return self._run_step(tree, Bb, self.kv_len(max(committed), N), s, u, cap)
+        return self._run_step(tree, Bb, self.kv_len(max(committed), N), s, u, cap, logprobs)
 
     def _run_step(self, tree: Tree, Bb: int, kv_len: int, s: BatchSampling, u: torch.Tensor | None,
-                  cap: torch.Tensor | None) -> tuple[Acceptance, bool]:
+                  cap: torch.Tensor | None, logprobs: bool = False) -> tuple[Acceptance, bool]:
         """The step of (tree, Bb, kv_len, sampling kind) over rows 0 .. Bb-1: its graph (captured
         over views of the rows on first use; a replay needs no views), or the same work eagerly."""
         if not self.capture:
             state = self._view(Bb)
-            acc = packed(speculate(self.model, self.heads, tree, state, s, u, cap, kv_len=kv_len))
+            acc = packed(speculate(self.model, self.heads, tree, state, s, u, cap, kv_len=kv_len, logprobs=logprobs))
             R = self.rows
             R.start[:Bb], R.root[:Bb], R.hidden[:Bb] = state.start, state.root, state.last_hidden
             self._after(Bb)(state)
             return acc, False
         tkey = (tree.name, tree.paths, tree.lookup)
-        key = GraphKey("step", Bb, tkey, kv_len, s.any_random, s.any_typical)
+        key = GraphKey("step", Bb, tkey, kv_len, s.any_random, s.any_typical, logprobs=logprobs)
         g = self.graphs.get(key)
         captured = g is None
         if captured:
@@ -240,7 +247,7 @@ class Runner:
             if dtree is None:
                 dtree = self.trees[tkey] = tree.to(self.rows.start.device)
             g = self.graphs[key] = capture_step(self.model, self.heads, dtree, kv_len, self._view(Bb), s, u, cap,
-                                                self.pools["step"], self._after(Bb), self.ops)
+                                                self.pools["step"], self._after(Bb), self.ops, logprobs)
         g.graph.replay()
         return g.acc, captured
 
@@ -317,12 +324,14 @@ class Runner:
         return captured
 
     def prefill(self, r0: int, tokens: torch.Tensor, reused: list[int], lengths: torch.Tensor,
-                sampling: BatchSampling, uniforms: torch.Tensor | None) -> torch.Tensor:
+                sampling: BatchSampling, uniforms: torch.Tensor | None, logprobs: bool = False) -> torch.Tensor:
         """Prefill pool rows r0 .. r0+k-1: tokens [k, T] right-padded (lengths [k]), after the
         reused[i] tokens each row already holds. Fresh rows (none reused) run at their padded
         shape (the staged forward also shows the heads with state the prompts); rows with a
         prefix run eagerly over it (step.prefill). Sets the rows' start, root, hidden and head
-        state; returns each row's first token [k]."""
+        state; returns each row's first token [k]. logprobs: also the first tokens'
+        log-probabilities, left in `self.prefill_logprobs` (a logprobs.PathLogprobs over the k
+        rows; None without)."""
         R = self.rows
         k, T = tokens.shape
         rows = slice(r0, r0 + k)
@@ -331,12 +340,13 @@ class Runner:
         hs = state_rows(R.head_state, r0, r0 + k)
         if self.prefill_shape(k, T) is not None and not any(reused):
             hidden = self.stage.run(tokens, cache, lengths, hs, self._forward)
-            root, last = first_token(self.model, hidden, lengths, sampling, uniforms)
+            root, last, lp = first_token(self.model, hidden, lengths, sampling, uniforms, logprobs)
             start = lengths
         else:
             start = torch.tensor(reused, dtype=torch.long, device=tokens.device)
-            st = prefill(self.model, self.heads, cache, tokens, start, sampling, uniforms, hs, lengths)
-            root, last, start = st.root, st.last_hidden, st.start
+            st = prefill(self.model, self.heads, cache, tokens, start, sampling, uniforms, hs, lengths, logprobs=logprobs)
+            root, last, start, lp = st.root, st.last_hidden, st.start, st.logprobs
+        self.prefill_logprobs = lp
         write_back(R.head_state, hs, r0, r0 + k)
         R.start[rows], R.root[rows], R.hidden[rows] = start, root, last
         return root

@@ -12,12 +12,13 @@ State lives in an explicit DecodeState passed in, never on a module. This module
 know about requests, stopping, text, or scheduling."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from medusa.decoding.buckets import kv_round
+from medusa.decoding.logprobs import path_logprobs
 from medusa.decoding.sampling import BatchSampling, base_probs, sample_from
 from medusa.decoding.tree import Tree
 from medusa.decoding.verify import Acceptance, verify
@@ -34,6 +35,7 @@ class DecodeState:
     last_hidden: torch.Tensor  # [B, D]: hidden state of the last committed token
     head_state: Any = None
     draft: torch.Tensor | None = None  # [B, >= L] long: tokens of a tree's lookup chain (Tree.lookup), set before each step
+    logprobs: Any = None  # prefill(logprobs=True): logprobs.PathLogprobs of each row's first token
 
 
 def attention_mask(start: torch.Tensor, local: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -55,10 +57,11 @@ def _kv_len(start: torch.Tensor, n: int, max_len: int) -> int:
 
 
 def first_token(model, hidden: torch.Tensor, lengths: torch.Tensor, sampling: BatchSampling,
-                uniforms: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                uniforms: torch.Tensor | None, logprobs: bool = False):
     """Each row's first new token (the root) from a prompt forward's final hidden states
-    [B, T, D] (row b's last real token at lengths[b] - 1): root [B] and that token's hidden
-    state [B, D]. The prompt forward may have run anywhere (runner.py runs padded ones)."""
+    [B, T, D] (row b's last real token at lengths[b] - 1): root [B], that token's hidden
+    state [B, D] and, with logprobs, the root's log-probabilities (a PathLogprobs of one
+    position; else None). The prompt forward may have run anywhere (runner.py runs padded ones)."""
     last = (lengths - 1)[:, None, None].expand(-1, 1, hidden.shape[-1])  # [B, 1, D]
     last_hidden = hidden.gather(1, last)  # [B, 1, D]
     logits = model.lm_head(last_hidden)  # [B, 1, V]
@@ -66,7 +69,9 @@ def first_token(model, hidden: torch.Tensor, lengths: torch.Tensor, sampling: Ba
         root = logits[:, 0].argmax(-1)
     else:
         root = sample_from(base_probs(logits, sampling), uniforms)[:, 0]
-    return root, last_hidden[:, 0]
+    B = root.shape[0]
+    lp = path_logprobs(logits, torch.zeros(B, 1, dtype=torch.long, device=root.device), root[:, None]) if logprobs else None
+    return root, last_hidden[:, 0], lp
 
 
 def prefill(
@@ -79,6 +84,7 @@ def prefill(
     uniforms: torch.Tensor | None,  # [B, 1] or None when every row is greedy
     head_state: Any = None,
     lengths: torch.Tensor | None = None,  # [B] real new tokens per row (default: all T)
+    logprobs: bool = False,  # also the first token's log-probabilities (DecodeState.logprobs)
 ) -> DecodeState:
     """Run the prompt, choose each row's first new token (the root) and show the draft heads
     the prompt (`DraftHeads.see`). Padding tokens past a row's length write K/V only past its
@@ -92,12 +98,12 @@ def prefill(
     kv_len = _kv_len(start, T, cache.max_len)
     mask = attention_mask(start, torch.ones(T, T, dtype=torch.bool, device=dev).tril(), kv_len)
     hidden = model(tokens, positions, cache, positions, mask, logits_for=None).hidden  # [B, T, D]
-    root, last_hidden = first_token(model, hidden, lengths, sampling, uniforms)
+    root, last_hidden, lp = first_token(model, hidden, lengths, sampling, uniforms, logprobs)
     if heads is not None:
         if head_state is None:
             head_state = heads.new_state(B, cache.max_len, model)
         heads.see(head_state, Seen(hidden, positions, positions, mask, kv_len, count=lengths))
-    return DecodeState(cache, start + lengths, root, last_hidden, head_state)
+    return DecodeState(cache, start + lengths, root, last_hidden, head_state, logprobs=lp)
 
 
 def speculate(
@@ -109,6 +115,7 @@ def speculate(
     uniforms: torch.Tensor | None,  # [B, N] or None when every row is greedy
     max_accept: torch.Tensor | None = None,  # [B] long: cap on accepted candidates (0: this row decodes plainly)
     kv_len: int | None = None,  # cache slots to attend over (fixed for CUDA graphs; default: bucketed, needs a host sync)
+    logprobs: bool = False,  # also the emitted tokens' log-probabilities (Acceptance.logprobs)
 ) -> Acceptance:
     """One verification forward over every tree node; commits the accepted path, shows the draft
     heads what the forward computed and which nodes were accepted (`DraftHeads.see`), and
@@ -130,6 +137,8 @@ def speculate(
     mask = attention_mask(state.start, tree.mask, kv_len)
     out = model(cand, positions, state.cache, slots, mask, logits_for="all")  # logits [B, N, V]
     acc = verify(out.logits, cand, tree, sampling, uniforms, max_accept)
+    if logprobs:  # from the logits at hand: node path[d] predicted the token emitted at index d
+        acc = replace(acc, logprobs=path_logprobs(out.logits, acc.path, acc.tokens))
     # move the accepted path's K/V to slots start .. start + length (padding copies are harmless:
     # they land at or beyond the new start, which later steps overwrite)
     path = acc.path.clamp_min(0)  # [B, D+1]

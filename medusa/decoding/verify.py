@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from medusa.decoding.logprobs import PathLogprobs
 from medusa.decoding.sampling import BatchSampling, base_probs, sample_from
 from medusa.decoding.tree import Tree
 from medusa.kernels import accept as accept_kernel
@@ -30,6 +31,7 @@ class Acceptance:
     tokens: torch.Tensor  # [B, D+1] emitted tokens: accepted candidates then the bonus token, padded
     last_node: torch.Tensor  # [B] node id of the last accepted node (its hidden state feeds the heads)
     packed: torch.Tensor | None = None  # [B, 1 + 2(D+1)] length, tokens, path in one tensor (`packed`)
+    logprobs: PathLogprobs | None = None  # of the emitted tokens, when the step was asked for them (logprobs.py)
 
     @property
     def emitted(self) -> torch.Tensor:  # [B] tokens this step emits (accepted + bonus)

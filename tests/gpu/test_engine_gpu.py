@@ -123,3 +123,40 @@ def test_lazy_hydra_state_in_graphs_equals_eager(monkeypatch):
     graphed, st_g = run(True)
     assert graphed == eager
     assert st_g["graphs_captured"] and st_g["catch_ups"] > 0 and st_e["catch_ups"] > 0
+
+
+def test_logprobs_in_step_graphs_equal_the_eager_step(gpu_stack, mt_texts):
+    """With CUDA graphs, a step where some row asks for logprobs replays a graph of its own key
+    (GraphKey.logprobs) and gives the eager step's values; steps where no row asks keep replaying
+    the graphs without them."""
+    s = gpu_stack
+    prompts = [s.tokenizer.encode_prompt(t) for t in mt_texts[:4]]
+    ks = [5, None, 0, None]
+
+    def run(graphs):
+        eng = Engine(s.model, s.heads, "tree16", max_batch=4, max_seq_len=1024, graphs=graphs)
+        hs = [eng.submit(Request(p, max_new_tokens=32, speculation="on", logprobs=k)) for p, k in zip(prompts, ks)]
+        out = []
+        for h in hs:
+            toks, lps = [], []
+            for ev in h:
+                toks += ev.tokens
+                lps = None if ev.logprobs is None else lps + ev.logprobs
+            out.append((toks, lps))
+        return out, eng
+
+    graphed, eng = run(True)
+    eager, _ = run(False)
+    for k, (gt, gl), (et, el) in zip(ks, graphed, eager):
+        assert gt == et
+        if k is None:
+            assert gl is None and el is None
+            continue
+        for a, b in zip(gl, el):
+            assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=1e-4)
+            assert [t for t, _ in a.top] == [t for t, _ in b.top] and len(a.top) == k
+    with_lp = sum(key.logprobs for key in eng.runner.graphs if key.kind == "step")
+    assert with_lp > 0
+    eng.submit(Request(prompts[1] + [13], max_new_tokens=16, speculation="on")).result()  # no row asks
+    assert sum(key.logprobs for key in eng.runner.graphs if key.kind == "step") == with_lp
+    assert any(key.kind == "step" and not key.logprobs for key in eng.runner.graphs)

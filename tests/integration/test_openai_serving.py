@@ -94,6 +94,32 @@ def test_openai_client_streams_the_greedy_text_of_medusa_generate(server, genera
             model=model, messages=[{"role": "user", "content": "hi"}])
 
 
+def test_openai_client_gets_logprobs_streamed_and_not(server):
+    """The real model's logprobs in OpenAI's shapes: greedy tokens lead their top alternatives,
+    the per-token texts spell the reply, streaming gives the same entries; over 5 is a 400."""
+    c = openai.OpenAI(base_url=server["base_url"], api_key=KEY, max_retries=0, timeout=120)
+    model = c.models.list().data[0].id
+    msgs = [{"role": "user", "content": PROMPTS[1]}]
+    r = c.chat.completions.create(model=model, messages=msgs, max_tokens=MAX_NEW, temperature=0, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert content and "".join(e.token for e in content) == r.choices[0].message.content
+    for e in content:
+        vals = [t.logprob for t in e.top_logprobs]
+        assert len(vals) == 3 and vals == sorted(vals, reverse=True) and e.top_logprobs[0].token == e.token
+        assert e.logprob <= 0 and e.bytes == list(e.token.encode())
+    chunks = list(c.chat.completions.create(model=model, messages=msgs, max_tokens=MAX_NEW, temperature=0, logprobs=True,
+                                            top_logprobs=3, stream=True))
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-4)
+    t = c.completions.create(model=model, prompt="The capital of France is", max_tokens=6, temperature=0, logprobs=2)
+    lp = t.choices[0].logprobs
+    assert "".join(lp.tokens) == t.choices[0].text and len(lp.top_logprobs) == len(lp.tokens)
+    assert lp.text_offset == [sum(len(x) for x in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model=model, messages=msgs, max_tokens=2, logprobs=True, top_logprobs=6)
+
+
 def test_grpc_health_probe(server):
     with grpc.insecure_channel(f"127.0.0.1:{server['grpc']}") as ch:
         resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=30)
@@ -108,7 +134,8 @@ def test_prometheus_scrape_shows_the_vllm_equivalent_series(server):
     want = {"ray_medusa_prompt_tokens_total", "ray_medusa_generation_tokens_total", "ray_medusa_e2e_request_latency_seconds_bucket",
             "ray_medusa_engine_time_to_first_token_seconds_bucket", "ray_medusa_num_requests_running",
             "ray_medusa_num_requests_waiting", "ray_medusa_kv_cache_usage_perc", "ray_medusa_request_success_total",
-            "ray_medusa_spec_decode_num_drafts_total", "ray_medusa_spec_decode_num_draft_tokens_total"}
+            "ray_medusa_spec_decode_num_drafts_total", "ray_medusa_spec_decode_num_draft_tokens_total",
+            "ray_medusa_request_queue_time_seconds_bucket", "ray_medusa_spec_decode_num_accepted_tokens_per_pos_total"}
     deadline = time.monotonic() + 90  # pushed to the node's exporter every few seconds
     while True:
         try:

@@ -246,3 +246,21 @@ def test_tls_channel(tmp_path):
                 c.generate("hi")
     finally:
         srv.stop(None)
+
+
+def test_logprobs_request_and_fold():
+    """logprobs=k asks for each token's logprob and k alternatives; the fold keeps them in order."""
+    req = build_request("x", logprobs=2)
+    assert req.logprobs and req.top_logprobs == 2
+    assert not build_request("x").logprobs
+    f = StreamFold(asked=True)
+    lp = pb.TokenLogprob(token_id=5, token="a", logprob=-0.5, text_offset=0,
+                         top_logprobs=[pb.TokenLogprob(token_id=5, token="a", logprob=-0.5),
+                                       pb.TokenLogprob(token_id=6, token="b", logprob=-1.5)])
+    d = f.push(pb.GenerateResponse(delta=pb.Delta(text="a", token_ids=[5], logprobs=[lp])))
+    assert [(e.token, e.logprob, [t.token for t in e.top]) for e in d.logprobs] == [("a", -0.5, ["a", "b"])]
+    f.push(pb.GenerateResponse(final=pb.Final(finish_reason="eos")))
+    assert [e.token_id for e in f.final.logprobs] == [5]
+    g = StreamFold()
+    g.push(pb.GenerateResponse(final=pb.Final(finish_reason="eos")))
+    assert g.final.logprobs is None

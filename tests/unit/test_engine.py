@@ -642,3 +642,19 @@ def test_steps_without_the_lookup_chain_measure_it_too(tiny, tiny_heads):
     assert eng.policy.tree_steps["tree7+lookup5"] == 0 and eng.policy.tree_steps["tree7"] > 0  # the chain itself never ran
     assert 0 < c["tree7+lookup5"] <= c["tree7"]  # steps near each request's end stay unresolved
     assert m["tree7+lookup5"] > m["tree7"]  # these random models loop: the chain accepts more
+
+
+def test_stats_count_acceptance_per_draft_position_and_queue_seconds(tiny, tiny_heads):
+    """Engine.stats()["accepted_per_pos"][i]: speculative row-steps that accepted a draft token at
+    position i (so non-increasing in i, summing to every accepted draft); RequestStats.queue_s:
+    submit to admission, within the time to the first token."""
+    t = TREES["chain"]
+    eng = Engine(tiny, tiny_heads, t, max_batch=2, max_seq_len=96, trees={t.name: t})
+    hs = [eng.submit(Request(p, max_new_tokens=20, stop_token_ids=(), speculation="on")) for p in prompts(3, seed=5)]
+    stats = [h.result()[1] for h in hs]
+    per_pos = eng.stats()["accepted_per_pos"]
+    accepted = sum(round(s.mean_accepted * s.steps) - s.steps for s in stats)
+    assert accepted > 0 and sum(per_pos) == accepted
+    assert len(per_pos) <= t.accept_depth and per_pos == sorted(per_pos, reverse=True)
+    assert all(0 <= s.queue_s <= s.ttft_s for s in stats)
+    assert stats[2].queue_s > max(s.ttft_s for s in stats[:2])  # the third waited for a row to free

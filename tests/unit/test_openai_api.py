@@ -138,7 +138,8 @@ def test_errors_have_openais_shape_and_status(face):
     with pytest.raises(openai.NotFoundError) as e:
         client(face).chat.completions.create(model="gpt-4o", messages=msgs)
     assert e.value.body["code"] == "model_not_found"
-    for kwargs, param in (({"n": 2}, "n"), ({"temperature": 3}, "temperature"), ({"logprobs": True}, "logprobs"),
+    for kwargs, param in (({"n": 2}, "n"), ({"temperature": 3}, "temperature"), ({"top_logprobs": 2}, "top_logprobs"),
+                          ({"logprobs": True, "top_logprobs": 6}, "top_logprobs"),
                           ({"max_tokens": 1000}, None)):
         with pytest.raises(openai.BadRequestError) as e:
             client(face).chat.completions.create(model="char", messages=msgs, **kwargs)
@@ -183,6 +184,63 @@ def test_stop_strings_match_text_across_chunks_and_are_trimmed(face):
     assert chunks[-1].choices[0].finish_reason == "stop"
     r = c.completions.create(model="char", prompt="abcxyz", max_tokens=6, stop=["ab"], temperature=0)  # "ba" is no match
     assert r.choices[0].text == "zyxcba" and r.choices[0].finish_reason == "length"
+
+
+def _scripted(out: str, k: int):
+    """What ScriptedEngine's made-up logprobs are for output text `out` (CharTokenizer: one
+    character a token): [(token, logprob, [(alternative, logprob)])]."""
+    return [(ch, -(j + 1) / 8, [(chr(ord(ch) + m), -(j + 1) / 8 - m) for m in range(k)]) for j, ch in enumerate(out)]
+
+
+def test_chat_logprobs_streamed_and_not(face):
+    c = client(face)
+    msgs = [{"role": "user", "content": "abcd"}]
+    r = c.chat.completions.create(model="char", messages=msgs, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2)
+    text = r.choices[0].message.content
+    want = _scripted(text, 2)
+    content = r.choices[0].logprobs.content
+    assert [e.token for e in content] == list(text)
+    for e, (tok, lp, top) in zip(content, want):
+        assert e.logprob == pytest.approx(lp) and e.bytes == list(tok.encode())
+        assert [(t.token, t.bytes) for t in e.top_logprobs] == [(t, list(t.encode())) for t, _ in top]
+        assert [t.logprob for t in e.top_logprobs] == pytest.approx([v for _, v in top])
+    assert face["engine"].submitted[-1].logprobs == 2
+    chunks = list(c.chat.completions.create(model="char", messages=msgs, max_tokens=5, temperature=0, logprobs=True,
+                                            stream=True))
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [(e.token, e.top_logprobs) for e in streamed] == [(ch, []) for ch in text]
+    assert [e.logprob for e in streamed] == pytest.approx([lp for _, lp, _ in want])
+    plain = c.chat.completions.create(model="char", messages=msgs, max_tokens=5, temperature=0)
+    assert plain.choices[0].logprobs is None and face["engine"].submitted[-1].logprobs is None
+
+
+def test_completions_logprobs_and_stop_trimming(face):
+    c = client(face)
+    r = c.completions.create(model="char", prompt="hello", max_tokens=4, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    want = _scripted("olle", 3)
+    assert lp.tokens == list("olle") and lp.text_offset == [0, 1, 2, 3]
+    assert lp.token_logprobs == pytest.approx([v for _, v, _ in want])
+    assert lp.top_logprobs == [dict(top) for _, _, top in want]
+    chunks = list(c.completions.create(model="char", prompt="hello", max_tokens=4, logprobs=1, stream=True))
+    assert [t for ch in chunks if ch.choices[0].logprobs for t in ch.choices[0].logprobs.tokens] == list("olle")
+    # the stop string "yx" trims "yx..." from the text: the logprobs of the trimmed tokens go too,
+    # although "y" arrived in the same engine event as "z" and was held back as a possible beginning
+    r = c.completions.create(model="char", prompt="m" * 40 + "xyz", max_tokens=43, stop=["yx", "q"], temperature=0, logprobs=0)
+    assert r.choices[0].text == "z" and r.choices[0].logprobs.tokens == ["z"]
+    chunks = list(c.completions.create(model="char", prompt="abcxyz", max_tokens=6, stop="cb", stream=True, logprobs=0))
+    assert [t for ch in chunks if ch.choices[0].logprobs for t in ch.choices[0].logprobs.tokens] == list("zyx")
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="char", prompt="hello", max_tokens=4, logprobs=6)
+    assert e.value.body["param"] == "logprobs" and "0-5" in e.value.body["message"]
+
+
+def test_top_logprobs_over_the_cap_is_a_400_naming_it(face):
+    with pytest.raises(openai.BadRequestError) as e:
+        client(face).chat.completions.create(model="char", messages=[{"role": "user", "content": "hi"}],
+                                             logprobs=True, top_logprobs=6)
+    assert e.value.status_code == 400 and e.value.body["param"] == "top_logprobs"
+    assert "at most 5" in e.value.body["message"]
 
 
 def test_stop_matcher_holds_back_only_possible_beginnings():

@@ -71,3 +71,31 @@ def test_cli_without_the_engine_says_what_to_install():
     r = _run("import runpy; sys.argv = ['medusa', 'generate', 'hi']; runpy.run_module('medusa.cli', run_name='__main__')")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "medusa-serve[engine]" in r.stderr
+
+
+def test_floors_script_pins_each_requirement_at_its_floor(tmp_path):
+    """scripts/floors.py (make test-floors) reads the pins from pyproject: every `>=` floor
+    becomes `==`, markers kept; a requirement without a floor or an unknown extra is an error."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import floors
+    finally:
+        sys.path.pop(0)
+    p = tmp_path / "pyproject.toml"
+    p.write_text('[project]\nname = "x"\n[project.optional-dependencies]\n'
+                 'a = ["grpcio>=1.2.3", "protobuf >= 4.5, <9", "foo[bar]>=0.1; python_version < \'4\'"]\n'
+                 'b = ["other[a]"]\n')
+    assert floors.floors("a", p) == ["grpcio==1.2.3", "protobuf==4.5", "foo[bar]==0.1; python_version < '4'"]
+    for extra, msg in (("b", "no '>=' floor"), ("c", "no extra 'c'")):
+        try:
+            floors.floors(extra, p)
+        except ValueError as e:
+            assert msg in str(e)
+        else:
+            raise AssertionError(f"{extra}: no error")
+    pins = floors.floors("client")  # the real file: one pin per client requirement, at its floor
+    client = [Requirement(x) for x in _project()["optional-dependencies"]["client"]]
+    assert [Requirement(x).name for x in pins] == [r.name for r in client]
+    for pin, r in zip(pins, client):
+        floor = min(Version(s.version) for s in r.specifier if s.operator == ">=")
+        assert Version(next(iter(Requirement(pin).specifier)).version) == floor

@@ -58,6 +58,9 @@ class CharTokenizer:
     def decode(self, ids):
         return "".join(chr(i - 10) for i in ids if i >= 10)
 
+    def token_text(self, i):
+        return chr(i - 10) if i >= 10 else ""
+
 
 @dataclasses.dataclass(frozen=True)
 class Stats:
@@ -77,6 +80,26 @@ class Event:
     tokens: list
     finish_reason: str | None = None
     stats: Stats | None = None
+    logprobs: list | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LP:
+    """medusa.decoding.logprobs.TokenLogprob's surface."""
+
+    token_id: int
+    logprob: float
+    top: tuple = ()
+
+
+def scripted_logprobs(out: list[int], k: int) -> list[LP]:
+    """Made-up values: output token j has logprob -(j + 1) / 8; its alternatives are the
+    token itself, then the ids just after it, each 1 lower."""
+    lps = []
+    for j, t in enumerate(out):
+        v = -(j + 1) / 8
+        lps.append(LP(t, v, tuple((t + m, v - m) for m in range(k))))
+    return lps
 
 
 class ScriptedEngine:
@@ -102,10 +125,12 @@ class ScriptedEngine:
             self.sessions[req.session_id] = list(req.prompt_ids) + out
         engine = self
 
+        lps = scripted_logprobs(out, req.logprobs) if getattr(req, "logprobs", None) is not None else None
+
         class Handle:
             async def __aiter__(self):
                 for i in range(0, len(out), 2):
-                    yield Event(req.request_id, out[i:i + 2])
+                    yield Event(req.request_id, out[i:i + 2], logprobs=lps[i:i + 2] if lps is not None else None)
                     await asyncio.sleep(0)
                 st = Stats(len(req.prompt_ids), len(out), (len(out) + 1) // 2, 2.0, reused, 0.01, 0.02, "tree16")
                 yield Event(req.request_id, [], "length", st)
@@ -291,6 +316,42 @@ def test_stream_returns_engine_tokens_as_text(stack):
         assert status == "SERVING" and details["redis"] == "ok"
     req = stack["engine"].submitted[0]
     assert req.stop_sequences == ((ord("z") + 10,) * 2,) and req.sampling.greedy
+
+
+def test_grpc_logprobs_reach_the_client_and_follow_stop_trimming(stack):
+    with client(stack) as c:
+        r = c.generate(prompt="abcd", max_new_tokens=3, logprobs=2)
+        assert [(e.token, e.token_id, e.text_offset) for e in r.logprobs] == [(ch, ord(ch) + 10, i) for i, ch in enumerate("dcb")]
+        assert [e.logprob for e in r.logprobs] == pytest.approx([-1 / 8, -2 / 8, -3 / 8])
+        assert [[t.token for t in e.top] for e in r.logprobs] == [[ch, chr(ord(ch) + 1)] for ch in "dcb"]
+        assert stack["engine"].submitted[-1].logprobs == 2
+        streamed = [e.token for d in c.stream(prompt="xyz", max_new_tokens=3, logprobs=0) for e in d.logprobs]
+        assert streamed == list("zyx")
+        cut = c.generate(prompt="abcxyz", max_new_tokens=6, stop=["cb"], logprobs=0)  # "cb..." trimmed with its logprobs
+        assert cut.text == "zyx" and [e.token for e in cut.logprobs] == list("zyx")
+        assert c.generate(prompt="abcd", max_new_tokens=3).logprobs is None
+        with pytest.raises(InvalidRequestError, match="at most 5"):
+            c.generate(prompt="abcd", max_new_tokens=3, logprobs=6)
+
+
+def test_logprob_entries_wait_for_their_text_and_go_with_trimmed_text():
+    from medusa.proto.v1 import medusa_pb2 as pb
+    from services.logprobs import LogprobStream
+
+    def entry(name):
+        return pb.TokenLogprob(token=name)
+
+    s = LogprobStream()
+    for name, chars in (("ab", 2), ("half", 0), ("é", 1), ("S", 1)):  # "half": a token that adds no text yet
+        s.add(entry(name), chars)
+    assert [e.token for e in s.release(2)] == ["ab", "half"]  # "é" and "S" are held back with their text
+    assert [e.text_offset for e in s.release(0)] == []
+    assert [(e.token, e.text_offset) for e in s.release(2, final=True)] == [("é", 2), ("S", 3)]
+    s = LogprobStream()
+    for name, chars in (("xy", 2), ("zS", 2), ("TOP", 3), ("!", 1)):  # stop string "STOP": the text is cut after "xyz"
+        s.add(entry(name), chars)
+    assert [e.token for e in s.release(3, matched=True)] == ["xy", "zS"]  # "zS" keeps a character
+    assert s.release(5, final=True) == []
 
 
 def test_sessions_are_namespaced_and_recorded(stack):
@@ -514,3 +575,67 @@ def test_trace_exporter_follows_the_otel_variables(monkeypatch):
     assert telemetry.exporter_name() == "otlp"
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console,otlp")
     assert telemetry.exporter_name() == "console"
+
+
+# ---------------------------------------------------------------- metrics
+
+
+class _Series:
+    """Records what a ray.serve.metrics series is asked to do."""
+
+    def __init__(self):
+        self.calls = []
+
+    def inc(self, value=1, tags=None):
+        self.calls.append(("inc", value, tags))
+
+    def observe(self, value, tags=None):
+        self.calls.append(("observe", value, tags))
+
+    def set(self, value, tags=None):
+        self.calls.append(("set", value, tags))
+
+
+def test_metrics_queue_time_and_acceptance_per_position():
+    """vLLM's request_queue_time_seconds (the engine's per-request queue seconds) and
+    spec_decode_num_accepted_tokens_per_pos (the engine's cumulative per-position counts,
+    exported as counter increments)."""
+    from services.metrics import Metrics
+
+    m = Metrics(enabled=False)
+    series = {}
+    for name in ("_prompt", "_generation", "_success", "_e2e", "_engine_ttft", "_running", "_waiting", "_kv", "_drafts",
+                 "_draft_tokens", "_accepted_tokens", "_accepted_per_pos", "_queue_time"):
+        series[name] = _Series()
+        setattr(m, name, series[name])
+    m._pos_seen = []
+    m.enabled = True
+    m.finished(prompt_tokens=5, new_tokens=4, reused_tokens=0, finish_reason="length", seconds=0.5, ttft_s=0.2, steps=2,
+               mean_accepted=2.0, draft_depth=3, queue_s=0.125)
+    assert series["_queue_time"].calls == [("observe", 0.125, None)]
+    m.engine_state({"running": 1, "kv_rows": 2, "accepted_per_pos": [4, 2]})
+    m.engine_state({"running": 0, "kv_rows": 2, "accepted_per_pos": [5, 2, 1]})
+    m.engine_state({"running": 0, "kv_rows": 2, "accepted_per_pos": [5, 2, 1]})  # nothing new
+    per_pos = [(v, t["position"]) for _, v, t in series["_accepted_per_pos"].calls]
+    assert per_pos == [(4, "0"), (2, "1"), (1, "0"), (1, "2")]
+
+
+def test_replica_reports_queue_seconds_to_metrics():
+    """EngineReplica hands the engine's RequestStats.queue_s to Metrics.finished."""
+    import types
+
+    from opentelemetry import trace
+
+    from services.metrics import Metrics
+
+    seen = {}
+
+    class Rec(Metrics):
+        def finished(self, **kw):
+            seen.update(kw)
+
+    replica = EngineReplica(ScriptedEngine(), replica_id="r", eos=(3,), metrics=Rec(enabled=False), tracing="memory")
+    stats = types.SimpleNamespace(new_tokens=2, reused_tokens=0, steps=1, mean_accepted=2.0, tree="ar", prompt_tokens=3,
+                                  seconds=0.3, ttft_s=0.1, queue_s=0.05)
+    replica._annotate(trace.NonRecordingSpan(trace.INVALID_SPAN_CONTEXT), stats, "length")
+    assert seen["queue_s"] == 0.05

@@ -43,6 +43,7 @@ from medusa.decoding.engine.requests import (Live, Request, RequestHandle, Reque
 from medusa.decoding.engine.scheduler import Scheduler
 from medusa.decoding.engine.warmup import Warmup
 from medusa.decoding.kv_pool import RowPool
+from medusa.decoding.logprobs import host_entries
 from medusa.decoding.lookup import NgramLookup
 from medusa.decoding.runner import RowState, Runner
 from medusa.decoding.sampling import BatchSampling, SamplingParams
@@ -112,6 +113,7 @@ class Engine(Scheduler, Warmup):
         self._sampling: BatchSampling | None = None
         self._time = {"prefill": 0.0, "prefills": 0, "step": 0.0, "busy": 0.0}
         self._last_error: str | None = None
+        self._accepted_pos: list[int] = []  # [i]: speculative row-steps that accepted a draft token at position i
         # threading: _mu guards the inbox (waiting queue, cancels, ids); _step_lock the decode state
         self._mu = threading.Lock()
         self._wake = threading.Condition(self._mu)
@@ -231,6 +233,7 @@ class Engine(Scheduler, Warmup):
             "sessions_kept": p.kept, "steps": self.policy.steps, "steps_by_tree": dict(self.policy.tree_steps),
             "trees": {n: t.num_nodes for n, t in self.trees.items()},
             "acceptance": {n: round(self.meter.expected(n), 3) for n in self.trees},
+            "accepted_per_pos": list(self._accepted_pos),
             "speculation": dict(self.policy.choice),
             "step_mode": "graphs" if self.runner.capture else "eager",
             # where the scheduler's time went: prefill forwards, verification steps (GPU time included:
@@ -301,8 +304,11 @@ class Engine(Scheduler, Warmup):
         committed = [x.kv_len for x in lives]  # known on the host: no sync
         t0 = time.perf_counter()
         pad = [self.pool.length[r] for r in range(n, self.runner.bucket(n))]
-        acc, captured = self.runner.step(tree, n, committed, sampling, self._sampling_key, uniforms, max_accept, pad)
+        want = [x.req.logprobs for x in lives]
+        acc, captured = self.runner.step(tree, n, committed, sampling, self._sampling_key, uniforms, max_accept, pad,
+                                         logprobs=any(w is not None for w in want))
         rows = acc.packed.tolist()  # one host sync; rows n .. Bb-1 are padding
+        lps = host_entries(acc.logprobs, [r[1:2 + r[0]] for r in rows[:n]], want) if acc.logprobs is not None else None
         self._time["step"] += time.perf_counter() - t0 - (self.runner.catch_ups["seconds"] - caught)
         policy.ran(tree, n, rows, off, not sampling.any_typical)  # rows: [accepted, D + 1 tokens, D + 1 path ids]
         for i, (live, row) in enumerate(zip(lives, rows)):  # before any release swaps rows (zip stops at n)
@@ -314,6 +320,13 @@ class Engine(Scheduler, Warmup):
             live.tree = tree.name
             if shadow is not None and not off[i]:
                 live.shadow.append((len(live.out), shadow[i], row[0]))
+            if N > 1 and not off[i]:  # acceptance per draft position (vLLM's spec_decode_num_accepted_tokens_per_pos)
+                per_pos = self._accepted_pos
+                per_pos.extend([0] * (row[0] - len(per_pos)))
+                for p in range(row[0]):
+                    per_pos[p] += 1
+            if lps is not None and lps[i] is not None:
+                live.logprobs.extend(lps[i])
             self._emit(live, row[1:1 + k])
             if live.shadow and twin is not None:
                 policy.shadow(live.shadow, live.out, twin.name)
@@ -353,7 +366,8 @@ class Engine(Scheduler, Warmup):
         if cut is None and len(live.out) >= limit:
             cut = (limit, "length")
         if cut is None:
-            live.handle.push(TokenEvent(req.request_id, live.out[live.sent:], produced=len(new)))
+            lp = live.logprobs[live.sent:] if req.logprobs is not None else None
+            live.handle.push(TokenEvent(req.request_id, live.out[live.sent:], produced=len(new), logprobs=lp))
             live.sent = len(live.out)
             return
         self._finish(live, cut[1], keep=True, end=cut[0], produced=len(new))
@@ -373,8 +387,9 @@ class Engine(Scheduler, Warmup):
             prompt_tokens=len(req.prompt_ids), new_tokens=end, steps=live.steps,
             mean_accepted=live.step_tokens / live.steps if live.steps else 0.0,
             reused_tokens=live.reused, ttft_s=(live.t_first or now) - live.t_submit,
-            seconds=now - live.t_submit, tree=live.tree)
+            seconds=now - live.t_submit, tree=live.tree, queue_s=(live.t_admit or now) - live.t_submit)
         with self._mu:
             self._live.pop(req.request_id, None)
-        live.handle.push(TokenEvent(req.request_id, live.out[live.sent:end], reason, stats, produced))
+        lp = live.logprobs[live.sent:end] if req.logprobs is not None else None
+        live.handle.push(TokenEvent(req.request_id, live.out[live.sent:end], reason, stats, produced, lp))
         live.sent = end

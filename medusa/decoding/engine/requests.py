@@ -16,6 +16,7 @@ from typing import AsyncIterator, Iterator
 
 import torch
 
+from medusa.decoding.logprobs import MAX_TOP, TokenLogprob
 from medusa.decoding.lookup import NgramLookup
 from medusa.decoding.sampling import SamplingParams, draw_uniforms
 from medusa.errors import RequestError
@@ -33,6 +34,9 @@ class Request:
     speculation: str = "auto"  # "on" | "off" | "auto"
     session_id: str | None = None  # KV reuse across turns (namespaced by the caller)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # per-token log-probabilities: None = none; k in 0..MAX_TOP = each emitted token's logprob
+    # under the base model's raw distribution (before temperature / top-p) plus its top k
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class RequestStats:
     ttft_s: float  # submit -> first token (queueing included)
     seconds: float  # submit -> last token
     tree: str  # last tree used ("ar" when plain)
+    queue_s: float = 0.0  # submit -> admission (its prefill starts)
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,7 @@ class TokenEvent:
     finish_reason: str | None = None  # "eos" | "stop" | "length" | "cancelled" | "error" on the last event
     stats: RequestStats | None = None  # on the last event only
     produced: int = 0  # tokens the forward behind this event produced, before any stop cut (0: none ran)
+    logprobs: list[TokenLogprob] | None = None  # one per token of `tokens`, when the request asked
 
 
 class RequestHandle:
@@ -174,6 +180,8 @@ class Live:
     lookup: NgramLookup | None = None  # the sequence's n-grams, from its first step with a lookup chain
     shadow: list = field(default_factory=list)  # (output index, draft, heads' accepted) of steps whose chain went unrun
     queued_step: int = 0  # engine step count at submission (admission coalescing)
+    t_admit: float = 0.0  # when it left the waiting queue (its prefill starts)
+    logprobs: list = field(default_factory=list)  # TokenLogprob per token of `out`, when the request asked
 
     @property
     def kv_len(self) -> int:  # committed KV slots (the last produced token is not in the cache yet)
@@ -200,3 +208,6 @@ def validate(r: Request, vocab: int, max_seq_len: int) -> None:
         raise RequestError("sampling must be a SamplingParams")
     if any(not s for s in r.stop_sequences):
         raise RequestError("stop sequences must be non-empty")
+    if r.logprobs is not None and (isinstance(r.logprobs, bool) or not isinstance(r.logprobs, int)
+                                   or not 0 <= r.logprobs <= MAX_TOP):
+        raise RequestError(f"logprobs (top alternatives per token) must be an integer 0-{MAX_TOP} or None, got {r.logprobs!r}")

@@ -16,6 +16,7 @@ import torch
 
 from medusa.decoding.engine.requests import Live
 from medusa.decoding.kv_pool import Swap, swap_cache_rows, swap_state_rows
+from medusa.decoding.logprobs import host_entries
 from medusa.decoding.sampling import BatchSampling
 from medusa.decoding.staging import plan_groups
 
@@ -80,7 +81,9 @@ class Scheduler:
             return False
         batch.sort(key=lambda x: (x.req.session_id in self.pool.lru, len(x.req.prompt_ids)))  # stable: FIFO ties
         admitted: list[Live] = []
+        t_admit = time.perf_counter()
         for live in batch:  # each takes the next row: the admitted rows are consecutive, in this order
+            live.t_admit = t_admit
             adm = self.pool.admit(live.req.request_id, live.req.prompt_ids, live.req.session_id)
             self._apply_swaps(adm.swaps)
             live.row, live.reused = adm.row, adm.reused
@@ -165,4 +168,11 @@ class Scheduler:
             zero = torch.zeros(1, device=dev)
             u = torch.stack([x.uniforms.at(0, torch.zeros(1, dtype=torch.long, device=dev), 0)
                              if x.uniforms is not None else zero for x in group])  # [k, 1]
-        return self.runner.prefill(r0, tokens, [x.reused for x in group], lengths, sampling, u).tolist()
+        want = [x.req.logprobs for x in group]
+        asked = any(w is not None for w in want)
+        roots = self.runner.prefill(r0, tokens, [x.reused for x in group], lengths, sampling, u, logprobs=asked).tolist()
+        if asked:  # the first token's logprobs, from the prefill's last logits (emitted by the caller)
+            for x, e in zip(group, host_entries(self.runner.prefill_logprobs, [[r] for r in roots], want)):
+                if e is not None:
+                    x.logprobs.extend(e)
+        return roots
