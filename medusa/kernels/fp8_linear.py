@@ -126,9 +126,12 @@ def _kernels(triton, tl):
     return tuned, plain, reduce_kernel
 
 
-_tuned_keys: set = set()  # (row block, N, K, split, dtype) shapes the autotuner has timed
+_tuned_keys: set = set()  # (row block, N, K, split, x dtype, bias dtype) the autotuner has timed
 
 
+# torch.compile (graphs.compile_blocks wraps the projections) leaves the launch to Python: the
+# tuned-shape bookkeeping and the capture check are host logic, not traceable tensor code
+@torch.compiler.disable
 def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
                tune: bool = True, split: int | None = None) -> torch.Tensor:
     """x [..., K] (bfloat16 or float16, at most MAX_ROWS rows), weight [N, K] float8 e4m3 with
@@ -156,9 +159,9 @@ def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
     args = (a, weight, scale, b, y, ws, M, N, K, a.stride(0), weight.stride(0))
     meta = dict(HAS_BIAS=bias is not None, SPLIT_K=s, DOT_F32=os.environ.get("TRITON_INTERPRET") == "1", BLOCK_M=bm, BLOCK_N=BLOCK_N)
     grid = (triton_cdiv(N, BLOCK_N), s)
-    key = (bm, N, K, s, x.dtype)
-    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    if tune and (key in _tuned_keys or not capturing):
+    # the autotuner's own key also holds the tensors' dtypes: the bias (or its stand-in) is one
+    key = (bm, N, K, s, x.dtype, None if bias is None else bias.dtype)
+    if tune and (key in _tuned_keys or not _capturing(x)):
         tuned[grid](*args, **meta)
         _tuned_keys.add(key)
     else:
@@ -168,6 +171,11 @@ def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
         reduce_fn[(triton_cdiv(M * N, block),)](ws, scale, b, y, M * N, N, HAS_BIAS=bias is not None, SPLIT_K=s,
                                                  BLOCK=block, num_warps=4)
     return y.view(*lead, N)
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    """Whether x's stream is recording a CUDA graph (nothing may be timed or synchronised)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def triton_cdiv(a: int, b: int) -> int:

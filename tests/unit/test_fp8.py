@@ -208,3 +208,36 @@ def test_kernel_split_and_row_block_rules():
         elif s < fp8_linear.MAX_SPLIT and k // (2 * s) >= fp8_linear.MIN_CHUNK and m_block * 8 * s <= k // 4:
             assert n // fp8_linear.BLOCK_N * s >= 2 * sms  # split until the SMs are covered twice
     assert fp8_linear.split_k(16, 4096, 14336, sms) > 1  # down_proj splits
+
+
+def test_the_kernel_is_never_autotuned_inside_cuda_graph_capture(monkeypatch):
+    """A shape first met while capturing launches the default config; once an eager call has
+    tuned it, capture launches the tuned kernel (its cached choice). The kernels are stood in
+    for by recorders (no Triton needed); split-K adds the reduce launch."""
+    from medusa.kernels import fp8_linear
+
+    launched = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launched.append((self.name, grid, meta.get("BLOCK_K")))
+
+    monkeypatch.setattr(fp8_linear, "_kernels", lambda: (Recorder("tuned"), Recorder("plain"), Recorder("reduce")))
+    monkeypatch.setattr(fp8_linear, "_tuned_keys", set())
+    w, s = torch.zeros(96, 512, dtype=fp8.FP8), torch.ones(96)
+    x = torch.zeros(3, 512, dtype=torch.bfloat16)
+
+    def call(capturing, **kw):
+        monkeypatch.setattr(fp8_linear, "_capturing", lambda t: capturing)
+        launched.clear()
+        fp8_linear.fp8_matmul(x, w, s, **kw)
+        return [name for name, *_ in launched]
+
+    assert call(True) == ["plain"] and launched[0][2] == fp8_linear.DEFAULT["BLOCK_K"]
+    assert call(False) == ["tuned"]
+    assert call(True) == ["tuned"]
+    assert call(True, bias=torch.zeros(96, dtype=torch.bfloat16)) == ["plain"]  # another autotuner key
+    assert call(False, split=2) == ["tuned", "reduce"] and launched[0][1] == (2, 2)
