@@ -2,10 +2,14 @@
 float8 e4m3 with a float32 scale per output channel (a per-tensor scale is the same number for
 every channel), so w = weight.float() * weight_scale[:, None].
 
-On a GPU of compute capability 8.9 or more (Ada, Hopper) the GEMM runs in FP8 with
-`torch._scaled_mm`: each activation row is quantised on the fly with its own scale (absmax /
-448, computed on the device, so a CUDA graph captures it) and the product is rescaled per row
-and per output channel, in bfloat16. Elsewhere (CPUs, older GPUs, float32 activations) the
+On a GPU of compute capability 8.9 or more (Ada, Hopper), with bfloat16 activations: a decode
+step's few rows (up to medusa.kernels.fp8_linear.MAX_ROWS, memory-bound) run the Triton
+weight-only kernel, which reads the FP8 weights once and converts them in registers (the
+activations stay bfloat16); more rows run the FP8 tensor-core GEMM `torch._scaled_mm`: each
+activation row is quantised on the fly with its own scale (absmax / 448, computed on the
+device, so a CUDA graph captures it) and the product is rescaled per row and per output
+channel, in bfloat16. Without Triton (or MEDUSA_KERNELS=torch) every size takes `_scaled_mm`.
+`fuse` concatenates projections (q/k/v, gate/up) like the bfloat16 model's. Elsewhere (CPUs, older GPUs, float32 activations) the
 weight is dequantised for each call and multiplied in the activations' dtype: the memory stays
 at one byte per weight, the time is not FP8's.
 
@@ -21,6 +25,9 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from medusa import kernels
+from medusa.kernels import fp8_linear
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -66,26 +73,69 @@ class FP8Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype), requires_grad=False) if bias else None
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        return (self.weight.to(torch.float32) * self.weight_scale[:, None]).to(dtype)  # [out, in]
+        return dequantize(self.weight, self.weight_scale, dtype)  # [out, in]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16 and scaled_mm_supported(x.device) and self.in_features % 16 == 0 \
-                and self.out_features % 16 == 0:
-            return self._scaled_mm(x)
-        return F.linear(x, self.dequantized(x.dtype), self.bias)
+        return linear(x, self.weight, self.weight_scale, self.bias)
 
-    def _scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        a = x.reshape(-1, self.in_features)  # [M, K]
-        a_amax = a.abs().amax(dim=1, keepdim=True).float()  # [M, 1]
-        a_scale = torch.where(a_amax > 0, a_amax / FP8_MAX, torch.ones_like(a_amax))
-        a8 = (a.float() / a_scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
-        # b must be column-major [K, N]: the transpose of the row-major [N, K] weight is
-        y = torch._scaled_mm(a8, self.weight.t(), scale_a=a_scale, scale_b=self.weight_scale[None, :],
-                             out_dtype=torch.bfloat16)  # [M, N]
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*lead, self.out_features)
+
+def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., in] @ (weight [out, in] float8 * scale [out])^T + bias, by the fastest path the
+    device has: on compute capability 8.9+ with bfloat16 activations, up to
+    fp8_linear.MAX_ROWS rows (decode steps) the Triton weight-only kernel (weights converted in
+    registers, activations unrounded), more rows (prefill, big batches) `_scaled_mm`; elsewhere
+    the dequantised weight. Also what the fused q/k/v and gate/up projections call."""
+    out, k = weight.shape
+    if x.dtype == torch.bfloat16 and scaled_mm_supported(x.device) and k % 16 == 0 and out % 16 == 0:
+        if x.numel() <= fp8_linear.MAX_ROWS * k and kernels.enabled(x.device):
+            return fp8_linear.fp8_matmul(x, weight, scale, bias)
+        return _scaled_mm(x, weight, scale, bias)
+    return F.linear(x, dequantize(weight, scale, x.dtype), bias)
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (weight.to(torch.float32) * scale[:, None]).to(dtype)  # [out, in]
+
+
+def _scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The FP8 tensor-core GEMM: each activation row quantised with its own scale (absmax /
+    448, on the device), the product rescaled per row and per output channel."""
+    out, k = weight.shape
+    lead = x.shape[:-1]
+    a = x.reshape(-1, k)  # [M, K]
+    a_amax = a.abs().amax(dim=1, keepdim=True).float()  # [M, 1]
+    # a zero row: any scale gives zeros; the floor keeps the division finite
+    a_scale = a_amax.div_(FP8_MAX).clamp_(min=torch.finfo(torch.float32).tiny)
+    a8 = (a / a_scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+    # b must be column-major [K, N]: the transpose of the row-major [N, K] weight is
+    y = torch._scaled_mm(a8, weight.t(), scale_a=a_scale, scale_b=scale[None, :],
+                         out_dtype=torch.bfloat16)  # [M, N]
+    if bias is not None:
+        y = y + bias
+    return y.view(*lead, out)
+
+
+def fuse(lins: list[FP8Linear]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Concatenate FP8 linears along the output dim -> (weight [sum out, in] float8, scale
+    [sum out] float32, bias or None) and make each linear's parameters views of them (one GEMM
+    reads them all; the memory is not doubled). The scales are per channel already (a
+    checkpoint's per-tensor scale was expanded on load), so the fused product is exact."""
+    has_bias = [lin.bias is not None for lin in lins]
+    if any(has_bias) and not all(has_bias):
+        raise ValueError("cannot fuse linears of which only some have a bias")
+    # through uint8: concatenating float8 tensors is not implemented on every device
+    weight = torch.cat([lin.weight.detach().view(torch.uint8) for lin in lins]).view(FP8)
+    scale = torch.cat([lin.weight_scale.detach() for lin in lins])
+    bias = torch.cat([lin.bias.detach() for lin in lins]) if all(has_bias) else None
+    at = 0
+    for lin in lins:
+        n = lin.out_features
+        lin.weight = nn.Parameter(weight[at: at + n], requires_grad=False)
+        lin.weight_scale = nn.Parameter(scale[at: at + n], requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias[at: at + n], requires_grad=False)
+        at += n
+    return weight, scale, bias
 
 
 def to_fp8_linears(model: nn.Module) -> int:

@@ -18,6 +18,7 @@ from torch import nn
 
 from medusa.kernels.attention import tree_attention
 from medusa.kernels.attention_choice import TRITON_MAX_TOKENS, use_matmul_attention, use_triton_attention
+from medusa.model import fp8
 from medusa.model.config import ModelConfig
 from medusa.model.kv_cache import KVCache
 from medusa.model.rope import apply_rope, rope_table
@@ -121,9 +122,16 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), w, self.eps)
 
 
-def _fuse_linears(*lins: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _fuse_linears(*lins: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Concatenate the linears' weights (and biases) along the output dim and make each linear's
-    parameters views of the result: one GEMM reads them all, and the memory is not doubled."""
+    parameters views of the result: one GEMM reads them all, and the memory is not doubled.
+    Returns (weight, bias, FP8 per-channel scale or None): FP8 projections fuse with their
+    scales (medusa.model.fp8.fuse), and `_linear` runs either kind."""
+    if all(isinstance(lin, fp8.FP8Linear) for lin in lins):
+        weight, scale, bias = fp8.fuse(list(lins))
+        return weight, bias, scale
+    if any(isinstance(lin, fp8.FP8Linear) for lin in lins):
+        raise ValueError("cannot fuse FP8 projections with unquantised ones")
     weight = torch.cat([lin.weight.detach() for lin in lins])
     has_bias = [lin.bias is not None for lin in lins]
     bias = torch.cat([lin.bias.detach() for lin in lins]) if all(has_bias) else None
@@ -136,7 +144,12 @@ def _fuse_linears(*lins: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
         if bias is not None:
             lin.bias = nn.Parameter(bias[at: at + n], requires_grad=False)
         at += n
-    return weight, bias
+    return weight, bias, None
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None) -> torch.Tensor:
+    """A fused projection: F.linear, or medusa.model.fp8.linear where it is FP8 (scale given)."""
+    return F.linear(x, weight, bias) if scale is None else fp8.linear(x, weight, scale, bias)
 
 
 class Attention(nn.Module):
@@ -154,6 +167,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.register_buffer("qkv_weight", None, persistent=False)  # set by fuse(): q, k, v in one GEMM
         self.register_buffer("qkv_bias", None, persistent=False)
+        self.register_buffer("qkv_scale", None, persistent=False)  # FP8 projections: their per-channel scales
 
     @property
     def rep(self) -> int:  # query heads per kv head
@@ -198,7 +212,7 @@ class Attention(nn.Module):
 
     def fuse(self) -> None:
         """Inference: one GEMM for q, k and v (see Transformer.fuse_projections)."""
-        self.qkv_weight, self.qkv_bias = _fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_weight, self.qkv_bias, self.qkv_scale = _fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def project(self, x, cos, sin):
         """Pure part: q [B, N, H, Dh] (pre-scaled) and k, v [B, N, 2 Hkv, Dh], RoPE applied by
@@ -206,7 +220,7 @@ class Attention(nn.Module):
         B, N, _ = x.shape
         H, Hkv, Dh = self.n_heads, self.n_kv, self.head_dim
         if self.qkv_weight is not None:
-            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+            qkv = _linear(x, self.qkv_weight, self.qkv_bias, self.qkv_scale)
         else:
             qkv = torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
         qkv = qkv.view(B, N, H + 2 * Hkv, Dh)
@@ -248,9 +262,10 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(d, f, bias=False)
         self.down_proj = nn.Linear(f, d, bias=False)
         self.register_buffer("gate_up_weight", None, persistent=False)  # set by fuse(): gate and up in one GEMM
+        self.register_buffer("gate_up_scale", None, persistent=False)  # FP8 projections: their per-channel scales
 
     def fuse(self) -> None:
-        self.gate_up_weight, _ = _fuse_linears(self.gate_proj, self.up_proj)
+        self.gate_up_weight, _, self.gate_up_scale = _fuse_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x):
         if self.gate_up_weight is None:
@@ -258,6 +273,10 @@ class MLP(nn.Module):
         # fused (a GPU): the GEMM writes [2F, M], so gate and up are contiguous halves and the
         # elementwise kernels vectorise; slicing [M, 2F] gives strided halves instead (H200,
         # scripts/gpu/step_ops_bench.py: 13.7 -> 11.4 us per MLP at 64 tokens, equal at 1)
+        if self.gate_up_scale is not None:  # FP8: [.., 2F] from its own GEMM, halves strided
+            gate_up = fp8.linear(x, self.gate_up_weight, self.gate_up_scale, None)
+            f = gate_up.shape[-1] // 2
+            return self.down_proj(F.silu(gate_up[..., :f]) * gate_up[..., f:])
         M = x.shape[:-1]
         gate_up = torch.mm(self.gate_up_weight, x.reshape(-1, x.shape[-1]).t())  # [2F, M]
         f = gate_up.shape[0] // 2

@@ -243,6 +243,5 @@ def load_model(
     cos, sin = rope_table(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
     model.eval().requires_grad_(False)
-    if cfg.quantization is None:  # FP8 projections stay separate modules (their GEMMs are FP8's)
-        model.fuse_projections_where_faster()
+    model.fuse_projections_where_faster()  # FP8 projections fuse too (medusa.model.fp8.fuse)
     return model, src

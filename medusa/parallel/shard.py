@@ -190,7 +190,7 @@ def shard_model(model, group: Group):
         for proj in ("gate_proj", "up_proj", "down_proj"):
             _set(getattr(mlp, proj), f"layers.{i}.mlp.{proj}", cfg, rank, world)
         attn.n_heads, attn.n_kv = lay.heads, lay.kv_heads
-        attn.qkv_weight = attn.qkv_bias = mlp.gate_up_weight = None
+        attn.qkv_weight = attn.qkv_bias = attn.qkv_scale = mlp.gate_up_weight = mlp.gate_up_scale = None
         for m in (attn, mlp):
             m.tp_group = group
             if world > 1:  # world 1: nothing to sum, no hook on the path

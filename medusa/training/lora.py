@@ -87,7 +87,7 @@ def unfuse(model) -> None:
     drop the fused buffers; the separate weights (views of them) keep the values."""
     for layer in model.layers:
         for part in (layer.self_attn, layer.mlp):
-            for name in ("qkv_weight", "qkv_bias", "gate_up_weight"):
+            for name in ("qkv_weight", "qkv_bias", "qkv_scale", "gate_up_weight", "gate_up_scale"):
                 if getattr(part, name, None) is not None:
                     setattr(part, name, None)
 

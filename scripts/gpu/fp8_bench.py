@@ -7,7 +7,12 @@
 2. loads each in a fresh subprocess onto the GPU: load time, peak host RSS, peak GPU memory,
 3. times one verification forward (medusa.bench.step_cost.measure: 1-token and 64-node steps at
    contexts 512 and 2048, eager and CUDA-graphed) for each, against each one's copy-rate floor
-   (its own weight bytes / the measured device copy rate).
+   (its own weight bytes / the measured device copy rate),
+4. times each projection of the shape alone (q/k/v fused and not, o, gate/up fused and not,
+   down) at M = 1, 16, 64 rows: bfloat16 F.linear, FP8 `_scaled_mm` (activations quantised per
+   row) and the FP8 Triton weight-only kernel (medusa.kernels.fp8_linear), median microseconds
+   per call in a CUDA graph over enough weight copies to defeat the L2 cache, and GB/s of
+   weight bytes (under a minute; `--projections-only` runs just this part).
 
 Writes fp8-bench.json and fp8-bench.md under --out and prints the markdown."""
 from __future__ import annotations
@@ -31,6 +36,7 @@ def main() -> None:
     ap.add_argument("--contexts", default="512,2048")
     ap.add_argument("--queries", default="1,64")
     ap.add_argument("--budget", type=float, default=1.0)
+    ap.add_argument("--projections-only", action="store_true", help="only part 4, the per-projection table")
     a = ap.parse_args()
     import torch
 
@@ -43,6 +49,13 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     doc = {"shape": a.shape, **environment(dev), "scaled_mm": scaled_mm_supported(dev), "loads": [], "steps": []}
+    if a.projections_only:
+        doc["projections"] = projections(dev, sc.shape_config(a.shape))
+        md = "\n".join(projection_table(doc, a.shape)) + "\n"
+        (out / "fp8-projections.json").write_text(json.dumps(doc, indent=1))
+        (out / "fp8-projections.md").write_text(md)
+        print(md)
+        return
     dirs = {"bf16": Path(a.dir + "-bf16"), "fp8": Path(a.dir + "-fp8")}
     for kind, d in dirs.items():
         if not (d / "model.safetensors.index.json").is_file():
@@ -71,6 +84,7 @@ def main() -> None:
         doc.setdefault("graphs_note", note)
         del model
         torch.cuda.empty_cache()
+    doc["projections"] = projections(dev, sc.shape_config(a.shape))
     lines = [f"### FP8 vs bfloat16, {a.shape} shape on {doc.get('device')}", "",
              f"_scaled_mm: {doc['scaled_mm']}; copy rate {doc['copy_rate_gbs']} GB/s (read + write)", "",
              "| weights | disk GiB | load s | peak host RSS GiB | peak GPU GiB |", "|---|---:|---:|---:|---:|"]
@@ -80,10 +94,79 @@ def main() -> None:
     for r in doc["steps"]:
         lines.append(f"| {r['kind']} | {r['context']} | {'on' if r['graphs'] else 'off'} | {r['queries']} | "
                      f"{r['seconds_median'] * 1e3:.2f} | {r['floor_ms']:.2f} | {r['x_floor']} |")
+    lines += ["", *projection_table(doc, a.shape)]
     md = "\n".join(lines) + "\n"
     (out / "fp8-bench.json").write_text(json.dumps(doc, indent=1))
     (out / "fp8-bench.md").write_text(md)
     print(md)
+
+
+def projections(dev, cfg, rows=(1, 16, 64), l2_multiple=4, calls=20, repeats=7) -> list[dict]:
+    """Each projection shape of `cfg` alone, per path and row count: median microseconds per call
+    (`calls` calls captured in one CUDA graph, `repeats` replays), cycling over enough weight
+    copies that they exceed `l2_multiple` x 50 MB (the weights come from HBM, as in a model)."""
+    import torch
+    import torch.nn.functional as F
+
+    from medusa import kernels
+    from medusa.kernels import fp8_linear
+    from medusa.model import fp8
+
+    D, Dh, H, Hkv, Fi = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
+    shapes = [("q/k/v fused", (H + 2 * Hkv) * Dh, D), ("q, o", H * Dh, D), ("k, v", Hkv * Dh, D),
+              ("gate/up fused", 2 * Fi, D), ("gate, up", Fi, D), ("down", D, Fi)]
+    triton_ok = kernels.enabled(dev) and fp8.scaled_mm_supported(dev)
+    out = []
+    for name, n, k in shapes:
+        copies = max(2, -(-l2_multiple * 50_000_000 // (n * k)))  # counted at one byte a weight
+        n_calls = max(calls, copies)
+        w16 = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(min(copies, 2))]
+        w16 = [w16[i % len(w16)].clone() for i in range(copies)]
+        q8 = [fp8.quantize_weight(w) for w in w16]
+        paths = {"bf16 F.linear": (lambda x, i: F.linear(x, w16[i]), 2),
+                 "fp8 _scaled_mm": (lambda x, i: fp8._scaled_mm(x, q8[i][0], q8[i][1], None), 1)}
+        if triton_ok:
+            paths["fp8 Triton"] = (lambda x, i: fp8_linear.fp8_matmul(x, q8[i][0], q8[i][1]), 1)
+        for m in rows:
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            for path, (fn, width) in paths.items():
+                for i in range(copies):  # eager first: Triton tunes here, never in the capture
+                    fn(x, i)
+                torch.cuda.synchronize()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    for c in range(n_calls):
+                        fn(x, c % copies)
+                times = []
+                for _ in range(repeats):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    g.replay()
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end) * 1e3 / n_calls)  # us per call
+                us = sorted(times)[len(times) // 2]
+                out.append(dict(projection=name, n=n, k=k, rows=m, path=path, us=round(us, 2),
+                                weight_gbs=round(n * k * width / us / 1e3, 1)))
+                del g
+        del w16, q8
+        torch.cuda.empty_cache()
+    return out
+
+
+def projection_table(doc: dict, shape: str) -> list[str]:
+    """The per-projection rows as markdown: one line per projection and row count, the paths
+    side by side (us, and GB/s of weight bytes)."""
+    rows = doc.get("projections") or []
+    paths = list(dict.fromkeys(r["path"] for r in rows))
+    lines = [f"### One projection alone, {shape} shape (us per call in a CUDA graph; GB/s of weight bytes)", "",
+             "| projection | N x K | M | " + " | ".join(paths) + " |", "|---|---|---:|" + "---:|" * len(paths)]
+    cells: dict = {}
+    for r in rows:
+        cells.setdefault((r["projection"], r["n"], r["k"], r["rows"]), {})[r["path"]] = f"{r['us']} us, {r['weight_gbs']} GB/s"
+    for (name, n, k, m), by_path in cells.items():
+        lines.append(f"| {name} | {n} x {k} | {m} | " + " | ".join(by_path.get(p, "-") for p in paths) + " |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -140,3 +140,104 @@ def test_fp8_checkpoint_without_quantization_config_names_the_cause(tmp_path):
     (quant / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ModelLoadError, match="quantization_config"):
         load_model(quant, dtype=torch.float32, device="cpu")
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_fused_fp8_projections_compute_what_the_separate_ones_compute(tmp_path, layout):
+    """fuse_projections on an FP8 model (what a GPU load does): q/k/v and gate/up become one
+    float8 weight and one per-channel scale each (a per-tensor checkpoint scale included), the
+    separate projections stay views of them, and the logits do not change."""
+    _, quant, _ = write_fp8_checkpoint(tmp_path, layout)
+    model, _ = load_model(quant, dtype=torch.float32, device="cpu")
+    ids = list(range(3, 15))
+    separate = logits(model, ids)
+    model.fuse_projections()
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    assert attn.qkv_weight.dtype == fp8.FP8 and attn.qkv_weight.shape == (64 + 2 * 32, 64)
+    assert mlp.gate_up_weight.dtype == fp8.FP8 and mlp.gate_up_scale.shape == (2 * 96,)
+    assert torch.equal(attn.qkv_scale, torch.cat([attn.q_proj.weight_scale, attn.k_proj.weight_scale,
+                                                  attn.v_proj.weight_scale]))
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.qkv_weight.untyped_storage().data_ptr()
+    assert mlp.up_proj.weight_scale.untyped_storage().data_ptr() == mlp.gate_up_scale.untyped_storage().data_ptr()
+    assert torch.allclose(logits(model, ids), separate, atol=1e-5, rtol=1e-5)
+
+
+def test_fp8_and_plain_projections_do_not_fuse_together():
+    from medusa.model.llama import _fuse_linears
+
+    with pytest.raises(ValueError, match="FP8"):
+        _fuse_linears(fp8.FP8Linear(16, 16, False, torch.float32), torch.nn.Linear(16, 16, bias=False))
+
+
+def test_gpu_dispatch_takes_the_kernel_for_decode_rows_and_scaled_mm_above(monkeypatch):
+    """On an FP8-capable GPU with Triton: up to MAX_ROWS rows the weight-only kernel, more rows
+    _scaled_mm; without Triton every size _scaled_mm; float32 activations dequantise. The
+    device checks are stood in for (CPU tensors), the GEMMs recorded."""
+    from medusa.kernels import fp8_linear
+
+    calls = []
+    monkeypatch.setattr(fp8, "scaled_mm_supported", lambda device: True)
+    monkeypatch.setattr(fp8.kernels, "enabled", lambda device: True)
+    monkeypatch.setattr(fp8_linear, "fp8_matmul", lambda x, w, s, b: calls.append("kernel") or x.new_zeros(*x.shape[:-1], w.shape[0]))
+    monkeypatch.setattr(fp8, "_scaled_mm", lambda x, w, s, b: calls.append("scaled_mm") or x.new_zeros(*x.shape[:-1], w.shape[0]))
+    lin = fp8.FP8Linear(32, 48, bias=False, bias_dtype=torch.bfloat16)
+    cut = fp8_linear.MAX_ROWS
+    for shape in ((1, 1, 32), (2, cut // 2, 32), (1, cut + 1, 32), (cut + 1, 32)):
+        lin(torch.zeros(shape, dtype=torch.bfloat16))
+    assert calls == ["kernel", "kernel", "scaled_mm", "scaled_mm"]
+    monkeypatch.setattr(fp8.kernels, "enabled", lambda device: False)
+    lin(torch.zeros(1, 32, dtype=torch.bfloat16))
+    assert calls[-1] == "scaled_mm"
+    calls.clear()
+    assert lin(torch.zeros(1, 32)).shape == (1, 48) and calls == []  # float32: the dequantised weight
+
+
+def test_kernel_split_and_row_block_rules():
+    from medusa.kernels import fp8_linear
+
+    assert [fp8_linear.row_block(m) for m in (1, 16, 17, 33, 64)] == [16, 16, 32, 64, 64]
+    with pytest.raises(ValueError):
+        fp8_linear.row_block(fp8_linear.MAX_ROWS + 1)
+    sms = 132  # H100 SXM
+    for m_block, n, k in ((16, 4096, 14336), (16, 1024, 4096), (64, 4096, 4096), (16, 28672, 4096)):
+        s = fp8_linear.split_k(m_block, n, k, sms)
+        assert 1 <= s <= fp8_linear.MAX_SPLIT and k // s >= fp8_linear.MIN_CHUNK
+        assert m_block * 4 * s <= k // 4  # partial sums stay small beside the weights
+        if n // fp8_linear.BLOCK_N >= 2 * sms:
+            assert s == 1  # wide enough: no split
+        elif s < fp8_linear.MAX_SPLIT and k // (2 * s) >= fp8_linear.MIN_CHUNK and m_block * 8 * s <= k // 4:
+            assert n // fp8_linear.BLOCK_N * s >= 2 * sms  # split until the SMs are covered twice
+    assert fp8_linear.split_k(16, 4096, 14336, sms) > 1  # down_proj splits
+
+
+def test_the_kernel_is_never_autotuned_inside_cuda_graph_capture(monkeypatch):
+    """A shape first met while capturing launches the default config; once an eager call has
+    tuned it, capture launches the tuned kernel (its cached choice). The kernels are stood in
+    for by recorders (no Triton needed); split-K adds the reduce launch."""
+    from medusa.kernels import fp8_linear
+
+    launched = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launched.append((self.name, grid, meta.get("BLOCK_K")))
+
+    monkeypatch.setattr(fp8_linear, "_kernels", lambda: (Recorder("tuned"), Recorder("plain"), Recorder("reduce")))
+    monkeypatch.setattr(fp8_linear, "_tuned_keys", set())
+    w, s = torch.zeros(96, 512, dtype=fp8.FP8), torch.ones(96)
+    x = torch.zeros(3, 512, dtype=torch.bfloat16)
+
+    def call(capturing, **kw):
+        monkeypatch.setattr(fp8_linear, "_capturing", lambda t: capturing)
+        launched.clear()
+        fp8_linear.fp8_matmul(x, w, s, **kw)
+        return [name for name, *_ in launched]
+
+    assert call(True) == ["plain"] and launched[0][2] == fp8_linear.DEFAULT["BLOCK_K"]
+    assert call(False) == ["tuned"]
+    assert call(True) == ["tuned"]
+    assert call(True, bias=torch.zeros(96, dtype=torch.bfloat16)) == ["plain"]  # another autotuner key
+    assert call(False, split=2) == ["tuned", "reduce"] and launched[0][1] == (2, 2)

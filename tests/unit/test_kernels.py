@@ -199,6 +199,32 @@ ACCEPT_CHECKS = textwrap.dedent('''
 ''')
 
 
+FP8_CHECKS = textwrap.dedent('''
+    import torch
+    from medusa.kernels.fp8_linear import fp8_matmul
+    from medusa.model import fp8
+
+    g = torch.Generator().manual_seed(0)
+    # (N, K, K chunks): N not a multiple of the column block; split 2 of K = 160 leaves a partial
+    # chunk (masked loads), split 4 of K = 512 whole BLOCK_K steps (unmasked)
+    for n, k, split in ((96, 160, 1), (96, 160, 2), (64, 512, 4), (80, 256, 1)):
+        q, s = fp8.quantize_weight(torch.randn(n, k, generator=g) * 0.02)
+        bias = torch.randn(n, generator=g).to(torch.bfloat16)
+        w = q.float() * s[:, None]  # the dequantised reference weight
+        for m in (1, 3, 16, 33, 64):
+            x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+            for b in (None, bias):
+                got = fp8_matmul(x, q, s, b, tune=False, split=split)
+                ref = x.float() @ w.t() + (b.float() if b is not None else 0)
+                assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+                # float32 accumulation of unrounded products: only the bfloat16 output rounds
+                assert (got.float() - ref).abs().max() <= ref.abs().max() / 128, (n, k, split, m)
+    x = torch.randn(2, 3, 256, generator=g).to(torch.bfloat16)  # leading dims kept (the last weight: 80 x 256)
+    assert fp8_matmul(x, q, s, None, tune=False).shape == (2, 3, 80)
+    print("checked")
+''')
+
+
 def _interpreted(script: str) -> None:
     pytest.importorskip("triton")
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
@@ -229,6 +255,12 @@ def test_accept_kernel_equals_verify_under_the_interpreter():
 
 def test_attention_kernel_equals_the_models_attention_under_the_interpreter():
     _interpreted(ATTENTION_CHECKS)
+
+
+def test_fp8_weight_only_kernel_equals_the_dequantised_matmul_under_the_interpreter():
+    """The decode FP8 GEMM (medusa.kernels.fp8_linear) against x @ dequantised W^T (+ bias):
+    1..64 rows (every row block), with and without split-K."""
+    _interpreted(FP8_CHECKS)
 
 
 def test_triton_attention_setting_falls_back_where_the_kernel_cannot_run(monkeypatch):
