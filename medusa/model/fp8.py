@@ -2,10 +2,10 @@
 float8 e4m3 with a float32 scale per output channel (a per-tensor scale is the same number for
 every channel), so w = weight.float() * weight_scale[:, None].
 
-On a GPU of compute capability 8.9 or more (Ada, Hopper), with bfloat16 activations: a decode
-step's few rows (up to medusa.kernels.fp8_linear.MAX_ROWS, memory-bound) run the Triton
-weight-only kernel, which reads the FP8 weights once and converts them in registers (the
-activations stay bfloat16); more rows run the FP8 tensor-core GEMM `torch._scaled_mm`: each
+On a GPU of compute capability 8.9 or more (Ada, Hopper), with bfloat16 activations: with
+MEDUSA_FP8_KERNEL=triton (opt-in, not yet measured on a GPU), a decode step's few rows (up to
+medusa.kernels.fp8_linear.MAX_ROWS, memory-bound) run the Triton weight-only kernel, which reads the FP8 weights once and converts them in registers (the
+activations stay bfloat16); more rows (every size by default) run the FP8 tensor-core GEMM `torch._scaled_mm`: each
 activation row is quantised on the fly with its own scale (absmax / 448, computed on the
 device, so a CUDA graph captures it) and the product is rescaled per row and per output
 channel, in bfloat16. Without Triton (or MEDUSA_KERNELS=torch) every size takes `_scaled_mm`.
@@ -21,6 +21,7 @@ the weights come from, nor anything of attention, heads or decoding."""
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +80,14 @@ class FP8Linear(nn.Module):
         return linear(x, self.weight, self.weight_scale, self.bias)
 
 
+def weight_only_kernel() -> bool:
+    """Whether decode-sized FP8 GEMMs take the Triton weight-only kernel: opt-in
+    (MEDUSA_FP8_KERNEL=triton) until its speed is measured on a GPU against `_scaled_mm`
+    (`scripts/gpu/fp8_bench.py` prints both); by default every size takes `_scaled_mm`, the
+    measured path (benchmarks/BENCHMARKS.md)."""
+    return os.environ.get("MEDUSA_FP8_KERNEL", "scaled_mm") == "triton"
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., in] @ (weight [out, in] float8 * scale [out])^T + bias, by the fastest path the
     device has: on compute capability 8.9+ with bfloat16 activations, up to
@@ -87,7 +96,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: tor
     the dequantised weight. Also what the fused q/k/v and gate/up projections call."""
     out, k = weight.shape
     if x.dtype == torch.bfloat16 and scaled_mm_supported(x.device) and k % 16 == 0 and out % 16 == 0:
-        if x.numel() <= fp8_linear.MAX_ROWS * k and kernels.enabled(x.device):
+        if x.numel() <= fp8_linear.MAX_ROWS * k and weight_only_kernel() and kernels.enabled(x.device):
             return fp8_linear.fp8_matmul(x, weight, scale, bias)
         return _scaled_mm(x, weight, scale, bias)
     return F.linear(x, dequantize(weight, scale, x.dtype), bias)

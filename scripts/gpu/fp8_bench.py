@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -71,9 +72,12 @@ def main() -> None:
     queries = [int(x) for x in a.queries.split(",")]
     rate = sc.copy_rate(dev)
     doc["copy_rate_gbs"] = round(rate / 1e9, 1)
-    for kind, d in dirs.items():
+    # the FP8 model twice: its default path (_scaled_mm at every size) and the opt-in weight-only
+    # kernel for decode-sized GEMMs (MEDUSA_FP8_KERNEL=triton, read at each call)
+    for kind, d in [*dirs.items(), ("fp8-triton", dirs["fp8"])]:
+        os.environ["MEDUSA_FP8_KERNEL"] = "triton" if kind == "fp8-triton" else "scaled_mm"
         model, _ = load_model(d, dtype=torch.bfloat16, device=dev)
-        assert has_fp8_linears(model) == (kind == "fp8")
+        assert has_fp8_linears(model) == kind.startswith("fp8")
         wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
         floor = wbytes / rate
         rows, note = sc.measure(model, contexts, queries, graphs=True, budget_s=a.budget)

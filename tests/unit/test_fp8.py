@@ -176,6 +176,7 @@ def test_gpu_dispatch_takes_the_kernel_for_decode_rows_and_scaled_mm_above(monke
     from medusa.kernels import fp8_linear
 
     calls = []
+    monkeypatch.setenv("MEDUSA_FP8_KERNEL", "triton")
     monkeypatch.setattr(fp8, "scaled_mm_supported", lambda device: True)
     monkeypatch.setattr(fp8.kernels, "enabled", lambda device: True)
     monkeypatch.setattr(fp8_linear, "fp8_matmul", lambda x, w, s, b: calls.append("kernel") or x.new_zeros(*x.shape[:-1], w.shape[0]))
@@ -187,6 +188,10 @@ def test_gpu_dispatch_takes_the_kernel_for_decode_rows_and_scaled_mm_above(monke
     assert calls == ["kernel", "kernel", "scaled_mm", "scaled_mm"]
     monkeypatch.setattr(fp8.kernels, "enabled", lambda device: False)
     lin(torch.zeros(1, 32, dtype=torch.bfloat16))
+    assert calls[-1] == "scaled_mm"
+    monkeypatch.setattr(fp8.kernels, "enabled", lambda device: True)
+    monkeypatch.delenv("MEDUSA_FP8_KERNEL")  # the default: _scaled_mm at every size
+    lin(torch.zeros(1, 1, 32, dtype=torch.bfloat16))
     assert calls[-1] == "scaled_mm"
     calls.clear()
     assert lin(torch.zeros(1, 32)).shape == (1, 48) and calls == []  # float32: the dequantised weight
