@@ -125,10 +125,14 @@ class Ingress:
         return {i: self._token_text[i] for i in ids}
 
     async def _lp_text(self, detok, ids: list[int], new: list[int], ev: dict, prefix: int, read: int, final: bool,
-                       lp: LogprobStream) -> tuple[str, int, int]:
+                       lp: LogprobStream, eos: bool = False) -> tuple[str, int, int]:
         """The text the new tokens add, detokenised token by token so that each token's logprob
-        entry knows which characters it added (LogprobStream). Returns (text, prefix, read)."""
+        entry knows which characters it added (LogprobStream). eos: the last new token is the
+        end-of-sequence token that ended the request: like its text, its entry is not output
+        (OpenAI's logprobs cover the returned content). Returns (text, prefix, read)."""
         event = ev.get("logprobs") or []
+        if eos:
+            event = event[:len(new) - 1]
         msgs = entries(new, event, await self._texts(ids_of(new, event)))
         base, parts = len(ids) - len(new), []
         for j in range(len(new)):
@@ -258,7 +262,8 @@ class Ingress:
                         text, p, r = await detok(ids[prefix:], 0, read - prefix, fin is not None)
                         prefix, read = prefix + p, prefix + r
                     else:
-                        text, prefix, read = await self._lp_text(detok, ids, new, ev, prefix, read, fin is not None, lp)
+                        text, prefix, read = await self._lp_text(detok, ids, new, ev, prefix, read, fin is not None, lp,
+                                                                 eos=fin == "eos")
                     text, hit = stops.push(text)  # stop strings on text: trimmed, the engine request cancelled
                     released = lp.release(len(text), matched=hit) if lp is not None else ()
                     yield pb.GenerateResponse(delta=pb.Delta(text=text, token_ids=new, logprobs=released))
