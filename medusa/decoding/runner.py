@@ -20,6 +20,12 @@ bucket); with `capture` (a CUDA device) its graph is captured on first use and r
 all in one cache. Without it the very same padded work runs eagerly, so the CPU runs exactly
 the shapes and padding a GPU replays. Warm-up timing goes through the same calls.
 
+The runner is the engine's only way to the replica's device state: every call that reads or
+changes it (steps, prefills, row swaps, lookup drafts, the Hydra++ catch-up, warm-up captures
+and timings) is a method here taking host-side arguments (ints, token lists, sampling params,
+trees; uniforms are the one tensor), so a tensor-parallel replica can replay the same calls
+on every rank (medusa.parallel.replica wraps these methods; Runner.REPLAYED names them).
+
 The static inputs of the step graphs are the engine's own row tensors (views of the first Bb
 rows), per-bucket sampling buffers, uniforms and acceptance caps. This module knows shapes,
 buffers and graphs; it knows nothing of requests, stopping or the speculation policy."""
@@ -33,10 +39,10 @@ import torch
 
 from medusa.decoding.buckets import batch_buckets, bucket_of, kv_bucket, kv_round
 from medusa.decoding.graphs import capture as capture_fn, capture_step
-from medusa.decoding.kv_pool import state_rows, write_back
+from medusa.decoding.kv_pool import Swap, state_rows, swap_cache_rows, swap_state_rows, write_back
 from medusa.decoding.sampling import BatchSampling
 from medusa.decoding.staging import PrefillStage
-from medusa.decoding.step import DecodeState, prefill, speculate
+from medusa.decoding.step import DecodeState, catch_up, prefill, speculate
 from medusa.decoding.tree import Tree
 from medusa.decoding.verify import Acceptance
 from medusa.model.kv_cache import KVCache
@@ -85,6 +91,10 @@ class RowState:
 
 
 class Runner:
+    # the methods that read or change device state: a tensor-parallel replica runs each on every rank
+    REPLAYED = ("step", "prefill", "swap_rows", "set_drafts", "catch_up", "prepare_step", "time_step",
+                "prepare_prefill")
+
     def __init__(self, model, heads, rows: RowState, max_batch: int, max_prompt: int, prefill_tokens: int,
                  capture: bool = True):
         """max_batch: most running rows; max_prompt: longest prompt; prefill_tokens: most token
@@ -169,9 +179,9 @@ class Runner:
         return d[:Bb] if d is not None and tree.num_nodes == 1 else None
 
     def step(self, tree: Tree, n: int, committed_max: int, sampling: BatchSampling, sampling_key,
-             uniforms: torch.Tensor | None, max_accept: torch.Tensor | None, pad_start: list[int]) -> tuple[Acceptance, bool]:
+             uniforms: torch.Tensor | None, max_accept: list[int] | None, pad_start: list[int]) -> tuple[Acceptance, bool]:
         """One step over rows 0 .. n-1 (padded to the bucket). sampling / uniforms [n, N] /
-        max_accept [n] are the running rows'; pad_start the valid KV length of each padding row.
+        max_accept [n] (None: every row accepts up to the tree's depth) are the running rows'; pad_start the valid KV length of each padding row.
         Returns the acceptance of all Bb rows (read rows :n) and whether a graph was captured
         (a step that also captured is not a fair timing)."""
         Bb, N = self.bucket(n), tree.num_nodes
@@ -190,7 +200,7 @@ class Runner:
         if N > 1:
             cap = b.max_accept
             if max_accept is not None:
-                cap[:n].copy_(max_accept)
+                cap[:n].copy_(torch.tensor(max_accept, dtype=torch.long), non_blocking=True)
                 cap[n:].zero_()
                 b.capped = None
             elif b.capped != (n, tree.accept_depth):  # the usual case, unchanged since the last step: no launches
@@ -295,21 +305,24 @@ class Runner:
                 self.stage.measured(R, Tb, statistics.median(times))
         return captured
 
-    def prefill(self, r0: int, tokens: torch.Tensor, reused: list[int], lengths: torch.Tensor,
-                sampling: BatchSampling, uniforms: torch.Tensor | None, defer: bool) -> tuple[torch.Tensor, bool]:
-        """Prefill pool rows r0 .. r0+k-1: tokens [k, T] right-padded (lengths [k]), after the
-        reused[i] tokens each row already holds. Fresh rows (none reused) run at their padded shape;
+    def prefill(self, r0: int, new: list[list[int]], reused: list[int], sampling: BatchSampling,
+                uniforms: torch.Tensor | None, defer: bool) -> tuple[torch.Tensor, bool]:
+        """Prefill pool rows r0 .. r0+k-1 with new[i], the tokens of row i after the reused[i]
+        it already holds (right-padded into one [k, T] forward). Fresh rows (none reused) run at their padded shape;
         rows with a prefix run eagerly over it. defer: keep the hidden states for the heads in
         the row buffer (step.catch_up) instead of showing them now. Sets the rows' start, root,
         hidden and head state; returns each row's first token [k] and whether the heads' view
         was deferred."""
         R = self.rows
-        k, T = tokens.shape
+        dev = R.start.device
+        k, T = len(new), max(map(len, new))
+        tokens = torch.tensor([t + [0] * (T - len(t)) for t in new], dtype=torch.long, device=dev)  # [k, T]
+        lengths = torch.tensor([len(t) for t in new], dtype=torch.long, device=dev)  # [k]
         rows = slice(r0, r0 + k)
         cache = R.cache.rows(r0, r0 + k)  # writes land in the pool
         hs = state_rows(R.head_state, r0, r0 + k)
         body, heads = None, self.heads
-        start = torch.tensor(reused, dtype=torch.long, device=tokens.device)
+        start = torch.tensor(reused, dtype=torch.long, device=dev)
         if self.prefill_shape(k, T) is not None and not any(reused):
             body = lambda t: self.stage.run(t, cache, lengths, hs, self._forward)  # noqa: E731
             if self.stage.observes:
@@ -319,3 +332,33 @@ class Runner:
         write_back(R.head_state, st.head_state, r0, r0 + k)
         R.start[rows], R.root[rows], R.hidden[rows] = st.start, st.root, st.last_hidden
         return st.root, buf is not None
+
+    # -------------------------------------------------------------- row state
+    def swap_rows(self, swaps: list[Swap]) -> None:
+        """Apply the pool's row swaps (kv_pool.RowPool) to every per-row tensor: the KV cache and
+        the deferred hidden states (valid slots only), the head state, start / root / hidden."""
+        R = self.rows
+        for s in swaps:
+            swap_cache_rows(R.cache, s)
+            swap_state_rows(R.head_state, s.a, s.b)
+            for t in (R.start, R.root, R.hidden):
+                t[[s.a, s.b]] = t[[s.b, s.a]]
+            if R.deferred is not None:  # only the valid slots matter (as for the KV)
+                d = R.deferred
+                tmp = d[s.a, : s.len_a].clone()
+                d[s.a, : s.len_b] = d[s.b, : s.len_b]
+                d[s.b, : s.len_a] = tmp
+
+    def set_drafts(self, drafts: list[list[int]]) -> None:
+        """The lookup chains of rows 0 .. len(drafts)-1 for the next step (DecodeState.draft)."""
+        L = len(drafts[0])
+        self.rows.draft[:len(drafts), :L].copy_(torch.tensor(drafts, dtype=torch.long), non_blocking=True)
+
+    def catch_up(self, lo: int, seen: list[int], committed: list[int]) -> None:
+        """Show the draft heads of rows lo .. lo+len(seen)-1 the hidden states plain steps deferred
+        (step.catch_up)."""
+        R = self.rows
+        hi = lo + len(seen)
+        hs = state_rows(R.head_state, lo, hi)
+        catch_up(self.heads, hs, R.deferred[lo:hi], seen, committed)
+        write_back(R.head_state, hs, lo, hi)

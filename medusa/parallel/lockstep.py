@@ -56,11 +56,16 @@ class Lockstep:
 
     def run(self, plan: StepPlan) -> Any:
         """Rank 0: send `plan` to every worker, run it here, return its result."""
+        self.send(plan)
+        return self.execute(plan)
+
+    def send(self, plan: StepPlan) -> None:
+        """Rank 0: send `plan` to every worker without running it here (a caller that makes the
+        same call itself, on its own arguments: replica.LockstepRunner)."""
         if self.group.rank != 0:
             raise RuntimeError("only rank 0 drives the lockstep; workers call serve()")
         self.group.broadcast_object(plan)
         self.steps += 1
-        return self.execute(plan)
 
     def serve(self) -> int:
         """A worker: run plans until rank 0 sends STOP; returns how many ran. A failing plan

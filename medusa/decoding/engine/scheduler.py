@@ -3,7 +3,7 @@ cancellations, admission into the row pool (kv_pool.RowPool: running rows are ke
 0 .. n-1, swaps keep it so), prefill grouping (fresh prompts sorted by length and cut into
 padded forwards where padding would cost more than another forward: staging.plan_groups;
 rows continuing a kept session join the last group while it fits), and the Hydra++ catch-up of
-rows whose heads missed plain steps.
+rows whose heads missed plain steps. Every change to device state goes through the runner.
 
 A mixin of Engine (core.py): it works on the engine's pool, rows and runner, and knows nothing
 of the speculation policy or of how a step is run."""
@@ -16,10 +16,9 @@ import time
 import torch
 
 from medusa.decoding.engine.requests import Live
-from medusa.decoding.kv_pool import Swap, state_rows, swap_cache_rows, swap_state_rows, write_back
+from medusa.decoding.kv_pool import Swap
 from medusa.decoding.sampling import BatchSampling
 from medusa.decoding.staging import plan_groups
-from medusa.decoding.step import catch_up
 
 
 class Scheduler:
@@ -135,16 +134,9 @@ class Scheduler:
         return len(group) * T <= self.prefill_tokens
 
     def _apply_swaps(self, swaps: list[Swap]) -> None:
+        if swaps:
+            self.runner.swap_rows(swaps)  # the tensors (every rank of a tensor-parallel replica)
         for s in swaps:
-            swap_cache_rows(self.cache, s)
-            swap_state_rows(self.head_state, s.a, s.b)
-            for t in (self.row_start, self.row_root, self.row_hidden):
-                t[[s.a, s.b]] = t[[s.b, s.a]]
-            if self.row_deferred is not None:  # only the valid slots matter (as for the KV)
-                d = self.row_deferred
-                tmp = d[s.a, : s.len_a].clone()
-                d[s.a, : s.len_b] = d[s.b, : s.len_b]
-                d[s.b, : s.len_a] = tmp
             self._rows[s.a], self._rows[s.b] = self._rows[s.b], self._rows[s.a]
             for r in (s.a, s.b):
                 if self._rows[r] is not None:
@@ -154,11 +146,8 @@ class Scheduler:
         """One prefill forward over the group's rows (consecutive), prompts right-padded. Returns
         each row's first token (the caller emits them)."""
         dev = self.device
-        r0, k = group[0].row, len(group)
-        new = [x.req.prompt_ids[x.reused:] for x in group]
-        T = max(map(len, new))
-        tokens = torch.tensor([t + [0] * (T - len(t)) for t in new], dtype=torch.long, device=dev)  # [k, T]
-        lengths = torch.tensor([len(t) for t in new], dtype=torch.long, device=dev)  # [k]
+        r0 = group[0].row
+        new = [list(x.req.prompt_ids[x.reused:]) for x in group]
         sampling = BatchSampling.stack([x.req.sampling for x in group], dev)
         u = None
         if sampling.any_random:
@@ -167,7 +156,7 @@ class Scheduler:
                              if x.uniforms is not None else zero for x in group])  # [k, 1]
         # while the engine decodes plainly, the prompt waits in row_deferred for speculation to
         # resume (step.catch_up); while it speculates, the heads see it now (only these rows)
-        roots, deferred = self.runner.prefill(r0, tokens, [x.reused for x in group], lengths, sampling, u,
+        roots, deferred = self.runner.prefill(r0, new, [x.reused for x in group], sampling, u,
                                               defer=not self.policy.speculating)
         for x in group:  # a reused prefix was seen in the session's earlier turns
             x.seen = x.reused if deferred else len(x.req.prompt_ids)
@@ -176,9 +165,6 @@ class Scheduler:
     def _catch_up(self, lo: int, seen: list[int], committed: list[int]) -> None:
         """Show the draft heads of rows lo .. lo+len(seen)-1 the hidden states plain steps deferred."""
         t0 = time.perf_counter()
-        hi = lo + len(seen)
-        hs = state_rows(self.head_state, lo, hi)
-        catch_up(self.heads, hs, self.row_deferred[lo:hi], seen, committed)
-        write_back(self.head_state, hs, lo, hi)
+        self.runner.catch_up(lo, seen, committed)
         self._time["catch_up"] += time.perf_counter() - t0  # host time: the GPU's runs on into the next step
         self._time["catch_ups"] += 1
