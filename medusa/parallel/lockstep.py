@@ -20,7 +20,7 @@ Draft heads: replicated on every rank, not run on rank 0 and broadcast. Why:
   share the base's LM head, which is vocabulary-parallel (the heads' logits are gathered like
   the base's) unless they bring a draft vocabulary, whose F rows are replicated. Hydra heads
   index the embedding table by token id, so a rank keeps the whole table once more for them
-  (decode.StepModel): V x D, e.g. 0.26 GB for a 7B Llama in bfloat16, 2.1 GB for Llama-3 70B.
+  (replica.StepModel): V x D, e.g. 0.26 GB for a 7B Llama in bfloat16, 2.1 GB for Llama-3 70B.
 Verification reads the gathered logits of every tree node, so greedy, typical and lossless
 sampling are the single-device rules, exact; random draws use uniforms from generators seeded
 identically on every rank (the plan carries the seed, never the draws).
