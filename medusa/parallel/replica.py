@@ -174,6 +174,12 @@ class Driver:
             args["drop"], self._dropped = self._dropped, []
             self.lock.send(StepPlan(op, args))
 
+    def ping(self) -> None:
+        """A no-op plan: proves every rank still takes plans (a dead one fails the broadcast) and
+        keeps idle workers inside their control timeout (comm.init_rank)."""
+        with self._mu:
+            self.send("ping", {})
+
     def stop(self) -> None:
         """Release the other ranks (their `serve` returns); idempotent."""
         with self._mu:
@@ -231,6 +237,8 @@ def serve(group: Group, model, heads=None) -> int:
         with torch.inference_mode():
             for eid in plan.args.get("drop", ()):
                 engines.pop(eid, None)
+            if plan.op == "ping":
+                return None
             if plan.op == "engine":
                 spec = _Codec({}, model.device).decode(plan.args["spec"])
                 eng = Engine(model, heads if plan.args["heads"] else None, **spec)
@@ -239,6 +247,14 @@ def serve(group: Group, model, heads=None) -> int:
             return engines[plan.args["engine"]](plan)
 
     return Lockstep(group, execute).serve()
+
+
+def drive(group: Group, model, heads=None) -> Driver:
+    """Rank 0 of a long-lived replica (a serving deployment): engines built over `model` from
+    now on are replicas; `Driver.stop()` releases the other ranks (they `serve`)."""
+    driver = Driver(group, heads)
+    model.replica = driver
+    return driver
 
 
 @contextmanager
@@ -250,8 +266,7 @@ def replica(group: Group, model, heads=None):
         serve(group, model, heads)
         yield False
         return
-    driver = Driver(group, heads)
-    model.replica = driver
+    driver = drive(group, model, heads)
     try:
         yield True
     finally:
