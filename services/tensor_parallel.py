@@ -27,9 +27,10 @@ def backend_of(device: str) -> str:
     return "nccl" if str(device).startswith("cuda") else "gloo"
 
 
-@ray.remote(max_restarts=0)
+@ray.remote(max_restarts=0, max_concurrency=2)
 class Worker:
-    """Rank r (> 0) of one replica."""
+    """Rank r (> 0) of one replica. `run` holds one of its two threads for the replica's life;
+    the other answers `pid` (operators, tests)."""
 
     def run(self, rank: int, world: int, addr: str, port: int, settings: dict) -> int:
         """Join the group, load this rank's shard and the heads, serve rank 0's plans until it
@@ -68,9 +69,12 @@ class Ranks:
             raise RuntimeError("a tensor-parallel replica runs in a placement group (app.engine_deployment)")
         addr, port = ray.util.get_node_ip_address(), free_port()
         opts = {"num_cpus": s.engine_num_cpus, "num_gpus": s.engine_num_gpus}
-        self.workers = [Worker.options(name=f"{NAME_PREFIX}{tag}-{r}", **opts,
-                                       scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r)
-                                       ).remote() for r in range(1, world)]
+
+        def in_bundle(r: int):  # worker r takes bundle r (the replica itself holds bundle 0)
+            return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r)
+
+        self.workers = [Worker.options(name=f"{NAME_PREFIX}{tag}-{r}", scheduling_strategy=in_bundle(r), **opts).remote()
+                        for r in range(1, world)]
         self.runs = [w.run.remote(r, world, addr, port, settings) for r, w in enumerate(self.workers, 1)]
         # joins once every worker has (init_process_group waits for all ranks)
         self.group = init_rank(0, world, addr, port, backend_of(s.device), timeout_s=FORWARD_TIMEOUT_S,

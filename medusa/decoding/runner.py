@@ -181,7 +181,8 @@ class Runner:
     def step(self, tree: Tree, n: int, committed_max: int, sampling: BatchSampling, sampling_key,
              uniforms: torch.Tensor | None, max_accept: list[int] | None, pad_start: list[int]) -> tuple[Acceptance, bool]:
         """One step over rows 0 .. n-1 (padded to the bucket). sampling / uniforms [n, N] /
-        max_accept [n] (None: every row accepts up to the tree's depth) are the running rows'; pad_start the valid KV length of each padding row.
+        max_accept [n] (None: every row may accept up to the tree's depth) are the running
+        rows'; pad_start the valid KV length of each padding row.
         Returns the acceptance of all Bb rows (read rows :n) and whether a graph was captured
         (a step that also captured is not a fair timing)."""
         Bb, N = self.bucket(n), tree.num_nodes
@@ -308,8 +309,8 @@ class Runner:
     def prefill(self, r0: int, new: list[list[int]], reused: list[int], sampling: BatchSampling,
                 uniforms: torch.Tensor | None, defer: bool) -> tuple[torch.Tensor, bool]:
         """Prefill pool rows r0 .. r0+k-1 with new[i], the tokens of row i after the reused[i]
-        it already holds (right-padded into one [k, T] forward). Fresh rows (none reused) run at their padded shape;
-        rows with a prefix run eagerly over it. defer: keep the hidden states for the heads in
+        it already holds (right-padded into one [k, T] forward). Fresh rows (none reused) run at
+        their padded shape; rows with a prefix run eagerly over it. defer: keep the hidden states for the heads in
         the row buffer (step.catch_up) instead of showing them now. Sets the rows' start, root,
         hidden and head state; returns each row's first token [k] and whether the heads' view
         was deferred."""
