@@ -104,12 +104,31 @@ def tqdm_progress():
 
 def load_stack(model: str | None = None, heads: str | None = "default", tree: str | None = None,
                dtype: str | None = None, device: str | None = None, progress: bool = True,
-               quantization: str | None = None) -> Stack:
+               quantization: str | None = None, group=None) -> Stack:
+    """group (a medusa.parallel.comm.Group): this rank's shard of the model, on the group's
+    device, with the heads replicated (every rank of the group calls this, in step)."""
+    if group is not None:
+        return _load_shard(model, heads, tree, dtype, quantization, group)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     m, src = load_model(model, dtype=parse_dtype(dtype, dev), device=dev, progress=tqdm_progress() if progress else None,
                         quantization=quantization)
+    return _assemble(m, src, *resolve_heads(heads, m, src), tree)
+
+
+def _load_shard(model, heads, tree, dtype, quantization, group) -> Stack:
+    from medusa.parallel.load import full_view, load_sharded
+    from medusa.parallel.replica import step_model
+
+    if quantization is not None:
+        raise ModelLoadError("quantized weights are not supported with tensor parallelism")
+    m, src = load_sharded(model, group, dtype=parse_dtype(dtype, group.device))
+    h, label = resolve_heads(heads, full_view(m), src)  # the heads check and bind the whole model's tables
+    return _assemble(step_model(m, h), src, h, label, tree)
+
+
+def _assemble(m, src: ModelSource, h, label: str, tree: str | None) -> Stack:
+    dev = m.device
     tok = Tokenizer.load(src)
-    h, label = resolve_heads(heads, m, src)
     cpu_tree = shipped_heads_dir(label) / CPU_TREE if dev.type == "cpu" and label in SHIPPED_HEADS else None
 
     def default() -> Tree:

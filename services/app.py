@@ -48,8 +48,18 @@ class EngineDeployment(EngineReplica):
         s = Settings.parse(settings)
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
-        stack = load_stack(s.model, heads=s.heads, tree=s.tree, dtype=s.dtype, device=s.device, progress=False,
-                           quantization=s.quantization)
+        self._ranks = self._driver = None
+        if s.tensor_parallel_size > 1:  # rank 0 of N: the workers load their shards alongside (tensor_parallel.py)
+            from medusa.parallel.replica import drive
+            from services.tensor_parallel import Ranks
+
+            self._ranks = Ranks(settings, s, serve.get_replica_context().replica_id.unique_id)
+            stack = load_stack(s.model, heads=s.heads, tree=s.tree, dtype=s.dtype, progress=False,
+                               quantization=s.quantization, group=self._ranks.group)
+            self._driver = drive(self._ranks.group, stack.model, stack.heads)  # engines over it run on every rank
+        else:
+            stack = load_stack(s.model, heads=s.heads, tree=s.tree, dtype=s.dtype, device=s.device, progress=False,
+                               quantization=s.quantization)
         sizes, kv_plan = engine_sizes(s, stack.model, stack.heads, stack.tree)
         engine = Engine(stack.model, stack.heads, stack.tree, **sizes)
         engine.warmup()  # on a GPU: capture every batch bucket's step graphs before taking traffic
@@ -65,14 +75,26 @@ class EngineDeployment(EngineReplica):
                          kv_plan=kv_plan, session_share=s.sessions_per_tenant)
 
     def check_health(self) -> None:
-        """Serve's periodic health check: a replica whose scheduler thread died is replaced."""
+        """Serve's periodic health check: a replica whose scheduler thread died, or (tensor
+        parallel) one of whose workers is gone or no longer takes plans, is replaced."""
         if self.engine.health()["scheduler"] is False:
             raise RuntimeError("the engine's scheduler thread is not running")
+        if self._ranks is not None:
+            why = self._ranks.ended()
+            if why is not None:
+                raise RuntimeError(why)
+            self._driver.ping()
 
     def __del__(self):
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.stop()
+        driver = getattr(self, "_driver", None)
+        if driver is not None:
+            try:
+                driver.stop()
+            except Exception:  # noqa: BLE001  (a broken group: its workers die with this actor anyway)
+                pass
 
 
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
@@ -109,6 +131,10 @@ def engine_deployment(s: Settings):
         graceful_shutdown_timeout_s=s.drain_grace_s,  # a stopping replica finishes its streams first
         graceful_shutdown_wait_loop_s=1,
     )
+    if s.tensor_parallel_size > 1:  # the replica (rank 0) takes the first bundle, its workers the others
+        bundle = {"CPU": s.engine_num_cpus, **({"GPU": s.engine_num_gpus} if s.engine_num_gpus else {})}
+        opts["placement_group_bundles"] = [bundle] * s.tensor_parallel_size
+        opts["placement_group_strategy"] = "STRICT_PACK"
     if s.autoscaling:
         opts["autoscaling_config"] = dict(s.autoscaling)
     else:

@@ -45,6 +45,7 @@ class Settings:
     engine_replicas: int = 1
     engine_num_cpus: float = 1.0
     engine_num_gpus: float = 0.0
+    tensor_parallel_size: int = 1         # ranks per engine replica (a placement group of as many bundles, one node)
     autoscaling: dict | None = None       # Serve autoscaling_config for the engine (overrides engine_replicas)
     redis_url: str | None = None          # None: no Redis (no affinity, local quotas off)
     session_ttl_s: int = 1800
@@ -101,13 +102,17 @@ class Settings:
                 raise ConfigError("gpu_memory_utilization sizes GPU memory: set device: cuda (or remove it)")
         for name in ("engine_replicas", "session_ttl_s", "default_max_new_tokens", "max_new_tokens_limit",
                      "max_request_bytes", "max_prompt_chars", "max_queued_per_replica", "max_queued_per_tenant", "retry_after_ms",
-                     "sessions_per_tenant"):
+                     "sessions_per_tenant", "tensor_parallel_size"):
             if not isinstance(getattr(s, name), int) or getattr(s, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(s, name)!r}")
         for name in ("key_cache_s", "quota_lease_s", "admit_timeout_s", "drain_grace_s"):
             v = getattr(s, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
                 raise ConfigError(f"{name} must be a non-negative number of seconds, got {v!r}")
+        if s.tensor_parallel_size > 1 and str(s.device).startswith("cuda"):
+            if s.device != "cuda" or s.engine_num_gpus != 1:
+                raise ConfigError("tensor_parallel_size on GPUs puts each rank on its own GPU: set device: cuda and "
+                                  "engine_num_gpus: 1 (per rank)")
         if s.default_max_new_tokens > s.max_new_tokens_limit:
             raise ConfigError("default_max_new_tokens exceeds max_new_tokens_limit")
         return s

@@ -170,7 +170,9 @@ def concurrency_markdown(doc: dict) -> str:
     lines = [f"### Concurrency on {doc['device']}", ""]
     lines += header_lines(doc)
     repeats = max((r.get("repeats", 1) for r in doc["rows"]), default=1)
-    lines += ["", f"Model {doc['model']}, dtype {doc['dtype']}, heads {doc['heads']}, tree {doc['tree']}, "
+    tp = doc.get("tensor_parallel", 1)
+    lines += ["", f"Model {doc['model']}" + (f" sharded over {tp} ranks (--tp {tp})" if tp > 1 else "")
+              + f", dtype {doc['dtype']}, heads {doc['heads']}, tree {doc['tree']}, "
               f"{doc['dataset']} prompts, up to {doc['max_new_tokens']} new tokens, closed loop"
               + (f"; {repeats} runs per cell, the modes' warm engines alternating: tokens/s is the median run "
                  "(the lower middle one for an even count), "

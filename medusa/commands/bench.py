@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from medusa.commands.common import HelpFormatter, add_model_args, read_prompts
+from medusa.commands.tp import HELP as TP_HELP, run_ranks
 from medusa.errors import RequestError
 
 
@@ -50,6 +51,7 @@ def register(sub) -> None:
     c.add_argument("--repeats", type=int, default=1,
                    help="timed runs per cell; the modes' warm engines alternate, and the ratios to ar are taken run by run")
     c.add_argument("--step-cost-table", help="a `medusa bench --step-cost` JSON for the engine's adaptive speculation")
+    c.add_argument("--tp", type=int, default=None, metavar="N", help=TP_HELP + " (with --concurrency)")
     g = p.add_argument_group("serving overhead (--through grpc)")
     g.add_argument("--through", choices=["grpc"], default=None,
                    help="stream the prompts through a local serving cluster (Ray Serve + Redis + gRPC, CPU) and "
@@ -118,6 +120,9 @@ def _write(out: Path, stem: str, doc: dict, markdown: str) -> list[Path]:
 def run(args) -> int:
     if sum(map(bool, (args.step_cost, args.concurrency, args.through))) > 1:
         raise RequestError("choose one of --step-cost, --concurrency and --through")
+    if args.tp is not None and not args.concurrency:
+        raise RequestError("--tp runs with --concurrency (the engine's benchmark); --step-cost, --through and the "
+                           "decode modes (several heads families at once, HF) run on one device")
     if args.through:
         return run_through(args)
     if args.step_cost:
@@ -304,12 +309,8 @@ def run_concurrency(args) -> int:
         raise RequestError("--concurrency is not available until the batched engine (medusa.decoding.engine) lands") from None
     import json
 
-    from tqdm import tqdm
-
     from medusa.bench import concurrency as cc
     from medusa.bench.data import resolve_dataset
-    from medusa.bench.env import environment
-    from medusa.runtime import load_stack
 
     levels = int_list(args.concurrency, "--concurrency")
     modes = cc.parse_modes(args.modes or "ar,spec")
@@ -324,9 +325,36 @@ def run_concurrency(args) -> int:
             raise RequestError(f"cannot read --step-cost-table {args.step_cost_table}: {e}") from None
     label, path = resolve_dataset(args.dataset)
     prompts = read_prompts(path, args.limit)
-    dev = _device(args)
+    if args.tp is not None:
+        return run_ranks(args, _concurrency, label, prompts, levels, modes, table)
+    return _concurrency(args, label, prompts, levels, modes, table)
+
+
+def _concurrency(args, label: str, prompts, levels: list[int], modes: list[str], table, group=None) -> int | None:
+    """Load, measure and publish; group: this rank of --tp (rank 0 measures, the others replay
+    its engines' steps and return None)."""
+    from medusa.runtime import load_stack
+
+    if group is None:
+        dev = _device(args)
+    else:
+        from medusa.parallel.replica import replica
+
+        dev = group.device
     stack = load_stack(args.model, heads="none" if modes == ["ar"] else "default", tree=args.tree,
-                       dtype=args.dtype, device=str(dev), progress=True)
+                       dtype=args.dtype, device=str(dev), progress=group is None or group.rank == 0, group=group)
+    if group is None:
+        return _measure_concurrency(args, label, prompts, levels, modes, table, stack, dev)
+    with replica(group, stack.model, stack.heads) as driving:
+        return _measure_concurrency(args, label, prompts, levels, modes, table, stack, dev) if driving else None
+
+
+def _measure_concurrency(args, label, prompts, levels, modes, table, stack, dev) -> int:
+    from tqdm import tqdm
+
+    from medusa.bench import concurrency as cc
+    from medusa.bench.env import environment
+
     tok = stack.tokenizer
     eos = tuple(sorted(set(stack.model.cfg.eos_token_ids) | set(tok.eos_token_ids)))
     ids = [tok.encode_prompt(p.text, chat=not args.no_chat) for p in prompts]
@@ -349,5 +377,6 @@ def run_concurrency(args) -> int:
         "dtype": str(stack.model.dtype).removeprefix("torch."), "max_new_tokens": args.max_new_tokens,
         "heads": stack.heads_name, "tree": stack.tree.name, "tree_nodes": stack.tree.num_nodes,
         "step_cost_table": Path(args.step_cost_table).name if args.step_cost_table else None, "rows": rows,
+        "tensor_parallel": args.tp or 1,
     }
     return _publish(doc, Path(args.out), _slug(args.name or f"concurrency-{label}-{doc['device']}"), cc.concurrency_markdown)

@@ -7,6 +7,7 @@ import json
 import sys
 
 from medusa.commands.common import HelpFormatter, Prompt, add_model_args, read_prompts
+from medusa.commands.tp import add_tp_arg, run_ranks
 from medusa.decoding.generate import Stats, check_context, single_engine, stream
 from medusa.decoding.sampling import SamplingParams
 from medusa.decoding.tree import load_tree
@@ -38,6 +39,7 @@ def register(sub) -> None:
                    help="decode the prompts N at a time (one engine of max batch N); output stays in input order")
     p.add_argument("--no-graphs", action="store_true", help="on a GPU, run the decode step eagerly (no CUDA graphs; for debugging)")
     p.add_argument("--compile", action="store_true", help="on a GPU, torch.compile the per-layer pieces before capturing graphs")
+    add_tp_arg(p)
     p.set_defaults(func=run)
 
 
@@ -107,9 +109,7 @@ def decoded_with(tree: str, nodes: dict) -> str:
 
 
 def run(args) -> int:
-    from medusa.runtime import load_stack
-
-    params = sampling_from_args(args)
+    sampling_from_args(args)  # bad sampling values: one line before anything loads
     if args.max_new_tokens < 1:
         raise RequestError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.concurrency is not None and args.concurrency < 1:
@@ -120,7 +120,29 @@ def run(args) -> int:
         raise RequestError("--tree needs --mode spec or auto")
     if args.tree:
         load_tree(args.tree)  # validate before the (slower) model load
-    stack = load_stack(args.model, heads=heads, tree=args.tree, dtype=args.dtype, device=args.device, progress=not args.json)
+    if args.tp is not None:
+        return run_ranks(args, decode_prompts, prompts, heads)
+    return decode_prompts(args, prompts, heads)
+
+
+def decode_prompts(args, prompts: list[Prompt], heads: str, group=None) -> int | None:
+    """Load, build the engine and decode every prompt. group: this rank of --tp (rank 0 decodes
+    and returns the exit code, the others replay its engine's steps and return None)."""
+    from medusa.runtime import load_stack
+
+    lead = group is None or group.rank == 0
+    stack = load_stack(args.model, heads=heads, tree=args.tree, dtype=args.dtype, device=args.device,
+                       progress=not args.json and lead, group=group)
+    if group is None:
+        return _decode(args, stack, prompts)
+    from medusa.parallel.replica import replica
+
+    with replica(group, stack.model, stack.heads) as driving:
+        return _decode(args, stack, prompts) if driving else None
+
+
+def _decode(args, stack, prompts: list[Prompt]) -> int:
+    params = sampling_from_args(args)
     eos = tuple(sorted(set(stack.model.cfg.eos_token_ids) | set(stack.tokenizer.eos_token_ids)))
     encoded = [stack.tokenizer.encode_prompt(pr.text, chat=not args.no_chat) for pr in prompts]
     speculation = speculation_of(args, stack)

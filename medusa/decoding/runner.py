@@ -20,6 +20,12 @@ bucket); with `capture` (a CUDA device) its graph is captured on first use and r
 all in one cache. Without it the very same padded work runs eagerly, so the CPU runs exactly
 the shapes and padding a GPU replays. Warm-up timing goes through the same calls.
 
+The runner is the engine's only way to the replica's device state: every call that reads or
+changes it (steps, prefills, row swaps, lookup drafts, the Hydra++ catch-up, warm-up captures
+and timings) is a method here taking host-side arguments (ints, token lists, sampling params,
+trees; uniforms are the one tensor), so a tensor-parallel replica can replay the same calls
+on every rank (medusa.parallel.replica wraps these methods; Runner.REPLAYED names them).
+
 The static inputs of the step graphs are the engine's own row tensors (views of the first Bb
 rows), per-bucket sampling buffers, uniforms and acceptance caps. This module knows shapes,
 buffers and graphs; it knows nothing of requests, stopping or the speculation policy."""
@@ -33,7 +39,7 @@ import torch
 
 from medusa.decoding.buckets import batch_buckets, bucket_of, kv_bucket, kv_round
 from medusa.decoding.graphs import CompiledBlocks, capture as capture_fn, capture_step
-from medusa.decoding.kv_pool import state_rows, write_back
+from medusa.decoding.kv_pool import Swap, state_rows, swap_cache_rows, swap_state_rows, write_back
 from medusa.decoding.sampling import BatchSampling
 from medusa.decoding.staging import PrefillStage
 from medusa.decoding.step import DecodeState, first_token, prefill, speculate
@@ -86,6 +92,9 @@ class RowState:
 
 
 class Runner:
+    # the methods that read or change device state: a tensor-parallel replica runs each on every rank
+    REPLAYED = ("step", "prefill", "swap_rows", "set_drafts", "prepare_step", "time_step", "prepare_prefill")
+
     def __init__(self, model, heads, rows: RowState, max_batch: int, max_prompt: int, prefill_tokens: int,
                  capture: bool = True, compile_mode: str | None = None):
         """max_batch: most running rows; max_prompt: longest prompt; prefill_tokens: most token
@@ -190,11 +199,12 @@ class Runner:
             self.catch_ups["seconds"] += time.perf_counter() - t0  # host time: the GPU's runs on into the step
 
     def step(self, tree: Tree, n: int, committed: list[int], sampling: BatchSampling, sampling_key,
-             uniforms: torch.Tensor | None, max_accept: torch.Tensor | None, pad_start: list[int],
+             uniforms: torch.Tensor | None, max_accept: list[int] | None, pad_start: list[int],
              logprobs: bool = False) -> tuple[Acceptance, bool]:
         """One step over rows 0 .. n-1 (padded to the bucket). committed: each running row's
-        tokens in the cache; sampling / uniforms [n, N] / max_accept [n] are the running rows';
-        pad_start the valid KV length of each padding row.
+        tokens in the cache; sampling / uniforms [n, N] / max_accept [n] (None: every row may
+        accept up to the tree's depth) are the running rows'; pad_start the valid KV length of
+        each padding row.
         logprobs: some row asked for log-probabilities (acc.logprobs, for every row of the step).
         They are computed inside the step (a graph of their own key) from the logits the step has
         anyway: keeping [B, N, V] logits alive past a replay for a separate function would cost
@@ -218,7 +228,7 @@ class Runner:
         if N > 1:
             cap = b.max_accept
             if max_accept is not None:
-                cap[:n].copy_(max_accept)
+                cap[:n].copy_(torch.tensor(max_accept, dtype=torch.long), non_blocking=True)
                 cap[n:].zero_()
                 b.capped = None
             elif b.capped != (n, tree.accept_depth):  # the usual case, unchanged since the last step: no launches
@@ -323,17 +333,20 @@ class Runner:
                 self.stage.measured(R, Tb, statistics.median(times))
         return captured
 
-    def prefill(self, r0: int, tokens: torch.Tensor, reused: list[int], lengths: torch.Tensor,
-                sampling: BatchSampling, uniforms: torch.Tensor | None, logprobs: bool = False) -> torch.Tensor:
-        """Prefill pool rows r0 .. r0+k-1: tokens [k, T] right-padded (lengths [k]), after the
-        reused[i] tokens each row already holds. Fresh rows (none reused) run at their padded
-        shape (the staged forward also shows the heads with state the prompts); rows with a
-        prefix run eagerly over it (step.prefill). Sets the rows' start, root, hidden and head
-        state; returns each row's first token [k]. logprobs: also the first tokens'
+    def prefill(self, r0: int, new: list[list[int]], reused: list[int], sampling: BatchSampling,
+                uniforms: torch.Tensor | None, logprobs: bool = False) -> torch.Tensor:
+        """Prefill pool rows r0 .. r0+k-1 with new[i], the tokens of row i after the reused[i]
+        it already holds (right-padded into one [k, T] forward). Fresh rows (none reused) run at
+        their padded shape (the staged forward also shows the heads with state the prompts); rows
+        with a prefix run eagerly over it (step.prefill). Sets the rows' start, root, hidden and
+        head state; returns each row's first token [k]. logprobs: also the first tokens'
         log-probabilities, left in `self.prefill_logprobs` (a logprobs.PathLogprobs over the k
         rows; None without)."""
         R = self.rows
-        k, T = tokens.shape
+        dev = R.start.device
+        k, T = len(new), max(map(len, new))
+        tokens = torch.tensor([t + [0] * (T - len(t)) for t in new], dtype=torch.long, device=dev)  # [k, T]
+        lengths = torch.tensor([len(t) for t in new], dtype=torch.long, device=dev)  # [k]
         rows = slice(r0, r0 + k)
         cache = R.cache.rows(r0, r0 + k)  # writes land in the pool
         self._prepare(r0, reused, False)
@@ -350,3 +363,19 @@ class Runner:
         write_back(R.head_state, hs, r0, r0 + k)
         R.start[rows], R.root[rows], R.hidden[rows] = start, root, last
         return root
+
+    # -------------------------------------------------------------- row state
+    def swap_rows(self, swaps: list[Swap]) -> None:
+        """Apply the pool's row swaps (kv_pool.RowPool) to every per-row tensor: the KV cache, the
+        head state (kv_pool.PerRow), start / root / hidden."""
+        R = self.rows
+        for s in swaps:
+            swap_cache_rows(R.cache, s)
+            swap_state_rows(R.head_state, s.a, s.b)
+            for t in (R.start, R.root, R.hidden):
+                t[[s.a, s.b]] = t[[s.b, s.a]]
+
+    def set_drafts(self, drafts: list[list[int]]) -> None:
+        """The lookup chains of rows 0 .. len(drafts)-1 for the next step (DecodeState.draft)."""
+        L = len(drafts[0])
+        self.rows.draft[:len(drafts), :L].copy_(torch.tensor(drafts, dtype=torch.long), non_blocking=True)

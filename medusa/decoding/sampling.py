@@ -3,7 +3,7 @@ top-k and top-p applied to the base model's logits). Pure tensor functions; the 
 draws come in as uniforms so that callers own the generators (one per request)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -55,6 +55,9 @@ class BatchSampling:
     alpha: torch.Tensor  # [B] float
     any_random: bool = False  # host-side flags, so a step needs no device sync to branch
     any_typical: bool = False
+    # the rows' SamplingParams when built by `stack` (host values: a tensor-parallel replica
+    # sends these to its other ranks, which stack their own copy, instead of the tensors)
+    params: tuple = field(default=(), compare=False, repr=False)
 
     @classmethod
     def stack(cls, params: list[SamplingParams], device) -> "BatchSampling":
@@ -68,6 +71,7 @@ class BatchSampling:
             f([p.posterior_alpha for p in params]),
             any(not p.greedy for p in params),
             any(p.rule == "typical" for p in params),
+            tuple(params),
         )
 
 

@@ -6,7 +6,7 @@
 - `load`: a rank reads only its slices from a safetensors checkpoint;
 - `launch`: start N local ranks, fail loudly when one dies;
 - `lockstep`: rank 0 broadcasts a step plan, every rank runs the same call on its shard;
-- `decode`: a plan executor over medusa.decoding.step (prefill, speculate) and a rank-0 driver,
-  the demonstration of the protocol end to end.
+- `replica`: the one Engine at TP N: rank 0 runs it, its runner's calls are replayed on every
+  rank (the model the engine and heads see on a rank, too).
 
-Nothing here knows about requests, schedulers, Ray or serving."""
+Nothing here knows about requests, schedulers, Ray or serving: the engine stays rank 0's."""

@@ -91,17 +91,19 @@ def single(device: str | torch.device = "cpu") -> Group:
 
 
 def init_rank(rank: int, world: int, addr: str, port: int, backend: str = "gloo",
-              timeout_s: float = 60.0, control_timeout_s: float = 3600.0) -> Group:
+              timeout_s: float = 60.0, control_timeout_s: float = 3600.0, gpu: int | None = None) -> Group:
     """Join the group of `world` ranks at tcp://addr:port. backend 'nccl' puts rank r on GPU r
-    (of those visible). timeout_s bounds every forward collective; control_timeout_s bounds how
-    long a worker waits for the next step plan (an idle replica's driver must send a plan,
-    even a no-op, within it)."""
+    of those visible, or on GPU `gpu` (a process that sees only its own GPU, as a Ray actor
+    does: 0). timeout_s bounds every forward collective; control_timeout_s bounds how long a
+    worker waits for the next step plan (an idle replica's driver must send a plan, even a
+    no-op, within it)."""
     if backend not in ("gloo", "nccl"):
         raise ParallelError(f"backend must be gloo or nccl, got {backend!r}")
     disable_multicast()
-    check_world(world, "cuda" if backend == "nccl" else "cpu")
+    if gpu is None:
+        check_world(world, "cuda" if backend == "nccl" else "cpu")
     if backend == "nccl":
-        device = torch.device("cuda", rank)
+        device = torch.device("cuda", rank if gpu is None else gpu)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")

@@ -1,12 +1,13 @@
 """Lockstep ranks: rank 0 decides, every rank runs the same call on its shard.
 
-Rank 0 (the driver: a scheduler, an engine, a CLI loop) turns each step into a `StepPlan`, a
+Rank 0 (the engine's runner, wrapped by replica.Driver) turns each call into a `StepPlan`, a
 small picklable description of what to run with which host-side inputs (token ids, a tree name,
-lookup drafts, sampling settings and seeds, row swaps), and `Lockstep.run` broadcasts it before
-executing it locally. Workers sit in `Lockstep.serve`, receiving plans and running the same
-executor on them. The executor is any callable taking a plan (the seam where a step runner
-plugs in); its collectives pair up across ranks because every rank runs the same calls in the
-same order. Rank 0's result is the one that counts; workers' results are dropped.
+lookup drafts, sampling settings and uniforms, row swaps), and `Lockstep.run` broadcasts it
+before executing it locally (`send` only broadcasts, for a caller that runs the call itself).
+Workers sit in `Lockstep.serve`, receiving plans and running the same executor on them (there:
+replica.serve, which replays each on the rank's own runner). Collectives pair up across ranks
+because every rank runs the same calls in the same order. Rank 0's result is the one that
+counts; workers' results are dropped.
 
 Draft heads: replicated on every rank, not run on rank 0 and broadcast. Why:
 - the heads read the all-reduced hidden state, which every rank already holds bitwise equal,
@@ -20,10 +21,11 @@ Draft heads: replicated on every rank, not run on rank 0 and broadcast. Why:
   share the base's LM head, which is vocabulary-parallel (the heads' logits are gathered like
   the base's) unless they bring a draft vocabulary, whose F rows are replicated. Hydra heads
   index the embedding table by token id, so a rank keeps the whole table once more for them
-  (decode.StepModel): V x D, e.g. 0.26 GB for a 7B Llama in bfloat16, 2.1 GB for Llama-3 70B.
+  (replica.StepModel): V x D, e.g. 0.26 GB for a 7B Llama in bfloat16, 2.1 GB for Llama-3 70B.
 Verification reads the gathered logits of every tree node, so greedy, typical and lossless
-sampling are the single-device rules, exact; random draws use uniforms from generators seeded
-identically on every rank (the plan carries the seed, never the draws).
+sampling are the single-device rules, exact; random draws use the uniforms of each request's
+seeded stream on rank 0 (the engine's own), which the plan carries to the other ranks, so a
+seed gives the tokens of one device.
 
 A rank that dies fails the group loudly: gloo raises in the peers' next collective when the
 connection closes, every collective has a timeout, and the launcher (launch.py) ends the other
@@ -56,11 +58,16 @@ class Lockstep:
 
     def run(self, plan: StepPlan) -> Any:
         """Rank 0: send `plan` to every worker, run it here, return its result."""
+        self.send(plan)
+        return self.execute(plan)
+
+    def send(self, plan: StepPlan) -> None:
+        """Rank 0: send `plan` to every worker without running it here (a caller that makes the
+        same call itself, on its own arguments: replica.LockstepRunner)."""
         if self.group.rank != 0:
             raise RuntimeError("only rank 0 drives the lockstep; workers call serve()")
         self.group.broadcast_object(plan)
         self.steps += 1
-        return self.execute(plan)
 
     def serve(self) -> int:
         """A worker: run plans until rank 0 sends STOP; returns how many ran. A failing plan

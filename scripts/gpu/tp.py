@@ -13,13 +13,14 @@ reference (it must fit one GPU) and by slices for the TP run. What each call pri
   logits   teacher-forced max |TP N - TP 1| over 128 tokens, and the largest |logit| (bf16: expect
            ~1e-2 relative; float32 with --dtype float32: ~1e-4)
   greedy   tokens equal up to the first near-tie (top-2 margin < 0.05 in bf16): equal/compared, and where
-  step     ms per plain greedy decode step at batch 1, eager: TP 1 (medusa.decoding.generate, the
-           whole model) and TP N (the lockstep demo: plan broadcast + sharded step), 64 steps
+  step     ms per plain greedy decode step at batch 1 through the one Engine, with CUDA graphs and
+           eager: TP 1 (the whole model) and TP N (medusa.parallel.replica: rank 0's engine, every
+           rank replaying its runner's calls over its shard), 64 steps
   graph    ms per captured plain forward (1 token, NCCL all-reduces inside the CUDA graph) and
            whether its hidden state equals the eager one; FAILED with the error if capture fails
   allreduce us per NCCL all-reduce of [1, D] bf16 (the 2 per layer a decode step pays)
 
-Not a `medusa bench`: `medusa bench --tp N` waits for the engine's step runner (issue 24)."""
+The engine's own benchmark at TP N: `medusa bench --concurrency 1,4,16 --tp N`."""
 from __future__ import annotations
 
 import argparse
@@ -31,15 +32,14 @@ import torch
 
 sys.path.insert(0, os.getcwd())
 
-from medusa.decoding.generate import generate  # noqa: E402
+from medusa.decoding.generate import generate, single_engine  # noqa: E402
 from medusa.decoding.step import attention_mask  # noqa: E402
 from medusa.model.config import ModelConfig  # noqa: E402
 from medusa.model.llama import Transformer  # noqa: E402
 from medusa.parallel.comm import NO_MULTICAST  # noqa: E402
-from medusa.parallel.decode import Executor, decode  # noqa: E402
 from medusa.parallel.launch import launch  # noqa: E402
 from medusa.parallel.load import load_sharded  # noqa: E402
-from medusa.parallel.lockstep import Lockstep, StepPlan  # noqa: E402
+from medusa.parallel.replica import replica  # noqa: E402
 from medusa.parallel.shard import shard_model  # noqa: E402
 
 SHAPES = {
@@ -107,6 +107,17 @@ def _graph_forward(model, dev):
     return (time.perf_counter() - t0) * 10, same
 
 
+def _step_ms(model, prompt, steps, graphs):
+    """ms per plain greedy step at batch 1 through the Engine (one warm engine, a warm-up run first)."""
+    eng = single_engine(model, None, "ar", max_seq_len=len(prompt) + steps + 8, graphs=graphs)
+    list(generate(model, prompt, engine=eng, max_new_tokens=8, stop_token_ids=()))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    list(generate(model, prompt, engine=eng, max_new_tokens=steps + 1, stop_token_ids=()))
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3 / steps
+
+
 def rank_main(group, args):
     dev, rank = group.device, group.rank
     dtype = getattr(torch, args.dtype)
@@ -121,12 +132,7 @@ def rank_main(group, args):
         if rank == 0:
             ref["logits"] = _forward_logits(whole, teacher.to(dev))
             ref["greedy"], ref["margins"] = _greedy_margins(whole, prompt, args.tokens)
-            list(generate(whole, prompt, max_new_tokens=8, stop_token_ids=()))  # warm-up
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            list(generate(whole, prompt, max_new_tokens=args.steps + 1, stop_token_ids=()))
-            torch.cuda.synchronize()
-            ref["step_ms"] = (time.perf_counter() - t0) * 1e3 / args.steps
+            ref["step_ms"] = {gr: _step_ms(whole, prompt, args.steps, gr) for gr in (True, False)}
         if args.model:
             whole = None
             torch.cuda.empty_cache()
@@ -134,28 +140,22 @@ def rank_main(group, args):
         else:
             model = shard_model(whole, group)
             torch.cuda.empty_cache()
-    lock = Lockstep(group, Executor(model))
-    if rank == 0:
-        try:
-            logits = lock.run(StepPlan("logits", {"tokens": teacher.tolist()}))
-            diff = (logits - ref["logits"].cpu()).abs().max().item()
+        logits = _forward_logits(model, teacher.to(dev))  # every rank: the forward's collectives pair up
+    with replica(group, model) as driving:
+        if driving:
+            diff = (logits - ref["logits"]).abs().max().item()
             print(f"logits TP {group.world} vs TP 1: max |diff| {diff:.3e}, max |logit| {ref['logits'].abs().max().item():.3e}")
-            out = decode(lock, prompt, args.tokens)
+            eng = single_engine(model, None, "ar", max_seq_len=len(prompt) + args.tokens)
+            out = [t for c in generate(model, prompt, engine=eng, max_new_tokens=args.tokens, stop_token_ids=())
+                   for t in c.tokens]
             tie = next((i for i, m in enumerate(ref["margins"]) if m < args.tie), args.tokens)
             equal = sum(a == b for a, b in zip(out[:tie], ref["greedy"][:tie]))
             print(f"greedy: {equal}/{tie} equal before the first near-tie"
                   + (f" (at token {tie}, margin {ref['margins'][tie]:.3e})" if tie < args.tokens else " (no near-tie)"))
-            decode(lock, prompt, 8)  # warm-up
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            decode(lock, prompt, args.steps + 1)
-            torch.cuda.synchronize()
-            tp_ms = (time.perf_counter() - t0) * 1e3 / args.steps
-            print(f"step ms (batch 1, eager, plain greedy): TP 1 {ref['step_ms']:.2f}, TP {group.world} {tp_ms:.2f}")
-        finally:
-            lock.stop()
-    else:
-        lock.serve()
+            for gr in (True, False):
+                tp_ms = _step_ms(model, prompt, args.steps, gr)
+                print(f"step ms (batch 1, plain greedy, engine {'with CUDA graphs' if gr else 'eager'}): "
+                      f"TP 1 {ref['step_ms'][gr]:.2f}, TP {group.world} {tp_ms:.2f}")
     with torch.inference_mode():
         try:
             ms, same = _graph_forward(model, dev)

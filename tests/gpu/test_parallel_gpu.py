@@ -1,6 +1,11 @@
-"""Tensor parallelism over NCCL (needs 2 GPUs): a random model at TP 2 in float32 gives the
-logits of TP 1 and the same greedy tokens up to the first near-tie, through the lockstep demo."""
+"""Tensor parallelism over NCCL: `medusa generate --tp 1` (the replica path: sharding at world
+1, the engine's runner behind the lockstep wrapper, CUDA graphs) prints the tokens of the plain
+engine; a random model at TP 2 (needs 2 GPUs) in float32 gives the logits of TP 1 and, through
+the Engine with CUDA graphs on each rank, the same greedy tokens up to the first near-tie."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,24 +13,45 @@ from safetensors.torch import save_file
 
 from medusa.model.config import ModelConfig
 from medusa.model.llama import Transformer
-from medusa.parallel.decode import Executor, decode
+from medusa.decoding.generate import generate, single_engine
 from medusa.parallel.launch import launch
 from medusa.parallel.load import load_sharded
-from medusa.parallel.lockstep import Lockstep, StepPlan
+from medusa.parallel.replica import replica
 
 pytestmark = pytest.mark.gpu
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _rank(group, ckpt, teacher, prompt, n):
     model, _ = load_sharded(ckpt, group, torch.float32)
-    lock = Lockstep(group, Executor(model))
-    if group.rank:
-        lock.serve()
-        return None
-    try:
-        return {"logits": lock.run(StepPlan("logits", {"tokens": teacher})).numpy(), "greedy": decode(lock, prompt, n)}
-    finally:
-        lock.stop()
+    with torch.inference_mode():  # every rank: the forward's collectives pair up
+        T = len(teacher[0])
+        pos = torch.arange(T, device=model.device)[None]
+        mask = torch.ones(T, T, dtype=torch.bool, device=model.device).tril()[None]
+        logits = model(torch.tensor(teacher, device=model.device), pos, model.new_cache(1, T), pos, mask).logits.cpu()
+    with replica(group, model) as driving:
+        if not driving:
+            return None
+        eng = single_engine(model, None, "ar", max_seq_len=len(prompt) + n, graphs=True)
+        greedy = [t for c in generate(model, prompt, engine=eng, max_new_tokens=n, stop_token_ids=()) for t in c.tokens]
+        return {"logits": logits.numpy(), "greedy": greedy, "graphs": eng.stats()["graphs_captured"]}
+
+
+def _generate_json(*extra):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-m", "medusa.cli", "generate", "Explain tree attention in two sentences.",
+                          "--json", "--dtype", "float32", "--max-new-tokens", "48", "--mode", "spec", *extra],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_tp1_replica_path_with_graphs_equals_the_plain_engine():
+    """--tp 1 starts one NCCL rank and decodes through medusa.parallel.replica (the lockstep
+    wrapper around the runner, graphs captured through it): the same tokens as the engine
+    without --tp (float32: both load the same weights, so the same forward)."""
+    plain, tp1 = _generate_json(), _generate_json("--tp", "1")
+    assert tp1["token_ids"] == plain["token_ids"] and len(plain["token_ids"]) > 0
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
@@ -40,6 +66,7 @@ def test_tp2_nccl_matches_tp1(tmp_path):
     teacher = [list(range(1, 40))]
     prompt, n = list(range(5, 15)), 16
     got = launch(_rank, 2, str(tmp_path), teacher, prompt, n, backend="nccl", timeout_s=600)[0]
+    assert got["graphs"] > 0  # the steps replayed as CUDA graphs, NCCL collectives inside
     model = model.cuda()
     with torch.inference_mode():
         T = len(teacher[0])

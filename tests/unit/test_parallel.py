@@ -1,9 +1,10 @@
 """Tensor parallelism on the CPU (gloo, float32): ranks are spawned inside the tests.
 
-- the default model (9 heads, 3 KV heads) at TP 3: one group per module runs everything
-  (teacher-forced logits, greedy decoding plain and with the shipped Medusa and Hydra++ heads
-  and their trees through the lockstep protocol, a seeded sampled request), compared with
-  the whole model in this process (TP 1);
+- the default model (9 heads, 3 KV heads) at TP 3 through the one Engine (medusa.parallel.replica:
+  rank 0 runs the engine, every rank replays its runner's calls): teacher-forced logits, greedy
+  decoding plain and with the shipped Medusa and Hydra++ heads and their trees (Hydra++ with a
+  prompt-lookup chain), the batched engine with requests joining and leaving, and a seeded
+  sampled request, each compared with the whole model in this process (TP 1);
 - small random models at TP 2 and 4 (more heads than KV heads; at 4, fewer KV heads than ranks:
   replicated), loaded by slices from a checkpoint written here;
 - sharded weights reassemble to the original, one test per kind of linear;
@@ -19,37 +20,29 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from medusa.decoding.generate import generate
+from medusa.decoding.engine import Engine, Request
+from medusa.decoding.generate import generate, single_engine
 from medusa.decoding.sampling import SamplingParams
 from medusa.decoding.tree import load_tree, with_lookup
-from medusa.parallel.comm import NO_MULTICAST, Group, ParallelError, check_world, single
-from medusa.parallel.decode import Executor, decode
+from medusa.heads.io import load_heads
+from medusa.parallel.comm import NO_MULTICAST, Group, ParallelError, check_world
 from medusa.parallel.launch import launch
 from medusa.parallel.load import load_heads_sharded, load_sharded
 from medusa.parallel.lockstep import Lockstep, StepPlan
+from medusa.parallel.replica import replica, step_model
 from medusa.parallel.shard import layout, shard_model
 from medusa.runtime import shipped_heads_dir
 from tests.conftest import tiny_config, tiny_model
 
-TEXTS = ["What is the capital of France?", "Write a haiku about the sea."]
+N_PROMPTS = 2  # MT-Bench first turns
 NEW = 32
-SAMPLED = SamplingParams(temperature=0.8, rule="sample")
+SAMPLED = SamplingParams(temperature=0.8, rule="sample", seed=1234)
 SAMPLED_NEW = 16
-SEED = 1234
+# the batched engine: (prompt index, max new tokens, speculation), submitted in waves while rows run
+WAVES = [[(0, 24, "on"), (1, 10, "auto")], [(1, 20, "off"), (0, 8, "on")], [(0, 12, "auto")]]
 
 
-# ------------------------------------------------------------------ rank bodies (run in spawned ranks)
-
-def _serve_or_drive(group, executor, drive):
-    lock = Lockstep(group, executor)
-    if group.rank != 0:
-        lock.serve()
-        return None
-    try:
-        return drive(lock)
-    finally:
-        lock.stop()
-
+# ------------------------------------------------------------------ what every run decodes (TP 1 and TP 3 alike)
 
 def _heads_tree(label, folder):
     """The heads' searched tree for a CPU (shipped beside them); Hydra++'s with its lookup chain."""
@@ -57,36 +50,92 @@ def _heads_tree(label, folder):
     return with_lookup(tree, 16) if label == "hydra" else tree
 
 
+def _greedy(model, heads, tree, prompts, n=NEW):
+    """Each prompt's first n tokens, one engine (max_batch 1) for all of them."""
+    eng = single_engine(model, heads, tree, max_seq_len=max(map(len, prompts)) + n)
+    return [[t for c in generate(model, p, engine=eng, max_new_tokens=n, stop_token_ids=()) for t in c.tokens]
+            for p in prompts]
+
+
+def _sampled(model, heads, tree, prompt):
+    eng = single_engine(model, heads, tree, max_seq_len=len(prompt) + SAMPLED_NEW)
+    return [t for c in generate(model, prompt, engine=eng, params=SAMPLED, max_new_tokens=SAMPLED_NEW,
+                                stop_token_ids=()) for t in c.tokens]
+
+
+def _batched(model, heads, tree, prompts):
+    """Requests join in waves (two more every three steps) and leave as they finish; rank 0's
+    scheduler and adaptive policy decide, the other ranks only replay."""
+    eng = Engine(model, heads, tree, max_batch=4, max_seq_len=max(map(len, prompts)) + 32)
+    handles = []
+    for wave in WAVES:
+        handles += [eng.submit(Request(prompts[i], max_new_tokens=n, stop_token_ids=(), speculation=s))
+                    for i, n, s in wave]
+        for _ in range(3):
+            eng.step()
+    out = [h.result()[0] for h in handles]
+    return out, dict(eng.stats()["steps_by_tree"])
+
+
+def _decode_all(model, heads_by_label, prompts, replicated=True):
+    """Everything the TP 3 run decodes (replicated: over a sharded model, rank 0 driving the
+    engines), or, for TP 1 (the whole model in this process), the plain greedy tokens and the
+    seeded sampled ones that the TP 3 results are compared with. heads_by_label: label ->
+    (heads, tree)."""
+    res = {}
+    for label, (heads, tree) in heads_by_label.items():
+        m = step_model(model, heads)
+        with replica(m.tp_group, m, heads) if replicated else _one() as driving:
+            if not driving:
+                continue
+            r = res[label] = {}
+            if label == "medusa":
+                r["plain"] = _greedy(m, None, "ar", prompts)
+            if replicated:
+                r["spec"] = _greedy(m, heads, tree, prompts)
+            if label == "hydra":
+                r["sampled"] = _sampled(m, heads, tree, prompts[0])
+                if replicated:
+                    r["batched"], r["batched_trees"] = _batched(m, heads, tree, prompts)
+    return res
+
+
+class _one:
+    """The whole model in this process: nothing to replicate."""
+
+    def __enter__(self):
+        return True
+
+    def __exit__(self, *exc):
+        return False
+
+
 def _default_rank(group, hf_dir, heads_dirs, prompts, teacher):
     model, _ = load_sharded(hf_dir, group)
     out = {"local_kv_heads": model.cfg.num_kv_heads, "cache_heads": model.new_cache(1, 4).kv.shape[3]}
-    for label, folder in heads_dirs.items():
-        heads = load_heads_sharded(folder, model)
-        tree = _heads_tree(label, folder)
-
-        def drive(lock, label=label, tree=tree):
-            res = {"spec": [decode(lock, p, NEW, tree) for p in prompts]}
-            if label == "medusa":
-                res["logits"] = lock.run(StepPlan("logits", {"tokens": [teacher]})).numpy()
-                res["plain"] = [decode(lock, p, NEW) for p in prompts]
-            else:
-                res["sampled"] = decode(lock, prompts[0], SAMPLED_NEW, tree, SAMPLED, seed=SEED)
-            return res
-
-        out[label] = _serve_or_drive(group, Executor(model, heads), drive)
+    with torch.inference_mode():  # every rank runs the teacher-forced forward (its collectives pair up)
+        T = len(teacher)
+        pos = torch.arange(T)[None]
+        out["logits"] = model(torch.tensor([teacher]), pos, model.new_cache(1, T), pos,
+                              torch.ones(T, T, dtype=torch.bool).tril()[None]).logits.numpy()
+    heads = {label: (load_heads_sharded(folder, model), _heads_tree(label, folder)) for label, folder in heads_dirs.items()}
+    out.update(_decode_all(model, heads, prompts))
     return out if group.rank == 0 else None
 
 
 def _random_rank(group, hf_dir, prompts, teacher, n):
     model, _ = load_sharded(hf_dir, group)
-
-    def drive(lock):
-        return {"logits": lock.run(StepPlan("logits", {"tokens": teacher})).numpy(),
-                "plain": [decode(lock, p, n) for p in prompts],
+    with torch.inference_mode():
+        B, T = len(teacher), len(teacher[0])
+        pos = torch.arange(T)[None].expand(B, T)
+        logits = model(torch.tensor(teacher), pos, model.new_cache(B, T), pos,
+                       torch.ones(T, T, dtype=torch.bool).tril()[None].expand(B, T, T)).logits.numpy()
+    with replica(group, model) as driving:
+        if not driving:
+            return None
+        return {"logits": logits, "plain": _greedy(model, None, "ar", prompts, n),
                 "numel": sum(p.numel() for p in model.parameters()),  # what this rank loaded
                 "env": {k: os.environ.get(k) for k in NO_MULTICAST}}
-
-    return _serve_or_drive(group, Executor(model), drive)
 
 
 def _dying_rank(group, steps):
@@ -95,7 +144,14 @@ def _dying_rank(group, steps):
             os.kill(os.getpid(), signal.SIGKILL)
         return group.all_reduce(torch.ones(4)).tolist()
 
-    return _serve_or_drive(group, execute, lambda lock: [lock.run(StepPlan("x", {"i": i})) for i in range(steps)])
+    lock = Lockstep(group, execute)
+    if group.rank != 0:
+        lock.serve()
+        return None
+    try:
+        return [lock.run(StepPlan("x", {"i": i})) for i in range(steps)]
+    finally:
+        lock.stop()
 
 
 # ------------------------------------------------------------------ the default model at TP 3
@@ -110,41 +166,31 @@ def heads_dirs():
 
 
 @pytest.fixture(scope="module")
-def prompts(stack):
-    return [stack.tokenizer.encode_prompt(t) for t in TEXTS]
+def prompts(mt_prompts):
+    return mt_prompts[:N_PROMPTS]
 
 
 @pytest.fixture(scope="module")
 def reference(stack, heads_dirs, prompts):
-    """TP 1: the whole model through medusa.decoding.generate. Speculative greedy output equals
-    plain greedy output there (test_golden.py), so plain greedy is the reference of every
-    greedy run at TP 3."""
-    ref = {"plain": [[t for c in generate(stack.model, p, max_new_tokens=NEW, stop_token_ids=()) for t in c.tokens]
-                     for p in prompts]}
-    # sampling: the lockstep decode draws its own seeded stream (not the Engine's per-request
-    # uniforms), so TP 1 runs the same decode, as the group of one rank
-    one = single("cpu")
-    model, _ = load_sharded(str(stack.source.hf_dir), one)
-    heads = load_heads_sharded(heads_dirs["hydra"], model)
-    tree = _heads_tree("hydra", heads_dirs["hydra"])
-    ref["sampled"] = _serve_or_drive(one, Executor(model, heads),
-                                     lambda lock: decode(lock, prompts[0], SAMPLED_NEW, tree, SAMPLED, seed=SEED))
-    teacher = prompts[0] + ref["plain"][0]
+    """TP 1: the whole model through the same engine code in this process. Speculative greedy
+    output equals plain greedy output there (test_golden.py), so plain greedy is the reference
+    of every greedy run at TP 3, speculative and batched ones included."""
+    heads = {label: (load_heads(folder, stack.model), _heads_tree(label, folder)) for label, folder in heads_dirs.items()}
+    ref = _decode_all(stack.model, heads, prompts, replicated=False)
+    teacher = prompts[0] + ref["medusa"]["plain"][0]
     with torch.inference_mode():
         T = len(teacher)
-        ids = torch.tensor([teacher])
         pos = torch.arange(T)[None]
         mask = torch.ones(T, T, dtype=torch.bool).tril()[None]
-        ref["logits"] = stack.model(ids, pos, stack.model.new_cache(1, T), pos, mask).logits
+        ref["logits"] = stack.model(torch.tensor([teacher]), pos, stack.model.new_cache(1, T), pos, mask).logits
     ref["teacher"] = teacher
     return ref
 
 
 @pytest.fixture(scope="module")
 def tp3(stack, heads_dirs, prompts, reference):
-    out = launch(_default_rank, 3, str(stack.source.hf_dir), heads_dirs, prompts, reference["teacher"],
-                 backend="gloo", timeout_s=900)
-    return out[0]
+    return launch(_default_rank, 3, str(stack.source.hf_dir), heads_dirs, prompts, reference["teacher"],
+                  backend="gloo", timeout_s=900)[0]
 
 
 def test_default_model_tp3_kv_cache_holds_its_heads(tp3):
@@ -154,23 +200,32 @@ def test_default_model_tp3_kv_cache_holds_its_heads(tp3):
 def test_default_model_tp3_logits_match_tp1(tp3, reference):
     """Within 1e-4 in torch.testing's sense (|diff| <= 1e-4 + 1e-4 |logit|): the rank's partial
     sums add in another order than one GEMM's (measured: max |diff| 1.0e-4 at logits up to 28)."""
-    got = torch.from_numpy(tp3["medusa"]["logits"])
-    torch.testing.assert_close(got, reference["logits"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(tp3["logits"]), reference["logits"], rtol=1e-4, atol=1e-4)
 
 
-def test_default_model_tp3_plain_greedy_equals_tp1(tp3, reference):
-    assert tp3["medusa"]["plain"] == reference["plain"]
+def test_default_model_tp3_plain_engine_equals_tp1(tp3, reference):
+    assert tp3["medusa"]["plain"] == reference["medusa"]["plain"]
 
 
 @pytest.mark.parametrize("label", ["medusa", "hydra"])
 def test_default_model_tp3_heads_greedy_equals_tp1(tp3, reference, label):
-    """Through the lockstep demo with the shipped heads and their tree (Hydra++: with a
-    16-node prompt-lookup chain drafted on rank 0)."""
-    assert tp3[label]["spec"] == reference["plain"]
+    """Through the Engine with the shipped heads and their tree (Hydra++: with a 16-node
+    prompt-lookup chain drafted on rank 0), equal to TP 1's plain greedy tokens."""
+    assert tp3[label]["spec"] == reference["medusa"]["plain"]
+
+
+def test_default_model_tp3_batched_engine_equals_tp1(tp3, reference, prompts):
+    """max_batch 4, requests joining in waves and leaving as they finish, speculation on / auto /
+    off: every request's tokens are plain greedy decoding's (a prefix of it)."""
+    plain = reference["medusa"]["plain"]
+    want = [plain[i][:n] for wave in WAVES for i, n, _ in wave]
+    assert tp3["hydra"]["batched"] == want
+    assert sum(n for t, n in tp3["hydra"]["batched_trees"].items() if t != "ar") > 0  # some steps speculated
 
 
 def test_default_model_tp3_seeded_sampling_equals_tp1(tp3, reference):
-    assert tp3["hydra"]["sampled"] == reference["sampled"]
+    assert len(tp3["hydra"]["sampled"]) == SAMPLED_NEW
+    assert tp3["hydra"]["sampled"] == reference["hydra"]["sampled"]
 
 
 # ------------------------------------------------------------------ random models at TP 2 and 4

@@ -173,6 +173,25 @@ def test_settings_parse_and_reject_unknown_fields():
             Settings.parse(bad)
 
 
+def test_tensor_parallel_setting_places_a_replicas_ranks_on_one_node():
+    """tensor_parallel_size N: the Engine deployment asks for N bundles (STRICT_PACK), each of
+    engine_num_cpus / engine_num_gpus (GPU bundles only on GPUs); on GPUs one GPU per rank."""
+    pytest.importorskip("ray")
+    from services.app import engine_deployment
+
+    cpu = engine_deployment(Settings.parse({"tensor_parallel_size": 3, "engine_num_cpus": 0.5}))
+    assert cpu._replica_config.placement_group_bundles == [{"CPU": 0.5}] * 3
+    assert cpu._replica_config.placement_group_strategy == "STRICT_PACK"
+    gpu = engine_deployment(Settings.parse({"tensor_parallel_size": 2, "device": "cuda", "engine_num_gpus": 1,
+                                            "engine_num_cpus": 4}))
+    assert gpu._replica_config.placement_group_bundles == [{"CPU": 4, "GPU": 1}] * 2
+    assert engine_deployment(Settings.parse({}))._replica_config.placement_group_bundles is None
+    for bad in ({"tensor_parallel_size": 0}, {"tensor_parallel_size": 2, "device": "cuda", "engine_num_gpus": 2},
+                {"tensor_parallel_size": 2, "device": "cuda:1", "engine_num_gpus": 1}):
+        with pytest.raises(ConfigError):
+            Settings.parse(bad)
+
+
 def test_keys_are_hashed_and_bearer_parsed(redis_url, tmp_path):
     assert bearer_key([("authorization", "Bearer abc ")]) == "abc"
     assert bearer_key([("Authorization", "basic abc")]) is None and bearer_key([]) is None

@@ -86,7 +86,8 @@ def test_manifests_validate_against_the_crd(variant, rayservice_schema):
     assert serve_cfg["grpc_options"]["port"] in ports
     check_serve_config(serve_cfg)
     assert {d["kind"] for d in docs} >= {"Deployment", "Service"}  # Redis
-    check_operability(rs, serve_cfg, docs, gpus=variant == "gpu")
+    check_operability(rs, serve_cfg, docs, gpus=variant.startswith("gpu"))
+    check_gpus_per_pod(rs, serve_cfg)
 
 
 def _pods(rs):
@@ -133,6 +134,28 @@ def check_operability(rs, serve_cfg, docs, gpus):
         monitor = yaml.safe_load((REPO / "k8s" / "monitoring" / "podmonitor.yaml").read_text())
         assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
         assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} <= set(ports)
+
+
+def check_gpus_per_pod(rs, serve_cfg) -> None:
+    """An engine replica's ranks (tensor_parallel_size bundles of engine_num_gpus, STRICT_PACK:
+    one node) fit one GPU worker pod, and a pod holds whole replicas."""
+    from services.config import Settings
+
+    app = next(a for a in serve_cfg["applications"] if a["import_path"] == "services.app:build_app")
+    s = Settings.parse(app["args"])
+    need = s.tensor_parallel_size * s.engine_num_gpus
+    for g in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        gpus = float(g["template"]["spec"]["containers"][0].get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+        if need and gpus:
+            assert gpus >= need and gpus % need == 0, (gpus, need)
+
+
+def test_the_tensor_parallel_overlay_spans_the_gpus_of_a_pod():
+    rs = next(d for d in build(REPO / "k8s" / "overlays" / "gpu-tp") if d["kind"] == "RayService")
+    app = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]
+    pod = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert app["tensor_parallel_size"] == 2 and app["engine_num_gpus"] == 1 and app["device"] == "cuda"
+    assert pod["resources"]["limits"]["nvidia.com/gpu"] == "2"
 
 
 def check_serve_config(cfg: dict) -> None:

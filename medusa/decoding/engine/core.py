@@ -24,7 +24,9 @@ its batch-mates, on the tree chosen, or on whether it speculated.
 The package's files: requests.py (Request, RequestHandle, TokenEvent, RequestStats),
 scheduler.py (inbox, admission, prefill grouping, row swaps), policy.py (the tree choice and
 what steps teach it), warmup.py (graphs and step costs before traffic), core.py (this: the
-Engine, its rows, one step, output). Every step and prefill runs through runner.py.
+Engine, its rows, one step, output). Every step and prefill, and every other read or change of
+the replica's device state, runs through runner.py (so a tensor-parallel replica can replay
+them on every rank: a model with a `replica` driver, medusa.parallel.replica).
 
 This package knows token ids only (never text), and nothing of transports or tenants: session
 ids arrive already namespaced. All decoding goes through medusa.decoding.step."""
@@ -123,6 +125,11 @@ class Engine(Scheduler, Warmup):
         self._live: dict[str, Live] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
+        replica = getattr(model, "replica", None)
+        if replica is not None:  # rank 0 of a tensor-parallel replica: every rank builds this engine (medusa.parallel.replica)
+            replica.adopt(self, dict(tree=tree, max_batch=max_batch, kv_budget_tokens=kv_budget_tokens,
+                                     max_seq_len=max_seq_len, trees=trees, step_cost=step_cost, graphs=graphs,
+                                     prefill_tokens=prefill_tokens, admit_wait_steps=admit_wait_steps))
 
     def _row_state(self) -> RowState:
         return RowState(self.cache, self.row_start, self.row_root, self.row_hidden, self.head_state, self.pool.rows,
@@ -300,7 +307,7 @@ class Engine(Scheduler, Warmup):
         off = [x.req.speculation == "off" for x in lives]
         max_accept = None
         if N > 1 and any(off):
-            max_accept = torch.tensor([0 if o else D for o in off], dtype=torch.long, device=dev)  # [n]
+            max_accept = [0 if o else D for o in off]
         committed = [x.kv_len for x in lives]  # known on the host: no sync
         t0 = time.perf_counter()
         pad = [self.pool.length[r] for r in range(n, self.runner.bucket(n))]
@@ -348,7 +355,7 @@ class Engine(Scheduler, Warmup):
         return drafts
 
     def _set_drafts(self, lives: list[Live], L: int) -> None:
-        self.row_draft[:len(lives), :L].copy_(torch.tensor(self._drafts(lives, L), dtype=torch.long), non_blocking=True)
+        self.runner.set_drafts(self._drafts(lives, L))
 
 
     # -------------------------------------------------------------- output

@@ -2,7 +2,8 @@
 cancellations, admission into the row pool (kv_pool.RowPool: running rows are kept in rows
 0 .. n-1, swaps keep it so), prefill grouping (fresh prompts sorted by length and cut into
 padded forwards where padding would cost more than another forward: staging.plan_groups;
-rows continuing a kept session join the last group while it fits).
+rows continuing a kept session join the last group while it fits). Every change to device
+state goes through the runner.
 
 A mixin of Engine (core.py): it works on the engine's pool, rows and runner, and knows nothing
 of the speculation policy or of how a step is run."""
@@ -15,7 +16,7 @@ import time
 import torch
 
 from medusa.decoding.engine.requests import Live
-from medusa.decoding.kv_pool import Swap, swap_cache_rows, swap_state_rows
+from medusa.decoding.kv_pool import Swap
 from medusa.decoding.logprobs import host_entries
 from medusa.decoding.sampling import BatchSampling
 from medusa.decoding.staging import plan_groups
@@ -143,11 +144,9 @@ class Scheduler:
         return len(group) * T <= self.prefill_tokens
 
     def _apply_swaps(self, swaps: list[Swap]) -> None:
+        if swaps:
+            self.runner.swap_rows(swaps)  # the tensors (every rank of a tensor-parallel replica)
         for s in swaps:
-            swap_cache_rows(self.cache, s)
-            swap_state_rows(self.head_state, s.a, s.b)
-            for t in (self.row_start, self.row_root, self.row_hidden):
-                t[[s.a, s.b]] = t[[s.b, s.a]]
             self._rows[s.a], self._rows[s.b] = self._rows[s.b], self._rows[s.a]
             for r in (s.a, s.b):
                 if self._rows[r] is not None:
@@ -157,11 +156,8 @@ class Scheduler:
         """One prefill forward over the group's rows (consecutive), prompts right-padded. Returns
         each row's first token (the caller emits them)."""
         dev = self.device
-        r0, k = group[0].row, len(group)
-        new = [x.req.prompt_ids[x.reused:] for x in group]
-        T = max(map(len, new))
-        tokens = torch.tensor([t + [0] * (T - len(t)) for t in new], dtype=torch.long, device=dev)  # [k, T]
-        lengths = torch.tensor([len(t) for t in new], dtype=torch.long, device=dev)  # [k]
+        r0 = group[0].row
+        new = [list(x.req.prompt_ids[x.reused:]) for x in group]
         sampling = BatchSampling.stack([x.req.sampling for x in group], dev)
         u = None
         if sampling.any_random:
@@ -170,7 +166,7 @@ class Scheduler:
                              if x.uniforms is not None else zero for x in group])  # [k, 1]
         want = [x.req.logprobs for x in group]
         asked = any(w is not None for w in want)
-        roots = self.runner.prefill(r0, tokens, [x.reused for x in group], lengths, sampling, u, logprobs=asked).tolist()
+        roots = self.runner.prefill(r0, new, [x.reused for x in group], sampling, u, logprobs=asked).tolist()
         if asked:  # the first token's logprobs, from the prefill's last logits (emitted by the caller)
             for x, e in zip(group, host_entries(self.runner.prefill_logprobs, [[r] for r in roots], want)):
                 if e is not None:
