@@ -67,24 +67,25 @@ class OracleHeads(DraftHeads):
             cand[0, i] = true if r == self.right_rank[d - 1] else (true + 1) % base.cfg.vocab_size
         return cand
 
-    def new_state(self, batch, max_len, base):
+    def new_state(self, batch, max_len, base, lazy=False):
         return None  # no state: CountingOracle keeps one
-
-    def observe(self, state, hidden, positions, count, kv_len=None):
-        pass
 
 
 class CountingOracle(OracleHeads):
-    """Tracks how many output tokens are committed by watching `observe`: the state holds, per
-    row, the output tokens in the cache (the last observed position + 1 - the prompt length;
-    the prefill's observe of the prompt makes it 0, the root being output index 0)."""
+    """Tracks how many output tokens are committed by watching what the base shows the heads
+    (`see`): the state holds, per row, the output tokens in the cache (the last committed
+    position + 1 - the prompt length; the prompt makes it 0, the root being output index 0).
+    Never lazy: it sees every forward as it happens."""
 
-    def new_state(self, batch, max_len, base):
+    def new_state(self, batch, max_len, base, lazy=False):
         return torch.full((batch,), -1, dtype=torch.long)  # per-row, updated in place
 
-    def observe(self, state, hidden, positions, count, kv_len=None):
-        count = torch.as_tensor(count, device=positions.device).long().clamp_min(1)
-        last = positions.gather(1, (count - 1)[:, None])[:, 0]  # [B]
+    def see(self, state, seen):
+        if seen.count is not None:  # a prompt: its last real token
+            count = torch.as_tensor(seen.count, device=seen.positions.device).long().clamp_min(1)
+            last = seen.positions.gather(1, (count - 1)[:, None])[:, 0]  # [B]
+        else:  # a step: the last accepted node
+            last = seen.positions.gather(1, seen.last_node[:, None])[:, 0]
         state.copy_(last + 1 - self.prompt_len)
 
     def propose(self, state, last_hidden, root, tree, base):

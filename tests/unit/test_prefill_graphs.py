@@ -47,7 +47,7 @@ def test_bucketed_prefill_equals_direct(head_type):
         hs = heads.new_state(k, 80, model)
         if not staged:
             return cache, prefill(model, heads, cache, tokens, start, sampling, None, hs, lengths)
-        root, last = first_token(model, pg.run(tokens, cache, lengths, hs), lengths, sampling, None)
+        root, last, _ = first_token(model, pg.run(tokens, cache, lengths, hs), lengths, sampling, None)
         return cache, DecodeState(cache, lengths, root, last, hs)
 
     (c0, s0), (c1, s1) = run(False), run(True)
