@@ -67,15 +67,20 @@ def test_fp8_linear_captures_in_a_cuda_graph(rows):
     assert not torch.allclose(out.float(), eager.float())
 
 
-def test_fp8_model_computes_like_its_bf16_self(tmp_path):
-    dev = _needs_fp8()
+def _tiny_llama(path, max_positions: int) -> None:
+    """A random 2-layer Llama checkpoint written by transformers itself into `path`."""
     transformers = pytest.importorskip("transformers")
-    from medusa.model.loading import load_model
-
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(str(tmp_path))
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(str(path))
+
+
+def test_fp8_model_computes_like_its_bf16_self(tmp_path):
+    dev = _needs_fp8()
+    from medusa.model.loading import load_model
+
+    _tiny_llama(tmp_path, max_positions=128)
     base, _ = load_model(tmp_path, dtype=torch.bfloat16, device=dev)
     q, _ = load_model(tmp_path, dtype=torch.bfloat16, device=dev, quantization="fp8")
     assert sum(isinstance(m, fp8.FP8Linear) for m in q.modules()) == 14
@@ -120,11 +125,13 @@ def test_weight_only_kernel_matches_the_dequantised_matmul_at_8b_shapes(n, k, ro
     assert torch.equal(got, fp8_matmul(x, q, s, bias))  # deterministic (split-K has no atomics)
 
 
-def test_fp8_linear_takes_the_kernel_for_decode_rows():
-    """FP8Linear on 1..MAX_ROWS rows runs the kernel: closer to the dequantised matmul than the
-    _scaled_mm path (which rounds the activations to e4m3 too)."""
+def test_fp8_linear_takes_the_kernel_for_decode_rows(monkeypatch):
+    """With the kernel opted in (MEDUSA_FP8_KERNEL=triton), FP8Linear on 1..MAX_ROWS rows runs
+    it: closer to the dequantised matmul than the _scaled_mm path (which rounds the activations
+    to e4m3 too)."""
     from medusa.kernels.fp8_linear import MAX_ROWS
 
+    monkeypatch.setenv("MEDUSA_FP8_KERNEL", "triton")
     dev = _needs_kernel()
     lin = _linear(dev, 4096, 1024)
     for rows in (1, MAX_ROWS):
@@ -161,17 +168,14 @@ def test_weight_only_kernel_captures_in_a_cuda_graph(n, k):
         assert (out.float() - ref).abs().max() <= ref.abs().max() / 100, (rows, warm)
 
 
-def test_fused_fp8_model_computes_like_its_unfused_self(tmp_path):
+def test_fused_fp8_model_computes_like_its_unfused_self(tmp_path, monkeypatch):
     """An FP8 load on a GPU fuses q/k/v and gate/up (as bfloat16 does): 3 GEMMs fewer per layer,
-    the same function (decode rows: the kernel; a long prompt: _scaled_mm)."""
+    the same function (decode rows: the opted-in kernel; a long prompt: _scaled_mm)."""
     dev = _needs_fp8()
-    transformers = pytest.importorskip("transformers")
     from medusa.model.loading import load_model
 
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(str(tmp_path))
+    monkeypatch.setenv("MEDUSA_FP8_KERNEL", "triton")  # decode rows through the kernel, as they would opt in
+    _tiny_llama(tmp_path, max_positions=256)
     q, _ = load_model(tmp_path, dtype=torch.bfloat16, device=dev, quantization="fp8")
     assert q.layers[0].self_attn.qkv_scale is not None and q.layers[0].mlp.gate_up_scale is not None
     for n in (4, 100):
