@@ -129,7 +129,8 @@ class Engine(Scheduler, Warmup):
         if replica is not None:  # rank 0 of a tensor-parallel replica: every rank builds this engine (medusa.parallel.replica)
             replica.adopt(self, dict(tree=tree, max_batch=max_batch, kv_budget_tokens=kv_budget_tokens,
                                      max_seq_len=max_seq_len, trees=trees, step_cost=step_cost, graphs=graphs,
-                                     prefill_tokens=prefill_tokens, admit_wait_steps=admit_wait_steps))
+                                     prefill_tokens=prefill_tokens, admit_wait_steps=admit_wait_steps,
+                                     compile_mode=compile_mode))
 
     def _row_state(self) -> RowState:
         return RowState(self.cache, self.row_start, self.row_root, self.row_hidden, self.head_state, self.pool.rows,
