@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from medusa.decoding.buckets import kv_round
 from medusa.heads.base import DraftHeads, HeadsConfig
 from medusa.heads.medusa import ResBlock
 from medusa.kernels.draft import add_silu, head_inputs
@@ -276,7 +277,7 @@ class HydraHeads(DraftHeads):
         dev = view.pending.device
         pos = (torch.tensor(seen, device=dev)[:, None] + torch.arange(P, device=dev)).clamp_max(S - 1)  # [B, P]
         hid = view.pending.gather(1, pos[..., None].expand(-1, -1, view.pending.shape[-1]))  # [B, P, D]
-        kv_len = min(S, -(-max(committed) // 64) * 64)  # few distinct shapes
+        kv_len = kv_round(max(committed), S)  # few distinct shapes
         self.observe(view, hid, pos, torch.tensor(counts, device=dev), kv_len=kv_len)
 
     def propose(self, state, last_hidden, root, tree, base) -> torch.Tensor:
