@@ -1,7 +1,8 @@
 """The request path of the cluster (medusa.v1.Medusa), shared by both faces (gRPC through
 Serve's gRPC proxy, HTTP through services.openai_api): authenticates the tenant, checks the
 request, asks the tokenizer deployment for ids, takes quota, looks up the session's replica
-in Redis and streams the engine's tokens back as text deltas, then a Final message.
+in Redis and streams the engine's tokens back as text deltas (services.textstream), then a
+Final message.
 
 Every failure leaves as a status code with a one-line reason (never a stack trace) and, where
 a retry may succeed, trailing metadata `retry-after-ms` (services.limits.status_for). The
@@ -25,16 +26,16 @@ from medusa.errors import RequestError
 from medusa.proto.v1 import medusa_pb2 as pb
 from services import limits, telemetry
 from services.config import Settings
-from services.detok import JsonDecoder, decode_delta
 from services.grpc_wire import Malformed
 from services.limits import Admission, BadRequest, Unavailable, cause
-from services.logprobs import LogprobStream, entries, ids_of
+from services.logprobs import LogprobStream
 from services.metrics import Metrics
 from services.redis_guard import RedisGuard
 from services.requests import input_of, parse_generate
 from services.routing import SessionStore, engine_session_id
 from services.stops import StopMatcher
 from services.tenancy import KeyStore, Quota, bearer_key
+from services.textstream import TextStream
 
 log = logging.getLogger("medusa.services.ingress")
 
@@ -86,62 +87,7 @@ class Ingress:
         self.admission = Admission(settings)
         self.tracer = telemetry.setup("ingress", settings.tracing)
         self._model_info: dict | None = None
-        self._detok = None
-        self._decoder = None  # the local decoder, when the Tokenizer deployment handed one out
-        self._token_text: dict[int, str] = {}  # token id -> its text alone (logprobs), at most a vocabulary
-
-    async def _detokenizer(self):
-        """detok(ids, prefix_offset, read_offset, final) -> (text, prefix, read): local with the
-        decoder the Tokenizer deployment hands out (a call per chunk saved), else remote."""
-        if self._detok is None:
-            spec = None
-            if self.settings.local_detokenize:
-                try:
-                    spec = await self.tokenizer.decoder_json.remote()
-                except Exception as e:  # noqa: BLE001 - fall back to the remote path
-                    log.warning("no local decoder (%s): detokenising through the Tokenizer deployment", type(_cause(e)).__name__)
-            if spec:
-                dec = self._decoder = JsonDecoder(spec)
-
-                async def detok(ids, p, r, final):
-                    return decode_delta(dec, ids, p, r, final)
-            else:
-                async def detok(ids, p, r, final):
-                    return await self.tokenizer.detokenize.remote(ids, p, r, final)
-            self._detok = detok
-        return self._detok
-
-    async def _texts(self, ids: set[int]) -> dict[int, str]:
-        """Each token's text alone (for logprobs): from the local decoder, else one call to the
-        Tokenizer deployment for the ids not seen before."""
-        missing = [i for i in ids if i not in self._token_text]
-        if missing:
-            await self._detokenizer()
-            if self._decoder is not None:
-                texts = [self._decoder.token_text(i) for i in missing]
-            else:
-                texts = await self.tokenizer.token_texts.remote(missing)
-            self._token_text.update(zip(missing, texts))
-        return {i: self._token_text[i] for i in ids}
-
-    async def _lp_text(self, detok, ids: list[int], new: list[int], ev: dict, prefix: int, read: int, final: bool,
-                       lp: LogprobStream, eos: bool = False) -> tuple[str, int, int]:
-        """The text the new tokens add, detokenised token by token so that each token's logprob
-        entry knows which characters it added (LogprobStream). eos: the last new token is the
-        end-of-sequence token that ended the request: like its text, its entry is not output
-        (OpenAI's logprobs cover the returned content). Returns (text, prefix, read)."""
-        event = ev.get("logprobs") or []
-        if eos:
-            event = event[:len(new) - 1]
-        msgs = entries(new, event, await self._texts(ids_of(new, event)))
-        base, parts = len(ids) - len(new), []
-        for j in range(len(new)):
-            t, p, r = await detok(ids[prefix:base + j + 1], 0, read - prefix, final and j == len(new) - 1)
-            prefix, read = prefix + p, prefix + r
-            parts.append(t)
-            if j < len(msgs):
-                lp.add(msgs[j], len(t))
-        return "".join(parts), prefix, read
+        self.text = TextStream(tokenizer, settings.local_detokenize)
 
     async def _tenant(self, grpc_context) -> str:
         if not self.settings.require_auth:
@@ -215,7 +161,7 @@ class Ingress:
         span.set_attribute("medusa.prompt_tokens", len(prompt_ids))
         max_new = limits.room_for(spec.max_new_tokens, len(prompt_ids), (await self._info()).get("context_length"))
         lease = await self.quota.acquire(tenant, len(prompt_ids) + max_new)
-        detok = await self._detokenizer()
+        detok = await self.text.detokenizer()
         stops = StopMatcher(spec.stop)
         lp = LogprobStream() if spec.logprobs is not None else None  # entries follow their text through `stops`
         ids: list[int] = []
@@ -262,8 +208,8 @@ class Ingress:
                         text, p, r = await detok(ids[prefix:], 0, read - prefix, fin is not None)
                         prefix, read = prefix + p, prefix + r
                     else:
-                        text, prefix, read = await self._lp_text(detok, ids, new, ev, prefix, read, fin is not None, lp,
-                                                                 eos=fin == "eos")
+                        text, prefix, read = await self.text.lp_text(detok, ids, new, ev, prefix, read, fin is not None, lp,
+                                                                     eos=fin == "eos")
                     text, hit = stops.push(text)  # stop strings on text: trimmed, the engine request cancelled
                     released = lp.release(len(text), matched=hit) if lp is not None else ()
                     yield pb.GenerateResponse(delta=pb.Delta(text=text, token_ids=new, logprobs=released))
