@@ -50,8 +50,8 @@ class CompiledBlocks(BlockOps):
     def project(self, attn, x, cos, sin):
         return self._fns[id(attn)](x, cos, sin)
 
-    def mlp(self, mlp, x, residual=None):
-        return self._fns[id(mlp)](x, residual)
+    def mlp(self, mlp, x):
+        return self._fns[id(mlp)](x)
 
 
 class _WithOps:

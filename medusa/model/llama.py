@@ -100,8 +100,8 @@ class BlockOps:
     def project(self, attn: "Attention", x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         return attn.project(x, cos, sin)
 
-    def mlp(self, mlp: "MLP", x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return mlp(x, residual)
+    def mlp(self, mlp: "MLP", x: torch.Tensor) -> torch.Tensor:
+        return mlp(x)
 
 
 EAGER = BlockOps()
@@ -145,23 +145,6 @@ def _fuse_linears(*lins: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None, 
             lin.bias = nn.Parameter(bias[at: at + n], requires_grad=False)
         at += n
     return weight, bias, None
-
-
-def _project_out(lin: nn.Module, h: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-    """residual + lin(h) (lin(h) where residual is None). A plain Linear without a bias reads the
-    residual in its GEMM's epilogue (addmm, beta = 1): one kernel where a GEMM and an add were
-    two, and the sum is rounded once. FP8 projections and adapters run as written."""
-    if residual is None:
-        return lin(h)
-    if type(lin) is nn.Linear and lin.bias is None:
-        return _addmm_out(residual, h, lin.weight)
-    return residual + lin(h)
-
-
-def _addmm_out(residual: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """residual + h @ weight.T as one GEMM: residual [.., D], h [.., K] (any strides), weight [D, K]."""
-    D = residual.shape[-1]
-    return torch.addmm(residual.reshape(-1, D), h.reshape(-1, h.shape[-1]), weight.t()).view(residual.shape)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None) -> torch.Tensor:
@@ -246,9 +229,7 @@ class Attention(nn.Module):
         qkv = apply_rope(qkv, cos, sin)
         return qkv[:, :, :H], qkv[:, :, H:]
 
-    def forward(self, x, inp: LayerInputs, layer: int, cache: KVCache, ops: BlockOps = EAGER,
-                residual: torch.Tensor | None = None):
-        """The attention's output, plus `residual` where given (summed in o_proj's GEMM)."""
+    def forward(self, x, inp: LayerInputs, layer: int, cache: KVCache, ops: BlockOps = EAGER):
         B, N, _ = x.shape
         H, Hkv, Dh = self.n_heads, self.n_kv, self.head_dim
         q, kv = ops.project(self, x, inp.cos, inp.sin)
@@ -257,7 +238,7 @@ class Attention(nn.Module):
         values = cache.v[layer][:, :, :inp.kv_len]
         if inp.visible is not None and not (torch.is_grad_enabled() and x.requires_grad):
             # one kernel: reads q in its [B, N, H, Dh] layout, writes o_proj's
-            return _project_out(self.o_proj, tree_attention(q, keys, values, inp.visible).view(B, N, H * Dh), residual)
+            return self.o_proj(tree_attention(q, keys, values, inp.visible).view(B, N, H * Dh))
         # grouped-query attention: each kv head's query heads are folded into its query rows
         # (row r * N + n = head kv * rep + r, token n), so K and V are never copied per head
         q = q.transpose(1, 2).reshape(B, Hkv, self.rep * N, Dh)
@@ -270,7 +251,7 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=inp.mask, scale=1.0)
         out = out.reshape(B, H, N, Dh)
-        return _project_out(self.o_proj, out.transpose(1, 2).reshape(B, N, H * Dh), residual)
+        return self.o_proj(out.transpose(1, 2).reshape(B, N, H * Dh))
 
 
 class MLP(nn.Module):
@@ -286,23 +267,20 @@ class MLP(nn.Module):
     def fuse(self) -> None:
         self.gate_up_weight, _, self.gate_up_scale = _fuse_linears(self.gate_proj, self.up_proj)
 
-    def forward(self, x, residual: torch.Tensor | None = None):
-        """The MLP's output, plus `residual` where given (summed in down_proj's GEMM)."""
+    def forward(self, x):
         if self.gate_up_weight is None:
-            return _project_out(self.down_proj, F.silu(self.gate_proj(x)) * self.up_proj(x), residual)
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         # fused (a GPU): the GEMM writes [2F, M], so gate and up are contiguous halves and the
         # elementwise kernels vectorise; slicing [M, 2F] gives strided halves instead (H200,
         # scripts/gpu/step_ops_bench.py: 13.7 -> 11.4 us per MLP at 64 tokens, equal at 1)
         if self.gate_up_scale is not None:  # FP8: [.., 2F] from its own GEMM, halves strided
             gate_up = fp8.linear(x, self.gate_up_weight, self.gate_up_scale, None)
             f = gate_up.shape[-1] // 2
-            return _project_out(self.down_proj, F.silu(gate_up[..., :f]) * gate_up[..., f:], residual)
+            return self.down_proj(F.silu(gate_up[..., :f]) * gate_up[..., f:])
         M = x.shape[:-1]
         gate_up = torch.mm(self.gate_up_weight, x.reshape(-1, x.shape[-1]).t())  # [2F, M]
         f = gate_up.shape[0] // 2
         h = F.silu(gate_up[:f]).mul_(gate_up[f:])  # [F, M]
-        if residual is not None:
-            return _addmm_out(residual, h.t(), self.down_proj.weight)
         return F.linear(h.t(), self.down_proj.weight).view(*M, -1)
 
 
@@ -315,19 +293,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, inp: LayerInputs, layer: int, cache: KVCache, ops: BlockOps = EAGER):
-        if self.folds_residual:  # the residual adds ride in o_proj's and down_proj's GEMMs
-            x = self.self_attn(ops.norm(self.input_layernorm, x), inp, layer, cache, ops, residual=x)
-            return ops.mlp(self.mlp, ops.norm(self.post_attention_layernorm, x), x)
         x = x + self.self_attn(ops.norm(self.input_layernorm, x), inp, layer, cache, ops)
         return x + ops.mlp(self.mlp, ops.norm(self.post_attention_layernorm, x))
-
-    @property
-    def folds_residual(self) -> bool:
-        """Whether the residual may enter the output projections' GEMMs: not where a
-        tensor-parallel all-reduce sums those outputs (medusa.parallel.shard's hooks), which
-        would add the residual once per rank."""
-        group = getattr(self.self_attn, "tp_group", None)
-        return group is None or group.world == 1
 
     def fuse(self) -> None:
         self.self_attn.fuse()
