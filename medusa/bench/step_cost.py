@@ -139,9 +139,10 @@ def query_tree(n: int) -> Tree:
     return build_tree(search_tree(acc, n), name=f"tree{n}")
 
 
-def _forward_fn(model: Transformer, context: int, n: int, graphs: bool) -> Callable[[], None] | None:
+def _forward_fn(model: Transformer, context: int, n: int, graphs: bool, ops=None) -> Callable[[], None] | None:
     """A callable running one verification forward of n nodes at `context`, or None when
-    graphs were asked for but medusa.decoding.graphs offers no capture."""
+    graphs were asked for but medusa.decoding.graphs offers no capture. ops: the forward's
+    per-layer pieces (llama.BlockOps; None: as written)."""
     cfg, dev = model.cfg, model.device
     tree = query_tree(n)
     kv_len = kv_round(context + n, context + n + 64)  # the next multiple of 64 slots
@@ -154,7 +155,10 @@ def _forward_fn(model: Transformer, context: int, n: int, graphs: bool) -> Calla
     mask = attention_mask(start, tree.mask.to(dev), kv_len)  # [1, N, S]
 
     def eager() -> None:
-        model(tokens, positions, cache, slots, mask, logits_for="all")
+        if ops is None:
+            model(tokens, positions, cache, slots, mask, logits_for="all")
+        else:
+            model(tokens, positions, cache, slots, mask, logits_for="all", ops=ops)
 
     if not graphs:
         return eager

@@ -27,15 +27,16 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from medusa.bench.step_cost import _forward_fn, copy_rate, random_model, shape_config, weight_bytes  # noqa: E402
+from medusa.decoding.graphs import CompiledBlocks  # noqa: E402
 
 
 def gemm_roles(cfg) -> dict[frozenset, tuple[str, int]]:
     """{frozenset of the two weight dims: (role, weight bytes per call)} in bfloat16."""
     d, dh, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * dh
+    # a GPU fuses q/k/v and gate/up (llama.fuse_projections): o and q, down and gate share dims
     dims = {"qkv": (d, qkv), "o": (cfg.num_heads * dh, d), "gate_up": (d, 2 * f), "down": (f, d),
-            "lm_head": (d, cfg.vocab_size), "q": (d, cfg.num_heads * dh), "kv": (d, cfg.num_kv_heads * dh),
-            "gate/up": (d, f)}
+            "lm_head": (d, cfg.vocab_size)}
     return {frozenset(v): (k, 2 * v[0] * v[1]) for k, v in dims.items()}
 
 
@@ -69,9 +70,14 @@ def eager_roles(fn, roles, tokens: int, rate: float) -> list[dict]:
     agg: dict[str, list] = {}
     for e in prof.events():
         us = getattr(e, "self_device_time_total" if cuda else "self_cpu_time_total", 0.0)
-        if us <= 0 or not e.name.startswith("aten::"):
+        if us <= 0:
             continue
-        role, nbytes = role_of(e, roles, tokens)
+        if e.name.startswith("aten::"):
+            role, nbytes = role_of(e, roles, tokens)
+        elif "attention" in e.name and e.device_type.name != "CUDA":  # a Triton kernel's launch (no aten op)
+            role, nbytes = "attention", 0
+        else:
+            continue
         a = agg.setdefault(role, [0, 0.0, 0])
         a[0] += 1
         a[1] += us / 1000.0
@@ -81,7 +87,7 @@ def eager_roles(fn, roles, tokens: int, rate: float) -> list[dict]:
         row = {"role": role, "calls": calls, "ms": round(ms, 4)}
         if nbytes:
             row["weight_mb"] = round(nbytes / 1e6, 1)
-            row["x_copy_rate"] = round(ms / 1e3 / (nbytes / (rate / 2)), 2)  # time / (bytes read at half the copy rate)
+            row["x_copy_rate"] = round(ms / 1e3 / (nbytes / rate), 2)  # time / (bytes at the copy rate)
         out.append(row)
     return out
 
@@ -113,38 +119,47 @@ def main() -> None:
     ap.add_argument("--shape", default="llama3-8b")
     ap.add_argument("--queries", default="1,64")
     ap.add_argument("--contexts", default="512,2048")
+    ap.add_argument("--compile", default="none", help="comma list: none (the pieces as written) and/or a torch.compile "
+                    "mode for the per-layer pieces (graphs.CompiledBlocks), e.g. none,default")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a CPU: a smoke test of the roles only
     cfg = shape_config(args.shape)
     model = random_model(cfg, torch.bfloat16 if dev.type == "cuda" else torch.float32, dev)
     rate = copy_rate(dev)
-    floor_ms = weight_bytes(cfg, torch.bfloat16) / (rate / 2) * 1e3
+    floor_ms = weight_bytes(cfg, torch.bfloat16) / rate * 1e3  # as `medusa bench --step-cost` (rate: read + write)
     roles = gemm_roles(cfg)
     doc = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "shape": args.shape, "torch": torch.__version__,
            "copy_rate_gbs": round(rate / 1e9, 1), "floor_ms": round(floor_ms, 3), "rows": []}
     print(f"{doc['device']}, {args.shape}: copy rate {rate / 1e9:.0f} GB/s, floor {floor_ms:.2f} ms", flush=True)
     for c in [int(x) for x in args.contexts.split(",")]:
         for n in [int(x) for x in args.queries.split(",")]:
-            with torch.inference_mode():
-                replay = _forward_fn(model, c, n, graphs=True) if dev.type == "cuda" else None
-                ms, count, ksum, top = graph_profile(replay) if replay else (float("nan"), 0, 0.0, {})
-                eager = _forward_fn(model, c, n, graphs=False)
-                by_role = eager_roles(eager, roles, n, rate)
-            row = {"context": c, "queries": n, "graph_ms": round(ms, 4), "x_floor": round(ms / floor_ms, 3),
-                   "kernels": count, "kernel_sum_ms": round(ksum, 4), "roles": by_role, "top_kernels_ms": top}
-            doc["rows"].append(row)
-            print(f"\n## context {c}, {n} queries: graph {ms:.3f} ms ({ms / floor_ms:.2f}x floor), "
-                  f"{count} kernels summing {ksum:.3f} ms (gaps {ms - ksum:.3f} ms)")
-            print("| role | calls | GPU ms | weight MB | x copy rate |\n|---|---:|---:|---:|---:|")
-            for r in by_role[:16]:
-                print(f"| {r['role'][:60]} | {r['calls']} | {r['ms']:.3f} | {r.get('weight_mb', '')} | {r.get('x_copy_rate', '')} |")
-            print("kernels:", json.dumps(top))
-            del replay, eager
+            for mode in args.compile.split(","):
+                ops = None if mode == "none" else CompiledBlocks(model, "default" if mode == "" else mode)
+                with torch.inference_mode():
+                    replay = _forward_fn(model, c, n, graphs=True, ops=ops) if dev.type == "cuda" else None
+                    ms, count, ksum, top = graph_profile(replay) if replay else (float("nan"), 0, 0.0, {})
+                    eager = _forward_fn(model, c, n, graphs=False) if ops is None else None
+                    by_role = eager_roles(eager, roles, n, rate) if eager else []
+                row = {"context": c, "queries": n, "compile": mode, "graph_ms": round(ms, 4), "x_floor": round(ms / floor_ms, 3),
+                       "kernels": count, "kernel_sum_ms": round(ksum, 4), "roles": by_role, "top_kernels_ms": top}
+                doc["rows"].append(row)
+                print(f"\n## context {c}, {n} queries, compile {mode}: graph {ms:.3f} ms ({ms / floor_ms:.2f}x floor), "
+                      f"{count} kernels summing {ksum:.3f} ms (gaps {ms - ksum:.3f} ms)")
+                _print_roles(by_role, top)
+                del replay, eager
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     if args.out:
         Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def _print_roles(by_role: list[dict], top: dict) -> None:
+    if by_role:
+        print("| role | calls | GPU ms | weight MB | x copy rate |\n|---|---:|---:|---:|---:|")
+        for r in by_role[:16]:
+            print(f"| {r['role'][:60]} | {r['calls']} | {r['ms']:.3f} | {r.get('weight_mb', '')} | {r.get('x_copy_rate', '')} |")
+    print("kernels:", json.dumps(top))
 
 
 if __name__ == "__main__":

@@ -109,7 +109,8 @@ def test_lazy_hydra_state_in_graphs_equals_eager(monkeypatch):
 
     monkeypatch.setattr(engine_mod, "choose_tree", alternate)
     g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(0, 61, (int(n),), generator=g).tolist() for n in torch.randint(4, 30, (6,), generator=g)]
+    V = model.cfg.vocab_size
+    prompts = [torch.randint(0, V, (int(n),), generator=g).tolist() for n in torch.randint(4, 30, (6,), generator=g)]
 
     def run(graphs: bool):
         turn["n"] = 0

@@ -38,7 +38,7 @@ def _rank(group, ckpt, teacher, prompt, n):
 
 
 def _generate_json(*extra):
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     out = subprocess.run([sys.executable, "-m", "medusa.cli", "generate", "Explain tree attention in two sentences.",
                           "--json", "--dtype", "float32", "--max-new-tokens", "48", "--mode", "spec", *extra],
                          capture_output=True, text=True, env=env, timeout=600)
