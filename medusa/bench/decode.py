@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from medusa.decoding.generate import Stats, single_engine, stream
+from medusa.decoding.graphs import AUTO
 from medusa.decoding.tree import Tree, load_tree, own_tree, resolve_tree
 from medusa.errors import ModelLoadError, RequestError
 from medusa.heads.io import untrained_heads
@@ -83,6 +84,7 @@ class Mode:
     heads_label: str | None = None  # "medusa", "hydra", "untrained", ...
     tree: Tree | None = None
     note: str | None = None  # e.g. why untrained heads stand in for shipped ones
+    compiled: bool = False  # its step graphs run torch.compiled per-layer pieces
 
     @property
     def label(self) -> str:
@@ -186,7 +188,7 @@ def _hf(hf_model, eos: tuple[int, ...], device: torch.device):
 
 # ------------------------------------------------------------------ assembling and running
 
-def engine_for(model, heads, tree: Tree, longest: int, graphs: bool = False, compile_mode: str | None = None):
+def engine_for(model, heads, tree: Tree, longest: int, graphs: bool = False, compile_mode: str | None = AUTO):
     """An Engine(max_batch=1) decoding with exactly `tree` (heads None: plain decoding), for
     sequences up to `longest` tokens; with graphs (a CUDA device), its greedy step and prompt
     graphs are captured now, so that no timed request pays a capture. compile_mode: Engine's."""
@@ -199,7 +201,7 @@ def engine_for(model, heads, tree: Tree, longest: int, graphs: bool = False, com
 
 def prepare_modes(specs: list[ModeSpec], model, source, eos: tuple[int, ...], cli_tree: str | None = None,
                   hf_loader: Callable[[], object] | None = None, longest: int = 2048,
-                  graphs: bool = False, compile_mode: str | None = None) -> tuple[list[Mode], dict[str, str]]:
+                  graphs: bool = False, compile_mode: str | None = AUTO) -> tuple[list[Mode], dict[str, str]]:
     """Build an engine per mode for sequences up to `longest` tokens. graphs: replay our decode
     steps and prompt forwards as CUDA graphs (on a CUDA device); else they run eagerly.
     compile_mode: torch.compile the per-layer pieces inside the step graphs (Engine's).
@@ -208,7 +210,8 @@ def prepare_modes(specs: list[ModeSpec], model, source, eos: tuple[int, ...], cl
     for spec in specs:
         if spec.kind == "ar":
             tree = load_tree("ar")
-            modes.append(Mode(spec, _ours(engine_for(model, None, tree, longest, graphs, compile_mode), eos), None, tree))
+            engine = engine_for(model, None, tree, longest, graphs, compile_mode)
+            modes.append(Mode(spec, _ours(engine, eos), None, tree, compiled=engine.runner.ops is not None))
         elif spec.kind == "hf":
             hf_model = hf_loader() if hf_loader else load_hf_model(source, model.dtype, model.device)
             modes.append(Mode(spec, _hf(hf_model, eos, model.device), None, None,
@@ -219,7 +222,8 @@ def prepare_modes(specs: list[ModeSpec], model, source, eos: tuple[int, ...], cl
                 skipped[spec.label] = note
                 continue
             tree = _spec_tree(spec, cli_tree, heads, label)
-            modes.append(Mode(spec, _ours(engine_for(model, heads, tree, longest, graphs, compile_mode), eos), label, tree, note))
+            engine = engine_for(model, heads, tree, longest, graphs, compile_mode)
+            modes.append(Mode(spec, _ours(engine, eos), label, tree, note, compiled=engine.runner.ops is not None))
     return modes, skipped
 
 

@@ -9,11 +9,12 @@ in the current directory), named after the dataset or shape and the device, and 
 arguments, loads the model, shows progress and writes the files."""
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from pathlib import Path
 
-from medusa.commands.common import HelpFormatter, add_model_args, read_prompts
+from medusa.commands.common import HelpFormatter, add_model_args, compile_arg, read_prompts
 from medusa.commands.tp import HELP as TP_HELP, run_ranks
 from medusa.errors import RequestError
 
@@ -29,7 +30,9 @@ def register(sub) -> None:
                                                          "(default: ./bench-results in the current directory)")
     p.add_argument("--name", help="file stem of the results (default: <dataset>-<device>, step-cost-<shape>-<device>, ...)")
     p.add_argument("--no-graphs", action="store_true", help="on a GPU, run our decode steps eagerly (no CUDA graphs)")
-    p.add_argument("--compile", action="store_true", help="on a GPU, torch.compile the per-layer pieces before capturing graphs")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="on a GPU, torch.compile the per-layer pieces before capturing the step graphs (default: "
+                        "where measured faster, graphed steps of one row; --no-compile: never)")
     d = p.add_argument_group("decode throughput (default)")
     d.add_argument("--dataset", default="mt_bench", help="mt_bench or a JSONL prompt file")
     d.add_argument("--modes", default=None,
@@ -186,7 +189,7 @@ def run_decode(args) -> int:
                            f"of {model.cfg.max_position_embeddings}")
     graphs = dev.type == "cuda" and not args.no_graphs
     modes, skipped = decode.prepare_modes(specs, model, src, eos, cli_tree=args.tree, longest=longest, graphs=graphs,
-                                          compile_mode="" if graphs and args.compile else None)
+                                          compile_mode=compile_arg(args.compile) if graphs else None)
     for lab, why in skipped.items():
         print(f"medusa bench: {lab}: {why}", file=sys.stderr)
     if not modes:
@@ -214,7 +217,7 @@ def run_decode(args) -> int:
         "warmup": warm,
         "chat_template": not args.no_chat,
         "graphs": graphs,
-        "compile": bool(graphs and args.compile),
+        "compile": any(m.compiled for m in modes),
         "heads": spec_modes[0].heads_label if spec_modes else None,
         "tree": spec_modes[0].tree.name if spec_modes else None,
         "tree_nodes": spec_modes[0].tree.num_nodes if spec_modes else None,

@@ -22,6 +22,12 @@ class HelpFormatter(argparse.HelpFormatter):
         return text + " (default: %(default)s)"
 
 
+def compile_arg(flag: bool | None) -> str | None:
+    """--compile (the default torch.compile mode, ""), --no-compile (None) or neither ("auto":
+    where it was measured to pay, medusa.decoding.graphs.compile_choice) as a runner's compile_mode."""
+    return "auto" if flag is None else ("" if flag else None)
+
+
 DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 

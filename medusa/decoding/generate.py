@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from medusa.decoding.engine import Engine, Request
+from medusa.decoding.graphs import AUTO
 from medusa.decoding.sampling import SamplingParams
 from medusa.decoding.tree import Tree, load_tree
 from medusa.errors import RequestError
@@ -58,7 +59,7 @@ def check_context(cfg, prompt_len: int, max_new_tokens: int) -> int:
 
 
 def single_engine(model, heads=None, tree: Tree | str | None = None, *, max_seq_len: int,
-                  graphs: bool | None = None, max_batch: int = 1, compile_mode: str | None = None) -> Engine:
+                  graphs: bool | None = None, max_batch: int = 1, compile_mode: str | None = AUTO) -> Engine:
     """An engine that decodes with exactly `tree` when a request asks for speculation "on"
     (no other tree but plain decoding). heads=None or the 'ar' tree: plain decoding.
     compile_mode: Engine's (torch.compile inside the step graphs)."""

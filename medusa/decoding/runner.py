@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from medusa.decoding.buckets import batch_buckets, bucket_of, kv_bucket, kv_round
-from medusa.decoding.graphs import CompiledBlocks, capture as capture_fn, capture_step
+from medusa.decoding.graphs import AUTO, CompiledBlocks, capture as capture_fn, capture_step, compile_choice
 from medusa.decoding.kv_pool import Swap, state_rows, swap_cache_rows, swap_state_rows, write_back
 from medusa.decoding.sampling import BatchSampling
 from medusa.decoding.staging import PrefillStage
@@ -96,11 +96,13 @@ class Runner:
     REPLAYED = ("step", "prefill", "swap_rows", "set_drafts", "prepare_step", "time_step", "prepare_prefill")
 
     def __init__(self, model, heads, rows: RowState, max_batch: int, max_prompt: int, prefill_tokens: int,
-                 capture: bool = True, compile_mode: str | None = None):
+                 capture: bool = True, compile_mode: str | None = AUTO):
         """max_batch: most running rows; max_prompt: longest prompt; prefill_tokens: most token
         slots one prefill forward may take (0: one prompt a forward); capture: CUDA graphs;
         compile_mode: torch.compile the model's per-layer pieces for the step graphs (a
-        torch.compile mode, "" for the default; graphs.CompiledBlocks), None: as written."""
+        torch.compile mode, "" for the default; graphs.CompiledBlocks), None: as written, AUTO:
+        graphs.compile_choice."""
+        compile_mode = compile_choice(compile_mode, capture, max_batch)
         if capture and model.device.type != "cuda":
             raise RuntimeError("CUDA graphs need the model on a CUDA device")
         if compile_mode is not None and not capture:

@@ -173,7 +173,7 @@ import json; h = json.load(open('$H/heads.json')); h['tree'] = json.load(open('$
   else
     for V in new old; do
       P=$PWD C=/tmp/mc; [ $V = old ] && P=$PWD/.old C=/tmp/mc-old
-      echo "== engine, concurrency 1/16/64, $V code"; (cd $P && MEDUSA_CACHE=$C PYTHONPATH=/tmp/site:$P timeout ${CONC_TIMEOUT:-170} python3 -m medusa.cli bench --concurrency 1,16,64 --modes ar,auto --repeats ${REPEATS:-1} --max-new-tokens 128 --name concurrency-core-$V-gpu --out $R 2>&1) | quiet | grep -E '^\| (ar|auto)'
+      echo "== engine, concurrency 1/16/64, $V code"; (cd $P && MEDUSA_CACHE=$C PYTHONPATH=/tmp/site:$P timeout ${CONC_TIMEOUT:-170} python3 -m medusa.cli bench --concurrency 1,16,64 --modes ar,auto --requests ${REQUESTS:-512} --repeats ${REPEATS:-1} --max-new-tokens 128 --name concurrency-core-$V-gpu --out $R 2>&1) | quiet | grep -E '^\| (ar|auto)'
     done
   fi
   ;;

@@ -44,6 +44,7 @@ from medusa.decoding.engine.requests import (Live, Request, RequestHandle, Reque
                                              validate)
 from medusa.decoding.engine.scheduler import Scheduler
 from medusa.decoding.engine.warmup import Warmup
+from medusa.decoding.graphs import AUTO
 from medusa.decoding.kv_pool import RowPool
 from medusa.decoding.logprobs import host_entries
 from medusa.decoding.lookup import NgramLookup
@@ -65,9 +66,10 @@ class Engine(Scheduler, Warmup):
                  kv_budget_tokens: int | None = None, max_seq_len: int | None = None,
                  trees: dict[str, Tree] | None = None, step_cost: dict | None = None,
                  graphs: bool | None = None, prefill_tokens: int | None = None,
-                 admit_wait_steps: int | None = None, compile_mode: str | None = None):
+                 admit_wait_steps: int | None = None, compile_mode: str | None = AUTO):
         """compile_mode: torch.compile the model's per-layer pieces inside the step graphs (a
-        torch.compile mode, "" for the default; runner.py), None: as written."""
+        torch.compile mode, "" for the default; runner.py), None: as written, AUTO: where it was
+        measured to pay (graphs.compile_choice: graphed steps of one row)."""
         if max_batch < 1:
             raise RequestError(f"max_batch must be >= 1, got {max_batch}")
         self.model, self.heads = model, heads
