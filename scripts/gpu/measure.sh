@@ -29,6 +29,9 @@
 #   bash scripts/gpu/measure.sh 25  # one decoding core (issue 23), the working tree against the code in .old (as 18): GPU tests;
 #                                   # all 80 prompts x 256 (ar, hydra), each code in turn
 #   bash scripts/gpu/measure.sh 26  # the same comparison for the engine at concurrency 1/16/64 (ar, auto; REPEATS=2 for two rounds)
+#   bash scripts/gpu/measure.sh 27  # GPU tests of TP, the lazy Hydra++ state and joint training; the engine at --tp 1 against
+#                                   # none (issue 24); the batch-64 scheduler's host profile, the working tree and .old (issue 23)
+#   bash scripts/gpu/measure.sh 28  # all 80 prompts x 256 (ar, hydra), compiled per-layer pieces (the default) against --no-compile
 source scripts/gpu/env.sh
 R=/tmp/res; mkdir -p $R
 quiet() { grep -v -E "run\]|run, |cell\]|cell, |req\]|req, |^\s*$|triton_mm|AUTOTUNE" ; }
@@ -176,6 +179,27 @@ import json; h = json.load(open('$H/heads.json')); h['tree'] = json.load(open('$
       echo "== engine, concurrency 1/16/64, $V code"; (cd $P && MEDUSA_CACHE=$C PYTHONPATH=/tmp/site:$P timeout ${CONC_TIMEOUT:-170} python3 -m medusa.cli bench --concurrency 1,16,64 --modes ar,auto --requests ${REQUESTS:-512} --repeats ${REPEATS:-1} --max-new-tokens 128 --name concurrency-core-$V-gpu --out $R 2>&1) | quiet | grep -E '^\| (ar|auto)'
     done
   fi
+  ;;
+27)
+  ROOT=$PWD
+  for f in medusa/assets/heads/*/heads.safetensors; do [ -d .old ] && ln -sf $PWD/$f .old/$f; done
+  echo "== GPU tests"; timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_parallel_gpu.py tests/gpu/test_joint_gpu.py \
+    tests/gpu/test_engine_gpu.py::test_lazy_hydra_state_in_graphs_equals_eager 2>&1 | tail -4
+  for T in "" "--tp 1"; do
+    echo "== engine ${T:-without --tp}"; timeout 150 python3 -m medusa.cli bench --concurrency 1,16 --modes ar,spec --requests 64 \
+      --max-new-tokens 128 $T --name concurrency-tp${T#--tp }-gpu --out $R 2>&1 | quiet | grep -E '^\| (ar|spec)'
+  done
+  for V in new old; do
+    P=$PWD C=/tmp/mc; [ $V = old ] && P=$PWD/.old C=/tmp/mc-old
+    echo "== scheduler host profile at batch 64, $V code"; (cd $P && MEDUSA_CACHE=$C PYTHONPATH=/tmp/site:$P timeout 150 \
+      python3 $ROOT/scripts/gpu/profile_engine.py --top 14 2>&1) | tee $R/profile-engine-$V.txt | grep -v "^$" | head -60
+  done
+  ;;
+28)
+  for C in "" "--no-compile"; do
+    echo "== all 80 prompts ${C:-compiled}"; timeout 250 python3 -m medusa.cli bench --modes ar,hydra --max-new-tokens 256 $C \
+      --name mt_bench-80-compile${C:+-off}-gpu --out $R 2>&1 | quiet | grep -E '^\| (ar|hydra)'
+  done
   ;;
 4|15|16)
   # the prompt files are carried in .gpu/c/prompts (copied to /tmp/m/prompts with the model part)
