@@ -7,11 +7,13 @@
 # folder. Every call copies whatever it carries to /tmp (.gpu/wN/cluster.part-N -> /tmp/w,
 # .gpu/a/part-a and .gpu/c/part-c -> /tmp/m; /tmp survives between calls on a warm machine);
 # the call that completes the set installs and measures:
-#   bash scripts/gpu/cluster.sh 1   # carry .gpu/w1 (stage only)
-#   bash scripts/gpu/cluster.sh 2   # carry .gpu/w2 (stage only)
-#   bash scripts/gpu/cluster.sh a   # carry .gpu/a  (the model's part-a, stage only); likewise c with .gpu/c
-#   bash scripts/gpu/cluster.sh 3   # carry .gpu/b and .gpu/w3 (the last, small part): install, serve, bench
-#   bash scripts/gpu/cluster.sh run # on a warm machine where all of it is in place: serve and bench again
+#   carry [.gpu/w1]           bash scripts/gpu/cluster.sh 1   # stage only (~60 MB travel)
+#   carry [.gpu/w2]           bash scripts/gpu/cluster.sh 2   # stage only
+#   carry [.gpu/a]            bash scripts/gpu/cluster.sh a   # the model's part-a, stage only (skip both if
+#   carry [.gpu/c]            bash scripts/gpu/cluster.sh c   #   /tmp/m/smollm2.gguf is there already)
+#   carry [.gpu/b, .gpu/w3]   bash scripts/gpu/cluster.sh 3   # the last (small) part: install, serve, bench
+#   (no carry)                bash scripts/gpu/cluster.sh run # warm machine, all in place: serve and bench again
+# with timeout_s 600, back to back (the machine stays warm 30 s after a call, then /tmp is gone).
 # Results: $OUT/cluster-results.tgz (the bench JSON, serve and redis logs) and $OUT/serve.log.
 # Knobs: LEVELS [1,16,64]  LIMIT [16] prompts  TOKENS [128] new tokens  NUM_CPUS [12] for Ray;
 # CALL_S [580]: the call's limit (run's timeout_s 600); serve and bench are bounded by what is left.
