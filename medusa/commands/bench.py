@@ -10,6 +10,7 @@ arguments, loads the model, shows progress and writes the files."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -59,7 +60,13 @@ def register(sub) -> None:
     g.add_argument("--through", choices=["grpc"], default=None,
                    help="stream the prompts through a local serving cluster (Ray Serve + Redis + gRPC, CPU) and "
                         "through the engine directly, interleaved: tokens/s ratio and time-to-first-token overhead "
-                        "(needs the serve extra and redis-server)")
+                        "(needs the serve extra and redis-server); with --concurrency at each level")
+    g.add_argument("--serve-config", metavar="PATH",
+                   help="with --through: the app's settings from this Ray Serve config (e.g. deploy/serve_config.yaml); "
+                        "--model, --dtype, --device override them (default: the laptop defaults, CPU)")
+    g.add_argument("--target", metavar="HOST:PORT",
+                   help="with --through: a running `medusa serve` (its key in MEDUSA_API_KEY) instead of a cluster "
+                        "started for the run; the direct engine is built here from the same settings")
     p.set_defaults(func=run)
 
 
@@ -121,8 +128,10 @@ def _write(out: Path, stem: str, doc: dict, markdown: str) -> list[Path]:
 
 
 def run(args) -> int:
-    if sum(map(bool, (args.step_cost, args.concurrency, args.through))) > 1:
-        raise RequestError("choose one of --step-cost, --concurrency and --through")
+    if sum(map(bool, (args.step_cost, args.concurrency and not args.through, args.through))) > 1:
+        raise RequestError("choose one of --step-cost, --concurrency and --through (--through takes --concurrency)")
+    if (args.serve_config or args.target) and not args.through:
+        raise RequestError("--serve-config and --target go with --through grpc")
     if args.tp is not None and not args.concurrency:
         raise RequestError("--tp runs with --concurrency (the engine's benchmark); --step-cost, --through and the "
                            "decode modes (several heads families at once, HF) run on one device")
@@ -149,12 +158,32 @@ def run_through(args) -> int:
         raise RequestError(f"--through grpc needs the serve extra (pip install -e .[serve]): {e}") from None
     label, path = resolve_dataset(args.dataset)
     prompts = [p.text for p in read_prompts(path, args.limit or 8)]
-    res = bench_through_grpc(prompts, max_new_tokens=args.max_new_tokens)
+    levels = int_list(args.concurrency, "--concurrency") if args.concurrency else [1]
+    settings = {}
+    if args.serve_config:
+        from services.launch import read_config
+
+        settings, _ = read_config(args.serve_config)
+        settings.pop("autoscaling", None)  # the benchmark's cluster has one engine replica
+    flags = {"model": args.model, "dtype": None if args.dtype == "auto" else args.dtype, "device": args.device,
+             "tree": args.tree}
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    if args.target and not os.environ.get("MEDUSA_API_KEY"):
+        raise RequestError("--target needs the server's API key in MEDUSA_API_KEY")
+    res = bench_through_grpc(prompts, max_new_tokens=args.max_new_tokens, settings=settings, concurrency=levels,
+                             target=args.target, api_key=os.environ.get("MEDUSA_API_KEY") if args.target else None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    dest = out / f"{_slug(args.name or f'grpc-{label}-cpu')}.json"
+    dest = out / f"{_slug(args.name or f'grpc-{label}-' + str(settings.get('device', 'cpu')))}.json"
     dest.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps({k: v for k, v in res.items() if not isinstance(v, (list, dict))}, indent=2))
+    print("| concurrency | gRPC tok/s | engine tok/s | ratio | TTFT gRPC ms | TTFT engine ms | overhead ms | same tokens |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---|")
+    for lv in res["levels"]:
+        k = "tokens_per_s_total" if lv["concurrency"] > 1 else "tokens_per_s_median"
+        print(f"| {lv['concurrency']} | {lv['grpc'][k]} | {lv['engine'][k]} | {lv['tokens_per_s_ratio']} | "
+              f"{lv['grpc']['ttft_ms_median']} | {lv['engine']['ttft_ms_median']} | {lv['ttft_overhead_ms']} | "
+              f"{lv['same_tokens']} |")
     print(f"wrote {dest.resolve()}", file=sys.stderr)
     return 0
 

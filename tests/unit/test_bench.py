@@ -187,3 +187,37 @@ def test_concurrency_repeats_alternate_warm_engines_and_ratio_run_by_run():
     assert set(rows[2]["steps_by_tree"]) == {"chain2"}  # speculation on: every timed step used the tree
     with pytest.raises(RequestError, match="--repeats"):
         cc.run_concurrency(model, heads, None, prompts, [1], ["ar"], 5, (), repeats=0)
+
+
+def test_through_grpc_levels_pair_the_paths():
+    """services.bench_grpc's levels with stand-in paths (no Ray): at concurrency 1 the medians, at
+    C > 1 the rounds' aggregate tokens/s, requests cycled up to C, token mismatches counted."""
+    import time as _time
+
+    from services.bench_grpc import _level
+
+    def path(tokens_per_s, ttft_s, flip=None):
+        def run(prompt, n):
+            _time.sleep(n / tokens_per_s)
+            toks = [len(prompt)] * n
+            if flip and prompt == flip:
+                toks[-1] += 1
+            return {"ttft_s": ttft_s, "seconds": n / tokens_per_s, "tokens": n, "engine_ttft_s": ttft_s / 2}, toks
+        return run
+
+    one = _level(path(1000, 0.01), path(500, 0.03), ["a", "bb"], 10, 1)
+    assert one["engine"]["requests"] == one["grpc"]["requests"] == 2
+    assert one["tokens_per_s_ratio"] == 0.5 and one["ttft_overhead_ms"] == 20.0 and one["ttft_overhead_ms_paired"] == 15.0
+    assert one["same_tokens"] and "tokens_per_s_total" not in one["grpc"]
+    four = _level(path(1000, 0.01), path(1000, 0.01, flip="bb"), ["a", "bb"], 20, 4)
+    assert four["grpc"]["requests"] == 4 and four["grpc"]["tokens"] == 80
+    assert four["engine"]["tokens_per_s_total"] > 1000  # four clients at once beat one request's rate
+    assert not four["same_tokens"] and four["requests_with_other_tokens"] == 2
+
+
+def test_through_grpc_flags(capsys, monkeypatch):
+    assert main(["bench", "--serve-config", "deploy/serve_config.yaml"]) == 2
+    assert "go with --through grpc" in capsys.readouterr().err
+    monkeypatch.delenv("MEDUSA_API_KEY", raising=False)
+    assert main(["bench", "--through", "grpc", "--target", "127.0.0.1:9", "--limit", "1"]) == 2
+    assert "MEDUSA_API_KEY" in capsys.readouterr().err
