@@ -39,9 +39,10 @@ import time
 
 import torch
 
+from medusa.decoding.engine.beams import Beams
 from medusa.decoding.engine.policy import Policy
 from medusa.decoding.engine.requests import (Live, Request, RequestHandle, RequestStats, TokenEvent, Uniforms,
-                                             validate)
+                                             validate, validate_beams)
 from medusa.decoding.engine.scheduler import Scheduler
 from medusa.decoding.engine.warmup import Warmup
 from medusa.decoding.kv_pool import RowPool
@@ -57,7 +58,7 @@ DEFAULT_TREE = "tree16"
 DEFAULT_MAX_SEQ_LEN = 2048
 
 
-class Engine(Scheduler, Warmup):
+class Engine(Scheduler, Warmup, Beams):
     """Continuous-batching speculative decoder. Thread-safe `submit`/`cancel`; one scheduler
     (a background thread after `start()`, or the caller through `step()`)."""
 
@@ -159,6 +160,10 @@ class Engine(Scheduler, Warmup):
     # -------------------------------------------------------------- public API
     def submit(self, request: Request) -> RequestHandle:
         validate(request, self.vocab, self.max_seq_len)
+        if request.beams != 1:
+            validate_beams(request, len(self.eos if request.stop_token_ids is None else request.stop_token_ids))
+            if request.beams > self.pool.max_active:
+                raise RequestError(f"beams ({request.beams}) exceed the engine's max_batch of {self.pool.max_active} rows")
         live = Live(request, RequestHandle(self, request.request_id),
                      set(self.eos if request.stop_token_ids is None else request.stop_token_ids),
                      time.perf_counter(), self._uniforms(request.sampling))
@@ -206,8 +211,12 @@ class Engine(Scheduler, Warmup):
         with self._step_lock:
             t0 = time.perf_counter()
             did = self._apply_cancels()
-            did |= self._admit()
-            if self.pool.n_active:
+            if self._beam is None:
+                did |= self._admit()
+            if self._beam is not None:  # a beam request runs alone (engine/beams.py)
+                self._beam_step()
+                did = True
+            elif self.pool.n_active:
                 self._decode()
                 did = True
             if did:

@@ -45,6 +45,8 @@ class Scheduler:
         with self._step_lock, torch.inference_mode():
             for live in [x for x in self._rows if x is not None]:
                 self._finish(live, "error", keep=False)
+            if self._beam is not None:
+                self._beam_finish(self._beam, "error")
             with self._mu:
                 waiting, self._waiting = list(self._waiting), collections.deque()
             for live in waiting:
@@ -64,9 +66,12 @@ class Scheduler:
         for x in waiting:
             self._finish(x, "cancelled", keep=False)
         running = [x for x in self._rows if x is not None and x.req.request_id in ids]
+        beam = self._beam is not None and self._beam.live.req.request_id in ids
+        if beam:
+            self._beam_finish(self._beam, "cancelled")
         for x in running:
             self._finish(x, "cancelled", keep=False)
-        return bool(waiting or running)
+        return bool(waiting or running or beam)
 
     def _admit(self) -> bool:
         """Admit waiting requests while rows are free, then prefill them in groups of consecutive
@@ -76,8 +81,20 @@ class Scheduler:
         if not self._waiting or not self._admit_now():
             return False
         with self._mu:
-            batch = [self._waiting.popleft()
-                     for _ in range(min(len(self._waiting), self.pool.max_active - self.pool.n_active))]
+            # a beam request (engine/beams.py) runs alone: it waits at the head until no row runs,
+            # and requests behind it wait for it
+            if self._waiting and self._is_beam(self._waiting[0]):
+                live = self._waiting.popleft() if not self.pool.n_active else None
+                batch = []
+            else:
+                live = None
+                batch = []
+                while (self._waiting and len(batch) < self.pool.max_active - self.pool.n_active
+                       and not self._is_beam(self._waiting[0])):
+                    batch.append(self._waiting.popleft())
+        if live is not None:
+            self._beam_start(live)
+            return True
         if not batch:
             return False
         batch.sort(key=lambda x: (x.req.session_id in self.pool.lru, len(x.req.prompt_ids)))  # stable: FIFO ties
