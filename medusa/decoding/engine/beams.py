@@ -21,7 +21,7 @@ num_return best hypotheses with their scores (HF's sequences_scores). A mixin of
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from medusa.decoding.beam import BeamSearch, Path, advance, place
 from medusa.decoding.engine.requests import Live, RequestStats, TokenEvent, beam_params
@@ -39,7 +39,7 @@ class BeamRun:
     tree: Tree
     sampling: BatchSampling
     steps: int = 0  # verification steps
-    beam_steps: int = 0  # beam steps they ran (each is one token of every beam)
+    beam_steps: list[int] = field(default_factory=list)  # beam steps each ran (a beam step: one token of every beam)
 
 
 class Beams:
@@ -93,7 +93,8 @@ class Beams:
 
     def _beam_apply(self, run: BeamRun, paths: list[Path], first: bool) -> None:
         new, S = advance(run.search, paths)
-        run.beam_steps += 0 if first else S
+        if not first:
+            run.beam_steps.append(S)
         if run.search.done:
             self._beam_finish(run, None)
             return
@@ -122,9 +123,9 @@ class Beams:
         now = time.perf_counter()
         stats = RequestStats(
             prompt_tokens=len(req.prompt_ids), new_tokens=len(best), steps=run.steps,
-            mean_accepted=run.beam_steps / run.steps if run.steps else 0.0, reused_tokens=0,
+            mean_accepted=sum(run.beam_steps) / run.steps if run.steps else 0.0, reused_tokens=0,
             ttft_s=(live.t_first or now) - live.t_submit, seconds=now - live.t_submit, tree=run.tree.name,
-            queue_s=(live.t_admit or now) - live.t_submit)
+            queue_s=(live.t_admit or now) - live.t_submit, beam_steps=tuple(run.beam_steps))
         with self._mu:
             self._live.pop(req.request_id, None)
         live.handle.push(TokenEvent(req.request_id, best, reason, stats, len(best), None, hyps))

@@ -57,6 +57,7 @@ class RequestStats:
     seconds: float  # submit -> last token
     tree: str  # last tree used ("ar" when plain)
     queue_s: float = 0.0  # submit -> admission (its prefill starts)
+    beam_steps: tuple[int, ...] = ()  # beam search: the beam steps each verification step ran
 
 
 @dataclass(frozen=True)
