@@ -11,6 +11,7 @@ import torch
 
 from medusa.decoding.beam import BeamParams, BeamSearch, Path, advance, check_params, place
 from medusa.decoding.engine import Engine, Request
+from medusa.decoding.engine.beams import BeamMember
 from medusa.decoding.sampling import SamplingParams
 from medusa.errors import RequestError
 from medusa.model.loading import load_model
@@ -180,24 +181,53 @@ def test_beams_beyond_max_batch_are_an_error(models):
         engine.submit(Request([7, 8, 9], max_new_tokens=4, beams=4))
 
 
-def test_beam_request_runs_alone_between_plain_requests_and_cancels(models):
+@pytest.mark.parametrize("heads", [None, "medusa"])
+def test_beam_rows_share_steps_with_plain_requests_and_move_with_swaps(models, heads):
+    """A beam request decodes in the same steps as plain requests; a plain row finishing before
+    it moves one of its rows (the release's swap); every output equals the request run alone."""
+    _, ours = models
+    h = random_heads(ours, heads) if heads else None
+    engine = Engine(ours, h, tree=TREES["tree"] if h else None, max_batch=6, max_seq_len=128)
+    a, b, c = prompts(3, seed=3)
+    short = engine.submit(Request(a, max_new_tokens=2, stop_token_ids=())).result()[0]
+    long_ = engine.submit(Request(c, max_new_tokens=14, stop_token_ids=())).result()[0]
+    beam_alone = run(engine, b, 12, 3, 0.5, "never")
+    first = engine.submit(Request(a, max_new_tokens=2, stop_token_ids=()))  # row 0, done after one step
+    beam = engine.submit(Request(b, max_new_tokens=12, beams=3, num_return=3, length_penalty=0.5, early_stopping="never"))
+    later = engine.submit(Request(c, max_new_tokens=14, stop_token_ids=()))
+    engine.step()  # admitted (plain rows first: 0 first, 1 later, 2-4 beam) and one step: `first` ends
+    assert first.result()[0] == short and engine.stats()["running"] == 4
+    assert isinstance(engine._rows[0], BeamMember)  # its release swapped the last beam row into row 0
+    last = list(beam)[-1]
+    assert [list(x.tokens) for x in last.beams] == beam_alone[0]
+    assert [x.score for x in last.beams] == pytest.approx(beam_alone[1], rel=1e-5, abs=1e-5)
+    assert later.result()[0] == long_
+    assert engine.stats()["kv_rows_used"] == 0
+
+
+def test_cancelling_a_beam_request_frees_its_rows(models):
     _, ours = models
     engine = Engine(ours, None, max_batch=4, max_seq_len=128)
-    a, b, c = prompts(3, seed=3)
-    alone = engine.submit(Request(c, max_new_tokens=8)).result()[0]
-    want_beams = run(engine, b, 8, 2)[0]
-    first = engine.submit(Request(a, max_new_tokens=8))
-    beam = engine.submit(Request(b, max_new_tokens=8, beams=2, num_return=2))
-    after = engine.submit(Request(c, max_new_tokens=8))
-    assert after.result()[0] == alone  # drives the engine: the beam request ran in between
-    assert [list(h.tokens) for h in list(beam)[-1].beams] == want_beams
-    assert first.result()[1].new_tokens >= 1
-    h = engine.submit(Request(b, max_new_tokens=30, beams=3))
+    h = engine.submit(Request(prompts(1, seed=4)[0], max_new_tokens=30, beams=3))
     engine.step()  # admitted and prefilled
     engine.step()
+    assert engine.stats()["kv_rows_used"] == 3
     h.cancel()
     evs = list(h)
-    assert evs[-1].finish_reason == "cancelled" and engine.stats()["kv_rows_used"] == 0
+    assert evs[-1].finish_reason == "cancelled" and evs[-1].beams == () and engine.stats()["kv_rows_used"] == 0
+
+
+def test_a_beam_request_waits_for_k_free_rows_in_order(models):
+    _, ours = models
+    engine = Engine(ours, None, max_batch=3, max_seq_len=128)
+    p1, p2, p3 = prompts(3, seed=5)
+    x = engine.submit(Request(p1, max_new_tokens=6, stop_token_ids=()))
+    y = engine.submit(Request(p2, max_new_tokens=6, beams=3))
+    z = engine.submit(Request(p3, max_new_tokens=2, stop_token_ids=()))
+    engine.step()
+    assert engine.stats()["running"] == 1 and engine.stats()["waiting"] == 2  # y needs 3 rows; z waits behind it
+    assert x.result()[1].new_tokens == 6
+    assert list(y)[-1].beams and z.result()[1].new_tokens == 2
 
 
 def test_check_params_bounds_beams_by_stop_ids():

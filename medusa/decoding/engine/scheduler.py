@@ -43,10 +43,10 @@ class Scheduler:
 
     def _fail_all(self, exc: Exception) -> None:
         with self._step_lock, torch.inference_mode():
+            for run in list(self._beam_runs.values()):
+                self._beam_finish(run, "error")
             for live in [x for x in self._rows if x is not None]:
                 self._finish(live, "error", keep=False)
-            if self._beam is not None:
-                self._beam_finish(self._beam, "error")
             with self._mu:
                 waiting, self._waiting = list(self._waiting), collections.deque()
             for live in waiting:
@@ -66,37 +66,34 @@ class Scheduler:
         for x in waiting:
             self._finish(x, "cancelled", keep=False)
         running = [x for x in self._rows if x is not None and x.req.request_id in ids]
-        beam = self._beam is not None and self._beam.live.req.request_id in ids
-        if beam:
-            self._beam_finish(self._beam, "cancelled")
+        beams = [run for rid, run in self._beam_runs.items() if rid in ids]
+        for run in beams:
+            self._beam_finish(run, "cancelled")
         for x in running:
             self._finish(x, "cancelled", keep=False)
-        return bool(waiting or running or beam)
+        return bool(waiting or running or beams)
 
     def _admit(self) -> bool:
-        """Admit waiting requests while rows are free, then prefill them in groups of consecutive
+        """Admit waiting requests in order while rows are free (a beam request takes K rows and
+        prefills alone: engine/beams.py), then prefill the others in groups of consecutive
         rows, one padded forward each. Fresh prompts come first, sorted by length and cut where
         the padding saved outweighs a forward's fixed cost (staging.plan_groups); requests
         continuing a kept session follow, joining the last group while it fits."""
         if not self._waiting or not self._admit_now():
             return False
-        with self._mu:
-            # a beam request (engine/beams.py) runs alone: it waits at the head until no row runs,
-            # and requests behind it wait for it
-            if self._waiting and self._is_beam(self._waiting[0]):
-                live = self._waiting.popleft() if not self.pool.n_active else None
-                batch = []
-            else:
-                live = None
-                batch = []
-                while (self._waiting and len(batch) < self.pool.max_active - self.pool.n_active
-                       and not self._is_beam(self._waiting[0])):
-                    batch.append(self._waiting.popleft())
-        if live is not None:
+        with self._mu:  # in order while rows are free: a beam request needs K (engine/beams.py)
+            room = self.pool.max_active - self.pool.n_active
+            batch, beams = [], []
+            while self._waiting and (need := max(1, self._waiting[0].req.beams)) <= room:
+                (beams if need > 1 else batch).append(self._waiting.popleft())
+                room -= need
+        if batch:
+            self._admit_plain(batch)
+        for live in beams:
             self._beam_start(live)
-            return True
-        if not batch:
-            return False
+        return bool(batch or beams)
+
+    def _admit_plain(self, batch: list[Live]) -> None:
         batch.sort(key=lambda x: (x.req.session_id in self.pool.lru, len(x.req.prompt_ids)))  # stable: FIFO ties
         admitted: list[Live] = []
         t_admit = time.perf_counter()
@@ -128,7 +125,6 @@ class Scheduler:
         for live, root in zip(admitted, roots):  # emit only now: a request that ends frees (swaps) rows
             live.t_first = now
             self._emit(live, [root])
-        return bool(admitted)
 
     def _admit_now(self) -> bool:
         """Coalesce admissions while rows run: every prefill forward has a fixed cost (a graph
