@@ -42,6 +42,7 @@ def engine_request(payload: dict, eos: tuple[int, ...]):
         speculation=payload.get("speculation", "auto"),
         session_id=payload.get("session"),
         logprobs=payload.get("logprobs"),
+        **(payload.get("beams") or {}),  # beams, length_penalty, early_stopping, num_return
         **({"request_id": payload["request_id"]} if payload.get("request_id") else {}),
     )
 
@@ -134,6 +135,8 @@ class EngineReplica:
                 if ev.finish_reason is not None:
                     done = True
                     out["finish_reason"] = ev.finish_reason
+                    if ev.beams is not None:  # beam search: the num_return best
+                        out["beams"] = [{"tokens": list(h.tokens), "score": h.score} for h in ev.beams]
                     if ev.stats is not None:
                         out["stats"] = asdict(ev.stats)
                         self._annotate(decode or prefill, ev.stats, ev.finish_reason)

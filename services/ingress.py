@@ -178,6 +178,7 @@ class Ingress:
                     "session": engine_session_id(tenant, spec.session_id) if spec.session_id else None,
                     "session_share": lim.max_sessions or self.settings.sessions_per_tenant,
                     "affinity": hint, "trace": telemetry.inject(), "logprobs": spec.logprobs,
+                    "beams": spec.beams,
                 }
                 stream = self.engine.options(stream=True).generate.remote(payload)
             t0 = time.perf_counter()
@@ -229,7 +230,11 @@ class Ingress:
                         yield pb.GenerateResponse(delta=pb.Delta(text=text, logprobs=released))
                     if fin == "error":
                         raise RuntimeError("the engine failed on this request")
-                    yield self._final(ev, fin, request_id, replica, len(prompt_ids), len(ids), span, tenant)
+                    final = self._final(ev, fin, request_id, replica, len(prompt_ids), len(ids), span, tenant)
+                    for b in ev.get("beams") or ():  # beam search: each returned beam with its text
+                        text, _, _ = await detok(list(b["tokens"]), 0, 0, True)
+                        final.final.beams.add(token_ids=b["tokens"], text=text, score=b["score"])
+                    yield final
                     return
             raise Unavailable("the engine stream ended without a finish reason (replica lost); retry")
         finally:

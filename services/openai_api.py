@@ -15,8 +15,10 @@ the retry hint, 503 with Retry-After).
 
 Extra fields (ignored by clients that do not know them):
   request: `session_id` (or the `X-Session-Id` header) keeps the conversation's KV on one
-  replica; `speculation`: "auto" | "on" | "off"; response: `medusa` {steps, mean_accepted,
-  tree, ttft_s, seconds, replica_id, reused_prompt_tokens}.
+  replica; `speculation`: "auto" | "on" | "off"; `beams` (beam search, greedy, not streamed;
+  `n` <= beams returns that many beams as choices, best first), `length_penalty`,
+  `early_stopping` (true | false | "never"); response: `medusa` {steps, mean_accepted,
+  tree, ttft_s, seconds, replica_id, reused_prompt_tokens, beam_scores with beams}.
 
 Knows HTTP, JSON and OpenAI's error shape; nothing of tenants, engines or tokenizers."""
 from __future__ import annotations

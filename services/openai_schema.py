@@ -9,6 +9,7 @@ services.openai_api.
 Knows OpenAI's schema and the wire messages; nothing of HTTP, tenants, engines or tokenizers."""
 from __future__ import annotations
 
+import math
 import time
 from typing import Literal
 
@@ -57,6 +58,10 @@ class _Common(BaseModel):
     top_logprobs: int | None = Field(None, ge=0)
     session_id: str | None = None
     speculation: Literal["auto", "on", "off"] | None = None
+    # beam search extension (greedy; `n` <= beams choices, best first; not with stream / logprobs)
+    beams: int | None = Field(None, ge=1)
+    length_penalty: float | None = None
+    early_stopping: bool | Literal["never"] | None = None
 
 
 class ChatCompletionRequest(_Common):
@@ -80,8 +85,9 @@ class BadRequest(Exception):
 
 def to_generate_request(body: _Common, session_header: str | None) -> pb.GenerateRequest:
     """An OpenAI request -> the medusa.v1 request the gRPC path runs."""
-    if body.n != 1:
-        raise BadRequest(f"n must be 1 (this server returns one choice), got {body.n}", "n")
+    beams = _beams(body)
+    if body.n != 1 and not beams:
+        raise BadRequest(f"n must be 1 (this server returns one choice; n up to beams with beam search), got {body.n}", "n")
     top = _logprobs(body)
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     sampling = pb.SamplingParams(temperature=1.0 if body.temperature is None else body.temperature,
@@ -93,6 +99,12 @@ def to_generate_request(body: _Common, session_header: str | None) -> pb.Generat
                              stop=stops, speculation=SPECULATION[body.speculation])
     if top is not None:
         req.logprobs, req.top_logprobs = True, top
+    if beams:
+        req.sampling.temperature = 0.0  # beam search is greedy (a temperature > 0 was refused)
+        req.beams, req.num_return = beams, body.n
+        req.early_stopping = {True: "true", False: "false", "never": "never", None: ""}[body.early_stopping]
+        if body.length_penalty is not None:
+            req.length_penalty = body.length_penalty
     if isinstance(body, ChatCompletionRequest):
         try:
             msgs = [pb.ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text()) for m in body.messages]
@@ -107,6 +119,27 @@ def to_generate_request(body: _Common, session_header: str | None) -> pb.Generat
             prompt = prompt[0]
         req.prompt = prompt
     return req
+
+
+def _beams(body: _Common) -> int | None:
+    """The beam count of a beam-search request (None: plain decoding); what beam search cannot
+    do is a 400 naming the field."""
+    if not body.beams or body.beams == 1:
+        for name in ("length_penalty", "early_stopping"):
+            if getattr(body, name) is not None:
+                raise BadRequest(f"{name} needs beams > 1", name)
+        return None
+    if body.stream:
+        raise BadRequest("beam search cannot stream: the best beam is known only at the end (use stream: false)", "stream")
+    if body.temperature:
+        raise BadRequest("beam search is greedy: temperature must be 0 or unset with beams", "temperature")
+    if body.logprobs:
+        raise BadRequest("logprobs are not supported with beam search", "logprobs")
+    if not 1 <= body.n <= body.beams:
+        raise BadRequest(f"n must be 1..beams ({body.beams}) with beam search, got {body.n}", "n")
+    if body.length_penalty is not None and not math.isfinite(body.length_penalty):
+        raise BadRequest("length_penalty must be a finite number", "length_penalty")
+    return body.beams
 
 
 def _logprobs(body: _Common) -> int | None:
@@ -189,7 +222,14 @@ class Shape:
         else:
             choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": fin}
             out = self._head("text_completion")
-        return dict(out, choices=[choice], usage=usage(final), medusa=extras(final))
+        choices = [choice]
+        for i, b in enumerate(final.beams[1:], 1):  # beam search: the other returned beams, best first
+            choices.append(dict(choice, index=i, **({"message": {"role": "assistant", "content": b.text}} if self.chat
+                                                    else {"text": b.text})))
+        more = extras(final)
+        if final.beams:
+            more["beam_scores"] = [round(b.score, 6) for b in final.beams]
+        return dict(out, choices=choices, usage=usage(final), medusa=more)
 
     def chunk(self, text: str | None, finish: str | None = None, first: bool = False, entries=None) -> dict:
         lp = self.logprobs(entries) if entries is not None else None

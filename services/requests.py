@@ -28,6 +28,7 @@ class GenerateSpec:
     stop: list[str] = field(default_factory=list)
     speculation: str = "auto"
     logprobs: int | None = None  # None: none; k: each token's logprob and its top k alternatives
+    beams: dict | None = None  # beam search: {beams, length_penalty, early_stopping, num_return} (engine Request fields)
 
 
 def check_session(session_id: str) -> str | None:
@@ -84,7 +85,36 @@ def parse_generate(req: pb.GenerateRequest, settings: Settings) -> GenerateSpec:
     if req.speculation not in SPECULATION:
         raise RequestError(f"unknown speculation value {req.speculation}")
     return GenerateSpec(session, messages, prompt, sampling_of(req.sampling), n, list(req.stop), SPECULATION[req.speculation],
-                        logprobs_of(req))
+                        logprobs_of(req), beams_of(req))
+
+
+def beams_of(req: pb.GenerateRequest) -> dict | None:
+    """The engine Request's beam fields, None for plain decoding. What the ingress can tell
+    without the model is checked here; the engine checks the rest (medusa.decoding.beam)."""
+    if req.beams <= 1:
+        if req.num_return > 1 or req.HasField("length_penalty") or req.early_stopping:
+            raise RequestError("length_penalty, early_stopping and num_return need beams > 1")
+        return None
+    if req.stop:
+        raise RequestError("stop strings are not supported with beam search")
+    if req.logprobs:
+        raise RequestError("logprobs are not supported with beam search")
+    if req.session_id:
+        raise RequestError("sessions are not supported with beam search")
+    return {"beams": int(req.beams),
+            "length_penalty": float(req.length_penalty) if req.HasField("length_penalty") else 1.0,
+            "early_stopping": early_stopping_of(req.early_stopping), "num_return": int(req.num_return or 1)}
+
+
+EARLY_STOPPING = {"": False, "false": False, "true": True, "never": "never"}
+
+
+def early_stopping_of(v: str) -> bool | str:
+    """The wire's early_stopping string as medusa.decoding.beam takes it (no torch import here)."""
+    try:
+        return EARLY_STOPPING[v.strip().lower()]
+    except KeyError:
+        raise RequestError(f'early_stopping must be "true", "false" or "never", got {v!r}') from None
 
 
 def logprobs_of(req: pb.GenerateRequest) -> int | None:

@@ -93,13 +93,33 @@ class Mode:
 
 # ------------------------------------------------------------------ our modes
 
-def _ours(engine, eos: tuple[int, ...]):
+def _ours(engine, eos: tuple[int, ...], beams: int = 1):
+    if beams > 1:
+        return _ours_beams(engine, eos, beams)
+
     def run(ids: list[int], max_new_tokens: int) -> Run:
         stats = Stats()
         out: list[int] = []
         for chunk in stream(engine, ids, max_new_tokens=max_new_tokens, stop_token_ids=eos, stats=stats):
             out.extend(chunk.tokens)
         return Run(out, stats.seconds, stats.ttft, stats.steps, list(stats.step_tokens), stats.finish_reason)
+
+    return run
+
+
+def _ours_beams(engine, eos: tuple[int, ...], beams: int):
+    """Beam search with K beams (length penalty 1, early_stopping False: HF's defaults): the
+    best beam's tokens; a step is a verification step, its tokens the beam steps it ran."""
+    from medusa.decoding.engine import Request
+
+    def run(ids: list[int], max_new_tokens: int) -> Run:
+        t0 = time.perf_counter()
+        evs = list(engine.submit(Request(ids, max_new_tokens=max_new_tokens, stop_token_ids=eos, beams=beams)))
+        seconds = time.perf_counter() - t0
+        last = evs[-1]
+        st = last.stats
+        return Run(list(last.beams[0].tokens) if last.beams else [], seconds, seconds, st.steps, list(st.beam_steps),
+                   last.finish_reason)
 
     return run
 
@@ -149,7 +169,7 @@ def load_hf_model(source, dtype: torch.dtype, device: torch.device):
     return hf
 
 
-def _hf(hf_model, eos: tuple[int, ...], device: torch.device):
+def _hf(hf_model, eos: tuple[int, ...], device: torch.device, beams: int = 1):
     from transformers import GenerationConfig
     from transformers.generation.streamers import BaseStreamer
 
@@ -169,16 +189,19 @@ def _hf(hf_model, eos: tuple[int, ...], device: torch.device):
 
     def run(ids: list[int], max_new_tokens: int) -> Run:
         gc = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=list(eos),
-                              pad_token_id=eos[0], num_beams=1)
+                              pad_token_id=eos[0], num_beams=beams)
         x = torch.tensor([ids], device=device)
         streamer = FirstToken()
         synchronize(device)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = hf_model.generate(x, attention_mask=torch.ones_like(x), generation_config=gc, streamer=streamer)
+            out = hf_model.generate(x, attention_mask=torch.ones_like(x), generation_config=gc,
+                                    streamer=streamer if beams == 1 else None)  # HF beam search cannot stream
         synchronize(device)
         seconds = time.perf_counter() - t0
         new = out[0, len(ids):].tolist()
+        if beams > 1 and any(t in eos for t in new):  # a beam that ended early is padded with eos[0]
+            new = new[:next(i for i, t in enumerate(new) if t in eos) + 1]
         finish = "eos" if new and new[-1] in eos else "length"
         ttft = (streamer.first or time.perf_counter()) - t0
         return Run(new, seconds, ttft, max(len(new) - 1, 0), [1] * max(len(new) - 1, 0), finish)
@@ -188,12 +211,14 @@ def _hf(hf_model, eos: tuple[int, ...], device: torch.device):
 
 # ------------------------------------------------------------------ assembling and running
 
-def engine_for(model, heads, tree: Tree, longest: int, graphs: bool = False, compile_mode: str | None = AUTO):
+def engine_for(model, heads, tree: Tree, longest: int, graphs: bool = False, compile_mode: str | None = AUTO,
+               beams: int = 1):
     """An Engine(max_batch=1) decoding with exactly `tree` (heads None: plain decoding), for
     sequences up to `longest` tokens; with graphs (a CUDA device), its greedy step and prompt
-    graphs are captured now, so that no timed request pays a capture. compile_mode: Engine's."""
+    graphs are captured now, so that no timed request pays a capture. compile_mode: Engine's.
+    beams: rows for beam search (its steps' graphs, with log-probabilities, capture in the warm-up runs)."""
     engine = single_engine(model, heads, tree, max_seq_len=min(longest, model.cfg.max_position_embeddings), graphs=graphs,
-                           compile_mode=compile_mode)
+                           compile_mode=compile_mode, max_batch=beams)
     if graphs:
         engine.warmup(trees=[engine.default_tree.name], measure=False)
     return engine
@@ -201,29 +226,33 @@ def engine_for(model, heads, tree: Tree, longest: int, graphs: bool = False, com
 
 def prepare_modes(specs: list[ModeSpec], model, source, eos: tuple[int, ...], cli_tree: str | None = None,
                   hf_loader: Callable[[], object] | None = None, longest: int = 2048,
-                  graphs: bool = False, compile_mode: str | None = AUTO) -> tuple[list[Mode], dict[str, str]]:
+                  graphs: bool = False, compile_mode: str | None = AUTO,
+                  beams: int = 1) -> tuple[list[Mode], dict[str, str]]:
     """Build an engine per mode for sequences up to `longest` tokens. graphs: replay our decode
     steps and prompt forwards as CUDA graphs (on a CUDA device); else they run eagerly.
     compile_mode: torch.compile the per-layer pieces inside the step graphs (Engine's).
+    beams > 1: every mode runs beam search with that many beams (ar: plain beam search, spec
+    modes: speculative beam search, hf: generate(num_beams=K)).
     Returns (modes, skipped: label -> reason)."""
     modes, skipped, heads_cache = [], {}, {}
     for spec in specs:
         if spec.kind == "ar":
             tree = load_tree("ar")
-            engine = engine_for(model, None, tree, longest, graphs, compile_mode)
-            modes.append(Mode(spec, _ours(engine, eos), None, tree, compiled=engine.runner.ops is not None))
+            engine = engine_for(model, None, tree, longest, graphs, compile_mode, beams)
+            modes.append(Mode(spec, _ours(engine, eos, beams), None, tree, compiled=engine.runner.ops is not None))
         elif spec.kind == "hf":
             hf_model = hf_loader() if hf_loader else load_hf_model(source, model.dtype, model.device)
-            modes.append(Mode(spec, _hf(hf_model, eos, model.device), None, None,
-                              "HF transformers generate, greedy, default dynamic KV cache"))
+            modes.append(Mode(spec, _hf(hf_model, eos, model.device, beams), None, None,
+                              "HF transformers generate, greedy, default dynamic KV cache"
+                              + (f", num_beams={beams}" if beams > 1 else "")))
         else:
             heads, label, note = _heads_for(spec.heads, model, source, heads_cache)
             if heads is None:
                 skipped[spec.label] = note
                 continue
             tree = _spec_tree(spec, cli_tree, heads, label)
-            engine = engine_for(model, heads, tree, longest, graphs, compile_mode)
-            modes.append(Mode(spec, _ours(engine, eos), label, tree, note, compiled=engine.runner.ops is not None))
+            engine = engine_for(model, heads, tree, longest, graphs, compile_mode, beams)
+            modes.append(Mode(spec, _ours(engine, eos, beams), label, tree, note, compiled=engine.runner.ops is not None))
     return modes, skipped
 
 

@@ -106,10 +106,13 @@ def _load(x) -> str:
 
 
 def decode_markdown(doc: dict[str, Any]) -> str:
+    K = doc.get("beams", 1)
+    decoding = "greedy" if K <= 1 else f"beam search with {K} beams (tokens/s and output: the best beam's)"
     lines = [f"### {doc['dataset']} on {doc['device']}", ""]
     lines += header_lines(doc)
     lines += ["", f"Model {doc['model']}, dtype {doc['dtype']}, {doc['num_prompts']} prompts x up to "
-              f"{doc['max_new_tokens']} new tokens, batch 1, greedy, {doc['warmup']} warm-up prompt(s) excluded, "
+              f"{doc['max_new_tokens']} new tokens, batch 1, {decoding}, "
+              f"{doc['warmup']} warm-up prompt(s) excluded, "
               f"CUDA graphs: {'on' if doc.get('graphs') else 'off'}{' + torch.compile' if doc.get('compile') else ''}.", ""]
     lines.append("| mode | heads | tree (nodes) | tokens/s median | tokens/s mean | accepted/step | TTFT median (s) "
                  "| vs ar | vs hf | output == ar |")

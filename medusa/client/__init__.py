@@ -13,8 +13,8 @@ from medusa.client.errors import (AuthenticationError, DeadlineExceededError, In
                                   MedusaClientError, QuotaExceededError, ServerError, UnavailableError)
 from medusa.client.retry import RetryPolicy
 from medusa.client.sync import MedusaClient
-from medusa.client.types import Delta, GenerateResult, SpecStats, TokenLogprob, Usage
+from medusa.client.types import BeamResult, Delta, GenerateResult, SpecStats, TokenLogprob, Usage
 
-__all__ = ["MedusaClient", "AsyncMedusaClient", "RetryPolicy", "Delta", "GenerateResult", "Usage", "SpecStats", "TokenLogprob",
+__all__ = ["MedusaClient", "AsyncMedusaClient", "RetryPolicy", "BeamResult", "Delta", "GenerateResult", "Usage", "SpecStats", "TokenLogprob",
            "MedusaClientError", "AuthenticationError", "QuotaExceededError", "InvalidRequestError",
            "DeadlineExceededError", "UnavailableError", "ServerError"]

@@ -61,6 +61,14 @@ class GenerateResult:
     request_id: str = ""
     replica_id: str = ""
     logprobs: list[TokenLogprob] | None = None  # with logprobs=k: one per token of the text
+    beams: list[BeamResult] | None = None  # with beams=K > 1: the num_return best beams, best first
+
+
+@dataclass(frozen=True)
+class BeamResult:
+    token_ids: list[int]
+    text: str
+    score: float  # sum of log-probabilities / length ** length_penalty
 
 
 def build_request(
@@ -78,10 +86,16 @@ def build_request(
     speculation: str = "auto",
     model: str = "",
     logprobs: int | None = None,
+    beams: int = 1,
+    length_penalty: float | None = None,
+    early_stopping: bool | str = False,
+    num_return: int = 1,
 ) -> pb.GenerateRequest:
     """A GenerateRequest from keyword arguments: exactly one of `prompt` (raw text) or
     `messages` (chat, [{"role", "content"}]). logprobs: None, or the alternatives per token
-    (0-5) to return with each token's log-probability. Values are checked by the server."""
+    (0-5) to return with each token's log-probability. beams > 1: beam search (greedy; with
+    length_penalty, early_stopping True / False / "never", num_return beams in the result).
+    Values are checked by the server."""
     if (prompt is None) == (messages is None):
         raise ValueError("give exactly one of prompt= (raw text) or messages= (chat)")
     if speculation not in SPECULATION:
@@ -93,6 +107,10 @@ def build_request(
                              stop=list(stop), speculation=SPECULATION[speculation], model=model)
     if logprobs is not None:
         req.logprobs, req.top_logprobs = True, logprobs
+    req.beams, req.num_return = beams, num_return if num_return != 1 else 0
+    req.early_stopping = str(early_stopping).lower() if early_stopping is not False else ""
+    if length_penalty is not None:
+        req.length_penalty = length_penalty
     if prompt is not None:
         req.prompt = prompt
     else:
@@ -129,5 +147,6 @@ class StreamFold:
                 text="".join(self.text), token_ids=list(self.token_ids), finish_reason=f.finish_reason,
                 usage=Usage(f.usage.prompt_tokens, f.usage.completion_tokens, f.usage.reused_prompt_tokens),
                 stats=SpecStats(f.stats.steps, f.stats.mean_accepted, f.stats.tree, f.stats.ttft_s, f.stats.seconds),
-                request_id=f.request_id, replica_id=f.replica_id, logprobs=list(self.logprobs) if self.asked else None)
+                request_id=f.request_id, replica_id=f.replica_id, logprobs=list(self.logprobs) if self.asked else None,
+                beams=[BeamResult(list(b.token_ids), b.text, b.score) for b in f.beams] or None)
         return None

@@ -43,6 +43,9 @@ def register(sub) -> None:
     d.add_argument("--limit", type=int, default=None, help="first N prompts only")
     d.add_argument("--warmup", type=int, default=1, help="prompts run once per mode before measuring (not counted)")
     d.add_argument("--no-chat", action="store_true", help="raw prompts (no chat template)")
+    d.add_argument("--beams", type=int, default=1, metavar="K",
+                   help="beam search with K beams in every mode (ar: plain, spec modes: speculative beam search, "
+                        "hf: num_beams=K); tokens/s counts the best beam's tokens, 'output == ar' compares best beams")
     s = p.add_argument_group("step cost (--step-cost)")
     s.add_argument("--step-cost", action="store_true", help="time one forward by query count and context")
     s.add_argument("--shape", default="smollm2-135m", help="llama-7b | llama3-8b | smollm2-135m | tiny | a config.json path")
@@ -204,6 +207,9 @@ def run_decode(args) -> int:
     _at_least("--max-new-tokens", args.max_new_tokens, 1)
     _at_least("--limit", args.limit, 1)
     _at_least("--warmup", args.warmup, 0)
+    _at_least("--beams", args.beams, 1)
+    if args.beams > 8:
+        raise RequestError(f"--beams must be at most 8, got {args.beams}")
     specs = decode.parse_modes(args.modes or "hf,ar,medusa,hydra")
     label, path = resolve_dataset(args.dataset)
     prompts = read_prompts(path, args.limit)
@@ -218,7 +224,7 @@ def run_decode(args) -> int:
                            f"of {model.cfg.max_position_embeddings}")
     graphs = dev.type == "cuda" and not args.no_graphs
     modes, skipped = decode.prepare_modes(specs, model, src, eos, cli_tree=args.tree, longest=longest, graphs=graphs,
-                                          compile_mode=compile_arg(args.compile) if graphs else None)
+                                          compile_mode=compile_arg(args.compile) if graphs else None, beams=args.beams)
     for lab, why in skipped.items():
         print(f"medusa bench: {lab}: {why}", file=sys.stderr)
     if not modes:
@@ -242,6 +248,7 @@ def run_decode(args) -> int:
         "model": src.name,
         "dtype": str(model.dtype).removeprefix("torch."),
         "max_new_tokens": args.max_new_tokens,
+        "beams": args.beams,
         "num_prompts": len(ids),
         "warmup": warm,
         "chat_template": not args.no_chat,

@@ -9,7 +9,9 @@ import sys
 
 from medusa.commands.common import HelpFormatter, Prompt, add_model_args, compile_arg, read_prompts
 from medusa.commands.tp import add_tp_arg, run_ranks
+from medusa.decoding.beam import BeamParams, check_params, parse_early_stopping
 from medusa.decoding.generate import Stats, check_context, single_engine, stream
+from medusa.decoding.logprobs import TOP_COMPUTED
 from medusa.decoding.sampling import SamplingParams
 from medusa.decoding.tree import load_tree
 from medusa.errors import RequestError
@@ -42,8 +44,28 @@ def register(sub) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="on a GPU, torch.compile the per-layer pieces before capturing the step graphs (default: "
                         "where measured faster, graphed steps of one row; --no-compile: never)")
+    p.add_argument("--beams", type=int, default=1, metavar="K",
+                   help="beam search with K beams (greedy; HF generate's num_beams; 1: plain decoding)")
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam search: a finished beam's score is its log-probability / length ** this")
+    p.add_argument("--early-stopping", default="false", metavar="{true,false,never}",
+                   help="beam search: HF's early_stopping (true: stop once K beams are finished)")
+    p.add_argument("--num-return", type=int, default=1, metavar="N",
+                   help="beam search: print the N best beams (N <= K)")
     add_tp_arg(p)
     p.set_defaults(func=run)
+
+
+def beams_from_args(args) -> BeamParams:
+    """The beam search settings (bad values: a RequestError before anything loads)."""
+    p = BeamParams(args.beams, args.length_penalty, parse_early_stopping(args.early_stopping), args.num_return)
+    if p.beams != 1:
+        check_params(p, 1, TOP_COMPUTED)  # the bound for the model's stop ids is checked on submit
+        if not sampling_from_args(args).greedy:
+            raise RequestError("beam search is greedy: --beams needs temperature 0 (no --rule sample/typical)")
+    elif p.num_return != 1:
+        raise RequestError("--num-return needs --beams K > 1")
+    return p
 
 
 def sampling_from_args(args) -> SamplingParams:
@@ -88,7 +110,7 @@ def build_engine(args, stack, encoded: list[list[int]], speculation: str):
         check_context(stack.model.cfg, len(ids), args.max_new_tokens)
     cuda = stack.model.device.type == "cuda" and not args.no_graphs
     compile_mode = compile_arg(args.compile) if cuda else None
-    batch = min(args.concurrency or 1, len(encoded))
+    batch = max(min(args.concurrency or 1, len(encoded)), args.beams)  # a beam request takes K rows
     if speculation == "on":
         engine = single_engine(stack.model, stack.heads, stack.tree, max_seq_len=longest, graphs=cuda, max_batch=batch,
                                compile_mode=compile_mode)
@@ -113,6 +135,7 @@ def decoded_with(tree: str, nodes: dict) -> str:
 
 def run(args) -> int:
     sampling_from_args(args)  # bad sampling values: one line before anything loads
+    beams_from_args(args)
     if args.max_new_tokens < 1:
         raise RequestError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.concurrency is not None and args.concurrency < 1:
@@ -150,6 +173,8 @@ def _decode(args, stack, prompts: list[Prompt]) -> int:
     encoded = [stack.tokenizer.encode_prompt(pr.text, chat=not args.no_chat) for pr in prompts]
     speculation = speculation_of(args, stack)
     engine = build_engine(args, stack, encoded, speculation)
+    if args.beams > 1:
+        return run_beams(args, stack, engine, prompts, encoded, eos, speculation)
     if args.concurrency is not None:
         return run_batched(args, stack, engine, prompts, encoded, params, eos, speculation)
     nodes = {n: t.num_nodes for n, t in engine.trees.items()}
@@ -211,4 +236,39 @@ def run_batched(args, stack, engine, prompts: list[Prompt], encoded: list[list[i
     print(f"{len(prompts)} prompts at concurrency {args.concurrency}: {total} new tokens in {wall:.2f} s = "
           f"{total / wall:.1f} tokens/s (heads: {stack.heads_name}; last speculation choice: "
           f"{choice.get('tree', 'ar')}, {choice.get('reason', '')})", file=sys.stderr)
+    return 0
+
+
+def run_beams(args, stack, engine, prompts: list[Prompt], encoded: list[list[int]], eos, speculation: str) -> int:
+    """--beams K: each prompt's beam search (the engine runs one at a time); prints the best beam
+    (and the --num-return best, with their scores), or with --json one object per prompt whose
+    token_ids / text are the best beam's and "beams" lists the num_return best."""
+    from medusa.decoding.engine import Request
+
+    p = beams_from_args(args)
+    for pr, ids in zip(prompts, encoded):
+        h = engine.submit(Request(ids, max_new_tokens=args.max_new_tokens, stop_token_ids=eos, speculation=speculation,
+                                  beams=p.beams, length_penalty=p.length_penalty, early_stopping=p.early_stopping,
+                                  num_return=p.num_return))
+        last = list(h)[-1]
+        st, hyps = last.stats, last.beams
+        best = list(hyps[0].tokens) if hyps else []
+        beams = [{"token_ids": list(x.tokens), "text": stack.tokenizer.decode(list(x.tokens)), "score": round(x.score, 6)}
+                 for x in hyps]
+        if args.json:
+            print(json.dumps({
+                "id": pr.id, "prompt_token_ids": ids, "token_ids": best, "text": stack.tokenizer.decode(best),
+                "new_tokens": st.new_tokens, "steps": st.steps, "mean_accepted": round(st.mean_accepted, 4),
+                "seconds": round(st.seconds, 4), "tokens_per_s": round(st.new_tokens / st.seconds, 2) if st.seconds else 0.0,
+                "beams": beams,
+            }), flush=True)
+            continue
+        if len(beams) == 1:
+            print(beams[0]["text"], flush=True)
+        else:
+            for i, b in enumerate(beams):
+                print(f"--- beam {i + 1} (score {b['score']:.4f})\n{b['text']}", flush=True)
+        print(f"[{pr.id}] beam search, {p.beams} beams: {st.new_tokens} new tokens, {st.steps} verification steps, "
+              f"{st.mean_accepted:.2f} beam steps per verification, {st.seconds:.2f} s (tree: {st.tree}, "
+              f"finish: {last.finish_reason})", file=sys.stderr)
     return 0

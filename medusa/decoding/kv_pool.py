@@ -219,3 +219,14 @@ def copy_state_prefix(dst: Any, src: Any, k: int, T: int) -> None:
         dst[:k].copy_(src[:k])
     else:
         dst.copy_prefix(src, k, T)
+
+
+def copy_row(obj: Any, dst: int, src: int, T: int) -> None:
+    """Row src of a KV cache or head state (of its caches, the first T slots) into row dst, in
+    place (beam search: a new beam's row becomes a copy of its parent's)."""
+    if obj is None or dst == src:
+        return
+    if isinstance(obj, torch.Tensor):
+        obj[dst] = obj[src]
+    else:
+        obj.rows(dst, dst + 1).copy_prefix(obj.rows(src, src + 1), 1, T)

@@ -10,7 +10,7 @@ the prefill's last logits (a path of the one root position).
 
 Work happens only for steps where some row asked (the step's graph key says so, runner.py):
 the [B, D+1, V] rows of the path are gathered, turned into float32 log-probabilities, reduced
-to the emitted token's value and the top MAX_TOP alternatives, and dropped; nothing of size V
+to the emitted token's value and the top TOP_COMPUTED alternatives, and dropped; nothing of size V
 outlives the call. Pure functions over tensors."""
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ from dataclasses import dataclass
 import torch
 
 MAX_TOP = 5  # most alternatives a request may ask for (OpenAI's API allows 20; we cap at 5)
+# alternatives a step computes: beam search (beam.py) needs each beam's best max(2, 1 + #EOS) * K
+# continuations, so K = 8 beams with one EOS id fit; a topk of 16 costs what one of 5 does
+TOP_COMPUTED = 16
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,8 @@ class PathLogprobs:
     """Log-probabilities along each row's emitted tokens (entries past a row's emitted count are padding)."""
 
     token: torch.Tensor  # [B, D+1] float32: logprob of the emitted token at index d
-    top_ids: torch.Tensor  # [B, D+1, MAX_TOP] long: the most likely tokens there, best first
-    top_lp: torch.Tensor  # [B, D+1, MAX_TOP] float32: their logprobs
+    top_ids: torch.Tensor  # [B, D+1, TOP_COMPUTED] long: the most likely tokens there, best first
+    top_lp: torch.Tensor  # [B, D+1, TOP_COMPUTED] float32: their logprobs
 
 
 def path_logprobs(logits: torch.Tensor, path: torch.Tensor, tokens: torch.Tensor) -> PathLogprobs:
@@ -48,7 +51,7 @@ def path_logprobs(logits: torch.Tensor, path: torch.Tensor, tokens: torch.Tensor
     lp = torch.log_softmax(rows.float(), dim=-1)
     del rows
     token = lp.gather(-1, tokens.clamp_min(0)[..., None]).squeeze(-1)  # [B, D+1]
-    top_lp, top_ids = lp.topk(min(MAX_TOP, V), dim=-1)  # sorted, best first
+    top_lp, top_ids = lp.topk(min(TOP_COMPUTED, V), dim=-1)  # sorted, best first
     return PathLogprobs(token, top_ids, top_lp)
 
 

@@ -39,7 +39,7 @@ import torch
 
 from medusa.decoding.buckets import batch_buckets, bucket_of, kv_bucket, kv_round
 from medusa.decoding.graphs import AUTO, CompiledBlocks, capture as capture_fn, capture_step, compile_choice
-from medusa.decoding.kv_pool import Swap, state_rows, swap_cache_rows, swap_state_rows, write_back
+from medusa.decoding.kv_pool import Swap, copy_row, state_rows, swap_cache_rows, swap_state_rows, write_back
 from medusa.decoding.sampling import BatchSampling
 from medusa.decoding.staging import PrefillStage
 from medusa.decoding.step import DecodeState, first_token, prefill, speculate
@@ -93,7 +93,7 @@ class RowState:
 
 class Runner:
     # the methods that read or change device state: a tensor-parallel replica runs each on every rank
-    REPLAYED = ("step", "prefill", "swap_rows", "set_drafts", "prepare_step", "time_step", "prepare_prefill")
+    REPLAYED = ("step", "prefill", "swap_rows", "copy_rows", "set_drafts", "prepare_step", "time_step", "prepare_prefill")
 
     def __init__(self, model, heads, rows: RowState, max_batch: int, max_prompt: int, prefill_tokens: int,
                  capture: bool = True, compile_mode: str | None = AUTO):
@@ -376,6 +376,21 @@ class Runner:
             swap_state_rows(R.head_state, s.a, s.b)
             for t in (R.start, R.root, R.hidden):
                 t[[s.a, s.b]] = t[[s.b, s.a]]
+
+    def copy_rows(self, copies: list[tuple[int, int]], length: int, rows: list[int], roots: list[int]) -> None:
+        """Beam search's reorder (engine/beams.py): each (dst, src) of copies makes row dst a copy
+        of row src (the first `length` KV slots, the head state, the hidden state); no source may
+        be a destination. Then rows[i] holds `length` committed slots and its next token roots[i]."""
+        R = self.rows
+        for dst, src in copies:
+            if dst in dict(copies).values():
+                raise RuntimeError(f"row {dst} is both copied to and from")
+            copy_row(R.cache, dst, src, length)
+            copy_row(R.head_state, dst, src, length)
+            R.hidden[dst] = R.hidden[src]
+        idx = torch.tensor(rows, dtype=torch.long, device=R.start.device)
+        R.start[idx] = length
+        R.root[idx] = torch.tensor(roots, dtype=torch.long, device=R.start.device)
 
     def set_drafts(self, drafts: list[list[int]]) -> None:
         """The lookup chains of rows 0 .. len(drafts)-1 for the next step (DecodeState.draft)."""

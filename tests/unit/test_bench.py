@@ -63,6 +63,22 @@ def doc_cores(out) -> str:
     return name.removeprefix("two-cpu-").removesuffix("core.json")
 
 
+def test_decode_bench_beams_compares_plain_speculative_and_hf_beam_search(tmp_path):
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps(PROMPTS[1]) + "\n")
+    rc = main(["bench", "--dataset", str(data), "--modes", "hf,ar,medusa", "--max-new-tokens", "6", "--beams", "2",
+               "--tree", "chain", "--device", "cpu", "--dtype", "float32", "--warmup", "0", "--out", str(tmp_path / "out"),
+               "--name", "beams"])
+    assert rc == 0
+    doc = json.loads((tmp_path / "out" / "beams.json").read_text())
+    assert doc["beams"] == 2 and "num_beams=2" in doc["modes"]["hf"]["note"]
+    assert doc["modes"]["medusa"]["matches_ar_all"] is True  # speculative beam search == plain beam search
+    (p,) = doc["prompts"]
+    assert p["modes"]["hf"]["matches_ar"] is True  # and both == HF generate(num_beams=2)
+    assert doc["modes"]["medusa"]["mean_accepted"] >= 1.0 and doc["modes"]["ar"]["tokens_per_s_median"] > 0
+    assert "beam search with 2 beams" in (tmp_path / "out" / "beams.md").read_text()
+
+
 def test_step_cost_tiny_shape(tmp_path):
     rc = main(["bench", "--step-cost", "--shape", "tiny", "--contexts", "32,100", "--queries", "1,4,16",
                "--budget", "0.05", "--device", "cpu", "--out", str(tmp_path)])

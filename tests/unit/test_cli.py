@@ -108,3 +108,31 @@ def test_argparse_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["generate", "hi", "--mode", "fast"])
     assert e.value.code == 2
+
+
+def test_beam_search_json_returns_the_best_beams(capsys):
+    code, out, err = cli(capsys, "Name three colours.", "--json", "--max-new-tokens", "6", "--beams", "3",
+                         "--num-return", "3", "--length-penalty", "0.5", "--early-stopping", "never", "--tree", "chain")
+    assert code == 0, err
+    row = json.loads(out.strip().splitlines()[-1])
+    assert len(row["beams"]) == 3 and row["beams"][0]["token_ids"] == row["token_ids"]
+    scores = [b["score"] for b in row["beams"]]
+    assert scores == sorted(scores, reverse=True) and 1 <= row["new_tokens"] <= 6
+    code, out, err = cli(capsys, "Name three colours.", "--json", "--max-new-tokens", "6", "--beams", "3",
+                         "--num-return", "3", "--length-penalty", "0.5", "--early-stopping", "never", "--mode", "ar")
+    assert code == 0, err
+    plain = json.loads(out.strip().splitlines()[-1])["beams"]  # speculative == plain beam search (scores to rounding)
+    assert [b["token_ids"] for b in plain] == [b["token_ids"] for b in row["beams"]]
+    assert [b["score"] for b in plain] == pytest.approx(scores, abs=1e-4)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--beams", "0"], "beams must be"),
+    (["--beams", "2", "--rule", "sample", "--temperature", "0.7"], "beam search is greedy"),
+    (["--beams", "2", "--num-return", "3"], "num_return"),
+    (["--beams", "2", "--early-stopping", "maybe"], "early_stopping"),
+    (["--num-return", "2"], "--num-return needs --beams"),
+    (["--beams", "40"], "beams must be at most"),
+])
+def test_invalid_beam_values(capsys, args, needle):
+    assert_user_error(cli(capsys, "hi", *args), needle)

@@ -309,3 +309,30 @@ def test_http_face_has_the_grpc_paths_protections(face):
         assert e.value.response.headers["retry-after"] == "1"
     finally:
         broken.admission.draining = False
+
+
+def test_beam_search_extension_returns_n_beams_and_refuses_what_it_cannot_do(face):
+    c = client(face)
+    r = c.completions.create(model="char", prompt="abcd", max_tokens=3, n=2,
+                             extra_body={"beams": 3, "length_penalty": 0.5, "early_stopping": "never"})
+    assert [ch.text for ch in r.choices] == ["dcb", "cb"] and [ch.index for ch in r.choices] == [0, 1]
+    assert r.model_extra["medusa"]["beam_scores"] == [-1.0, -2.0]
+    req = face["engine"].submitted[-1]
+    assert (req.beams, req.num_return, req.length_penalty, req.early_stopping) == (3, 2, 0.5, "never")
+    assert req.sampling.greedy  # an unset temperature is greedy with beams (OpenAI's default is 1)
+    chat = c.chat.completions.create(model="char", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                     extra_body={"beams": 2, "early_stopping": True})
+    assert len(chat.choices) == 1 and chat.choices[0].message.content
+    assert face["engine"].submitted[-1].early_stopping is True
+    msgs = [{"role": "user", "content": "hi"}]
+    for kwargs, param in (({"stream": True}, "stream"), ({"temperature": 0.7}, "temperature"),
+                          ({"n": 3}, "n"), ({"logprobs": True}, "logprobs")):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model="char", messages=msgs, extra_body={"beams": 2}, **kwargs)
+        assert e.value.status_code == 400 and e.value.body["param"] == param, e.value.body
+        assert e.value.body["type"] == "invalid_request_error"
+    for extra, param in (({"length_penalty": 2.0}, "length_penalty"), ({"beams": 0}, "beams"),
+                         ({"beams": 2, "early_stopping": "sometimes"}, "early_stopping")):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model="char", messages=msgs, extra_body=extra)
+        assert e.value.body["param"].split(".")[0] == param, e.value.body  # pydantic names a union's branch

@@ -81,6 +81,15 @@ class Event:
     finish_reason: str | None = None
     stats: Stats | None = None
     logprobs: list | None = None
+    beams: tuple | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyp:
+    """medusa.decoding.beam.Hypothesis's surface."""
+
+    tokens: tuple
+    score: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +138,11 @@ class ScriptedEngine:
 
         class Handle:
             async def __aiter__(self):
+                if getattr(req, "beams", 1) > 1:  # beam search: everything on the final event
+                    hyps = tuple(Hyp(tuple(out[k:]), -1.0 - k) for k in range(req.num_return))
+                    st = Stats(len(req.prompt_ids), len(out), len(out), 1.0, 0, 0.01, 0.02, "ar")
+                    yield Event(req.request_id, out, "length", st, beams=hyps)
+                    return
                 for i in range(0, len(out), 2):
                     yield Event(req.request_id, out[i:i + 2], logprobs=lps[i:i + 2] if lps is not None else None)
                     await asyncio.sleep(0)
@@ -351,6 +365,25 @@ def test_grpc_logprobs_reach_the_client_and_follow_stop_trimming(stack):
         assert c.generate(prompt="abcd", max_new_tokens=3).logprobs is None
         with pytest.raises(InvalidRequestError, match="at most 5"):
             c.generate(prompt="abcd", max_new_tokens=3, logprobs=6)
+
+
+def test_grpc_beam_search_fields_reach_the_engine_and_beams_the_client(stack):
+    with client(stack) as c:
+        r = c.generate(prompt="abcd", max_new_tokens=3, beams=4, length_penalty=0.5, early_stopping="never", num_return=2)
+        assert r.text == "dcb" and r.finish_reason == "length"
+        assert [(b.text, b.score) for b in r.beams] == [("dcb", -1.0), ("cb", -2.0)]
+        req = stack["engine"].submitted[-1]
+        assert (req.beams, req.length_penalty, req.early_stopping, req.num_return) == (4, 0.5, "never", 2)
+        c.generate(prompt="abcd", max_new_tokens=3, beams=2, early_stopping=True)
+        req = stack["engine"].submitted[-1]
+        assert (req.beams, req.length_penalty, req.early_stopping, req.num_return) == (2, 1.0, True, 1)
+        assert c.generate(prompt="abcd", max_new_tokens=3).beams is None
+        for kw, msg in [(dict(stop=["x"]), "stop strings"), (dict(logprobs=1), "logprobs"),
+                        (dict(session_id="s1"), "sessions"), (dict(early_stopping="maybe"), "early_stopping")]:
+            with pytest.raises(InvalidRequestError, match=msg):
+                c.generate(prompt="abcd", max_new_tokens=3, beams=2, **kw)
+        with pytest.raises(InvalidRequestError, match="need beams > 1"):
+            c.generate(prompt="abcd", max_new_tokens=3, num_return=2, beams=1, length_penalty=2.0)
 
 
 def test_logprob_entries_wait_for_their_text_and_go_with_trimmed_text():

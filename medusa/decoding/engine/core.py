@@ -23,7 +23,8 @@ its batch-mates, on the tree chosen, or on whether it speculated.
 
 The package's files: requests.py (Request, RequestHandle, TokenEvent, RequestStats),
 scheduler.py (inbox, admission, prefill grouping, row swaps), policy.py (the tree choice and
-what steps teach it), warmup.py (graphs and step costs before traffic), core.py (this: the
+what steps teach it), warmup.py (graphs and step costs before traffic), beams.py (a beam-search
+request's K rows: they step with the batch, beam.py scores them), core.py (this: the
 Engine, its rows, one step, output). Every step and prefill, and every other read or change of
 the replica's device state, runs through runner.py (so a tensor-parallel replica can replay
 them on every rank: a model with a `replica` driver, medusa.parallel.replica).
@@ -39,9 +40,10 @@ import time
 
 import torch
 
+from medusa.decoding.engine.beams import BeamMember, Beams
 from medusa.decoding.engine.policy import Policy
 from medusa.decoding.engine.requests import (Live, Request, RequestHandle, RequestStats, TokenEvent, Uniforms,
-                                             validate)
+                                             validate, validate_beams)
 from medusa.decoding.engine.scheduler import Scheduler
 from medusa.decoding.engine.warmup import Warmup
 from medusa.decoding.graphs import AUTO
@@ -58,7 +60,7 @@ DEFAULT_TREE = "tree16"
 DEFAULT_MAX_SEQ_LEN = 2048
 
 
-class Engine(Scheduler, Warmup):
+class Engine(Scheduler, Warmup, Beams):
     """Continuous-batching speculative decoder. Thread-safe `submit`/`cancel`; one scheduler
     (a background thread after `start()`, or the caller through `step()`)."""
 
@@ -95,7 +97,8 @@ class Engine(Scheduler, Warmup):
             self.row_root = torch.zeros(rows, dtype=torch.long, device=self.device)  # [rows]
             self.row_hidden = torch.zeros(rows, cfg.hidden_size, dtype=model.dtype, device=self.device)  # [rows, D]
             self.row_draft = torch.zeros(rows, MAX_LOOKUP, dtype=torch.long, device=self.device)  # [rows, L]: lookup chains
-        self._rows: list[Live | None] = [None] * rows  # row -> running request
+        self._rows: list[Live | None] = [None] * rows  # row -> running request (a beam request: a BeamMember per row)
+        self._beam_runs: dict = {}  # request id -> BeamRun of the beam requests running (engine/beams.py)
         # kept session KV is bounded so that an idle row padding a fixed-shape step keeps its tree
         # slots in the row and its positions in the model's context (runner.py); tokens past
         # max_seq_len - 1 could never be reused anyway (a next prompt is shorter)
@@ -161,6 +164,10 @@ class Engine(Scheduler, Warmup):
     # -------------------------------------------------------------- public API
     def submit(self, request: Request) -> RequestHandle:
         validate(request, self.vocab, self.max_seq_len)
+        if request.beams != 1:
+            validate_beams(request, len(self.eos if request.stop_token_ids is None else request.stop_token_ids))
+            if request.beams > self.pool.max_active:
+                raise RequestError(f"beams ({request.beams}) exceed the engine's max_batch of {self.pool.max_active} rows")
         live = Live(request, RequestHandle(self, request.request_id),
                      set(self.eos if request.stop_token_ids is None else request.stop_token_ids),
                      time.perf_counter(), self._uniforms(request.sampling))
@@ -315,15 +322,19 @@ class Engine(Scheduler, Warmup):
         t0 = time.perf_counter()
         pad = [self.pool.length[r] for r in range(n, self.runner.bucket(n))]
         want = [x.req.logprobs for x in lives]
+        beams = bool(self._beam_runs)  # beam rows score the log-probabilities of their paths
         acc, captured = self.runner.step(tree, n, committed, sampling, self._sampling_key, uniforms, max_accept, pad,
-                                         logprobs=any(w is not None for w in want))
+                                         logprobs=beams or any(w is not None for w in want))
         rows = acc.packed.tolist()  # one host sync; rows n .. Bb-1 are padding
-        lps = host_entries(acc.logprobs, [r[1:2 + r[0]] for r in rows[:n]], want) if acc.logprobs is not None else None
+        beam_paths = self._beam_paths(lives, rows, acc.logprobs) if beams else {}
+        lps = host_entries(acc.logprobs, [r[1:2 + r[0]] for r in rows[:n]], want) if any(w is not None for w in want) else None
         self._time["step"] += time.perf_counter() - t0 - (self.runner.catch_ups["seconds"] - caught)
         policy.ran(tree, n, rows, off, not sampling.any_typical)  # rows: [accepted, D + 1 tokens, D + 1 path ids]
         for i, (live, row) in enumerate(zip(lives, rows)):  # before any release swaps rows (zip stops at n)
             self.pool.length[i] = live.kv_len + row[0] + 1
         for i, (live, row) in enumerate(zip(lives, rows)):
+            if isinstance(live, BeamMember):  # scored after the loop (its rows may move meanwhile)
+                continue
             k = row[0] + 1
             live.steps += 1
             live.step_tokens += k
@@ -340,6 +351,8 @@ class Engine(Scheduler, Warmup):
             self._emit(live, row[1:1 + k])
             if live.shadow and twin is not None:
                 policy.shadow(live.shadow, live.out, twin.name)
+        if beam_paths:
+            self._beam_advance(beam_paths, tree.name)
         if not captured:  # a capturing step's time is not the step's cost
             # the policy weighs a step's whole cost to the scheduler: choosing the tree, the step,
             # recording acceptance, emitting tokens and finishing requests, less the heads' catch-up

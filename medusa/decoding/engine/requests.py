@@ -16,7 +16,8 @@ from typing import AsyncIterator, Iterator
 
 import torch
 
-from medusa.decoding.logprobs import MAX_TOP, TokenLogprob
+from medusa.decoding.beam import BeamParams, Hypothesis, check_params
+from medusa.decoding.logprobs import MAX_TOP, TOP_COMPUTED, TokenLogprob
 from medusa.decoding.lookup import NgramLookup
 from medusa.decoding.sampling import SamplingParams, draw_uniforms
 from medusa.errors import RequestError
@@ -37,6 +38,12 @@ class Request:
     # per-token log-probabilities: None = none; k in 0..MAX_TOP = each emitted token's logprob
     # under the base model's raw distribution (before temperature / top-p) plus its top k
     logprobs: int | None = None
+    # beam search (beam.py, engine/beams.py): beams > 1 decodes K beams (greedy sampling only);
+    # 1 is plain decoding, as HF's num_beams=1 is greedy search
+    beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False  # True | False | "never"
+    num_return: int = 1  # finished beams on the final event (TokenEvent.beams), best first
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,7 @@ class RequestStats:
     seconds: float  # submit -> last token
     tree: str  # last tree used ("ar" when plain)
     queue_s: float = 0.0  # submit -> admission (its prefill starts)
+    beam_steps: tuple[int, ...] = ()  # beam search: the beam steps each verification step ran
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,7 @@ class TokenEvent:
     stats: RequestStats | None = None  # on the last event only
     produced: int = 0  # tokens the forward behind this event produced, before any stop cut (0: none ran)
     logprobs: list[TokenLogprob] | None = None  # one per token of `tokens`, when the request asked
+    beams: tuple[Hypothesis, ...] | None = None  # a beam request's final event: num_return hypotheses, best first
 
 
 class RequestHandle:
@@ -211,3 +220,20 @@ def validate(r: Request, vocab: int, max_seq_len: int) -> None:
     if r.logprobs is not None and (isinstance(r.logprobs, bool) or not isinstance(r.logprobs, int)
                                    or not 0 <= r.logprobs <= MAX_TOP):
         raise RequestError(f"logprobs (top alternatives per token) must be an integer 0-{MAX_TOP} or None, got {r.logprobs!r}")
+
+
+def beam_params(r: Request) -> BeamParams:
+    return BeamParams(r.beams, r.length_penalty, r.early_stopping, r.num_return)
+
+
+def validate_beams(r: Request, n_eos: int) -> None:
+    """What beam search supports (engine/beams.py): greedy scores only, the whole output at the end."""
+    check_params(beam_params(r), n_eos, TOP_COMPUTED)
+    if not r.sampling.greedy:
+        raise RequestError("beam search is greedy: temperature must be 0 with beams > 1")
+    if r.stop_sequences:
+        raise RequestError("stop sequences are not supported with beam search (stop token ids are)")
+    if r.logprobs is not None:
+        raise RequestError("logprobs are not supported with beam search")
+    if r.session_id is not None:
+        raise RequestError("sessions are not supported with beam search")

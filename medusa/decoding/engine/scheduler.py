@@ -43,6 +43,8 @@ class Scheduler:
 
     def _fail_all(self, exc: Exception) -> None:
         with self._step_lock, torch.inference_mode():
+            for run in list(self._beam_runs.values()):
+                self._beam_finish(run, "error")
             for live in [x for x in self._rows if x is not None]:
                 self._finish(live, "error", keep=False)
             with self._mu:
@@ -64,22 +66,34 @@ class Scheduler:
         for x in waiting:
             self._finish(x, "cancelled", keep=False)
         running = [x for x in self._rows if x is not None and x.req.request_id in ids]
+        beams = [run for rid, run in self._beam_runs.items() if rid in ids]
+        for run in beams:
+            self._beam_finish(run, "cancelled")
         for x in running:
             self._finish(x, "cancelled", keep=False)
-        return bool(waiting or running)
+        return bool(waiting or running or beams)
 
     def _admit(self) -> bool:
-        """Admit waiting requests while rows are free, then prefill them in groups of consecutive
+        """Admit waiting requests in order while rows are free (a beam request takes K rows and
+        prefills alone: engine/beams.py), then prefill the others in groups of consecutive
         rows, one padded forward each. Fresh prompts come first, sorted by length and cut where
         the padding saved outweighs a forward's fixed cost (staging.plan_groups); requests
         continuing a kept session follow, joining the last group while it fits."""
         if not self._waiting or not self._admit_now():
             return False
-        with self._mu:
-            batch = [self._waiting.popleft()
-                     for _ in range(min(len(self._waiting), self.pool.max_active - self.pool.n_active))]
-        if not batch:
-            return False
+        with self._mu:  # in order while rows are free: a beam request needs K (engine/beams.py)
+            room = self.pool.max_active - self.pool.n_active
+            batch, beams = [], []
+            while self._waiting and (need := max(1, self._waiting[0].req.beams)) <= room:
+                (beams if need > 1 else batch).append(self._waiting.popleft())
+                room -= need
+        if batch:
+            self._admit_plain(batch)
+        for live in beams:
+            self._beam_start(live)
+        return bool(batch or beams)
+
+    def _admit_plain(self, batch: list[Live]) -> None:
         batch.sort(key=lambda x: (x.req.session_id in self.pool.lru, len(x.req.prompt_ids)))  # stable: FIFO ties
         admitted: list[Live] = []
         t_admit = time.perf_counter()
@@ -111,7 +125,6 @@ class Scheduler:
         for live, root in zip(admitted, roots):  # emit only now: a request that ends frees (swaps) rows
             live.t_first = now
             self._emit(live, [root])
-        return bool(admitted)
 
     def _admit_now(self) -> bool:
         """Coalesce admissions while rows run: every prefill forward has a fixed cost (a graph

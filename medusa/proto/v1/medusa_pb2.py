@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16medusa/v1/medusa.proto\x12\tmedusa.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43onversation\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.medusa.v1.ChatMessage\"\xa3\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x0c\n\x04rule\x18\x04 \x01(\t\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x1b\n\x13posterior_threshold\x18\x06 \x01(\x02\x12\x17\n\x0fposterior_alpha\x18\x07 \x01(\x02\x42\x07\n\x05_seed\"\xa0\x02\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\'\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x17.medusa.v1.ConversationH\x00\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.medusa.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12+\n\x0bspeculation\x18\x07 \x01(\x0e\x32\x16.medusa.v1.Speculation\x12\r\n\x05model\x18\x08 \x01(\t\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\rB\x07\n\x05input\"\x84\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12-\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x17.medusa.v1.TokenLogprob\x12\x13\n\x0btext_offset\x18\x05 \x01(\r\"S\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12)\n\x08logprobs\x18\x03 \x03(\x0b\x32\x17.medusa.v1.TokenLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14reused_prompt_tokens\x18\x03 \x01(\r\"g\n\x10SpeculationStats\x12\r\n\x05steps\x18\x01 \x01(\r\x12\x15\n\rmean_accepted\x18\x02 \x01(\x02\x12\x0c\n\x04tree\x18\x03 \x01(\t\x12\x0e\n\x06ttft_s\x18\x04 \x01(\x02\x12\x0f\n\x07seconds\x18\x05 \x01(\x02\"\x93\x01\n\x05\x46inal\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.medusa.v1.Usage\x12*\n\x05stats\x18\x03 \x01(\x0b\x32\x1b.medusa.v1.SpeculationStats\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x12\n\nreplica_id\x18\x05 \x01(\t\"a\n\x10GenerateResponse\x12!\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x10.medusa.v1.DeltaH\x00\x12!\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x10.medusa.v1.FinalH\x00\x42\x07\n\x05\x65vent\"b\n\x0fTokenizeRequest\x12\'\n\x04\x63hat\x18\x01 \x01(\x0b\x32\x17.medusa.v1.ConversationH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\r\n\x05model\x18\x03 \x01(\tB\x07\n\x05input\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x13\n\x11ListModelsRequest\"`\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05heads\x18\x02 \x01(\t\x12\x0c\n\x04tree\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.medusa.v1.ModelInfo\"\x0f\n\rHealthRequest\"\xe7\x01\n\x0eHealthResponse\x12\x30\n\x06status\x18\x01 \x01(\x0e\x32 .medusa.v1.HealthResponse.Status\x12\x37\n\x07\x64\x65tails\x18\x02 \x03(\x0b\x32&.medusa.v1.HealthResponse.DetailsEntry\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\":\n\x06Status\x12\x12\n\x0eSTATUS_UNKNOWN\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02*L\n\x0bSpeculation\x12\x14\n\x10SPECULATION_AUTO\x10\x00\x12\x12\n\x0eSPECULATION_ON\x10\x01\x12\x13\n\x0fSPECULATION_OFF\x10\x02\x32\x9e\x02\n\x06Medusa\x12\x45\n\x08Generate\x12\x1a.medusa.v1.GenerateRequest\x1a\x1b.medusa.v1.GenerateResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.medusa.v1.TokenizeRequest\x1a\x1b.medusa.v1.TokenizeResponse\x12I\n\nListModels\x12\x1c.medusa.v1.ListModelsRequest\x1a\x1d.medusa.v1.ListModelsResponse\x12=\n\x06Health\x12\x18.medusa.v1.HealthRequest\x1a\x19.medusa.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16medusa/v1/medusa.proto\x12\tmedusa.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43onversation\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.medusa.v1.ChatMessage\"\xa3\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x0c\n\x04rule\x18\x04 \x01(\t\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x1b\n\x13posterior_threshold\x18\x06 \x01(\x02\x12\x17\n\x0fposterior_alpha\x18\x07 \x01(\x02\x42\x07\n\x05_seed\"\x8b\x03\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\'\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x17.medusa.v1.ConversationH\x00\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.medusa.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12+\n\x0bspeculation\x18\x07 \x01(\x0e\x32\x16.medusa.v1.Speculation\x12\r\n\x05model\x18\x08 \x01(\t\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\r\x12\r\n\x05\x62\x65\x61ms\x18\x0b \x01(\r\x12\x1b\n\x0elength_penalty\x18\x0c \x01(\x02H\x01\x88\x01\x01\x12\x16\n\x0e\x65\x61rly_stopping\x18\r \x01(\t\x12\x12\n\nnum_return\x18\x0e \x01(\rB\x07\n\x05inputB\x11\n\x0f_length_penalty\"6\n\x04\x42\x65\x61m\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"\x84\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12-\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x17.medusa.v1.TokenLogprob\x12\x13\n\x0btext_offset\x18\x05 \x01(\r\"S\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12)\n\x08logprobs\x18\x03 \x03(\x0b\x32\x17.medusa.v1.TokenLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14reused_prompt_tokens\x18\x03 \x01(\r\"g\n\x10SpeculationStats\x12\r\n\x05steps\x18\x01 \x01(\r\x12\x15\n\rmean_accepted\x18\x02 \x01(\x02\x12\x0c\n\x04tree\x18\x03 \x01(\t\x12\x0e\n\x06ttft_s\x18\x04 \x01(\x02\x12\x0f\n\x07seconds\x18\x05 \x01(\x02\"\xb3\x01\n\x05\x46inal\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.medusa.v1.Usage\x12*\n\x05stats\x18\x03 \x01(\x0b\x32\x1b.medusa.v1.SpeculationStats\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x12\n\nreplica_id\x18\x05 \x01(\t\x12\x1e\n\x05\x62\x65\x61ms\x18\x06 \x03(\x0b\x32\x0f.medusa.v1.Beam\"a\n\x10GenerateResponse\x12!\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x10.medusa.v1.DeltaH\x00\x12!\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x10.medusa.v1.FinalH\x00\x42\x07\n\x05\x65vent\"b\n\x0fTokenizeRequest\x12\'\n\x04\x63hat\x18\x01 \x01(\x0b\x32\x17.medusa.v1.ConversationH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\r\n\x05model\x18\x03 \x01(\tB\x07\n\x05input\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x13\n\x11ListModelsRequest\"`\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05heads\x18\x02 \x01(\t\x12\x0c\n\x04tree\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.medusa.v1.ModelInfo\"\x0f\n\rHealthRequest\"\xe7\x01\n\x0eHealthResponse\x12\x30\n\x06status\x18\x01 \x01(\x0e\x32 .medusa.v1.HealthResponse.Status\x12\x37\n\x07\x64\x65tails\x18\x02 \x03(\x0b\x32&.medusa.v1.HealthResponse.DetailsEntry\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\":\n\x06Status\x12\x12\n\x0eSTATUS_UNKNOWN\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02*L\n\x0bSpeculation\x12\x14\n\x10SPECULATION_AUTO\x10\x00\x12\x12\n\x0eSPECULATION_ON\x10\x01\x12\x13\n\x0fSPECULATION_OFF\x10\x02\x32\x9e\x02\n\x06Medusa\x12\x45\n\x08Generate\x12\x1a.medusa.v1.GenerateRequest\x1a\x1b.medusa.v1.GenerateResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.medusa.v1.TokenizeRequest\x1a\x1b.medusa.v1.TokenizeResponse\x12I\n\nListModels\x12\x1c.medusa.v1.ListModelsRequest\x1a\x1d.medusa.v1.ListModelsResponse\x12=\n\x06Health\x12\x18.medusa.v1.HealthRequest\x1a\x19.medusa.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HEALTHRESPONSE_DETAILSENTRY']._loaded_options = None
   _globals['_HEALTHRESPONSE_DETAILSENTRY']._serialized_options = b'8\001'
-  _globals['_SPECULATION']._serialized_start=1830
-  _globals['_SPECULATION']._serialized_end=1906
+  _globals['_SPECULATION']._serialized_start=2025
+  _globals['_SPECULATION']._serialized_end=2101
   _globals['_CHATMESSAGE']._serialized_start=37
   _globals['_CHATMESSAGE']._serialized_end=81
   _globals['_CONVERSATION']._serialized_start=83
@@ -43,37 +43,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_start=142
   _globals['_SAMPLINGPARAMS']._serialized_end=305
   _globals['_GENERATEREQUEST']._serialized_start=308
-  _globals['_GENERATEREQUEST']._serialized_end=596
-  _globals['_TOKENLOGPROB']._serialized_start=599
-  _globals['_TOKENLOGPROB']._serialized_end=731
-  _globals['_DELTA']._serialized_start=733
-  _globals['_DELTA']._serialized_end=816
-  _globals['_USAGE']._serialized_start=818
-  _globals['_USAGE']._serialized_end=905
-  _globals['_SPECULATIONSTATS']._serialized_start=907
-  _globals['_SPECULATIONSTATS']._serialized_end=1010
-  _globals['_FINAL']._serialized_start=1013
-  _globals['_FINAL']._serialized_end=1160
-  _globals['_GENERATERESPONSE']._serialized_start=1162
-  _globals['_GENERATERESPONSE']._serialized_end=1259
-  _globals['_TOKENIZEREQUEST']._serialized_start=1261
-  _globals['_TOKENIZEREQUEST']._serialized_end=1359
-  _globals['_TOKENIZERESPONSE']._serialized_start=1361
-  _globals['_TOKENIZERESPONSE']._serialized_end=1398
-  _globals['_LISTMODELSREQUEST']._serialized_start=1400
-  _globals['_LISTMODELSREQUEST']._serialized_end=1419
-  _globals['_MODELINFO']._serialized_start=1421
-  _globals['_MODELINFO']._serialized_end=1517
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1519
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1577
-  _globals['_HEALTHREQUEST']._serialized_start=1579
-  _globals['_HEALTHREQUEST']._serialized_end=1594
-  _globals['_HEALTHRESPONSE']._serialized_start=1597
-  _globals['_HEALTHRESPONSE']._serialized_end=1828
-  _globals['_HEALTHRESPONSE_DETAILSENTRY']._serialized_start=1722
-  _globals['_HEALTHRESPONSE_DETAILSENTRY']._serialized_end=1768
-  _globals['_HEALTHRESPONSE_STATUS']._serialized_start=1770
-  _globals['_HEALTHRESPONSE_STATUS']._serialized_end=1828
-  _globals['_MEDUSA']._serialized_start=1909
-  _globals['_MEDUSA']._serialized_end=2195
+  _globals['_GENERATEREQUEST']._serialized_end=703
+  _globals['_BEAM']._serialized_start=705
+  _globals['_BEAM']._serialized_end=759
+  _globals['_TOKENLOGPROB']._serialized_start=762
+  _globals['_TOKENLOGPROB']._serialized_end=894
+  _globals['_DELTA']._serialized_start=896
+  _globals['_DELTA']._serialized_end=979
+  _globals['_USAGE']._serialized_start=981
+  _globals['_USAGE']._serialized_end=1068
+  _globals['_SPECULATIONSTATS']._serialized_start=1070
+  _globals['_SPECULATIONSTATS']._serialized_end=1173
+  _globals['_FINAL']._serialized_start=1176
+  _globals['_FINAL']._serialized_end=1355
+  _globals['_GENERATERESPONSE']._serialized_start=1357
+  _globals['_GENERATERESPONSE']._serialized_end=1454
+  _globals['_TOKENIZEREQUEST']._serialized_start=1456
+  _globals['_TOKENIZEREQUEST']._serialized_end=1554
+  _globals['_TOKENIZERESPONSE']._serialized_start=1556
+  _globals['_TOKENIZERESPONSE']._serialized_end=1593
+  _globals['_LISTMODELSREQUEST']._serialized_start=1595
+  _globals['_LISTMODELSREQUEST']._serialized_end=1614
+  _globals['_MODELINFO']._serialized_start=1616
+  _globals['_MODELINFO']._serialized_end=1712
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1714
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1772
+  _globals['_HEALTHREQUEST']._serialized_start=1774
+  _globals['_HEALTHREQUEST']._serialized_end=1789
+  _globals['_HEALTHRESPONSE']._serialized_start=1792
+  _globals['_HEALTHRESPONSE']._serialized_end=2023
+  _globals['_HEALTHRESPONSE_DETAILSENTRY']._serialized_start=1917
+  _globals['_HEALTHRESPONSE_DETAILSENTRY']._serialized_end=1963
+  _globals['_HEALTHRESPONSE_STATUS']._serialized_start=1965
+  _globals['_HEALTHRESPONSE_STATUS']._serialized_end=2023
+  _globals['_MEDUSA']._serialized_start=2104
+  _globals['_MEDUSA']._serialized_end=2390
 # @@protoc_insertion_point(module_scope)

@@ -50,7 +50,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., rule: _Optional[str] = ..., seed: _Optional[int] = ..., posterior_threshold: _Optional[float] = ..., posterior_alpha: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("session_id", "chat", "prompt", "sampling", "max_new_tokens", "stop", "speculation", "model", "logprobs", "top_logprobs")
+    __slots__ = ("session_id", "chat", "prompt", "sampling", "max_new_tokens", "stop", "speculation", "model", "logprobs", "top_logprobs", "beams", "length_penalty", "early_stopping", "num_return")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,10 @@ class GenerateRequest(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    BEAMS_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    EARLY_STOPPING_FIELD_NUMBER: _ClassVar[int]
+    NUM_RETURN_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     chat: Conversation
     prompt: str
@@ -71,7 +75,21 @@ class GenerateRequest(_message.Message):
     model: str
     logprobs: bool
     top_logprobs: int
-    def __init__(self, session_id: _Optional[str] = ..., chat: _Optional[_Union[Conversation, _Mapping]] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., speculation: _Optional[_Union[Speculation, str]] = ..., model: _Optional[str] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
+    beams: int
+    length_penalty: float
+    early_stopping: str
+    num_return: int
+    def __init__(self, session_id: _Optional[str] = ..., chat: _Optional[_Union[Conversation, _Mapping]] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., speculation: _Optional[_Union[Speculation, str]] = ..., model: _Optional[str] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., beams: _Optional[int] = ..., length_penalty: _Optional[float] = ..., early_stopping: _Optional[str] = ..., num_return: _Optional[int] = ...) -> None: ...
+
+class Beam(_message.Message):
+    __slots__ = ("token_ids", "text", "score")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    text: str
+    score: float
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class TokenLogprob(_message.Message):
     __slots__ = ("token_id", "token", "logprob", "top_logprobs", "text_offset")
@@ -122,18 +140,20 @@ class SpeculationStats(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., mean_accepted: _Optional[float] = ..., tree: _Optional[str] = ..., ttft_s: _Optional[float] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class Final(_message.Message):
-    __slots__ = ("finish_reason", "usage", "stats", "request_id", "replica_id")
+    __slots__ = ("finish_reason", "usage", "stats", "request_id", "replica_id", "beams")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    BEAMS_FIELD_NUMBER: _ClassVar[int]
     finish_reason: str
     usage: Usage
     stats: SpeculationStats
     request_id: str
     replica_id: str
-    def __init__(self, finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., stats: _Optional[_Union[SpeculationStats, _Mapping]] = ..., request_id: _Optional[str] = ..., replica_id: _Optional[str] = ...) -> None: ...
+    beams: _containers.RepeatedCompositeFieldContainer[Beam]
+    def __init__(self, finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., stats: _Optional[_Union[SpeculationStats, _Mapping]] = ..., request_id: _Optional[str] = ..., replica_id: _Optional[str] = ..., beams: _Optional[_Iterable[_Union[Beam, _Mapping]]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("delta", "final")
