@@ -50,6 +50,7 @@ from medusa.decoding.lookup import NgramLookup
 from medusa.decoding.runner import RowState, Runner
 from medusa.decoding.sampling import BatchSampling, SamplingParams
 from medusa.decoding.stopping import stop_cut
+from medusa.decoding.dynamic_tree import DynamicTree, is_dynamic
 from medusa.decoding.tree import MAX_LOOKUP, NAMED_TREES, Tree, load_tree
 from medusa.errors import RequestError, TreeError
 
@@ -142,7 +143,7 @@ class Engine(Scheduler, Warmup):
         if heads is None:
             return {"ar": ar.to(self.device)}, ar.to(self.device)
         depth = heads.config.num_heads
-        base = tree if isinstance(tree, Tree) else load_tree(tree or DEFAULT_TREE)
+        base = tree if isinstance(tree, (Tree, DynamicTree)) else load_tree(tree or DEFAULT_TREE)
         if trees is None:
             named = (load_tree(n) for n in NAMED_TREES if n != "ar")
             trees = {t.name: t for t in named if t.max_depth <= depth}
@@ -150,6 +151,7 @@ class Engine(Scheduler, Warmup):
         for t in list(out.values()):  # a step with a sampled row takes a lookup tree's heads' nodes alone
             if t.lookup:
                 out.setdefault(t.heads_only.name, t.heads_only)
+        out = {n: t.bind(depth) if is_dynamic(t) else t for n, t in out.items()}  # grown as deep as the heads guess
         for t in out.values():
             if t.max_depth > depth:
                 raise TreeError(f"tree {t.name} is {t.max_depth} deep but the heads guess only {depth} tokens ahead")
