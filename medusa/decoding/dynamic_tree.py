@@ -146,6 +146,16 @@ def is_dynamic(tree) -> bool:
     return isinstance(tree, DynamicTree)
 
 
+BUDGETS = (2, 4, 8, 16, 32, 64)  # the node budgets an engine offers its policy below a dynamic default tree
+
+
+def smaller_budgets(tree: DynamicTree) -> list[DynamicTree]:
+    """The dynamic trees of the same kind (k, threshold; no lookup chain) with fewer nodes: what
+    the engine's load-adaptive policy may shrink `tree` to in large batches, as it picks among
+    the named static trees below a static default tree."""
+    return [dynamic_tree(n, tree.topk, min(tree.depth_limit, n - 1), tree.threshold) for n in BUDGETS if n < tree.nodes]
+
+
 # ------------------------------------------------------------------ the per-row trees
 
 

@@ -180,6 +180,11 @@ class DraftHeads(nn.Module):
         Families that can grow dynamic trees implement it."""
         raise NotImplementedError(f"{self.config.head_type} heads cannot grow dynamic trees")
 
+    @property
+    def grows_trees(self) -> bool:
+        """Whether this family drafts dynamic trees (implements `draft_children`)."""
+        return type(self).draft_children is not DraftHeads.draft_children
+
     def grow(self, state: Any, last_hidden: torch.Tensor, root: torch.Tensor, tree, base):
         """The dynamic tree of each row for this step (medusa.decoding.dynamic_tree.grow over
         `draft_children`): a RowTrees of tree.head_nodes nodes, tree.max_depth deep (bound)."""
