@@ -5,6 +5,8 @@
     accepted   = verify(out.logits, candidates, tree, sampling)
     cache.commit_path(accepted path -> slots start .. start + length)
 
+A dynamic tree (dynamic_tree.py) is grown per row inside the step instead (`heads.grow`: the
+nodes' tokens, depths and ancestor mask [B, N, N], and the parent / path tables verify reads).
 Plain autoregressive decoding is the same step with the one-node tree and no heads. Draft heads
 with state of their own see what each forward computed through one call (`DraftHeads.see`),
 with everything passed explicitly; whether they keep it now or later is theirs to decide.
@@ -134,7 +136,7 @@ def speculate(
         rows = heads.grow(state.head_state, state.last_hidden, state.root, tree, model)  # the heads' N nodes
         if tree.lookup:
             rows = with_chain(rows, state.draft[:, :tree.lookup], tree.accept_depth + 1)
-        cand, depth, local, shape = rows.tokens, rows.depth, rows.mask, rows  # [B, N], [B, N], [B, N, N]
+        cand, depth, local, tables = rows.tokens, rows.depth, rows.mask, rows  # [B, N], [B, N], [B, N, N]
         if uniforms is not None:  # column d of a dynamic tree's uniforms is depth d's draw (DynamicTree.depth)
             uniforms = uniforms.gather(1, depth)
     else:
@@ -144,13 +146,13 @@ def speculate(
             cand = heads.propose(state.head_state, state.last_hidden, state.root, tree.heads_only, model)  # [B, head_nodes]
         if tree.lookup:  # the lookup chain's tokens, chosen on the host (medusa.decoding.lookup)
             cand = torch.cat([cand, state.draft[:, :tree.lookup]], 1)  # [B, N]
-        depth, local, shape = tree.depth.to(dev), tree.mask, tree
+        depth, local, tables = tree.depth.to(dev), tree.mask, tree
     positions = state.start[:, None] + depth  # [B, N] RoPE positions
     slots = state.start[:, None] + torch.arange(N, device=dev)  # [B, N] one cache slot per node
     kv_len = kv_len or _kv_len(state.start, N, state.cache.max_len)
     mask = attention_mask(state.start, local, kv_len)
     out = model(cand, positions, state.cache, slots, mask, logits_for="all")  # logits [B, N, V]
-    acc = verify(out.logits, cand, shape, sampling, uniforms, max_accept)
+    acc = verify(out.logits, cand, tables, sampling, uniforms, max_accept)  # tables: parent, retrieve
     if logprobs:  # from the logits at hand: node path[d] predicted the token emitted at index d
         acc = replace(acc, logprobs=path_logprobs(out.logits, acc.path, acc.tokens))
     # move the accepted path's K/V to slots start .. start + length (padding copies are harmless:
