@@ -273,3 +273,14 @@ def test_cli_rejects_a_malformed_dynamic_tree(capsys):
     assert main(["generate", "hi", "--tree", "dynamic64@2"]) == 2
     err = capsys.readouterr().err
     assert "threshold" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_modes_and_tree_specs_pass_dynamic_trees_through():
+    """`medusa bench --modes hydra:dynamic64` and `--tree +lookup8` over a dynamic default tree."""
+    from medusa.bench.decode import parse_modes
+    from medusa.decoding.tree import resolve_tree
+
+    specs = parse_modes("ar,hydra:dynamic64,hydra:dynamic32@0.02+lookup16")
+    trees = [resolve_tree(s.tree, lambda: load_tree("tree16")) for s in specs[1:]]
+    assert [(t.name, t.num_nodes) for t in trees] == [("dynamic64", 64), ("dynamic32@0.02+lookup16", 48)]
+    assert resolve_tree("+lookup8", lambda: load_tree("dynamic64")).name == "dynamic64+lookup8"
