@@ -24,7 +24,7 @@ def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmark decoding modes, step cost and concurrency",
                        formatter_class=HelpFormatter)
     add_model_args(p, heads=False)
-    p.add_argument("--tree", help="tree for the speculative modes (name or JSON file; default: the heads' own, else tree16); "
+    p.add_argument("--tree", help="tree for the speculative modes (name, dynamicN or JSON file; default: the heads' own, else tree16); "
                                   "pin one per mode with medusa:TREE in --modes; a +lookupN suffix adds a prompt-lookup chain "
                                   "of N nodes (greedy requests), alone (+lookup8) to the default tree")
     p.add_argument("--out", default="bench-results", help="folder for the JSON, markdown and PNG results, created if missing "

@@ -54,7 +54,9 @@ def add_model_args(p: argparse.ArgumentParser, heads: bool = True, tree: bool = 
     if heads:
         g.add_argument("--heads", default="default", help="default | medusa | hydra | none | PATH to a heads folder")
     if heads and tree:
-        g.add_argument("--tree", help="tree name (ar, tree2, tree4, tree8, chain, tree16, tree32, tree64) or JSON file (default: the heads' own); "
+        g.add_argument("--tree", help="tree name (ar, tree2, tree4, tree8, chain, tree16, tree32, tree64), a dynamic tree "
+                                      "(dynamic64: chosen per step from the heads' confidences; dynamic64@0.02: prune paths "
+                                      "under that probability) or JSON file (default: the heads' own); "
                                       "a +lookupN suffix adds a chain of N prompt-lookup nodes for greedy requests (alone, +lookup8: to the default tree)")
     g.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (float32 on CPU, bfloat16 on GPU)")
     g.add_argument("--device", default=None, help=f"cpu | cuda | cuda:N (default: {device_default})")

@@ -12,6 +12,7 @@ from typing import Iterator
 from medusa.decoding.engine import Engine, Request
 from medusa.decoding.graphs import AUTO
 from medusa.decoding.sampling import SamplingParams
+from medusa.decoding.dynamic_tree import DynamicTree
 from medusa.decoding.tree import Tree, load_tree
 from medusa.errors import RequestError
 
@@ -63,7 +64,7 @@ def single_engine(model, heads=None, tree: Tree | str | None = None, *, max_seq_
     """An engine that decodes with exactly `tree` when a request asks for speculation "on"
     (no other tree but plain decoding). heads=None or the 'ar' tree: plain decoding.
     compile_mode: Engine's (torch.compile inside the step graphs)."""
-    tree = tree if isinstance(tree, Tree) else load_tree(tree or ("ar" if heads is None else None))
+    tree = tree if isinstance(tree, (Tree, DynamicTree)) else load_tree(tree or ("ar" if heads is None else None))
     if heads is not None and tree.max_depth > heads.config.num_heads:
         raise RequestError(f"tree {tree.name} is {tree.max_depth} deep but the heads guess only {heads.config.num_heads} tokens ahead")
     if tree.num_nodes == 1:

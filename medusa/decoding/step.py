@@ -5,6 +5,8 @@
     accepted   = verify(out.logits, candidates, tree, sampling)
     cache.commit_path(accepted path -> slots start .. start + length)
 
+A dynamic tree (dynamic_tree.py) is grown per row inside the step instead (`heads.grow`: the
+nodes' tokens, depths and ancestor mask [B, N, N], and the parent / path tables verify reads).
 Plain autoregressive decoding is the same step with the one-node tree and no heads. Draft heads
 with state of their own see what each forward computed through one call (`DraftHeads.see`),
 with everything passed explicitly; whether they keep it now or later is theirs to decide.
@@ -18,6 +20,7 @@ from typing import Any
 import torch
 
 from medusa.decoding.buckets import kv_round
+from medusa.decoding.dynamic_tree import is_dynamic, with_chain
 from medusa.decoding.logprobs import path_logprobs
 from medusa.decoding.sampling import BatchSampling, base_probs, sample_from
 from medusa.decoding.tree import Tree
@@ -40,14 +43,15 @@ class DecodeState:
 
 def attention_mask(start: torch.Tensor, local: torch.Tensor, kv_len: int) -> torch.Tensor:
     """[B, N, S] bool: query n of row b sees the committed slots s < start[b], plus the new
-    slots start[b] + j for which local[n, j] (causal for prefill, ancestors for a tree).
+    slots start[b] + j for which local[n, j] (causal for prefill, ancestors for a tree; local
+    [B, N, N]: each row's own tree).
     Any start is safe: new slots at or past kv_len are simply not in the mask (an idle row riding
     along in a padded batch may sit anywhere); every query sees at least one slot."""
     B, N = start.shape[0], local.shape[-1]
     dev = start.device
     rel = torch.arange(kv_len, device=dev)[None, :] - start[:, None]  # [B, S]: slot - start
     new = (rel >= 0) & (rel < N)
-    local = local.to(dev)[None].expand(B, N, N)
+    local = local.to(dev).expand(B, N, N)  # [N, N] for every row, or [B, N, N] (a dynamic tree per row)
     picked = local.gather(2, rel.clamp(0, N - 1)[:, None, :].expand(B, N, kv_len))  # [B, N, S]: local[n, slot - start]
     return (rel < 0)[:, None, :] | (picked & new[:, None, :])
 
@@ -122,21 +126,33 @@ def speculate(
     advances `state` in place. Returns what each row accepted. heads None: plain decoding."""
     B, N = state.root.shape[0], tree.num_nodes
     dev = state.root.device
-    if heads is None or tree.head_nodes == 1:
-        cand = state.root[:, None]  # [B, 1]
+    if tree.lookup and (state.draft is None or state.draft.shape[1] < tree.lookup):
+        raise ValueError(f"tree {tree.name} has a lookup chain of {tree.lookup} nodes: set state.draft [B, >= {tree.lookup}]")
+    if is_dynamic(tree):  # a tree per row, grown from the heads' confidences (dynamic_tree.py)
+        if heads is None:
+            raise ValueError(f"tree {tree.name} is grown by draft heads: none given")
+        if not tree.max_depth:  # as deep as these heads guess (the engine binds its trees once)
+            tree = tree.bind(heads.config.num_heads)
+        rows = heads.grow(state.head_state, state.last_hidden, state.root, tree, model)  # the heads' N nodes
+        if tree.lookup:
+            rows = with_chain(rows, state.draft[:, :tree.lookup], tree.accept_depth + 1)
+        cand, depth, local, tables = rows.tokens, rows.depth, rows.mask, rows  # [B, N], [B, N], [B, N, N]
+        if uniforms is not None:  # column d of a dynamic tree's uniforms is depth d's draw (DynamicTree.depth)
+            uniforms = uniforms.gather(1, depth)
     else:
-        cand = heads.propose(state.head_state, state.last_hidden, state.root, tree.heads_only, model)  # [B, head_nodes]
-    if tree.lookup:  # the lookup chain's tokens, chosen on the host (medusa.decoding.lookup)
-        if state.draft is None or state.draft.shape[1] < tree.lookup:
-            raise ValueError(f"tree {tree.name} has a lookup chain of {tree.lookup} nodes: set state.draft [B, >= {tree.lookup}]")
-        cand = torch.cat([cand, state.draft[:, :tree.lookup]], 1)  # [B, N]
-    depth = tree.depth.to(dev)
+        if heads is None or tree.head_nodes == 1:
+            cand = state.root[:, None]  # [B, 1]
+        else:
+            cand = heads.propose(state.head_state, state.last_hidden, state.root, tree.heads_only, model)  # [B, head_nodes]
+        if tree.lookup:  # the lookup chain's tokens, chosen on the host (medusa.decoding.lookup)
+            cand = torch.cat([cand, state.draft[:, :tree.lookup]], 1)  # [B, N]
+        depth, local, tables = tree.depth.to(dev), tree.mask, tree
     positions = state.start[:, None] + depth  # [B, N] RoPE positions
     slots = state.start[:, None] + torch.arange(N, device=dev)  # [B, N] one cache slot per node
     kv_len = kv_len or _kv_len(state.start, N, state.cache.max_len)
-    mask = attention_mask(state.start, tree.mask, kv_len)
+    mask = attention_mask(state.start, local, kv_len)
     out = model(cand, positions, state.cache, slots, mask, logits_for="all")  # logits [B, N, V]
-    acc = verify(out.logits, cand, tree, sampling, uniforms, max_accept)
+    acc = verify(out.logits, cand, tables, sampling, uniforms, max_accept)  # tables: parent, retrieve
     if logprobs:  # from the logits at hand: node path[d] predicted the token emitted at index d
         acc = replace(acc, logprobs=path_logprobs(out.logits, acc.path, acc.tokens))
     # move the accepted path's K/V to slots start .. start + length (padding copies are harmless:

@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from medusa.decoding.dynamic_tree import dynamic_tree, is_dynamic, parse_dynamic
 from medusa.errors import TreeError
 
 Path_ = tuple[int, ...]
@@ -148,8 +149,11 @@ def _base_name(name: str) -> str:
 
 
 def with_lookup(tree: Tree, lookup: int) -> Tree:
-    """`tree`'s head paths with a lookup chain of `lookup` nodes (0: none), named `<name>+lookup<L>`."""
+    """`tree`'s head paths with a lookup chain of `lookup` nodes (0: none), named `<name>+lookup<L>`
+    (a dynamic tree: the same spec with that chain)."""
     base = _base_name(tree.name)
+    if is_dynamic(tree):
+        return dynamic_tree(tree.nodes, tree.topk, tree.depth_limit, tree.threshold, lookup, name=base)
     return build_tree(tree.paths, f"{base}{LOOKUP_SUFFIX}{lookup}" if lookup else base, lookup)
 
 
@@ -187,6 +191,8 @@ def chain(depth: int) -> list[Path_]:
 def nodes_inside(big: Tree, small: Tree) -> tuple[bool, ...] | None:
     """Which of `big`'s nodes (by node id) belong to `small`, when every path of `small` is a
     path of `big`; else None."""
+    if not isinstance(big, Tree) or not isinstance(small, Tree):  # a dynamic tree's nodes change every step
+        return None
     inside = set(small.paths)
     if not inside <= set(big.paths) or small.lookup > big.lookup:
         return None
@@ -296,20 +302,25 @@ NAMED_TREES = ("ar", "tree2", "tree4", "tree8", "chain", "tree16", "tree32", "tr
 
 
 def load_tree(spec: str | Path | None) -> Tree:
-    """A named tree (see NAMED_TREES) or a JSON file `{"paths": [[0], [0, 0], ...]}` or `[[0], ...]`
-    (optionally with `"lookup": L`); either may end in `+lookup<L>` to add a lookup chain of L nodes."""
+    """A named tree (see NAMED_TREES), a dynamic tree (`dynamic64`, `dynamic64@0.02`: a
+    medusa.decoding.dynamic_tree.DynamicTree, chosen per step) or a JSON file
+    `{"paths": [[0], [0, 0], ...]}` or `[[0], ...]` (optionally with `"lookup": L`); any may end
+    in `+lookup<L>` to add a lookup chain of L nodes."""
     spec = str(spec or "tree32")
     base, lookup = split_lookup(spec)
     if lookup is not None:
         return with_lookup(load_tree(base), lookup)
     if spec == "ar":
         return build_tree([], name="ar")
+    dynamic = parse_dynamic(spec)
+    if dynamic is not None:
+        return dynamic
     if spec in NAMED_TREES:
         text = resources.files("medusa.decoding").joinpath("trees", f"{spec}.json").read_text()
         return _tree_from_json(text, spec)
     p = Path(spec)
     if not p.is_file():
-        raise TreeError(f"unknown tree {spec!r}: use one of {', '.join(NAMED_TREES)} or a JSON file")
+        raise TreeError(f"unknown tree {spec!r}: use one of {', '.join(NAMED_TREES)}, dynamic<N> or a JSON file")
     try:
         return _tree_from_json(p.read_text(), p.stem)
     except OSError as e:

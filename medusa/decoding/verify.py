@@ -59,15 +59,18 @@ def _typical_ok(logits, cand, tree: Tree, s: BatchSampling) -> torch.Tensor:
     logp = torch.log_softmax(logits.float() / temp, dim=-1)  # [B, N, V]
     entropy = -(logp.exp() * logp).sum(-1)  # [B, N]
     parent = tree.parent.to(cand.device)
-    p_cand = logp[:, parent].gather(-1, cand[..., None]).squeeze(-1).exp()  # [B, N] at the parent
-    thresh = torch.minimum(s.threshold[:, None], s.alpha[:, None] * torch.exp(-entropy[:, parent]))
+    B, N = cand.shape
+    parent = parent.expand(B, N)  # [B, N]: a static tree's [N] for every row, or a dynamic tree's own
+    logp_parent = logp.gather(1, parent[..., None].expand(-1, -1, logp.shape[-1]))  # [B, N, V]
+    p_cand = logp_parent.gather(-1, cand[..., None]).squeeze(-1).exp()  # [B, N] at the parent
+    thresh = torch.minimum(s.threshold[:, None], s.alpha[:, None] * torch.exp(-entropy.gather(1, parent)))
     return p_cand > thresh
 
 
 def verify(
     logits: torch.Tensor,  # [B, N, V] base logits at every tree node
     cand: torch.Tensor,  # [B, N] candidate token of every node (root = already chosen token)
-    tree: Tree,
+    tree: Tree,  # or a dynamic_tree.RowTrees: parent [B, N] and retrieve [B, P, D+1], one tree per row
     s: BatchSampling,
     uniforms: torch.Tensor | None = None,  # [B, N] draws for sampled rows (None: all greedy)
     max_accept: torch.Tensor | None = None,  # [B] long: cap on accepted candidates per row (0 = root only)
@@ -76,7 +79,7 @@ def verify(
     dev = cand.device
     target, _ = _targets(logits, s, uniforms)  # [B, N]
     parent = tree.parent.to(dev)
-    retrieve = tree.retrieve.to(dev)  # [P, D+1]
+    retrieve = tree.retrieve.to(dev)  # [P, D+1], or [B, P, D+1] per row
     if not s.any_typical and kernels_enabled(cand.device):  # the same path in one launch (greedy and sample)
         return Acceptance(*accept_kernel.accept(target, cand, parent, retrieve, max_accept))
     return _accept(target, cand, logits, tree, s, parent, retrieve, max_accept)
@@ -85,21 +88,26 @@ def verify(
 def _accept(target, cand, logits, tree: Tree, s: BatchSampling, parent, retrieve, max_accept) -> Acceptance:
     """verify's torch path (and the reference of medusa.kernels.accept)."""
     dev = cand.device
-    ok = cand == target[:, parent]  # [B, N]: node matches its parent's target
+    B = cand.shape[0]
+    ok = cand == target.gather(1, parent.expand(B, -1))  # [B, N]: node matches its parent's target
     if s.any_typical:
         typical_rows = s.typical & (s.temperature > 0)
         ok = torch.where(typical_rows[:, None], _typical_ok(logits, cand, tree, s), ok)
     ok[:, 0] = True
     valid = retrieve >= 0
     safe = retrieve.clamp_min(0)
-    path_ok = ok[:, safe] & valid  # [B, P, D+1]
+    if retrieve.dim() == 3:  # a tree per row
+        P, D1 = retrieve.shape[1:]
+        path_ok = ok.gather(1, safe.reshape(B, P * D1)).reshape(B, P, D1) & valid  # [B, P, D+1]
+    else:
+        path_ok = ok[:, safe] & valid  # [B, P, D+1]
     run = path_ok[..., 1:].long().cumprod(-1)  # [B, P, D]: still accepting at depth d+1
     lengths = run.sum(-1)  # [B, P]
     if max_accept is not None:  # truncating the path keeps every rule exact (the bonus is the target there)
         lengths = torch.minimum(lengths, max_accept[:, None])
     best = lengths.argmax(-1)  # [B] first longest path
     length = lengths.gather(1, best[:, None]).squeeze(1)  # [B]
-    path = retrieve[best]  # [B, D+1]
+    path = retrieve[best] if retrieve.dim() == 2 else retrieve[torch.arange(B, device=dev), best]  # [B, D+1]
     last_node = path.gather(1, length[:, None]).squeeze(1)  # [B]
     path_tokens = cand.gather(1, path.clamp_min(0))  # [B, D+1]
     bonus = target.gather(1, last_node[:, None]).squeeze(1)  # [B]

@@ -160,6 +160,41 @@ class DraftHeads(nn.Module):
             logits = torch.stack([self._draft_logits(j, z[..., j, :], base) for j in range(z.shape[-2])], dim=-2)
         return topk_ids(logits, k, self.draft_vocab)
 
+    def draft_topk_logp(self, i: int, z: torch.Tensor, base, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head i's k best guesses and their log-probabilities (softmax over the draft vocabulary,
+        or the whole one), best first: z [..., D] -> token ids [..., k] long, logp [..., k] float32.
+        The confidences a dynamic tree ranks its nodes by (medusa.decoding.dynamic_tree)."""
+        logits = self._draft_logits(i, z, base)  # [..., F]
+        k = min(k, logits.shape[-1])
+        cols = topk_ids(logits, k)  # columns, best first
+        lse = torch.logsumexp(logits.float(), dim=-1, keepdim=True)
+        logp = logits.gather(-1, cols).float() - lse
+        return (self.draft_vocab[cols] if self.draft_vocab is not None else cols), logp
+
+    def draft_children(self, state: Any, last_hidden: torch.Tensor, level: int, chains: torch.Tensor, k: int,
+                       base) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k best children of W tree nodes at depth `level` (head `level`'s guesses for the
+        token after each node) and their log-probabilities. chains [B, W, level + 1]: the tokens
+        from the root to each node. -> token ids [B, W or 1, k], logp [B, W or 1, k] (W == 1:
+        the same children for every node, a family whose heads do not read the path).
+        Families that can grow dynamic trees implement it."""
+        raise NotImplementedError(f"{self.config.head_type} heads cannot grow dynamic trees")
+
+    @property
+    def grows_trees(self) -> bool:
+        """Whether this family drafts dynamic trees (implements `draft_children`)."""
+        return type(self).draft_children is not DraftHeads.draft_children
+
+    def grow(self, state: Any, last_hidden: torch.Tensor, root: torch.Tensor, tree, base):
+        """The dynamic tree of each row for this step (medusa.decoding.dynamic_tree.grow over
+        `draft_children`): a RowTrees of tree.head_nodes nodes, tree.max_depth deep (bound)."""
+        from medusa.decoding.dynamic_tree import grow
+
+        def children(level: int, chains: torch.Tensor):
+            return self.draft_children(state, last_hidden, level, chains, tree.topk, base)
+
+        return grow(children, root, tree.head_nodes, tree.max_depth, tree.topk, tree.threshold)
+
     def new_state(self, batch: int, max_len: int, base, lazy: bool = False) -> Any:
         """Per-request state kept between steps (explicit, never a module attribute). lazy: the
         state may keep what plain steps and prompts show it (`see`) pending, and take it in only

@@ -280,6 +280,17 @@ class HydraHeads(DraftHeads):
         kv_len = kv_round(max(committed), S)  # few distinct shapes
         self.observe(view, hid, pos, torch.tensor(counts, device=dev), kv_len=kv_len)
 
+    def draft_children(self, state, last_hidden, level, chains, k, base):
+        """Head `level` over each node's own path (s and the embeddings of chains [B, W, level + 1]):
+        one head pass per expanded node, as the static tree's levels run one per parent."""
+        s = state.last if self.prefix is not None else last_hidden  # [B, D]
+        weight = base.embed_tokens.weight  # [V, D]
+        B, W, _ = chains.shape
+        embeds = torch.nn.functional.embedding(chains, weight)  # [B, W, level + 1, D]
+        x = torch.cat([s[:, None].expand(B, W, s.shape[-1]).to(weight.dtype), embeds.flatten(-2)], dim=-1)
+        z = self.heads[level].from_inputs(s[:, None].to(weight.dtype), x)  # [B, W, D]
+        return self.draft_topk_logp(level, z, base, k)
+
     def propose(self, state, last_hidden, root, tree, base) -> torch.Tensor:
         B, N = root.shape[0], tree.num_nodes
         if N == 1:

@@ -45,5 +45,11 @@ class MedusaHeads(DraftHeads):
         cand[:, 0] = root
         return cand
 
+    def draft_children(self, state, last_hidden, level, chains, k, base):
+        """Head `level` reads only the last hidden state: one top-k shared by every node of the
+        level (a node's children do not depend on its path) -> [B, 1, k] twice."""
+        ids, logp = self.draft_topk_logp(level, self.blocks[level](last_hidden), base, k)  # [B, k]
+        return ids[:, None], logp[:, None]
+
     def forward(self, hidden, base):
         return self.head_logits(hidden, base)

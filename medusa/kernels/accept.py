@@ -8,6 +8,9 @@ the gathers of the path's tokens and bonus); at the step's sizes (a few dozen no
 most five) each one is a launch of a few microseconds, in plain steps too. Here one program per
 row does all of it, reading the candidates and targets through the tree's tables.
 
+A dynamic tree (medusa.decoding.dynamic_tree) gives every row its own parent and retrieve
+tables: the program of row b reads them at b's offset (strides 0 for a static tree's shared ones).
+
 The result is verify's exactly (the first longest path, as its argmax picks). This module knows
 nothing of models or caches: it is a function of token ids and the tree's index tables."""
 from __future__ import annotations
@@ -21,8 +24,11 @@ from medusa.kernels import triton_kernel
 def _kernel(triton, tl):
     @triton.jit
     def accept_rows(target_ptr, cand_ptr, parent_ptr, retrieve_ptr, cap_ptr, path_ptr, length_ptr, tokens_ptr, last_ptr,
-                    N, P, D1, HAS_CAP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+                    N, P, D1, parent_stride, retrieve_stride,
+                    HAS_CAP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
         b = tl.program_id(0)
+        parent_ptr = parent_ptr + b * parent_stride  # a row's own tables (dynamic trees), or the shared ones (stride 0)
+        retrieve_ptr = retrieve_ptr + b * retrieve_stride
         p = tl.arange(0, BLOCK_P)[:, None]  # [BP, 1] path
         d = tl.arange(0, BLOCK_D)[None, :]  # [1, BD] depth along the path
         inside = (p < P) & (d < D1)
@@ -60,13 +66,16 @@ def _kernel(triton, tl):
 def accept(target: torch.Tensor, cand: torch.Tensor, parent: torch.Tensor, retrieve: torch.Tensor,
            max_accept: torch.Tensor | None = None):
     """target, cand [B, N] long (the target token drawn at each node; each node's candidate),
-    parent [N] long, retrieve [P, D+1] long (root-to-leaf node ids, -1 padded), max_accept [B]
-    or None -> (path [B, D+1], length [B], tokens [B, D+1], last_node [B]), as
-    medusa.decoding.verify computes them."""
+    parent [N] long, retrieve [P, D+1] long (root-to-leaf node ids, -1 padded), or per row
+    parent [B, N] and retrieve [B, P, D+1] (dynamic trees), max_accept [B] or None
+    -> (path [B, D+1], length [B], tokens [B, D+1], last_node [B]), as medusa.decoding.verify
+    computes them."""
     accept_fn, next_pow2 = _kernel()
     B, N = cand.shape
-    P, D1 = retrieve.shape
+    P, D1 = retrieve.shape[-2:]
     dev = cand.device
+    rows = retrieve.dim() == 3
+    parent, retrieve = parent.contiguous(), retrieve.contiguous()
     path = torch.empty(B, D1, dtype=torch.long, device=dev)
     tokens = torch.empty(B, D1, dtype=torch.long, device=dev)
     length = torch.empty(B, dtype=torch.long, device=dev)
@@ -74,6 +83,7 @@ def accept(target: torch.Tensor, cand: torch.Tensor, parent: torch.Tensor, retri
     if B:
         accept_fn[(B,)](target.contiguous(), cand.contiguous(), parent, retrieve,
                         max_accept if max_accept is not None else length, path, length, tokens, last, N, P, D1,
+                        N if rows else 0, P * D1 if rows else 0,
                         HAS_CAP=max_accept is not None, BLOCK_P=max(2, next_pow2(P)), BLOCK_D=max(2, next_pow2(D1)),
                         num_warps=1)
     return path, length, tokens, last

@@ -38,6 +38,7 @@ import torch
 
 from medusa.decoding.runner import Runner
 from medusa.decoding.sampling import BatchSampling
+from medusa.decoding.dynamic_tree import DynamicTree
 from medusa.decoding.tree import Tree
 from medusa.parallel.comm import Group, ParallelError
 from medusa.parallel.load import full_embedding
@@ -97,7 +98,7 @@ class _Codec:
         self.last: BatchSampling | None = None  # kept alive: its identity is compared
 
     def encode(self, x: Any) -> Any:
-        if isinstance(x, Tree):
+        if isinstance(x, (Tree, DynamicTree)):
             return _TreeRef(x.name) if self.trees.get(x.name) is x else x.to("cpu")
         if isinstance(x, BatchSampling):
             if x is self.last:
@@ -117,7 +118,7 @@ class _Codec:
     def decode(self, x: Any) -> Any:
         if isinstance(x, _TreeRef):
             return self.trees[x.name]
-        if isinstance(x, Tree):
+        if isinstance(x, (Tree, DynamicTree)):
             return x.to(self.device)
         if isinstance(x, _SameSampling):
             return self.last

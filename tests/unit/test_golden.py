@@ -1,8 +1,12 @@
 """The golden test: speculative greedy output equals plain greedy output, token for token.
 
-1. The default heads on 10 MT-Bench prompts x 64 new tokens, for every shipped tree.
+1. The default heads on 10 MT-Bench prompts x 64 new tokens, for every shipped tree and for
+   dynamic trees (grown per row and step from the heads' confidences).
 2. Oracle heads that know the greedy continuation (rank 0 right, or only rank 1 right at some
-   depths), so that long and non-first paths are accepted and the KV commit is exercised."""
+   depths), so that long and non-first paths are accepted and the KV commit is exercised; for
+   dynamic trees, oracle heads confident in the continuation at the chosen rank."""
+import math
+
 import pytest
 import torch
 
@@ -10,7 +14,8 @@ from medusa.decoding.generate import Stats, generate
 from medusa.decoding.tree import load_tree
 from medusa.heads.base import DraftHeads
 
-TREES = ["chain", "tree16", "tree32", "tree64", "tree16+lookup10"]  # the last: with a prompt-lookup chain
+TREES = ["chain", "tree16", "tree32", "tree64", "tree16+lookup10",  # tree16+lookup10: with a prompt-lookup chain
+         "dynamic16", "dynamic64@0.01", "dynamic16+lookup10"]  # trees grown per step from the heads' confidences
 NEW = 64
 
 
@@ -109,3 +114,31 @@ def test_oracle_heads_accept_long_paths_and_stay_exact(stack, mt_prompts, truth,
     reachable = all(any(p[:d + 1] == tuple(right_rank[:d + 1]) for p in t.paths) for d in range(t.max_depth))
     if reachable:  # every step accepts the full depth (+1 bonus) until the end
         assert st.mean_accepted > t.max_depth
+
+
+class DynamicOracle(CountingOracle):
+    """Grows dynamic trees: a node's children are the true next token at rank `right_rank[d]`
+    and wrong ones elsewhere, with confidence 0.9 at rank 0 and the rest shared (the heads'
+    confidence, whatever the node's path: the tree must find the true path among the others)."""
+
+    def draft_children(self, state, last_hidden, level, chains, k, base):
+        B, W, _ = chains.shape
+        j = int(state[0]) + level + 1  # output index a child at depth level + 1 guesses
+        true = self.truth[j] if j < len(self.truth) else 0
+        shift = (torch.arange(k) - self.right_rank[level]) % k  # rank r holds true + shift[r]: true at right_rank
+        tokens = (true + shift) % base.cfg.vocab_size
+        logp = torch.full((k,), math.log(0.1 / (k - 1)))
+        logp[0] = math.log(0.9)
+        return tokens.expand(B, W, k), logp.expand(B, W, k)
+
+
+@pytest.mark.parametrize("right_rank,tree", [([0, 0, 0, 0], "dynamic16"), ([1, 0, 1, 0], "dynamic64"),
+                                             ([0, 0, 0, 0], "dynamic8+lookup4")])
+def test_oracle_heads_grow_dynamic_trees_and_stay_exact(stack, mt_prompts, truth, right_rank, tree):
+    ids = mt_prompts[0]
+    heads = DynamicOracle(truth, len(ids), right_rank)
+    heads.config = stack.heads.config
+    out, st = run(stack.model, ids, heads, tree, n=48)
+    assert out == truth
+    if right_rank == [0, 0, 0, 0]:  # the confident path is the true one: every step accepts the full depth
+        assert st.mean_accepted > 4

@@ -1,6 +1,7 @@
 """Speculative sampling preserves the base distribution: on a tiny random model (vocab 8)
-the first three tokens sampled through tree verification follow the exact base distribution
-(chi-square, 20k samples, fixed seed), while typical acceptance (lossy by design) does not."""
+the first three tokens sampled through tree verification (a static tree, and a dynamic tree
+grown per row) follow the exact base distribution (chi-square, 20k samples, fixed seed), while
+typical acceptance (lossy by design) does not."""
 import itertools
 
 import numpy as np
@@ -77,15 +78,16 @@ def model_and_heads():
     return model, heads.eval()
 
 
+@pytest.mark.parametrize("tree", ["tree16", "dynamic16"])  # dynamic: a tree per row and step, from the heads' confidences
 @pytest.mark.parametrize("params", [
     SamplingParams(temperature=1.0, rule="sample"),
     SamplingParams(temperature=0.7, top_k=4, top_p=0.9, rule="sample"),
 ])
-def test_speculative_sampling_matches_base_distribution(model_and_heads, params):
+def test_speculative_sampling_matches_base_distribution(model_and_heads, params, tree):
     model, heads = model_and_heads
     with torch.inference_mode():
         exact = exact_joint(model, params)
-        counts = sample_speculatively(model, heads, load_tree("tree16"), params)
+        counts = sample_speculatively(model, heads, load_tree(tree), params)
     assert exact.sum() == pytest.approx(1.0, abs=1e-5)
     assert chi2_pvalue(counts, exact) > 1e-3
 

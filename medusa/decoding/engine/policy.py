@@ -14,7 +14,9 @@ from __future__ import annotations
 import collections
 
 from medusa.decoding.adaptive import AcceptanceMeter, Choice, StepCostModel, TreeOption, batch_bucket, choose_tree
-from medusa.decoding.tree import Tree, accepted_within, expected_accept_length, nodes_inside, prior_accuracies
+from medusa.decoding.dynamic_tree import is_dynamic
+from medusa.decoding.tree import (Tree, accepted_within, build_tree, expected_accept_length, nodes_inside, prior_accuracies,
+                                  search_tree)
 
 SPEC_MARGIN = 0.1  # a tree must promise 10% more tokens/s than plain decoding (adaptive.choose_tree): under
 # load speculation also costs what step times miss (catching Hydra++ up, rows finishing out of step and so
@@ -37,6 +39,9 @@ def priors(trees: dict[str, Tree], heads) -> dict[str, float]:
     table = heads.config.extra.get("rank_accuracy") if heads is not None else None
     out = {}
     for n, t in trees.items():
+        if is_dynamic(t):  # its static counterpart: the best fixed tree of as many nodes (a per-step tree does no worse)
+            acc = table[:t.max_depth] if table else prior_accuracies(max(t.max_depth, 1), t.topk)
+            t = build_tree(search_tree([row[:t.topk] for row in acc], t.head_nodes), t.name, t.lookup)
         ranks = 1 + max((r for p in t.paths for r in p), default=0)
         if table and len(table) >= t.max_depth:  # ranks past the table's count as never right
             acc = [[row[r] if r < len(row) else 0.0 for r in range(ranks)] for row in table]
