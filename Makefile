@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY    := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: setup run test test-slow test-unit test-integration test-floors reliability bench serve proto clean
+.PHONY: setup run test test-unit test-integration test-floors reliability bench serve proto clean
 
 setup: $(STAMP)
 
@@ -22,11 +22,7 @@ run: setup
 	.venv/bin/medusa generate "Explain speculative decoding in two sentences." --max-new-tokens 96
 
 test: setup
-	$(PY) -m pytest -q -m "not slow" tests
-
-# the long CPU cases (`slow` marker: the golden test over dynamic trees with the shipped heads)
-test-slow: setup
-	$(PY) -m pytest -q -m slow tests
+	$(PY) -m pytest -q tests
 
 test-unit: setup
 	$(PY) -m pytest -q tests/unit

@@ -14,13 +14,8 @@ from medusa.decoding.generate import Stats, generate
 from medusa.decoding.tree import load_tree
 from medusa.heads.base import DraftHeads
 
-# trees grown per step from the heads' confidences: a head pass per expanded node makes each case
-# several times a static tree's CPU time, so the shipped heads' runs are `make test-slow`; the
-# oracle tests below keep dynamic trees in `make test`
-SLOW = pytest.mark.slow
 TREES = ["chain", "tree16", "tree32", "tree64", "tree16+lookup10",  # tree16+lookup10: with a prompt-lookup chain
-         pytest.param("dynamic16", marks=SLOW), pytest.param("dynamic64@0.01", marks=SLOW),
-         pytest.param("dynamic16+lookup10", marks=SLOW)]
+         "dynamic16", "dynamic64@0.01", "dynamic16+lookup10"]  # trees grown per step from the heads' confidences
 NEW = 64
 
 
