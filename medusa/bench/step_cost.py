@@ -20,7 +20,7 @@ from medusa.decoding.step import attention_mask
 from medusa.decoding.tree import Tree, build_tree, prior_accuracies, search_tree
 from medusa.errors import RequestError
 from medusa.model.config import ModelConfig
-from medusa.model.llama import Transformer
+from medusa.model.llama import EAGER, BlockOps, Transformer
 from medusa.bench.env import synchronize
 
 _LLAMA = dict(arch="llama", num_layers=32, num_heads=32, head_dim=128, rms_norm_eps=1e-5, max_position_embeddings=4096)
@@ -139,10 +139,10 @@ def query_tree(n: int) -> Tree:
     return build_tree(search_tree(acc, n), name=f"tree{n}")
 
 
-def _forward_fn(model: Transformer, context: int, n: int, graphs: bool, ops=None) -> Callable[[], None] | None:
+def _forward_fn(model: Transformer, context: int, n: int, graphs: bool, ops: BlockOps = EAGER) -> Callable[[], None] | None:
     """A callable running one verification forward of n nodes at `context`, or None when
     graphs were asked for but medusa.decoding.graphs offers no capture. ops: the forward's
-    per-layer pieces (llama.BlockOps; None: as written)."""
+    per-layer pieces (llama.BlockOps; EAGER: as written)."""
     cfg, dev = model.cfg, model.device
     tree = query_tree(n)
     kv_len = kv_round(context + n, context + n + 64)  # the next multiple of 64 slots
@@ -155,10 +155,7 @@ def _forward_fn(model: Transformer, context: int, n: int, graphs: bool, ops=None
     mask = attention_mask(start, tree.mask.to(dev), kv_len)  # [1, N, S]
 
     def eager() -> None:
-        if ops is None:
-            model(tokens, positions, cache, slots, mask, logits_for="all")
-        else:
-            model(tokens, positions, cache, slots, mask, logits_for="all", ops=ops)
+        model(tokens, positions, cache, slots, mask, logits_for="all", ops=ops)
 
     if not graphs:
         return eager

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from medusa.bench.step_cost import _forward_fn, copy_rate, random_model, shape_config, weight_bytes  # noqa: E402
 from medusa.decoding.graphs import CompiledBlocks  # noqa: E402
+from medusa.model.llama import EAGER  # noqa: E402
 
 
 def gemm_roles(cfg) -> dict[frozenset, tuple[str, int]]:
@@ -40,7 +41,7 @@ def gemm_roles(cfg) -> dict[frozenset, tuple[str, int]]:
     return {frozenset(v): (k, 2 * v[0] * v[1]) for k, v in dims.items()}
 
 
-def role_of(e, roles, tokens: int) -> tuple[str, int]:
+def role_of(e, roles) -> tuple[str, int]:
     """(role, weight bytes) of one aten event; bytes 0 where it reads no weight."""
     name = e.name
     if name in ("aten::mm", "aten::addmm", "aten::_scaled_mm", "aten::bmm"):
@@ -58,7 +59,7 @@ def role_of(e, roles, tokens: int) -> tuple[str, int]:
     return name, 0
 
 
-def eager_roles(fn, roles, tokens: int, rate: float) -> list[dict]:
+def eager_roles(fn, roles, rate: float) -> list[dict]:
     cuda = torch.cuda.is_available()
     fn()
     cfg = torch._C._profiler._ExperimentalConfig(verbose=True)
@@ -73,7 +74,7 @@ def eager_roles(fn, roles, tokens: int, rate: float) -> list[dict]:
         if us <= 0:
             continue
         if e.name.startswith("aten::"):
-            role, nbytes = role_of(e, roles, tokens)
+            role, nbytes = role_of(e, roles)
         elif "attention" in e.name and e.device_type.name != "CUDA":  # a Triton kernel's launch (no aten op)
             role, nbytes = "attention", 0
         else:
@@ -135,12 +136,12 @@ def main() -> None:
     for c in [int(x) for x in args.contexts.split(",")]:
         for n in [int(x) for x in args.queries.split(",")]:
             for mode in args.compile.split(","):
-                ops = None if mode == "none" else CompiledBlocks(model, "default" if mode == "" else mode)
+                ops = EAGER if mode == "none" else CompiledBlocks(model, "default" if mode == "" else mode)
                 with torch.inference_mode():
                     replay = _forward_fn(model, c, n, graphs=True, ops=ops) if dev.type == "cuda" else None
                     ms, count, ksum, top = graph_profile(replay) if replay else (float("nan"), 0, 0.0, {})
-                    eager = _forward_fn(model, c, n, graphs=False) if ops is None else None
-                    by_role = eager_roles(eager, roles, n, rate) if eager else []
+                    eager = _forward_fn(model, c, n, graphs=False) if ops is EAGER else None
+                    by_role = eager_roles(eager, roles, rate) if eager else []
                 row = {"context": c, "queries": n, "compile": mode, "graph_ms": round(ms, 4), "x_floor": round(ms / floor_ms, 3),
                        "kernels": count, "kernel_sum_ms": round(ksum, 4), "roles": by_role, "top_kernels_ms": top}
                 doc["rows"].append(row)

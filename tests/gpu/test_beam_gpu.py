@@ -4,19 +4,10 @@ K = 4 throughput plain against speculative. Prints the measured figures (run wit
 import time
 
 import pytest
-import torch
 
 from medusa.decoding.engine import Engine, Request
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module")
-def gpu_stack():
-    from medusa.runtime import load_stack
-
-    torch.backends.cuda.matmul.allow_tf32 = False
-    return load_stack(None, heads="default", dtype="float32", device="cuda", progress=False)
 
 
 def beams_of(engine, ids, n, K=4, speculation="on"):

@@ -12,14 +12,6 @@ from medusa.decoding.sampling import SamplingParams
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module")
-def gpu_stack():
-    from medusa.runtime import load_stack
-
-    torch.backends.cuda.matmul.allow_tf32 = False
-    return load_stack(None, heads="default", dtype="float32", device="cuda", progress=False)
-
-
 @pytest.mark.parametrize("tree", ["dynamic64", "dynamic32@0.02+lookup16"])
 def test_graphed_dynamic_step_equals_eager(gpu_stack, mt_texts, tree):
     """Greedy, seeded-sampled and typical rows with mixed switches, as CUDA graphs per batch

@@ -12,14 +12,6 @@ from medusa.decoding.generate import generate
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module")
-def gpu_stack():
-    from medusa.runtime import load_stack
-
-    torch.backends.cuda.matmul.allow_tf32 = False
-    return load_stack(None, heads="default", dtype="float32", device="cuda", progress=False)
-
-
 @pytest.mark.parametrize("tree", ["tree16", "tree16+lookup8"])
 def test_batched_greedy_equals_alone_on_gpu(gpu_stack, mt_texts, tree):
     s = gpu_stack

@@ -11,14 +11,6 @@ from medusa.decoding.generate import Stats, generate, single_engine
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module")
-def gpu_stack():
-    from medusa.runtime import load_stack
-
-    torch.backends.cuda.matmul.allow_tf32 = False
-    return load_stack(None, heads="default", dtype="float32", device="cuda", progress=False)
-
-
 def engine(stack, heads, tree, graphs=True):
     """A batch-1 engine decoding with `tree` (heads None: plain), CUDA graphs on or off."""
     return single_engine(stack.model, heads, tree, max_seq_len=1024, graphs=graphs)

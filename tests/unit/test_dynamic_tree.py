@@ -16,7 +16,7 @@ from medusa.decoding.sampling import BatchSampling, SamplingParams
 from medusa.decoding.tree import build_tree, load_tree
 from medusa.decoding.verify import verify
 from medusa.errors import TreeError
-from tests.unit.test_engine import alone, prompts, random_heads, tiny_model
+from tests.unit.test_engine import alone, prompts, tiny, tiny_heads  # noqa: F401 (tiny, tiny_heads: fixtures)
 
 # ------------------------------------------------------------------ spec
 
@@ -192,16 +192,6 @@ def test_verify_of_a_dynamic_tree_equals_the_static_tree_of_the_same_nodes():
 
 
 # ------------------------------------------------------------------ the engine
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_model()
-
-
-@pytest.fixture(scope="module", params=["medusa", "hydra++"])
-def tiny_heads(request, tiny):
-    return random_heads(tiny, request.param)
 
 
 @pytest.mark.parametrize("spec", ["dynamic8", "dynamic16@0.05", "dynamic12x3+lookup5"])

@@ -97,6 +97,13 @@ class CountingOracle(OracleHeads):
         return super().propose(state[0], last_hidden, root, tree, base)
 
 
+def run_oracle(oracle, stack, ids, truth, right_rank, tree):
+    """48 tokens of `ids` with oracle heads (the shipped heads' config) on `tree`: (tokens, Stats)."""
+    heads = oracle(truth, len(ids), right_rank)
+    heads.config = stack.heads.config
+    return run(stack.model, ids, heads, tree, n=48)
+
+
 @pytest.fixture(scope="module")
 def truth(stack, mt_prompts):
     return run(stack.model, mt_prompts[0], n=48)[0]
@@ -105,10 +112,7 @@ def truth(stack, mt_prompts):
 @pytest.mark.parametrize("right_rank,tree", [([0, 0, 0, 0], "tree64"), ([0, 0, 0, 0], "chain"),
                                              ([1, 0, 1, 0], "tree64"), ([1, 1, 1, 1], "tree32")])
 def test_oracle_heads_accept_long_paths_and_stay_exact(stack, mt_prompts, truth, right_rank, tree):
-    ids = mt_prompts[0]
-    heads = CountingOracle(truth, len(ids), right_rank)
-    heads.config = stack.heads.config
-    out, st = run(stack.model, ids, heads, tree, n=48)
+    out, st = run_oracle(CountingOracle, stack, mt_prompts[0], truth, right_rank, tree)
     assert out == truth
     t = load_tree(tree)
     reachable = all(any(p[:d + 1] == tuple(right_rank[:d + 1]) for p in t.paths) for d in range(t.max_depth))
@@ -135,10 +139,7 @@ class DynamicOracle(CountingOracle):
 @pytest.mark.parametrize("right_rank,tree", [([0, 0, 0, 0], "dynamic16"), ([1, 0, 1, 0], "dynamic64"),
                                              ([0, 0, 0, 0], "dynamic8+lookup4")])
 def test_oracle_heads_grow_dynamic_trees_and_stay_exact(stack, mt_prompts, truth, right_rank, tree):
-    ids = mt_prompts[0]
-    heads = DynamicOracle(truth, len(ids), right_rank)
-    heads.config = stack.heads.config
-    out, st = run(stack.model, ids, heads, tree, n=48)
+    out, st = run_oracle(DynamicOracle, stack, mt_prompts[0], truth, right_rank, tree)
     assert out == truth
     if right_rank == [0, 0, 0, 0]:  # the confident path is the true one: every step accepts the full depth
         assert st.mean_accepted > 4

@@ -333,12 +333,13 @@ class Engine(Scheduler, Warmup, Beams):
         t0 = time.perf_counter()
         pad = [self.pool.length[r] for r in range(n, self.runner.bucket(n))]
         want = [x.req.logprobs for x in lives]
+        asked = any(w is not None for w in want)
         beams = bool(self._beam_runs)  # beam rows score the log-probabilities of their paths
         acc, captured = self.runner.step(tree, n, committed, sampling, self._sampling_key, uniforms, max_accept, pad,
-                                         logprobs=beams or any(w is not None for w in want))
+                                         logprobs=beams or asked)
         rows = acc.packed.tolist()  # one host sync; rows n .. Bb-1 are padding
         beam_paths = self._beam_paths(lives, rows, acc.logprobs) if beams else {}
-        lps = host_entries(acc.logprobs, [r[1:2 + r[0]] for r in rows[:n]], want) if any(w is not None for w in want) else None
+        lps = host_entries(acc.logprobs, [r[1:2 + r[0]] for r in rows[:n]], want) if asked else None
         self._time["step"] += time.perf_counter() - t0 - (self.runner.catch_ups["seconds"] - caught)
         policy.ran(tree, n, rows, off, not sampling.any_typical)  # rows: [accepted, D + 1 tokens, D + 1 path ids]
         for i, (live, row) in enumerate(zip(lives, rows)):  # before any release swaps rows (zip stops at n)
