@@ -658,3 +658,24 @@ def test_stats_count_acceptance_per_draft_position_and_queue_seconds(tiny, tiny_
     assert len(per_pos) <= t.accept_depth and per_pos == sorted(per_pos, reverse=True)
     assert all(0 <= s.queue_s <= s.ttft_s for s in stats)
     assert stats[2].queue_s > max(s.ttft_s for s in stats[:2])  # the third waited for a row to free
+
+
+def test_a_row_never_inherits_a_finished_requests_sampling(tiny, tiny_heads):
+    """Requests one after another in one row alternate greedy and sampled. Each one's tokens equal
+    its run in an engine of its own: a new request's sampling parameters are loaded even where
+    it lands in the row of a finished one (whose record Python may reuse the memory of)."""
+    t = TREES["lookup"]
+    eng = Engine(tiny, tiny_heads, t, max_batch=1, max_seq_len=96, trees={t.name: t})
+    p = prompts(1, seed=8)[0]
+    sp = SamplingParams(temperature=0.9, rule="sample", seed=3)
+
+    def request(i):
+        return Request(p, max_new_tokens=12, sampling=sp if i % 2 else GREEDY, speculation="on", stop_token_ids=())
+
+    def fresh(i):
+        e = Engine(tiny, tiny_heads, t, max_batch=1, max_seq_len=96, trees={t.name: t})
+        return e.submit(request(i)).result()[0]
+
+    want = [fresh(0), fresh(1)]
+    for i in range(16):
+        assert eng.submit(request(i)).result()[0] == want[i % 2], f"request {i}"

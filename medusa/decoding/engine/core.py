@@ -298,7 +298,7 @@ class Engine(Scheduler, Warmup, Beams):
                 self._step_lock.release()
 
     def _batch_sampling(self, lives: list[Live]) -> BatchSampling:
-        key = tuple(id(x) for x in lives)
+        key = tuple(x.serial for x in lives)
         if key != self._sampling_key:
             self._sampling = BatchSampling.stack([x.req.sampling for x in lives], self.device)
             self._sampling_key = key

@@ -8,6 +8,7 @@ module knows token ids, never text; it runs nothing on a model."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import queue
 import threading
 import uuid
@@ -191,6 +192,10 @@ class Live:
     queued_step: int = 0  # engine step count at submission (admission coalescing)
     t_admit: float = 0.0  # when it left the waiting queue (its prefill starts)
     logprobs: list = field(default_factory=list)  # TokenLogprob per token of `out`, when the request asked
+    # unique for the process's life: keys the batch's loaded sampling parameters (an id() would
+    # be reused by a later request allocated where a finished one was, which would then decode
+    # with the finished one's temperature, top-p and rule)
+    serial: int = field(default_factory=itertools.count().__next__)
 
     @property
     def kv_len(self) -> int:  # committed KV slots (the last produced token is not in the cache yet)
