@@ -182,6 +182,28 @@ ACCEPT_CHECKS = textwrap.dedent('''
             seen.update(want.length.tolist())
     assert seen >= {0, 1, 2, 3}, seen
 
+    # a tree per row (dynamic trees): each row's program reads its own parent and retrieve tables
+    from medusa.decoding.dynamic_tree import grow
+    B, Vs = 16, 3
+
+    def children(level, chains):
+        lp = torch.randn(chains.shape[0], chains.shape[1], Vs, generator=g).log_softmax(-1)
+        top = lp.topk(2, dim=-1)
+        return top.indices, top.values
+
+    seen = set()
+    for trial in range(12):
+        rows = grow(children, torch.randint(0, Vs, (B,), generator=g), nodes=10, depth=4, topk=2, threshold=0.0)
+        target = torch.randint(0, Vs, rows.tokens.shape, generator=g)
+        cap = torch.randint(0, 5, (B,), generator=g) if trial % 2 else None
+        sB = BatchSampling.stack([SamplingParams()] * B, "cpu")
+        want = V._accept(target, rows.tokens, None, rows, sB, rows.parent, rows.retrieve, cap)
+        got = accept.accept(target, rows.tokens, rows.parent, rows.retrieve, cap)
+        for name, a, b in zip(("path", "length", "tokens", "last_node"), got, (want.path, want.length, want.tokens, want.last_node)):
+            assert a.dtype == torch.long and torch.equal(a, b), ("per row", trial, name, a, b)
+        seen.update(want.length.tolist())
+    assert seen >= {0, 1, 2}, seen
+
     # through the decode loop: speculative greedy with the kernel equals plain greedy
     from medusa.decoding.generate import Stats, generate
     from tests.unit.test_hydra import random_heads, tiny_model
