@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from medusa.decoding.tree import Tree, load_tree, own_tree, resolve_tree
+from medusa.decoding.tree import DEFAULT_TREE, Tree, load_tree, own_tree, resolve_tree
 from medusa.errors import HeadsMismatchError, ModelLoadError
 from medusa.heads.io import load_heads, untrained_heads
 from medusa.model.loading import ModelSource, load_model
@@ -21,7 +21,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # adapters, merged into the model when they load) are selected by name where they ship
 SHIPPED_HEADS = ("hydra", "medusa", "hydra2", "medusa2")
 CPU_TREE = "tree16.json"  # the shipped heads' searched tree used by default on a CPU
-DEFAULT_TREE = "tree16"
 
 
 def shipped_heads_dir(name: str) -> Path | None:

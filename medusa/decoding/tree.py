@@ -298,6 +298,7 @@ def counted_accept_length(paths, counts: dict[Path_, int], positions: int) -> fl
 
 # ------------------------------------------------------------------ named trees and files
 
+DEFAULT_TREE = "tree16"  # the tree of speculation "on" where heads give none of their own
 NAMED_TREES = ("ar", "tree2", "tree4", "tree8", "chain", "tree16", "tree32", "tree64")  # small trees: large batches
 
 

@@ -23,9 +23,10 @@ its batch-mates, on the tree chosen, or on whether it speculated.
 
 The package's files: requests.py (Request, RequestHandle, TokenEvent, RequestStats),
 scheduler.py (inbox, admission, prefill grouping, row swaps), policy.py (the tree choice and
-what steps teach it), warmup.py (graphs and step costs before traffic), beams.py (a beam-search
-request's K rows: they step with the batch, beam.py scores them), core.py (this: the
-Engine, its rows, one step, output). Every step and prefill, and every other read or change of
+what steps teach it), trees.py (the trees it may step with), warmup.py (graphs and step costs
+before traffic), beams.py (a beam-search request's K rows: they step with the batch, beam.py
+scores them), output.py (tokens to streams, finished requests), core.py (this: the Engine,
+its rows, one step). Every step and prefill, and every other read or change of
 the replica's device state, runs through runner.py (so a tensor-parallel replica can replay
 them on every rank: a model with a `replica` driver, medusa.parallel.replica).
 
@@ -41,10 +42,11 @@ import time
 import torch
 
 from medusa.decoding.engine.beams import BeamMember, Beams
+from medusa.decoding.engine.output import Output
 from medusa.decoding.engine.policy import Policy
-from medusa.decoding.engine.requests import (Live, Request, RequestHandle, RequestStats, TokenEvent, Uniforms,
-                                             validate, validate_beams)
+from medusa.decoding.engine.requests import Live, Request, RequestHandle, Uniforms, validate, validate_beams
 from medusa.decoding.engine.scheduler import Scheduler
+from medusa.decoding.engine.trees import engine_trees
 from medusa.decoding.engine.warmup import Warmup
 from medusa.decoding.graphs import AUTO
 from medusa.decoding.kv_pool import RowPool
@@ -52,16 +54,13 @@ from medusa.decoding.logprobs import host_entries
 from medusa.decoding.lookup import NgramLookup
 from medusa.decoding.runner import RowState, Runner
 from medusa.decoding.sampling import BatchSampling, SamplingParams
-from medusa.decoding.stopping import stop_cut
-from medusa.decoding.dynamic_tree import DynamicTree, is_dynamic, smaller_budgets
-from medusa.decoding.tree import MAX_LOOKUP, NAMED_TREES, Tree, load_tree
-from medusa.errors import RequestError, TreeError
+from medusa.decoding.tree import MAX_LOOKUP, Tree
+from medusa.errors import RequestError
 
-DEFAULT_TREE = "tree16"
 DEFAULT_MAX_SEQ_LEN = 2048
 
 
-class Engine(Scheduler, Warmup, Beams):
+class Engine(Scheduler, Warmup, Beams, Output):
     """Continuous-batching speculative decoder. Thread-safe `submit`/`cancel`; one scheduler
     (a background thread after `start()`, or the caller through `step()`)."""
 
@@ -81,7 +80,7 @@ class Engine(Scheduler, Warmup, Beams):
         self.eos = tuple(cfg.eos_token_ids)
         self.vocab = cfg.vocab_size
         self.max_pos = cfg.max_position_embeddings
-        self.trees, self.default_tree = self._trees(heads, tree, trees)
+        self.trees, self.default_tree = engine_trees(heads, tree, trees, self.device)
         self.max_seq_len = min(max_seq_len or DEFAULT_MAX_SEQ_LEN, self.max_pos)
         n_max = max(t.num_nodes for t in self.trees.values())
         self.row_len = self.max_seq_len + n_max + 1  # room for the last step's tree slots
@@ -141,36 +140,6 @@ class Engine(Scheduler, Warmup, Beams):
     def _row_state(self) -> RowState:
         return RowState(self.cache, self.row_start, self.row_root, self.row_hidden, self.head_state, self.pool.rows,
                         self.row_draft)
-
-    def _trees(self, heads, tree, trees) -> tuple[dict[str, Tree], Tree]:
-        """The trees a step may use ("ar" always) and the default one (speculation="on")."""
-        ar = load_tree("ar")
-        if heads is None:
-            return {"ar": ar.to(self.device)}, ar.to(self.device)
-        depth = heads.config.num_heads
-        base = tree if isinstance(tree, (Tree, DynamicTree)) else load_tree(tree or DEFAULT_TREE)
-        if trees is None and is_dynamic(base):  # under load the policy shrinks a dynamic tree's node budget
-            trees = {t.name: t for t in smaller_budgets(base)}
-        elif trees is None:
-            named = (load_tree(n) for n in NAMED_TREES if n != "ar")
-            trees = {t.name: t for t in named if t.max_depth <= depth}
-        out = {"ar": ar, **dict(trees), base.name: base}
-        for t in list(out.values()):  # a step with a sampled row takes a lookup tree's heads' nodes alone
-            if t.lookup:
-                out.setdefault(t.heads_only.name, t.heads_only)
-        out = {n: t.bind(depth) if is_dynamic(t) else t for n, t in out.items()}  # grown as deep as the heads guess
-        if any(is_dynamic(t) for t in out.values()) and not heads.grows_trees:
-            raise TreeError(f"{heads.config.head_type} heads cannot grow dynamic trees")
-        for t in out.values():
-            if t.max_depth > depth:
-                raise TreeError(f"tree {t.name} is {t.max_depth} deep but the heads guess only {depth} tokens ahead")
-        both = ({t.num_nodes for t in out.values() if is_dynamic(t)}
-                & {t.num_nodes for t in out.values() if not is_dynamic(t) and t.num_nodes > 1})
-        if both:  # the policy keys step costs by node count, and a dynamic step costs more than a static one
-            raise TreeError(f"a dynamic and a static tree of {min(both)} nodes in one engine: their step costs differ "
-                            "but would be measured as one")
-        out = {n: t.to(self.device) for n, t in out.items()}  # tree buffers live on the model's device
-        return out, out[base.name]
 
     # -------------------------------------------------------------- public API
     def submit(self, request: Request) -> RequestHandle:
@@ -384,47 +353,3 @@ class Engine(Scheduler, Warmup, Beams):
 
     def _set_drafts(self, lives: list[Live], L: int) -> None:
         self.runner.set_drafts(self._drafts(lives, L))
-
-
-    # -------------------------------------------------------------- output
-    def _emit(self, live: Live, new: list[int]) -> None:
-        req = live.req
-        before = len(live.out)
-        live.out.extend(new)
-        if live.lookup is not None:
-            live.lookup.extend(new)
-        if live.row >= 0:
-            self.pool.length[live.row] = live.kv_len
-        limit = req.max_new_tokens
-        view = live.out if len(live.out) <= limit else live.out[:limit]
-        cut = stop_cut(view, min(before, len(view)), live.eos, req.stop_sequences)
-        if cut is None and len(live.out) >= limit:
-            cut = (limit, "length")
-        if cut is None:
-            lp = live.logprobs[live.sent:] if req.logprobs is not None else None
-            live.handle.push(TokenEvent(req.request_id, live.out[live.sent:], produced=len(new), logprobs=lp))
-            live.sent = len(live.out)
-            return
-        self._finish(live, cut[1], keep=True, end=cut[0], produced=len(new))
-
-    def _finish(self, live: Live, reason: str, keep: bool, end: int | None = None, produced: int = 0) -> None:
-        req = live.req
-        end = live.sent if end is None else end
-        if live.row >= 0:
-            r, live.row = live.row, -1
-            keep_tokens = None
-            if keep and req.session_id is not None:
-                keep_tokens = (list(req.prompt_ids) + live.out[:-1])[:self.keep_cap]  # committed KV slots
-            self._rows[r] = None
-            self._apply_swaps(self.pool.release(r, req.session_id if keep_tokens else None, keep_tokens))
-        now = time.perf_counter()
-        stats = RequestStats(
-            prompt_tokens=len(req.prompt_ids), new_tokens=end, steps=live.steps,
-            mean_accepted=live.step_tokens / live.steps if live.steps else 0.0,
-            reused_tokens=live.reused, ttft_s=(live.t_first or now) - live.t_submit,
-            seconds=now - live.t_submit, tree=live.tree, queue_s=(live.t_admit or now) - live.t_submit)
-        with self._mu:
-            self._live.pop(req.request_id, None)
-        lp = live.logprobs[live.sent:end] if req.logprobs is not None else None
-        live.handle.push(TokenEvent(req.request_id, live.out[live.sent:end], reason, stats, produced, lp))
-        live.sent = end
