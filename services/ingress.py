@@ -1,14 +1,14 @@
 """The request path of the cluster (medusa.v1.Medusa), shared by both faces (gRPC through
 Serve's gRPC proxy, HTTP through services.openai_api): authenticates the tenant, checks the
 request, asks the tokenizer deployment for ids, takes quota, looks up the session's replica
-in Redis and streams the engine's tokens back as text deltas (services.textstream), then a
-Final message.
+in Redis and streams the engine's tokens back (read through services.engine_events) as text
+deltas (services.textstream), then a Final message.
 
 Every failure leaves as a status code with a one-line reason (never a stack trace) and, where
-a retry may succeed, trailing metadata `retry-after-ms` (services.limits.status_for). The
-status is set on the gRPC context and the method returns, so Serve does not log a traceback
-for an expected rejection (a failed Generate sends one empty GenerateResponse, with no event, to
-carry the status through Serve's proxy). Deployment handles are duck-typed (`h.method.remote(...)`,
+a retry may succeed, trailing metadata `retry-after-ms` (services.limits.status_for), set on
+the gRPC context by services.grpc_status.fail so that Serve logs no traceback for an expected
+rejection (a failed Generate sends one empty GenerateResponse, with no event, to carry the
+status through Serve's proxy). Deployment handles are duck-typed (`h.method.remote(...)`,
 `h.options(stream=True)`), so services.local runs this class without Ray.
 
 Knows the wire messages, tenancy and sessions; nothing of how engines decode."""
@@ -19,13 +19,14 @@ import logging
 import time
 import uuid
 
-import grpc
 from opentelemetry import trace
 
 from medusa.errors import RequestError
 from medusa.proto.v1 import medusa_pb2 as pb
 from services import limits, telemetry
 from services.config import Settings
+from services.engine_events import coalesce
+from services.grpc_status import ServiceAbort, fail  # noqa: F401 - ServiceAbort: importable from here, as before
 from services.grpc_wire import Malformed
 from services.limits import Admission, BadRequest, Unavailable, cause
 from services.logprobs import LogprobStream
@@ -40,37 +41,7 @@ from services.textstream import TextStream
 log = logging.getLogger("medusa.services.ingress")
 
 
-class ServiceAbort(Exception):
-    """Raised (when there is no gRPC context to set) with the status code and reason."""
-
-    def __init__(self, code: grpc.StatusCode, details: str, trailing: tuple = ()):
-        super().__init__(code, details, trailing)  # all in args: Ray pickles the exception to the proxy
-        self.code, self.details, self.trailing = code, details, tuple(trailing)
-
-    def __str__(self) -> str:
-        return self.details
-
-
 _cause = cause
-
-
-def fail(grpc_context, st: limits.Status):
-    """Set the status on the context (the caller then returns), or raise it without one."""
-    if grpc_context is None:
-        raise ServiceAbort(st.code, st.details, tuple(st.trailing_metadata()))
-    grpc_context.set_code(st.code)
-    grpc_context.set_details(st.details)
-    md = st.trailing_metadata()
-    if md and hasattr(grpc_context, "set_trailing_metadata"):
-        grpc_context.set_trailing_metadata(md)
-
-
-def _parent(grpc_context):
-    """Trace context sent by the client (traceparent metadata), if any."""
-    if grpc_context is None:
-        return None
-    md = {k: v for k, v in grpc_context.invocation_metadata() or () if k in ("traceparent", "tracestate")}
-    return telemetry.extract(md) if md else None
 
 
 class Ingress:
@@ -119,7 +90,8 @@ class Ingress:
     # ----- Generate -----
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None):
         request_id = uuid.uuid4().hex
-        with telemetry.server_span(self.tracer, "ingress.Generate", grpc_context, "Generate", _parent(grpc_context)) as span:
+        with telemetry.server_span(self.tracer, "ingress.Generate", grpc_context, "Generate",
+                                   telemetry.client_parent(grpc_context)) as span:
             span.set_attribute("medusa.request_id", request_id)
             tenant = ""
             entered = False
@@ -286,7 +258,7 @@ class Ingress:
     # ----- unary methods -----
     async def _unary(self, name: str, request, grpc_context, fn, empty):
         request_id = uuid.uuid4().hex
-        with telemetry.server_span(self.tracer, f"ingress.{name}", grpc_context, name, _parent(grpc_context)):
+        with telemetry.server_span(self.tracer, f"ingress.{name}", grpc_context, name, telemetry.client_parent(grpc_context)):
             try:
                 if isinstance(request, Malformed):
                     raise BadRequest(request.reason)
@@ -348,67 +320,6 @@ class Ingress:
 
     def spans(self) -> list[dict]:
         return telemetry.finished_spans()
-
-
-_DONE = object()
-
-
-_CUT = object()
-
-
-async def coalesce(stream, cut: asyncio.Event | None = None):
-    """The engine's events, read ahead in a task so the engine stream never waits on us, and
-    merged (tokens concatenated, the first event's replica and the last one's finish reason and
-    stats kept) when several arrived while we were busy, e.g. awaiting detokenisation. One
-    detokenise call then covers them all. When `cut` is set (a drain ran out of time) the
-    stream ends with Unavailable."""
-    q: asyncio.Queue = asyncio.Queue()
-
-    async def pump():
-        try:
-            async for ev in stream:
-                q.put_nowait(ev)
-        except Exception as e:  # noqa: BLE001 - handed to the consumer
-            q.put_nowait(e)
-            return
-        q.put_nowait(_DONE)
-
-    async def watch():
-        await cut.wait()
-        q.put_nowait(_CUT)
-
-    task = asyncio.create_task(pump())
-    watcher = asyncio.create_task(watch()) if cut is not None else None
-    try:
-        while True:
-            items = [await q.get()]
-            while not q.empty():
-                items.append(q.get_nowait())
-            merged = None
-            for it in items:
-                if it is _CUT:
-                    raise Unavailable("the server is shutting down and this stream ran past the drain grace period; "
-                                      "retry on another instance", 0.5)
-                if it is _DONE or isinstance(it, Exception):
-                    if merged is not None:
-                        yield merged
-                    if it is _DONE:
-                        return
-                    raise it
-                if merged is None:
-                    merged = dict(it, tokens=list(it.get("tokens", ())))
-                    if "logprobs" in it:
-                        merged["logprobs"] = list(it["logprobs"])
-                else:
-                    merged["tokens"].extend(it.get("tokens", ()))
-                    if "logprobs" in it:
-                        merged.setdefault("logprobs", []).extend(it["logprobs"])
-                    merged.update({k: v for k, v in it.items() if k not in ("tokens", "replica", "logprobs")})
-            yield merged
-    finally:
-        task.cancel()
-        if watcher is not None:
-            watcher.cancel()
 
 
 async def _awaitable(x):

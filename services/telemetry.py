@@ -126,6 +126,14 @@ def extract(carrier: dict | None) -> otel_context.Context:
     return propagate.extract(carrier or {})
 
 
+def client_parent(grpc_context):
+    """Trace context sent by the client (traceparent metadata), if any."""
+    if grpc_context is None:
+        return None
+    md = {k: v for k, v in grpc_context.invocation_metadata() or () if k in ("traceparent", "tracestate")}
+    return extract(md) if md else None
+
+
 def finished_spans() -> list[dict]:
     """Spans kept by the `memory` exporter in this process, as plain dicts."""
     if _memory is None:
