@@ -5,9 +5,10 @@
     medusa bench --concurrency 1,4,16,64 --modes ar,spec
 
 Each writes JSON + markdown (+ a PNG plot for decode runs) under --out (default ./bench-results,
-in the current directory), named after the dataset or shape and the device, and prints the paths. The measuring lives in medusa.bench; this module holds the
-arguments and picks the run: bench_decode, bench_step_cost, bench_concurrency and bench_through
-load the model, show progress and write the files (bench_common: what they share)."""
+in the current directory), named after the dataset or shape and the device, and prints the paths.
+The measuring lives in medusa.bench; this module holds the arguments and picks the run:
+bench_decode, bench_step_cost, bench_concurrency and bench_through load the model, show progress
+and write the files (bench_common: what they share)."""
 from __future__ import annotations
 
 import argparse
