@@ -10,8 +10,6 @@ import asyncio
 from services.limits import Unavailable
 
 _DONE = object()
-
-
 _CUT = object()
 
 
