@@ -382,8 +382,9 @@ class Runner:
         of row src (the first `length` KV slots, the head state, the hidden state); no source may
         be a destination. Then rows[i] holds `length` committed slots and its next token roots[i]."""
         R = self.rows
+        sources = {src for _, src in copies}
         for dst, src in copies:
-            if dst in dict(copies).values():
+            if dst in sources:
                 raise RuntimeError(f"row {dst} is both copied to and from")
             copy_row(R.cache, dst, src, length)
             copy_row(R.head_state, dst, src, length)

@@ -61,8 +61,8 @@ def _typical_ok(logits, cand, tree: Tree, s: BatchSampling) -> torch.Tensor:
     parent = tree.parent.to(cand.device)
     B, N = cand.shape
     parent = parent.expand(B, N)  # [B, N]: a static tree's [N] for every row, or a dynamic tree's own
-    logp_parent = logp.gather(1, parent[..., None].expand(-1, -1, logp.shape[-1]))  # [B, N, V]
-    p_cand = logp_parent.gather(-1, cand[..., None]).squeeze(-1).exp()  # [B, N] at the parent
+    rows = torch.arange(B, device=cand.device)[:, None]
+    p_cand = logp[rows, parent, cand].exp()  # [B, N]: each candidate's probability at its parent
     thresh = torch.minimum(s.threshold[:, None], s.alpha[:, None] * torch.exp(-entropy.gather(1, parent)))
     return p_cand > thresh
 

@@ -144,13 +144,13 @@ class Engine(Scheduler, Warmup, Beams, Output):
     # -------------------------------------------------------------- public API
     def submit(self, request: Request) -> RequestHandle:
         validate(request, self.vocab, self.max_seq_len)
+        stops = self.eos if request.stop_token_ids is None else request.stop_token_ids
         if request.beams != 1:
-            validate_beams(request, len(self.eos if request.stop_token_ids is None else request.stop_token_ids))
+            validate_beams(request, len(stops))
             if request.beams > self.pool.max_active:
                 raise RequestError(f"beams ({request.beams}) exceed the engine's max_batch of {self.pool.max_active} rows")
-        live = Live(request, RequestHandle(self, request.request_id),
-                     set(self.eos if request.stop_token_ids is None else request.stop_token_ids),
-                     time.perf_counter(), self._uniforms(request.sampling))
+        live = Live(request, RequestHandle(self, request.request_id), set(stops), time.perf_counter(),
+                    self._uniforms(request.sampling))
         live.queued_step = self.policy.steps
         with self._wake:
             if request.request_id in self._live:
